@@ -1,0 +1,40 @@
+# The README's two commands:  `make demo` (the main job) and `make test` (the whole suite).
+# Both create the virtual environment and install everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RUN_DIR ?= runs/digits
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.stamp-base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	touch $@
+
+$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -c $(CONSTRAINTS) -e '.[demo]'
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -c $(CONSTRAINTS) -e '.[test,demo]'
+	touch $@ $(VENV)/.stamp-demo
+
+demo: $(VENV)/.stamp-demo
+	$(PY) examples/demo.py
+
+test: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check lightning_saver tests benchmarks
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check lightning_saver tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.stamp-test
+	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Graphs: torch.fx capture, ONNX export, TF MetaGraph export and import, and their op tables."""

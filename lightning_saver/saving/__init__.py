@@ -1,0 +1,1 @@
+"""Steps, names, rotation, the commit protocol and the async writer. No Lightning."""
