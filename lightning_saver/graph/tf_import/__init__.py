@@ -1,0 +1,1 @@
+"""Import a TensorFlow MetaGraph (and its checkpoint) into runnable, trainable PyTorch."""

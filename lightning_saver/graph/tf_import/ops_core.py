@@ -1,0 +1,3 @@
+"""TensorFlow import converters: ops_core."""
+
+from __future__ import annotations

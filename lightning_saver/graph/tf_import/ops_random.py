@@ -1,0 +1,3 @@
+"""TensorFlow import converters: ops_random."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""TensorFlow import converters: ops_reduce."""
+
+from __future__ import annotations
