@@ -1,0 +1,310 @@
+"""NN converters (conv, pooling, batch norm, bias, resize) against real TensorFlow raw ops.
+
+TF's CPU kernels run Conv2D, DepthwiseConv2dNative, Conv2DBackpropInput, MaxPool and AvgPool in
+NHWC only, so the NCHW cases run TF in NHWC and give our converter the transposed input and
+data_format="NCHW"; its result is transposed back before comparing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_saver.errors import GraphImportError, UnsupportedOpError
+from lightning_saver.graph.tf_import import table
+from lightning_saver.graph.tf_import.layout import same_pads
+
+tf = pytest.importorskip("tensorflow")
+
+RNG = np.random.default_rng(1234)
+ATOL = 1e-5
+
+
+def rand(*shape: int, dtype: type = np.float32) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+def ours(op: str, inputs: list[np.ndarray], attrs: dict) -> torch.Tensor:
+    return table.call(op, [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs], attrs)
+
+
+def nchw(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 3, 1, 2)
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def dilate_filter(filt: np.ndarray, dilation: tuple[int, int]) -> np.ndarray:
+    """The same filter with zeros between its taps: TF's CPU depthwise and backprop-input kernels
+    refuse dilations, and a zero-dilated filter is the same linear map."""
+    dh, dw = dilation
+    out = np.zeros(((filt.shape[0] - 1) * dh + 1, (filt.shape[1] - 1) * dw + 1, *filt.shape[2:]), filt.dtype)
+    out[::dh, ::dw] = filt
+    return out
+
+
+def check_image_op(op: str, image_arg: str, image: np.ndarray, others: dict, attrs: dict,
+                   data_format: str, atol: float = ATOL, tf_others: dict | None = None) -> None:
+    """Run ``op`` in TF (NHWC) and ours in ``data_format``; compare in NHWC."""
+    tf_args = {image_arg: image, **others, **(tf_others or {})}
+    tf_attrs = {**attrs, **({"dilations": [1, 1, 1, 1]} if tf_others else {})}
+    expected = getattr(tf.raw_ops, op)(**tf_args, **tf_attrs).numpy()
+    names = [image_arg, *others]
+    values = {image_arg: image, **others}
+    if data_format == "NCHW":
+        values[image_arg] = nchw(image)
+        if attrs.get("explicit_paddings"):
+            p = attrs["explicit_paddings"]
+            attrs = {**attrs, "explicit_paddings": p[:2] + p[6:] + p[2:6]}
+        attrs = {**attrs, **{k: [v[0], v[3], v[1], v[2]] for k, v in attrs.items()
+                             if k in ("strides", "ksize", "dilations")}}
+        got = nhwc(ours(op, [values[n] for n in names], {**attrs, "data_format": "NCHW"}))
+    else:
+        got = ours(op, [values[n] for n in names], attrs).detach().numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "dilation", "expected"), [
+    (4, 3, 2, 1, (0, 1)), (5, 3, 2, 1, (1, 1)), (7, 1, 3, 1, (0, 0)),
+    (6, 3, 1, 2, (2, 2)), (2, 5, 4, 1, (1, 2)),
+])
+def test_same_pads_puts_the_odd_pixel_after(size, kernel, stride, dilation, expected):
+    assert same_pads(size, kernel, stride, dilation) == expected
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("shape", [(2, 5), (2, 4, 6, 3), (1, 3, 2, 2, 5)])
+def test_bias_add(shape, data_format):
+    value, bias = rand(*shape), rand(shape[1] if data_format == "NCHW" else shape[-1])
+    expected = tf.raw_ops.BiasAdd(value=value, bias=bias, data_format=data_format).numpy()
+    np.testing.assert_allclose(ours("BiasAdd", [value, bias], {"data_format": data_format}), expected)
+
+
+CONV_CASES = [
+    # image NHWC, filter HWIO, strides, dilations
+    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), (1, 1)),
+    ((1, 8, 9, 2), (3, 2, 2, 3), (2, 2), (1, 1)),
+    ((1, 9, 7, 3), (4, 3, 3, 2), (3, 2), (1, 1)),
+    ((2, 9, 8, 2), (3, 3, 2, 2), (1, 1), (2, 3)),
+    ((1, 5, 5, 4), (1, 1, 4, 6), (2, 2), (1, 1)),
+    ((1, 6, 6, 4), (3, 3, 2, 4), (1, 2), (1, 1)),  # grouped: 4 input channels, filter takes 2
+]
+PADDINGS = ["SAME", "VALID", [0, 0, 1, 2, 0, 3, 0, 0]]
+
+
+def _padding_attrs(padding) -> dict:
+    if isinstance(padding, list):
+        return {"padding": "EXPLICIT", "explicit_paddings": padding}
+    return {"padding": padding}
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize(("image", "kernel", "stride", "dilation"), CONV_CASES)
+def test_conv2d(image, kernel, stride, dilation, padding, data_format):
+    attrs = {"strides": [1, *stride, 1], "dilations": [1, *dilation, 1], **_padding_attrs(padding)}
+    check_image_op("Conv2D", "input", rand(*image), {"filter": rand(*kernel)}, attrs, data_format, atol=1e-4)
+
+
+DEPTHWISE_CASES = [
+    ((2, 7, 6, 3), (3, 3, 3, 1), (1, 1), (1, 1)),
+    ((1, 8, 9, 2), (3, 2, 2, 3), (2, 2), (1, 1)),
+    ((1, 9, 7, 3), (5, 4, 3, 2), (3, 3), (1, 1)),  # TF's kernel wants equal row/column strides
+    ((1, 9, 8, 2), (3, 3, 2, 2), (1, 1), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize(("image", "kernel", "stride", "dilation"), DEPTHWISE_CASES)
+def test_depthwise_conv2d_native(image, kernel, stride, dilation, padding, data_format):
+    attrs = {"strides": [1, *stride, 1], "dilations": [1, *dilation, 1], **_padding_attrs(padding)}
+    filt = rand(*kernel)
+    tf_filter = {"filter": dilate_filter(filt, dilation)} if dilation != (1, 1) else None
+    check_image_op("DepthwiseConv2dNative", "input", rand(*image), {"filter": filt}, attrs,
+                   data_format, atol=1e-4, tf_others=tf_filter)
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", [0, 0, 2, 1, 0, 1, 0, 0]])
+@pytest.mark.parametrize(("image", "kernel", "stride", "dilation"), [
+    ((2, 7, 6, 3), (3, 3, 3, 4), (2, 2), (1, 1)),
+    ((1, 8, 9, 2), (4, 2, 2, 3), (3, 2), (1, 1)),
+    ((1, 6, 5, 2), (3, 3, 2, 2), (1, 1), (2, 2)),
+    ((1, 5, 5, 3), (1, 1, 3, 2), (2, 2), (1, 1)),
+])
+def test_conv2d_backprop_input(image, kernel, stride, dilation, padding, data_format):
+    """The gradient of a forward Conv2D of ``image``, as Keras' Conv2DTranspose emits it."""
+    attrs = {"strides": [1, *stride, 1], "dilations": [1, *dilation, 1], **_padding_attrs(padding)}
+    filt = rand(*kernel)
+    forward = tf.raw_ops.Conv2D(input=rand(*image), filter=filt, **attrs).numpy()
+    grad = rand(*forward.shape)
+    expected = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=np.array(image, np.int32), filter=dilate_filter(filt, dilation), out_backprop=grad,
+        **{**attrs, "dilations": [1, 1, 1, 1]}).numpy()
+    if data_format == "NCHW":
+        if "explicit_paddings" in attrs:
+            p = attrs["explicit_paddings"]
+            attrs["explicit_paddings"] = p[:2] + p[6:] + p[2:6]
+        attrs = {**attrs, "strides": [1, 1, *stride], "dilations": [1, 1, *dilation], "data_format": "NCHW"}
+        sizes = np.array(nchw(np.zeros(image)).shape, np.int32)
+        got = nhwc(ours("Conv2DBackpropInput", [sizes, filt, nchw(grad)], attrs))
+    else:
+        got = ours("Conv2DBackpropInput", [np.array(image, np.int32), filt, grad], attrs).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+POOL_CASES = [
+    # image, ksize, strides
+    ((2, 7, 6, 3), (2, 2), (2, 2)),
+    ((1, 8, 9, 2), (3, 3), (2, 2)),
+    ((1, 9, 7, 3), (3, 2), (1, 3)),
+    ((1, 5, 5, 1), (5, 5), (1, 1)),
+    ((2, 4, 4, 2), (1, 1), (3, 3)),
+]
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AvgPool"])
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize(("image", "ksize", "stride"), POOL_CASES)
+def test_pool(op, image, ksize, stride, padding, data_format):
+    attrs = {"ksize": [1, *ksize, 1], "strides": [1, *stride, 1], "padding": padding}
+    # negative data: zero padding would win a max, and would pull an average towards zero
+    check_image_op(op, "input" if op == "MaxPool" else "value", rand(*image) - 3.0, {}, attrs, data_format)
+
+
+def test_max_pool_v2_reads_ksize_and_strides_from_inputs():
+    image = rand(1, 7, 6, 2)
+    ksize, strides = np.array([1, 3, 3, 1], np.int32), np.array([1, 2, 2, 1], np.int32)
+    expected = tf.raw_ops.MaxPoolV2(input=image, ksize=ksize, strides=strides, padding="SAME").numpy()
+    np.testing.assert_array_equal(ours("MaxPoolV2", [image, ksize, strides], {"padding": "SAME"}), expected)
+
+
+def test_pool_over_channels_is_refused_with_the_attr():
+    attrs = {"ksize": [1, 2, 2, 2], "strides": [1, 1, 1, 1], "padding": "SAME"}
+    with pytest.raises(UnsupportedOpError, match=r"MaxPool: ksize=\[1, 2, 2, 2\] acts on the batch or"):
+        ours("MaxPool", [rand(1, 4, 4, 2)], attrs)
+
+
+def test_unknown_padding_is_named():
+    with pytest.raises(GraphImportError, match="Conv2D: padding 'FULL' is not one of"):
+        ours("Conv2D", [rand(1, 4, 4, 1), rand(2, 2, 1, 1)], {"strides": [1, 1, 1, 1], "padding": "FULL"})
+
+
+BN_OPS = ["FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"]
+
+
+@pytest.mark.parametrize("op", BN_OPS)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("is_training", [True, False])
+@pytest.mark.parametrize("attrs", [{}, {"epsilon": 0.01, "exponential_avg_factor": 0.3}])
+def test_fused_batch_norm(op, data_format, is_training, attrs):
+    if op == "FusedBatchNorm":
+        attrs = {k: v for k, v in attrs.items() if k != "exponential_avg_factor"}
+    channels = 4
+    x = rand(2, 5, 3, channels) if data_format == "NHWC" else rand(2, channels, 5, 3)
+    params = [rand(channels), rand(channels), rand(channels), RNG.random(channels).astype(np.float32) + 0.5]
+    names = ["x", "scale", "offset", "mean", "variance"]
+    attrs = {**attrs, "is_training": is_training, "data_format": data_format}
+    expected = getattr(tf.raw_ops, op)(**dict(zip(names, [x, *params], strict=True)), **attrs)
+    got = ours(op, [x, *params], attrs)
+    assert len(got) == len(expected) == (6 if op.endswith("V3") else 5)
+    # in inference TF's reserve-space outputs are scratch memory, not values to match
+    compared = 5 if is_training else 3
+    for g, e in zip(got[:compared], expected[:compared], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_batch_norm_v3_training_with_empty_running_stats_as_keras_emits():
+    x, scale, offset = rand(3, 4, 4, 2), rand(2), rand(2)
+    empty = np.zeros(0, np.float32)
+    expected = tf.raw_ops.FusedBatchNormV3(x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+                                           is_training=True, epsilon=1e-3)
+    got = ours("FusedBatchNormV3", [x, scale, offset, empty, empty], {"is_training": True, "epsilon": 1e-3})
+    for g, e in zip(got[:5], expected[:5], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_batch_norm_half_input_keeps_its_dtype():
+    x = rand(2, 3, 3, 2).astype(np.float16)
+    params = [rand(2), rand(2), rand(2), RNG.random(2).astype(np.float32) + 0.5]
+    expected = tf.raw_ops.FusedBatchNormV3(x=x, scale=params[0], offset=params[1], mean=params[2],
+                                           variance=params[3], is_training=False)[0].numpy()
+    got = ours("FusedBatchNormV3", [x, *params], {"is_training": False})[0]
+    assert got.dtype == torch.float16
+    np.testing.assert_allclose(got.float().numpy(), expected.astype(np.float32), atol=3e-3)
+
+
+RESIZE_MODES = [(False, False), (True, False), (False, True)]
+RESIZE_SIZES = [((1, 4, 5, 2), (8, 10)), ((2, 7, 6, 1), (3, 4)), ((1, 5, 5, 3), (5, 9)),
+                ((1, 3, 4, 1), (1, 1)), ((1, 6, 7, 2), (13, 5))]
+
+
+@pytest.mark.parametrize("op", ["ResizeBilinear", "ResizeNearestNeighbor"])
+@pytest.mark.parametrize(("align_corners", "half_pixel_centers"), RESIZE_MODES)
+@pytest.mark.parametrize(("image", "size"), RESIZE_SIZES)
+def test_resize(op, image, size, align_corners, half_pixel_centers):
+    x, size = rand(*image), np.array(size, np.int32)
+    attrs = {"align_corners": align_corners, "half_pixel_centers": half_pixel_centers}
+    expected = getattr(tf.raw_ops, op)(images=x, size=size, **attrs).numpy()
+    got = ours(op, [x, size], attrs).numpy()
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["ResizeBilinear", "ResizeNearestNeighbor"])
+def test_resize_integer_images(op):
+    x = RNG.integers(0, 255, (1, 5, 6, 3)).astype(np.uint8)
+    size = np.array([9, 4], np.int32)
+    expected = getattr(tf.raw_ops, op)(images=x, size=size, half_pixel_centers=True).numpy()
+    got = ours(op, [x, size], {"half_pixel_centers": True}).numpy()
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def _tf_grads(op: str, args: dict, attrs: dict, wrt: list[str], weights: np.ndarray):
+    tensors = {k: tf.constant(v) for k, v in args.items()}
+    with tf.GradientTape() as tape:
+        for name in wrt:
+            tape.watch(tensors[name])
+        out = getattr(tf.raw_ops, op)(**tensors, **attrs)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        loss = tf.reduce_sum(out * weights)
+    return [g.numpy() for g in tape.gradient(loss, [tensors[n] for n in wrt])]
+
+
+POOL_ATTRS = {"ksize": [1, 3, 3, 1], "strides": [1, 2, 2, 1], "padding": "SAME"}
+GRAD_CASES = [
+    ("Conv2D", {"input": rand(1, 6, 5, 2), "filter": rand(3, 3, 2, 3)},
+     {"strides": [1, 2, 2, 1], "padding": "SAME"}, ["input", "filter"]),
+    ("DepthwiseConv2dNative", {"input": rand(1, 6, 5, 2), "filter": rand(3, 3, 2, 2)},
+     {"strides": [1, 1, 1, 1], "padding": "SAME"}, ["input", "filter"]),
+    ("MaxPool", {"input": rand(1, 6, 5, 2)}, POOL_ATTRS, ["input"]),
+    ("AvgPool", {"value": rand(1, 6, 5, 2)}, POOL_ATTRS, ["value"]),
+    ("FusedBatchNormV3", {"x": rand(2, 3, 3, 2), "scale": rand(2), "offset": rand(2), "mean": rand(2),
+                          "variance": RNG.random(2).astype(np.float32) + 0.5},
+     {"is_training": True}, ["x", "scale", "offset"]),
+    ("ResizeBilinear", {"images": rand(1, 4, 5, 2), "size": np.array([7, 3], np.int32)},
+     {"half_pixel_centers": True}, ["images"]),
+]
+
+
+@pytest.mark.parametrize(("op", "args", "attrs", "wrt"), GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradients_match_tensorflow(op, args, attrs, wrt):
+    """Imported graphs are trained: the converters' autograd must agree with TF's gradients."""
+    inputs = {k: torch.from_numpy(v.copy()).requires_grad_(k in wrt) for k, v in args.items()}
+    snapshot = {k: v.detach().clone() for k, v in inputs.items()}
+    out = table.call(op, list(inputs.values()), attrs)
+    out = out[0] if isinstance(out, tuple) else out
+    weights = rand(*out.shape)
+    (out * torch.from_numpy(weights)).sum().backward()
+    expected = _tf_grads(op, args, attrs, wrt, weights)
+    for name, e in zip(wrt, expected, strict=True):
+        np.testing.assert_allclose(inputs[name].grad.numpy(), e, atol=1e-4, rtol=1e-4)
+    for name, value in inputs.items():  # converters never write into their inputs
+        assert torch.equal(value.detach(), snapshot[name])
