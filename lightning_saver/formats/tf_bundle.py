@@ -1,0 +1,368 @@
+"""TensorFlow V2 checkpoints ("tensor bundles"): ``prefix.index`` + ``prefix.data-NNNNN-of-NNNNN``.
+
+The index is a LevelDB table (:mod:`lightning_saver.formats.sstable`) whose empty key holds a
+``BundleHeaderProto`` and whose other keys are tensor names mapping to ``BundleEntryProto``
+(:mod:`lightning_saver.formats.tf_wire`). Each entry says which data shard holds the tensor, at what
+offset, how many bytes, and their masked CRC-32C. Data shards are raw tensor bytes back to back.
+
+The verbs match :mod:`lightning_saver.formats.safetensors_io`: :func:`save_file`, :func:`load_file`,
+:func:`read_index`, :func:`read_metadata`. Reading is lazy: only the requested tensors' bytes are read
+(one seek + one read each), and each is checked against its stored crc.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lightning_saver.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DiskFullError,
+    FormatVersionError,
+)
+from lightning_saver.formats import masked_crc, sstable, tf_dtypes, tf_tensor_codec
+from lightning_saver.formats.tf_wire import (
+    BundleEntry,
+    BundleHeader,
+    decode_entry,
+    decode_header,
+    encode_entry,
+    encode_header,
+)
+
+__all__ = [
+    "TensorInfo",
+    "save_file",
+    "load_file",
+    "read_index",
+    "read_metadata",
+    "read_entries",
+    "resolve_prefix",
+    "data_path",
+]
+
+_BUNDLE_VERSION = 1  # kTensorBundleVersion: the newest layout this reader knows
+_MAX_INDEX_BYTES = 1 << 31
+
+
+class TensorInfo(NamedTuple):
+    """One tensor as the index describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def data_path(prefix: str, shard: int, num_shards: int) -> str:
+    """``model.ckpt`` -> ``model.ckpt.data-00000-of-00001``."""
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def resolve_prefix(path: str | os.PathLike[str]) -> str:
+    """Accept a prefix, its ``.index`` file, or a directory with a TF ``checkpoint`` state file.
+
+    Raises:
+        CheckpointNotFoundError: no ``.index`` file for the path.
+    """
+    text = os.fspath(path)
+    if text.endswith(".index") and not os.path.exists(text + ".index"):
+        text = text[: -len(".index")]
+    if os.path.isdir(text):
+        state = os.path.join(text, "checkpoint")
+        latest = _latest_from_state(state) if os.path.exists(state) else None
+        if latest is None:
+            raise CheckpointNotFoundError(
+                f"{text} is a directory without a TensorFlow 'checkpoint' file naming the latest checkpoint; "
+                "pass the checkpoint prefix instead, e.g. 'dir/model.ckpt-100' for dir/model.ckpt-100.index"
+            )
+        text = latest if os.path.isabs(latest) else os.path.join(text, latest)
+    if not os.path.exists(text + ".index"):
+        raise CheckpointNotFoundError(
+            f"{text}.index does not exist; pass the checkpoint prefix, e.g. 'model.ckpt-100' for the files "
+            "model.ckpt-100.index and model.ckpt-100.data-00000-of-00001"
+        )
+    return text
+
+
+def _latest_from_state(state: str) -> str | None:
+    # text-format CheckpointState: model_checkpoint_path: "model.ckpt-100"
+    for line in Path(state).read_text(errors="replace").splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            return rest.strip().strip('"')
+    return None
+
+
+def read_entries(path: str | os.PathLike[str]) -> tuple[str, BundleHeader, dict[str, BundleEntry]]:
+    """The prefix, header and every entry of a bundle's index, in name order.
+
+    Raises:
+        CheckpointNotFoundError: no such checkpoint.
+        CorruptCheckpointError: the index is damaged or not a bundle index.
+        FormatVersionError: the bundle needs a newer reader.
+    """
+    prefix = resolve_prefix(path)
+    index_file = prefix + ".index"
+    with open(index_file, "rb") as f:
+        buf = f.read(_MAX_INDEX_BYTES)
+    items = sstable.read_table(buf, source=index_file)
+    if not items or items[0][0] != b"":
+        raise CorruptCheckpointError(
+            f"{index_file}: no bundle header under the empty key; not a TF V2 checkpoint"
+        )
+    try:
+        header = decode_header(items[0][1])
+    except CorruptCheckpointError as err:
+        raise CorruptCheckpointError(f"{index_file}: bundle header: {err}") from None
+    _check_header(header, index_file)
+    entries: dict[str, BundleEntry] = {}
+    for key, value in items[1:]:
+        name = key.decode("utf-8", errors="surrogateescape")
+        try:
+            entries[name] = decode_entry(value)
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(f"{index_file}: entry for tensor {name!r}: {err}") from None
+    return prefix, header, entries
+
+
+def _check_header(header: BundleHeader, index_file: str) -> None:
+    if header.min_consumer > _BUNDLE_VERSION or _BUNDLE_VERSION in header.bad_consumers:
+        raise FormatVersionError(
+            f"{index_file}: bundle needs reader version >= {header.min_consumer} "
+            f"(producer {header.producer}); "
+            f"this library reads version {_BUNDLE_VERSION}. Re-save it with an older TensorFlow"
+        )
+    if header.endianness != 0:
+        raise CorruptCheckpointError(f"{index_file}: big-endian bundles are not supported")
+    if header.num_shards < 1:
+        raise CorruptCheckpointError(f"{index_file}: header says {header.num_shards} data shards")
+
+
+def _info(entry: BundleEntry) -> TensorInfo:
+    return TensorInfo(tf_dtypes.dtype_name(entry.dtype), entry.shape, entry.size)
+
+
+def read_index(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
+    """Name -> (dtype name, shape, stored bytes) of every tensor, without reading any tensor data.
+
+    Example:
+        >>> read_index("model.ckpt")["dense/kernel"]
+        TensorInfo(dtype='float32', shape=(784, 10), nbytes=31360)
+    """
+    _, _, entries = read_entries(path)
+    return {name: _info(entry) for name, entry in entries.items()}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The bundle header as strings: ``format``, ``num_shards``, ``version``, ``min_consumer``."""
+    _, header, _ = read_entries(path)
+    return {
+        "format": "tensorflow-v2-checkpoint",
+        "num_shards": str(header.num_shards),
+        "version": str(header.producer),
+        "min_consumer": str(header.min_consumer),
+    }
+
+
+def _check_entry(name: str, entry: BundleEntry, header: BundleHeader, where: str) -> None:
+    if entry.num_slices:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {name!r} is a partitioned variable ({entry.num_slices} slices), "
+            "which this reader does not support; re-save it unpartitioned"
+        )
+    if entry.unknown_rank or any(d < 0 for d in entry.shape):
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} has an invalid shape {entry.shape}")
+    if not 0 <= entry.shard_id < header.num_shards or entry.offset < 0 or entry.size < 0:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {name!r} points at shard {entry.shard_id} of {header.num_shards}, "
+            f"offset {entry.offset}, size {entry.size}"
+        )
+    if tf_dtypes.base_dtype(entry.dtype) == tf_dtypes.DT_STRING:
+        return
+    try:
+        itemsize = tf_dtypes.to_numpy(entry.dtype).itemsize
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r}: {err}") from None
+    expected = tf_tensor_codec.element_count(entry.shape) * itemsize
+    if expected != entry.size:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {name!r} of shape {entry.shape} and dtype {tf_dtypes.dtype_name(entry.dtype)} "
+            f"needs {expected} bytes but the index says {entry.size}"
+        )
+
+
+def _read_bytes(f: Any, shard: str, name: str, entry: BundleEntry, verify: bool) -> np.ndarray:
+    f.seek(0, os.SEEK_END)
+    if entry.offset + entry.size > f.tell():
+        raise CorruptCheckpointError(
+            f"{shard}: tensor {name!r} needs bytes {entry.offset}..{entry.offset + entry.size} but the file "
+            f"has {f.tell()}; the data file is truncated"
+        )
+    buf = np.empty(entry.size, dtype=np.uint8)
+    f.seek(entry.offset)
+    if f.readinto(buf) != entry.size:
+        raise CorruptCheckpointError(f"{shard}: short read for tensor {name!r}; the data file is truncated")
+    is_string = tf_dtypes.base_dtype(entry.dtype) == tf_dtypes.DT_STRING
+    if verify and not is_string and masked_crc.masked(buf) != entry.crc32c:
+        raise CorruptCheckpointError(
+            f"{shard}: checksum mismatch for tensor {name!r} (offset {entry.offset}, {entry.size} bytes); "
+            "the checkpoint is damaged"
+        )
+    return buf
+
+
+def load_file(
+    path: str | os.PathLike[str],
+    *,
+    names: Iterable[str] | None = None,
+    verify: bool = True,
+    framework: str = "torch",
+) -> dict[str, Any]:
+    """Read tensors of a TF V2 checkpoint (all of them, or only ``names``).
+
+    Args:
+        path: the checkpoint prefix (``model.ckpt-100``), its ``.index`` file, or a directory
+            holding a TF ``checkpoint`` state file.
+        names: read only these tensors; the others' bytes are never read.
+        verify: check each tensor's stored CRC-32C.
+        framework: ``"torch"`` (torch tensors; bfloat16 -> ``torch.bfloat16``) or ``"numpy"``
+            (bfloat16 -> ``ml_dtypes.bfloat16``). String tensors are numpy object arrays of ``bytes``
+            in both cases.
+
+    Returns:
+        name -> tensor, in name order.
+
+    Raises:
+        CheckpointNotFoundError: no such checkpoint or data shard.
+        CorruptCheckpointError: damaged index or data; the message names the file and the tensor.
+        KeyError: a requested name is not in the checkpoint.
+
+    Example:
+        >>> load_file("model.ckpt", names=["dense/kernel"], framework="numpy")["dense/kernel"].shape
+        (784, 10)
+    """
+    if framework not in ("torch", "numpy"):
+        raise ValueError(f"framework must be 'torch' or 'numpy', got {framework!r}")
+    prefix, header, entries = read_entries(path)
+    wanted = list(entries) if names is None else _check_names(list(names), entries, prefix)
+    out: dict[str, Any] = {}
+    by_shard: dict[int, list[str]] = {}
+    for name in wanted:
+        by_shard.setdefault(entries[name].shard_id, []).append(name)
+    for shard_id, shard_names in sorted(by_shard.items()):
+        for name in shard_names:
+            _check_entry(name, entries[name], header, prefix + ".index")
+        shard = data_path(prefix, shard_id, header.num_shards)
+        if not os.path.exists(shard):
+            raise CheckpointNotFoundError(f"{shard} is missing; the checkpoint {prefix} is incomplete")
+        with open(shard, "rb") as f:
+            for name in sorted(shard_names, key=lambda n: entries[n].offset):
+                buf = _read_bytes(f, shard, name, entries[name], verify)
+                out[name] = _decode(buf, name, entries[name], shard, framework, verify)
+    return {name: out[name] for name in wanted}
+
+
+def _check_names(names: list[str], entries: Mapping[str, BundleEntry], prefix: str) -> list[str]:
+    missing = [n for n in names if n not in entries]
+    if missing:
+        sample = ", ".join(list(entries)[:5])
+        raise KeyError(
+            f"{prefix}: no tensor named {missing[0]!r} (the checkpoint has {len(entries)}: {sample}, ...)"
+        )
+    return names
+
+
+def _decode(buf: np.ndarray, name: str, entry: BundleEntry, shard: str, framework: str, verify: bool) -> Any:
+    if tf_dtypes.base_dtype(entry.dtype) == tf_dtypes.DT_STRING:
+        crc = entry.crc32c if verify else None
+        return tf_tensor_codec.decode_strings(buf, entry.shape, f"{shard}: tensor {name!r}", crc)
+    if framework == "numpy":
+        return tf_tensor_codec.bytes_to_numpy(buf, entry.dtype, entry.shape)
+    return tf_tensor_codec.bytes_to_torch(buf, entry.dtype, entry.shape)
+
+
+def save_file(
+    tensors: Mapping[str, Any], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+) -> str:
+    """Write a single-shard TF V2 checkpoint that TensorFlow reads, atomically.
+
+    Data and index go to temporary names, are fsynced, then renamed (index last), so a crash never
+    leaves a half-written index behind.
+
+    Args:
+        tensors: name -> torch tensor, numpy array, or bytes/str (or arrays of them) for string tensors.
+        path: the checkpoint prefix; ``prefix.index`` and ``prefix.data-00000-of-00001`` are written.
+        metadata: must be empty: a TF bundle has no place for free-form metadata.
+
+    Returns:
+        The prefix.
+
+    Raises:
+        EncodingError: a value is not a tensor or has a dtype TensorFlow lacks.
+        ValueError: an empty tensor name, or metadata given.
+        DiskFullError: the disk filled up; nothing was replaced.
+    """
+    if metadata:
+        raise ValueError(
+            f"{os.fspath(path)}: a TensorFlow checkpoint cannot store metadata ({sorted(metadata)}); "
+            "use a safetensors file to keep it"
+        )
+    prefix = os.fspath(path)
+    encoded = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
+        encoded[name] = tf_tensor_codec.encode_value(value, name)
+    if os.path.dirname(prefix):
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    _write_bundle(prefix, encoded)
+    return prefix
+
+
+def _write_bundle(prefix: str, encoded: Mapping[str, tf_tensor_codec.Encoded]) -> None:
+    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    data_file = data_path(prefix, 0, 1)
+    temps = [data_file + tag, prefix + ".index" + tag]
+    try:
+        entries: list[tuple[bytes, bytes]] = []
+        with open(temps[0], "wb") as f:
+            offset = 0
+            for name, enc in encoded.items():
+                f.write(enc.data.data)
+                entry = BundleEntry(enc.dtype, enc.shape, 0, offset, enc.data.nbytes, enc.crc32c)
+                entries.append((name.encode("utf-8", errors="surrogateescape"), encode_entry(entry)))
+                offset += enc.data.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        table = sstable.build_table([(b"", encode_header(BundleHeader()))] + sorted(entries))
+        with open(temps[1], "wb") as f:
+            f.write(table)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temps[0], data_file)
+        os.replace(temps[1], prefix + ".index")
+        _fsync_dir(os.path.dirname(prefix) or ".")
+    except OSError as err:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(
+                errno.ENOSPC, f"disk full while writing checkpoint {prefix}; nothing replaced"
+            ) from err
+        raise
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

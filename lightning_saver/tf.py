@@ -1,0 +1,89 @@
+"""Read and write TensorFlow V2 checkpoints without TensorFlow.
+
+A checkpoint is named by its prefix, as TensorFlow names it: ``model.ckpt-100`` stands for
+``model.ckpt-100.index`` and ``model.ckpt-100.data-00000-of-00001``.
+
+Example:
+    >>> from lightning_saver.tf import read_checkpoint, write_checkpoint
+    >>> write_checkpoint("out/model", {"dense/kernel": torch.ones(3, 2)})
+    'out/model'
+    >>> read_checkpoint("out/model")["dense/kernel"].shape
+    (3, 2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lightning_saver.formats import tf_bundle
+from lightning_saver.formats.tf_bundle import TensorInfo
+
+__all__ = ["read_checkpoint", "write_checkpoint", "list_checkpoint", "TensorInfo"]
+
+
+def read_checkpoint(
+    prefix: str | os.PathLike[str],
+    *,
+    names: Iterable[str] | None = None,
+    framework: str = "numpy",
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Read a TF V2 checkpoint written by TensorFlow (``Saver``, ``tf.train.Checkpoint``) or by us.
+
+    Args:
+        prefix: checkpoint prefix (``model.ckpt-100``), its ``.index`` file, or a directory with a
+            TF ``checkpoint`` state file (its latest checkpoint is read).
+        names: read only these tensors; the bytes of the others are never read.
+        framework: ``"numpy"`` (bfloat16 comes back as an ``ml_dtypes.bfloat16`` array) or
+            ``"torch"`` (``torch.bfloat16``). String tensors are numpy object arrays of ``bytes``.
+        verify: check every tensor's CRC-32C (block checksums of the index are always checked).
+
+    Returns:
+        name -> array or tensor, in name order.
+
+    Raises:
+        CheckpointNotFoundError: no ``prefix.index`` or a data shard is missing.
+        CorruptCheckpointError: damaged or truncated file; the message names the file and tensor.
+        KeyError: a name in ``names`` is not in the checkpoint.
+
+    Example:
+        >>> read_checkpoint("model.ckpt", names=["global_step"])
+        {'global_step': array(100)}
+    """
+    return tf_bundle.load_file(prefix, names=names, verify=verify, framework=framework)
+
+
+def write_checkpoint(prefix: str | os.PathLike[str], tensors: Mapping[str, Any]) -> str:
+    """Write ``tensors`` as a single-shard TF V2 checkpoint, atomically.
+
+    ``tf.train.load_checkpoint(prefix)`` and a TF1 ``Saver.restore`` read it bit-exact.
+
+    Args:
+        prefix: where to write; ``prefix.index`` and ``prefix.data-00000-of-00001`` are created.
+        tensors: name -> torch tensor, numpy array (any TF dtype, ``ml_dtypes.bfloat16`` included),
+            or bytes / str / numpy arrays of them for string tensors.
+
+    Returns:
+        The prefix.
+
+    Raises:
+        EncodingError: a value is not a tensor, or its dtype has no TensorFlow DataType.
+        DiskFullError: the disk filled up; nothing was replaced.
+
+    Example:
+        >>> write_checkpoint("out/model", {"dense/kernel": np.zeros((3, 2), np.float32)})
+        'out/model'
+    """
+    return tf_bundle.save_file(tensors, prefix)
+
+
+def list_checkpoint(prefix: str | os.PathLike[str]) -> dict[str, TensorInfo]:
+    """Name -> ``TensorInfo(dtype, shape, nbytes)`` of every tensor, reading only the index.
+
+    Example:
+        >>> list_checkpoint("out/model")
+        {'dense/kernel': TensorInfo(dtype='float32', shape=(3, 2), nbytes=24)}
+    """
+    return tf_bundle.read_index(prefix)

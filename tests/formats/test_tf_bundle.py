@@ -1,0 +1,145 @@
+"""TF V2 checkpoints against real TensorFlow: TF writes, we read bit-exact; we write, TF reads bit-exact."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
+
+tf = pytest.importorskip("tensorflow")
+
+RNG = np.random.default_rng(0)
+
+
+def _sample(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype == np.bool_:
+        return RNG.integers(0, 2, shape).astype(np.bool_)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return RNG.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    if np.issubdtype(dtype, np.complexfloating):
+        return (RNG.standard_normal(shape) + 1j * RNG.standard_normal(shape)).astype(dtype)
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+NUMERIC = [
+    np.float16,
+    np.float32,
+    np.float64,
+    ml_dtypes.bfloat16,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.bool_,
+    np.complex64,
+    np.complex128,
+]
+SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (2, 1, 3, 2)]
+
+
+def _all_tensors() -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for dtype in NUMERIC:
+        for shape in SHAPES:
+            out[f"{np.dtype(dtype).name}/{'x'.join(map(str, shape)) or 'scalar'}"] = _sample(
+                np.dtype(dtype), shape
+            )
+    out["strings/vector"] = np.array([b"ab", b"", b"\x00\xff", "é".encode()], dtype=object)
+    out["strings/scalar"] = np.array(b"hello", dtype=object)
+    out["strings/empty"] = np.zeros((0, 2), dtype=object)
+    out["strings/long"] = np.array([b"x" * 300, b"y" * 70000], dtype=object)
+    return out
+
+
+def _same(ours: np.ndarray, theirs: np.ndarray) -> None:
+    theirs = np.asarray(theirs)
+    assert ours.shape == theirs.shape
+    if ours.dtype == object:
+        assert [bytes(x) for x in ours.reshape(-1)] == [bytes(x) for x in theirs.reshape(-1)]
+    else:
+        assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+        assert ours.tobytes() == theirs.tobytes()
+
+
+def _tf_save(prefix: str, tensors: dict[str, np.ndarray]) -> None:
+    names = list(tensors)
+    tf.raw_ops.SaveV2(
+        prefix=prefix,
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.constant(tensors[n]) for n in names],
+    )
+
+
+def test_tf_writes_every_dtype_we_read_bit_exact(tmp_path):
+    tensors = _all_tensors()
+    prefix = str(tmp_path / "model.ckpt")
+    _tf_save(prefix, tensors)
+    got = read_checkpoint(prefix)
+    assert list(got) == sorted(tensors)
+    for name, value in tensors.items():
+        _same(got[name], value)
+    as_torch = read_checkpoint(prefix, framework="torch")
+    assert as_torch["bfloat16/2x3"].dtype == torch.bfloat16
+    assert as_torch["bfloat16/2x3"].view(torch.int16).numpy().tobytes() == tensors["bfloat16/2x3"].tobytes()
+    assert torch.equal(as_torch["complex128/2x3"], torch.from_numpy(tensors["complex128/2x3"]))
+
+
+def test_we_write_every_dtype_tf_reads_bit_exact(tmp_path):
+    tensors = _all_tensors()
+    prefix = write_checkpoint(str(tmp_path / "ours"), tensors)
+    reader = tf.train.load_checkpoint(prefix)
+    assert set(reader.get_variable_to_shape_map()) == set(tensors)
+    for name, value in tensors.items():
+        _same(np.asarray(reader.get_tensor(name), dtype=object if value.dtype == object else None), value)
+
+
+def test_we_write_byte_identical_files_to_tf(tmp_path):
+    tensors = _all_tensors()
+    _tf_save(str(tmp_path / "theirs"), tensors)
+    write_checkpoint(str(tmp_path / "ours"), tensors)
+    for suffix in (".index", ".data-00000-of-00001"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+
+
+def test_torch_tensors_in_tf_reads_them(tmp_path):
+    tensors = {
+        "dense/kernel": torch.randn(4, 3),
+        "dense/bias": torch.arange(3, dtype=torch.float64),
+        "bf16": torch.randn(2, 5, dtype=torch.bfloat16),
+        "mask": torch.tensor([True, False]),
+        "transposed": torch.randn(3, 4).t(),  # non-contiguous input
+        "step": torch.tensor(7, dtype=torch.int64),
+        "u16": torch.from_numpy(np.array([0, 1, 65535], np.uint16)),
+    }
+    prefix = write_checkpoint(tmp_path / "t", tensors)
+    reader = tf.train.load_checkpoint(prefix)
+    for name, value in tensors.items():
+        theirs = reader.get_tensor(name)
+        if value.dtype == torch.bfloat16:
+            assert np.asarray(theirs).view(np.int16).tobytes() == value.view(torch.int16).numpy().tobytes()
+        else:
+            np.testing.assert_array_equal(theirs, value.numpy())
+    back = read_checkpoint(prefix, framework="torch")
+    for name, value in tensors.items():
+        assert back[name].dtype == value.dtype and torch.equal(back[name], value)
+
+
+def test_list_checkpoint_matches_tf_shape_and_dtype_maps(tmp_path):
+    tensors = _all_tensors()
+    prefix = str(tmp_path / "m")
+    _tf_save(prefix, tensors)
+    reader = tf.train.load_checkpoint(prefix)
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    info = list_checkpoint(prefix)
+    for name in tensors:
+        assert info[name].shape == tuple(shapes[name])
+        assert info[name].dtype == ("string" if dtypes[name] == tf.string else dtypes[name].name)
