@@ -1,0 +1,233 @@
+"""``ImportedGraph``: a TensorFlow MetaGraph you can run, restore, and turn into a torch module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.attrs import decode_type
+from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, parse_tensor_name, ref_name
+from lightning_saver.graph.tf_import.plan import Plan, compile_plan
+from lightning_saver.graph.tf_import.variables import VariableInfo, VariableStore, find_variables
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A handle on one output of a node, like ``tf.Tensor`` in a graph: ``name`` is ``"op:index"``."""
+
+    op_name: str
+    value_index: int
+    op_type: str
+    dtype: torch.dtype | str | None
+    shape: list[int] | None  # the ``_output_shapes`` hint, when the graph has one
+
+    @property
+    def name(self) -> str:
+        return f"{self.op_name}:{self.value_index}"
+
+    @property
+    def ref(self) -> Ref:
+        return (self.op_name, self.value_index)
+
+
+def _dtype_hint(node: Any, index: int) -> torch.dtype | str | None:
+    for key in ("dtype", "T", "out_type", "DstT", "output_type"):
+        if key in node.attr and node.attr[key].WhichOneof("value") == "type":
+            return decode_type(node.attr[key].type)
+    if "T" in node.attr and node.attr["T"].list.type and index < len(node.attr["T"].list.type):
+        return decode_type(node.attr["T"].list.type[index])
+    return None
+
+
+def _to_numpy(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        array = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    else:
+        array = value.numpy().copy()
+    return array[()] if array.ndim == 0 else array
+
+
+def _flatten(fetches: Any, leaves: list[Any]) -> Any:
+    """Collect the leaves of a fetch structure; return a rebuilder taking an iterator of results."""
+    if isinstance(fetches, Mapping):
+        builders = {k: _flatten(v, leaves) for k, v in fetches.items()}
+        return lambda it: type(fetches)({k: b(it) for k, b in builders.items()})
+    if isinstance(fetches, (list, tuple)):
+        builders_list = [_flatten(v, leaves) for v in fetches]
+        if isinstance(fetches, tuple) and hasattr(fetches, "_fields"):
+            return lambda it: type(fetches)(*[b(it) for b in builders_list])
+        return lambda it: type(fetches)(b(it) for b in builders_list)
+    leaves.append(fetches)
+    return lambda it: next(it)
+
+
+class ImportedGraph:
+    """A parsed MetaGraph with its variables; see ``import_meta_graph`` for the whole tour."""
+
+    def __init__(self, meta_graph_def: Any) -> None:
+        self.meta_graph_def = meta_graph_def
+        self._index = GraphIndex(meta_graph_def)
+        self.variables: dict[str, VariableInfo] = find_variables(self._index)
+        self._store = VariableStore(self.variables, self._initialize)
+        self._plans: dict[tuple[tuple[Ref, ...], frozenset[Ref]], Plan] = {}
+        self._initializing: set[str] = set()
+
+    # ---- names -------------------------------------------------------------------------------
+    def get_tensor_by_name(self, name: str) -> Tensor:
+        """The tensor ``"y:0"``; ``"y"`` means its first output.
+
+        Raises:
+            GraphImportError: no such node, or the node has fewer outputs than the index asks.
+
+        Example::
+
+            y = graph.get_tensor_by_name("y")   # Tensor(op_name='y', value_index=0, ...)
+        """
+        op_name, index = parse_tensor_name(name)
+        node = self._index.node(op_name, f"get_tensor_by_name({name!r})")
+        op_def = self._index.op_defs.get(node.op)
+        if op_def is not None and len(op_def.output_arg) == 1 and not (
+            op_def.output_arg[0].number_attr or op_def.output_arg[0].type_list_attr
+        ) and index > 0:
+            raise GraphImportError(
+                f"tensor {name!r}: op {op_name!r} ({node.op}) has only one output, {op_name}:0"
+            )
+        shape = self._index.output_shape_hint((op_name, index))
+        return Tensor(op_name, index, node.op, _dtype_hint(node, index), shape)
+
+    def get_operation_names(self) -> list[str]:
+        """Every node name in the graph, in GraphDef order."""
+        return list(self._index.nodes)
+
+    def _ref(self, item: Any) -> Ref:
+        if isinstance(item, Tensor):
+            return item.ref
+        if isinstance(item, str):
+            ref = parse_tensor_name(item)
+            if ref[1] < 0:
+                raise GraphImportError(f"{item!r} is a control input; fetch the op name {ref[0]!r} instead")
+            self._index.node(ref[0], f"the fetch {item!r}")
+            return ref
+        raise TypeError(
+            f"fetches and feed_dict keys must be tensor names or Tensors, got {type(item).__name__}"
+        )
+
+    # ---- running -----------------------------------------------------------------------------
+    def plan(self, fetches: list[Ref], feeds: frozenset[Ref]) -> Plan:
+        """The cached compiled plan for these fetches and fed tensors."""
+        key = (tuple(fetches), feeds)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = compile_plan(self._index, self._store, fetches, feeds)
+        return plan
+
+    def _feed_value(self, ref: Ref, value: Any) -> torch.Tensor:
+        node = self._index.nodes[ref[0]]
+        dtype = _dtype_hint(node, ref[1])
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if isinstance(dtype, torch.dtype) and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        shape = self._index.output_shape_hint(ref)
+        if node.op in ("Placeholder", "PlaceholderWithDefault") and "shape" in node.attr:
+            from lightning_saver.graph.tf_import.attrs import decode_shape
+
+            shape = decode_shape(node.attr["shape"].shape)
+            if shape is not None and (len(shape) != tensor.dim() or any(
+                    want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=False))):
+                raise GraphImportError(
+                    f"cannot feed a value of shape {tuple(tensor.shape)} for tensor {ref_name(ref)}, "
+                    f"which has shape {tuple(None if d < 0 else d for d in shape)}"
+                )
+        return tensor
+
+    def _evaluate(self, fetches: list[Ref], feeds: dict[Ref, torch.Tensor]) -> list[Any]:
+        plan = self.plan(fetches, frozenset(feeds))
+        with torch.no_grad():
+            return plan.execute(feeds)
+
+    def run(self, fetches: Any, feed_dict: Mapping[Any, Any] | None = None) -> Any:
+        """Compute ``fetches`` like ``session.run``: numpy values in the same list/tuple/dict shape.
+
+        Args:
+            fetches: a tensor name (``"y:0"``; ``"y"`` is its first output), a ``Tensor``, or a
+                list, tuple, namedtuple or dict of them. An op with no outputs (NoOp, an init
+                group) gives None after running.
+            feed_dict: tensor name or ``Tensor`` -> value (numpy, torch, Python); any tensor may be
+                fed, not only placeholders.
+
+        Returns:
+            numpy arrays (numpy scalars for 0-d tensors), shaped like ``fetches``.
+
+        Raises:
+            UnsupportedOpError: an op the fetches need has no converter.
+            GraphImportError: an unfed placeholder, a bad name, or a wrongly shaped feed.
+
+        Example::
+
+            graph.run(["logits:0", "probs:0"], feed_dict={"x:0": batch})  # [array(...), array(...)]
+        """
+        leaves: list[Any] = []
+        rebuild = _flatten(fetches, leaves)
+        refs = [self._ref(leaf) for leaf in leaves]
+        feeds = {}
+        for key, value in (feed_dict or {}).items():
+            ref = self._ref(key)
+            feeds[ref] = self._feed_value(ref, value)
+        values = self._evaluate(refs, feeds)
+        return rebuild(iter([_to_numpy(v) for v in values]))
+
+    # ---- variables ---------------------------------------------------------------------------
+    def _initialize(self, name: str) -> torch.Tensor:
+        info = self.variables[name]
+        hint = "; restore a checkpoint first with graph.restore(path)"
+        if info.initial_value is None:
+            raise GraphImportError(
+                f"variable {name!r} has no value: it was not restored and has no initializer{hint}"
+            )
+        if name in self._initializing:
+            raise GraphImportError(f"variable {name!r}: its initializer reads the variable itself{hint}")
+        self._initializing.add(name)
+        try:
+            return self._evaluate([info.initial_value], {})[0]
+        except Exception as err:
+            raise GraphImportError(
+                f"variable {name!r} has no value: it was not restored, and its initializer "
+                f"{ref_name(info.initial_value)} could not run ({type(err).__name__}: {err}){hint}"
+            ) from err
+        finally:
+            self._initializing.discard(name)
+
+    def variable_values(self) -> dict[str, torch.Tensor]:
+        """The current value of every variable that has one (restored, assigned or initialised)."""
+        return dict(self._store.values)
+
+    def restore(self, path: Any, *, strict: bool = False) -> list[str]:
+        """Load variable values from a TF checkpoint prefix or one of our ``.safetensors`` files.
+
+        See ``restore.py`` for the key matching rules. Returns the restored variable names.
+        """
+        from lightning_saver.graph.tf_import.restore import restore_variables
+
+        return restore_variables(self._store, path, strict=strict)
+
+    def to_module(self, inputs: Any = (), outputs: Any = ()) -> torch.fx.GraphModule:
+        """A ``torch.fx.GraphModule`` computing ``outputs`` from ``inputs``; see ``module.py``."""
+        from lightning_saver.graph.tf_import.module import build_module
+
+        in_refs = [self._ref(i) for i in ([inputs] if isinstance(inputs, (str, Tensor)) else inputs)]
+        single = isinstance(outputs, (str, Tensor))
+        out_refs = [self._ref(o) for o in ([outputs] if single else outputs)]
+        if not out_refs:
+            raise GraphImportError("to_module needs at least one output, e.g. outputs=['logits:0']")
+        plan = compile_plan(self._index, self._store, out_refs, frozenset(in_refs))
+        return build_module(plan, self._index, self._store, in_refs, single)

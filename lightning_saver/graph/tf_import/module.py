@@ -1,0 +1,135 @@
+"""Turn a compiled plan into a ``torch.fx.GraphModule``.
+
+Each converter step becomes a ``call_function`` node calling the converter itself with the node's
+attrs as keyword arguments. Variables become attributes named by ``variables.param_name``:
+trainable floating-point variables are ``nn.Parameter``s, the others (moving averages, steps)
+persistent buffers. Both share memory with the imported graph's values, so training the module
+changes what ``graph.run`` computes. Folded constants become non-persistent buffers
+(``const:<tensor name>``), so they stay out of the state dict.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, ref_name
+from lightning_saver.graph.tf_import.plan import Plan
+from lightning_saver.graph.tf_import.variables import VariableStore, param_name
+
+
+def output_of(result: Any, index: int) -> Any:
+    """Output ``index`` of a converter result (a tuple for multi-output ops, else the tensor)."""
+    if type(result) is tuple or type(result) is list:
+        return result[index]
+    return result
+
+
+def _single_output(index: GraphIndex, op: str) -> bool:
+    op_def = index.op_defs.get(op)
+    if op_def is None or len(op_def.output_arg) != 1:
+        return False
+    arg = op_def.output_arg[0]
+    return not (arg.number_attr or arg.type_list_attr)
+
+
+class _Builder:
+    def __init__(self, plan: Plan, index: GraphIndex, store: VariableStore) -> None:
+        self.plan, self.index, self.store = plan, index, store
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[Ref, fx.Node] = {}
+        self.calls: dict[str, fx.Node] = {}
+        self.single: dict[str, bool] = {}
+
+    def placeholder(self, ref: Ref, used: set[str]) -> None:
+        base = re.sub(r"\W", "_", ref[0] if ref[1] == 0 else ref_name(ref)) or "input"
+        if base[0].isdigit():
+            base = "_" + base
+        name, k = base, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        self.env[ref] = self.graph.placeholder(name)
+
+    def variable(self, name: str) -> fx.Node:
+        target = param_name(name)
+        if not hasattr(self.root, target):
+            value = self.store.read(name)
+            info = self.store.variables[name]
+            if info.trainable and value.is_floating_point():
+                self.root.register_parameter(target, nn.Parameter(value))
+            else:
+                self.root.register_buffer(target, value)
+        return self.graph.get_attr(target)
+
+    def constant(self, ref: Ref) -> fx.Node:
+        value = self.plan.consts[ref]
+        if not isinstance(value, torch.Tensor):
+            raise GraphImportError(
+                f"to_module: tensor {ref_name(ref)} is a constant of type {type(value).__name__} "
+                "(strings are not supported in modules)"
+            )
+        target = "const:" + param_name(ref_name(ref))
+        if not hasattr(self.root, target):
+            self.root.register_buffer(target, value, persistent=False)
+        return self.graph.get_attr(target)
+
+    def value(self, ref: Ref) -> fx.Node:
+        if ref in self.env:
+            return self.env[ref]
+        if ref in self.plan.consts:
+            node = self.env[ref] = self.constant(ref)
+            return node
+        call = self.calls.get(ref[0])
+        if call is None:
+            raise GraphImportError(f"to_module: tensor {ref_name(ref)} is not computed by the subgraph")
+        if self.single[ref[0]]:
+            if ref[1] != 0:
+                raise GraphImportError(f"to_module: {ref[0]!r} has one output, not {ref_name(ref)}")
+            node = call
+        else:
+            node = self.graph.call_function(output_of, (call, ref[1]))
+        self.env[ref] = node
+        return node
+
+    def step(self, step: Any) -> None:
+        if step.kind == "read":
+            self.env[(step.name, 0)] = self.variable(step.variable)
+            return
+        if step.kind != "call":
+            raise GraphImportError(
+                f"to_module: node {step.name!r} ({step.op}) changes variable {step.variable!r}; a module is "
+                "a pure function of its inputs, so choose outputs that do not depend on assignments"
+            )
+        args = tuple(self.value(r) for r in step.inputs)
+        self.calls[step.name] = self.graph.call_function(step.func, args, dict(step.kwargs))
+        self.single[step.name] = _single_output(self.index, step.op)
+
+    def build(self, inputs: list[Ref], single: bool) -> fx.GraphModule:
+        used: set[str] = set()
+        for ref in inputs:
+            self.placeholder(ref, used)
+        for step in self.plan.steps:
+            self.step(step)
+        outs = [self.value(r) for r in self.plan.fetches]
+        self.graph.output(outs[0] if single else tuple(outs))
+        module = fx.GraphModule(self.root, self.graph, class_name="ImportedTFGraph")
+        module.tf_inputs = [ref_name(r) for r in inputs]
+        module.tf_outputs = [ref_name(r) for r in self.plan.fetches]
+        return module
+
+
+def build_module(plan: Plan, index: GraphIndex, store: VariableStore, inputs: list[Ref],
+                 single: bool) -> fx.GraphModule:
+    """The GraphModule for ``plan`` (compiled with ``inputs`` as feeds); see the module docstring.
+
+    Raises:
+        GraphImportError: the path assigns a variable, or needs a string constant.
+    """
+    return _Builder(plan, index, store).build(inputs, single)
+

@@ -1,0 +1,184 @@
+"""Compile the subgraph a set of fetches needs into an ordered list of steps, once, and run it.
+
+A plan is made per (fetches, fed tensors) and cached by the graph, so ``run`` never walks the
+proto again. Constant subgraphs (Const and pure ops on them) are folded while compiling.
+Variable nodes produce no step: each consumer gets a ``read`` step just before it, so a read
+placed after an Assign (through a control dependency) sees the assigned value, as in TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.attrs import decode_attrs
+from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
+from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
+from lightning_saver.graph.tf_import.variables import (
+    ASSIGN_OPS,
+    VARIABLE_OPS,
+    VariableStore,
+    resolve_variable,
+)
+
+_INITIALIZED_OPS = frozenset({"VarIsInitializedOp", "IsVariableInitialized"})
+# pure pass-throughs: no step, their output is another name for their input
+_ALIASES = frozenset({"Identity", "Snapshot", "ReadVariableOp", "PreventGradient", "PlaceholderWithDefault"})
+# ops whose OpDef is unknown (a GraphDef without stripped_op_list) are folded unless they look stateful
+_STATEFUL_WORDS = ("Random", "Variable", "Assign", "Stateful", "Multinomial", "Shuffle", "Save", "Restore")
+
+
+@dataclass(slots=True)
+class Step:
+    """One node to run: ``func(*env[inputs], **kwargs)`` stored under ``(name, i)``."""
+
+    name: str
+    op: str
+    kind: str  # "call", "read" (a variable's value), "assign", "initialized"
+    func: Callable[..., Any]
+    inputs: tuple[Ref, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    variable: str | None = None
+
+
+@dataclass
+class Plan:
+    """Steps in execution order, folded constants, and where the fetches are read from."""
+
+    steps: list[Step]
+    consts: dict[Ref, Any]
+    fetches: list[Ref]
+    feeds: frozenset[Ref]
+
+    def __post_init__(self) -> None:
+        self._fast = [(s.name, s.func, s.inputs, s.kwargs) for s in self.steps]
+
+    def execute(self, feeds: dict[Ref, Any]) -> list[Any]:
+        """Run the steps on ``feeds`` and return the fetched values in order."""
+        env = dict(self.consts)
+        env.update(feeds)
+        i = 0
+        try:
+            for i, (name, func, inputs, kwargs) in enumerate(self._fast):  # noqa: B007
+                out = func(*[env[r] for r in inputs], **kwargs)
+                if type(out) is tuple or type(out) is list:
+                    for k, value in enumerate(out):
+                        env[(name, k)] = value
+                else:
+                    env[(name, 0)] = out
+        except Exception as err:
+            step = self.steps[i]
+            if hasattr(err, "add_note"):
+                err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
+            raise
+        missing = [r for r in self.fetches if r not in env]
+        if missing:
+            raise GraphImportError(
+                f"fetched tensor {ref_name(missing[0])} does not exist: its op has fewer outputs"
+            )
+        return [env[r] for r in self.fetches]
+
+
+def _foldable(index: GraphIndex, op: str) -> bool:
+    if op in ("NoOp", "Placeholder", "Assert"):
+        return False
+    op_def = index.op_defs.get(op)
+    if op_def is not None:
+        return not op_def.is_stateful
+    return not any(word in op for word in _STATEFUL_WORDS)
+
+
+class _Compiler:
+    def __init__(self, index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: frozenset[Ref]):
+        self.index, self.store, self.fetches, self.feeds = index, store, fetches, feeds
+        self.steps: list[Step] = []
+        self.consts: dict[Ref, Any] = {}
+        self.alias: dict[Ref, Ref] = {}
+        self.order = execution_order(index, dict.fromkeys(r[0] for r in fetches), set(feeds))
+        self.in_plan = set(self.order)
+
+    def where(self, name: str) -> str:
+        consumers = self.index.describe_consumers(name, self.in_plan)
+        if consumers == "nothing else in the graph":
+            return f"at node {name!r}, which is fetched"
+        return f"at node {name!r}, which feeds {consumers}"
+
+    def variable_of(self, ref: Ref, name: str) -> str:
+        variable = resolve_variable(self.index, ref)
+        if variable is None:
+            raise GraphImportError(f"node {name!r} writes to {ref_name(ref)}, which is not a variable")
+        return variable
+
+    def read_variables(self, refs: Iterable[Ref]) -> None:
+        for ref in refs:
+            node = self.index.nodes.get(ref[0])
+            if node is not None and node.op in VARIABLE_OPS and ref not in self.feeds:
+                read = partial(self.store.read, ref[0])
+                self.steps.append(Step(ref[0], node.op, "read", read, (), {}, ref[0]))
+
+    def add(self, name: str) -> None:
+        node = self.index.nodes[name]
+        op = node.op
+        refs = [self.alias.get(r, r) for r in self.index.inputs[name]]
+        if op in VARIABLE_OPS:
+            return
+        if op in _ALIASES and len(refs) == 1:
+            load_converters().lookup(op, self.where(name))
+            self.alias[(name, 0)] = refs[0]
+            return
+        if op == "Placeholder":
+            consumers = self.index.describe_consumers(name, self.in_plan)
+            raise GraphImportError(
+                f"placeholder {name}:0 must be fed: it feeds {consumers}; "
+                f"pass feed_dict={{'{name}:0': value}}"
+            )
+        if op in ASSIGN_OPS:
+            variable = self.variable_of(refs[0], name)
+            self.read_variables(refs[1:])
+            func = partial(self.store.assign, variable, mode=ASSIGN_OPS[op])
+            self.steps.append(Step(name, op, "assign", func, tuple(refs[1:]), {}, variable))
+            return
+        if op in _INITIALIZED_OPS:
+            variable = self.variable_of(refs[0], name)
+            self.steps.append(Step(name, op, "initialized", partial(self.store.is_initialized, variable), ()))
+            return
+        func = load_converters().lookup(op, self.where(name))
+        kwargs = bind_attrs(func, decode_attrs(node))
+        if _foldable(self.index, op) and all(r in self.consts for r in refs):
+            self.fold(name, func, refs, kwargs)
+            return
+        self.read_variables(refs)
+        self.steps.append(Step(name, op, "call", func, tuple(refs), kwargs))
+
+    def fold(self, name: str, func: Callable[..., Any], refs: list[Ref], kwargs: dict[str, Any]) -> None:
+        try:
+            out = func(*[self.consts[r] for r in refs], **kwargs)
+        except Exception as err:
+            if hasattr(err, "add_note"):
+                err.add_note(f"while folding TensorFlow node {name!r} ({self.index.nodes[name].op})")
+            raise
+        if type(out) is tuple or type(out) is list:
+            for k, value in enumerate(out):
+                self.consts[(name, k)] = value
+        else:
+            self.consts[(name, 0)] = out
+
+    def compile(self) -> Plan:
+        for name in self.order:
+            self.add(name)
+        fetches = [self.alias.get(r, r) for r in self.fetches]
+        self.read_variables(fetches)
+        return Plan(self.steps, self.consts, fetches, self.feeds)
+
+
+def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref]) -> Plan:
+    """The plan computing ``fetches`` from ``feeds``; see the module docstring.
+
+    Raises:
+        UnsupportedOpError: an op on the path has no converter (names the node and its consumers).
+        GraphImportError: an unfed placeholder, a cycle, a missing node.
+    """
+    return _Compiler(index, store, list(fetches), frozenset(feeds)).compile()

@@ -1,0 +1,133 @@
+"""Build small graphs in real TensorFlow (tf.compat.v1), write them, and run them as the reference.
+
+Shared by the TF import tests (E, F1, F2). TensorFlow is imported lazily, only by tests.
+
+Example (a one-op test)::
+
+    from tf_graphs import check_one_op   # tests/graph is on sys.path (no __init__.py)
+
+    def test_relu6(tmp_path):
+        x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+        check_one_op(tmp_path, lambda tf, x: tf.nn.relu6(x), {"x": x})
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+def tf_module() -> Any:
+    """TensorFlow, quiet; skips the test when it is not installed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return pytest.importorskip("tensorflow")
+
+
+@dataclass
+class TFGraph:
+    """What TensorFlow wrote and computed: the .meta path, the checkpoint prefix, session.run's values."""
+
+    meta: str
+    ckpt: str | None
+    expected: list[Any]
+    feed: dict[str, np.ndarray] = field(default_factory=dict)
+    variables: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def build_tf_graph(
+    directory: Any,
+    build: Callable[[Any], Any],
+    fetches: Sequence[str],
+    feed: Mapping[str, np.ndarray] | None = None,
+    *,
+    train: Callable[[Any, Any], None] | None = None,
+    saver_var_list: Callable[[Any], Any] | None = None,
+    name: str = "model",
+    save: bool = True,
+) -> TFGraph:
+    """Build a graph with ``build(tf)`` in a fresh ``tf.Graph``, initialise its variables, optionally
+    ``train(tf, session)``, save a TF checkpoint with ``tf.compat.v1.train.Saver`` (its var_list from
+    ``saver_var_list(tf)`` when given), export the MetaGraph, and record ``session.run(fetches, feed)``.
+    """
+    tf = tf_module()
+    v1 = tf.compat.v1
+    directory = os.fspath(directory)
+    graph = tf.Graph()
+    with graph.as_default():
+        build(tf)
+        variables = v1.global_variables() + v1.local_variables()
+        init = v1.group(v1.global_variables_initializer(), v1.local_variables_initializer(), name="init")
+        saver = None
+        if save and variables:
+            saver = v1.train.Saver(var_list=saver_var_list(tf) if saver_var_list else None)
+        with v1.Session(graph=graph) as sess:
+            sess.run(init)
+            if train is not None:
+                train(tf, sess)
+            ckpt = None
+            if saver is not None:
+                ckpt = saver.save(sess, os.path.join(directory, f"{name}.ckpt"), write_meta_graph=False)
+            meta = os.path.join(directory, f"{name}.meta")
+            v1.train.export_meta_graph(filename=meta, graph=graph,
+                                       saver_def=saver.as_saver_def() if saver else None)
+            feed = dict(feed or {})
+            expected = sess.run(list(fetches), feed_dict=feed)
+            values = dict(zip([v.op.name for v in variables], sess.run(variables), strict=True))
+    return TFGraph(meta, ckpt, expected, feed, values)
+
+
+def one_op_graph(directory: Any, op: Callable[..., Any], inputs: Mapping[str, np.ndarray],
+                 name: str = "out") -> TFGraph:
+    """A graph of placeholders named after ``inputs`` feeding ``op(tf, *placeholders)``, output ``name``."""
+
+    def build(tf: Any) -> None:
+        v1 = tf.compat.v1
+        holders = [v1.placeholder(tf.as_dtype(v.dtype), shape=v.shape, name=k) for k, v in inputs.items()]
+        out = op(tf, *holders)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for i, o in enumerate(outs):
+            tf.identity(o, name=name if len(outs) == 1 else f"{name}_{i}")
+
+    fetched = [f"{name}:0"]
+    count = _count_outputs(op, inputs)
+    if count > 1:
+        fetched = [f"{name}_{i}:0" for i in range(count)]
+    return build_tf_graph(directory, build, fetched, {f"{k}:0": v for k, v in inputs.items()}, save=False)
+
+
+def _count_outputs(op: Callable[..., Any], inputs: Mapping[str, np.ndarray]) -> int:
+    tf = tf_module()
+    with tf.Graph().as_default():
+        holders = [tf.compat.v1.placeholder(tf.as_dtype(v.dtype), shape=v.shape) for v in inputs.values()]
+        out = op(tf, *holders)
+    return len(out) if isinstance(out, (list, tuple)) else 1
+
+
+def check_one_op(directory: Any, op: Callable[..., Any], inputs: Mapping[str, np.ndarray], *,
+                 rtol: float = 1e-5, atol: float = 1e-6) -> list[Any]:
+    """Run ``op`` in TensorFlow and through ``import_meta_graph``; assert equal dtypes, shapes, values."""
+    from lightning_saver import import_meta_graph
+
+    made = one_op_graph(directory, op, inputs)
+    graph = import_meta_graph(made.meta)
+    fetches = ["out:0"] if len(made.expected) == 1 else [f"out_{i}:0" for i in range(len(made.expected))]
+    got = graph.run(fetches, feed_dict=made.feed)
+    for g, e in zip(got, made.expected, strict=True):
+        assert_same(g, e, rtol=rtol, atol=atol)
+    return got
+
+
+def assert_same(got: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same dtype, shape and values (``np.testing.assert_allclose``; exact for ints and bools)."""
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.dtype == expected.dtype, f"dtype {got.dtype} != TensorFlow's {expected.dtype}"
+    assert got.shape == expected.shape, f"shape {got.shape} != TensorFlow's {expected.shape}"
+    if got.dtype.kind in "biu":
+        np.testing.assert_array_equal(got, expected)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
