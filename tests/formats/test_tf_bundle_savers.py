@@ -1,0 +1,121 @@
+"""Files from TensorFlow's own savers: TF1 Saver (ref and resource variables, Adam slots, global_step),
+tf.train.Checkpoint, multi-shard bundles; and a TF1 Saver.restore of a file we wrote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_saver.errors import CheckpointNotFoundError
+from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
+
+tf = pytest.importorskip("tensorflow")
+v1 = tf.compat.v1
+
+
+def _tf1_graph(use_resource: bool):
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None, 3])
+        with v1.variable_scope("dense"):
+            kernel = v1.get_variable("kernel", [3, 2], use_resource=use_resource)
+            bias = v1.get_variable("bias", [2], initializer=v1.ones_initializer(), use_resource=use_resource)
+        counts = v1.get_variable("counts", [4], dtype=tf.int64, initializer=v1.zeros_initializer())
+        step = v1.train.get_or_create_global_step()
+        loss = tf.reduce_sum(tf.matmul(x, kernel) + bias)
+        train = v1.train.AdamOptimizer(0.1).minimize(loss, global_step=step)
+        saver = v1.train.Saver()
+        init = v1.global_variables_initializer()
+    return graph, x, train, saver, init, counts
+
+
+@pytest.mark.parametrize("use_resource", [False, True], ids=["ref", "resource"])
+def test_tf1_saver_with_adam_slots_and_global_step(tmp_path, use_resource):
+    graph, x, train, saver, init, _ = _tf1_graph(use_resource)
+    with v1.Session(graph=graph) as sess:
+        sess.run(init)
+        for _ in range(3):
+            sess.run(train, {x: np.ones((2, 3), np.float32)})
+        path = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=3)
+        values = {v.op.name: sess.run(v) for v in v1.global_variables()}
+    assert path.endswith("model.ckpt-3")
+    got = read_checkpoint(path)
+    assert set(got) == set(values)
+    assert {"dense/kernel/Adam", "dense/kernel/Adam_1", "beta1_power", "global_step"} <= set(got)
+    for name, value in values.items():
+        assert got[name].dtype == value.dtype and got[name].tobytes() == np.asarray(value).tobytes(), name
+    assert got["global_step"] == 3
+    # a directory with TF's "checkpoint" state file resolves to its latest checkpoint
+    assert list(read_checkpoint(tmp_path, names=["global_step"])) == ["global_step"]
+
+
+def test_tf1_saver_restores_what_we_wrote(tmp_path):
+    graph, _, _, saver, init, _ = _tf1_graph(use_resource=True)
+    with v1.Session(graph=graph) as sess:
+        sess.run(init)
+        names = {v.op.name: v for v in v1.global_variables()}
+        shapes = {n: (tuple(v.shape), v.dtype.base_dtype.as_numpy_dtype) for n, v in names.items()}
+    rng = np.random.default_rng(1)
+    ours = {
+        n: rng.standard_normal(s).astype(d) if d != np.int64 else np.arange(np.prod(s), dtype=d).reshape(s)
+        for n, (s, d) in shapes.items()
+    }
+    prefix = write_checkpoint(tmp_path / "ours", ours)
+    with v1.Session(graph=graph) as sess:
+        saver.restore(sess, prefix)
+        for name, var in names.items():
+            assert np.asarray(sess.run(var)).tobytes() == ours[name].tobytes(), name
+
+
+def test_tf2_checkpoint_object_graph(tmp_path):
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3, name="fc")])
+    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(5, dtype=tf.int64), tag=tf.Variable("run-1"))
+    path = ckpt.write(str(tmp_path / "ckpt"))
+    got = read_checkpoint(path)
+    reader = tf.train.load_checkpoint(path)
+    assert set(got) == set(reader.get_variable_to_shape_map())
+    for name, value in got.items():
+        theirs = reader.get_tensor(name)
+        if value.dtype == object:
+            assert value.item() == theirs
+        else:
+            assert value.tobytes() == np.asarray(theirs).tobytes(), name
+    assert got["step/.ATTRIBUTES/VARIABLE_VALUE"] == 5
+
+
+def _tf_multi_shard(prefix: str, shards: list[dict[str, np.ndarray]]) -> None:
+    # the way a sharded Saver writes: one bundle per shard under temporary names, then a merge
+    parts = []
+    for i, tensors in enumerate(shards):
+        part = tf.raw_ops.ShardedFilename(basename=prefix + "_temp/part", shard=i, num_shards=len(shards))
+        names = list(tensors)
+        tf.raw_ops.SaveV2(
+            prefix=part,
+            tensor_names=names,
+            shape_and_slices=[""] * len(names),
+            tensors=[tf.constant(tensors[n]) for n in names],
+        )
+        parts.append(part)
+    tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts, destination_prefix=prefix, delete_old_dirs=True)
+
+
+def test_multi_shard_bundle(tmp_path):
+    prefix = str(tmp_path / "sharded")
+    shards = [
+        {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "z": np.array([b"s"], dtype=object)},
+        {"m": np.arange(4, dtype=np.int64), "b": np.array(2.5)},
+    ]
+    _tf_multi_shard(prefix, shards)
+    assert (tmp_path / "sharded.data-00001-of-00002").exists()
+    got = read_checkpoint(prefix)
+    for tensors in shards:
+        for name, value in tensors.items():
+            if value.dtype == object:
+                assert list(got[name]) == list(value)
+            else:
+                assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes()
+    assert list_checkpoint(prefix)["m"].shape == (4,)
+    (tmp_path / "sharded.data-00001-of-00002").unlink()
+    assert read_checkpoint(prefix, names=["a"])["a"].shape == (2, 3)  # only shard 0 is needed
+    with pytest.raises(CheckpointNotFoundError, match=r"sharded\.data-00001-of-00002 is missing"):
+        read_checkpoint(prefix, names=["m"])
