@@ -1,3 +1,367 @@
-"""TensorFlow import converters: ops_math."""
+"""TensorFlow import converters: element-wise arithmetic, comparisons, unary math, matrices.
+
+Every converter follows the contract in :mod:`lightning_saver.graph.tf_import.table`: data inputs
+positional, attrs keyword-only with TF's defaults. Broadcasting is numpy's, like TF's, and the
+dtype of the inputs is kept (TF gives both operands the same dtype, so torch's promotion never
+widens: int32 stays int32). Activations, softmax and the array helpers (Cast, Select, Gather, ...)
+live in :mod:`ops_activation` and :mod:`ops_array`, imported at the end of this module.
+Example::
+
+    table.call("FloorMod", [torch.tensor([7, -7]), torch.tensor([-3, 3])], {})  # tensor([-2, 2])
+"""
 
 from __future__ import annotations
+
+from functools import reduce
+
+import torch
+
+# importing these registers the activations and array helpers, which belong with the math ops
+from lightning_saver.graph.tf_import import ops_activation, ops_array  # noqa: F401
+from lightning_saver.graph.tf_import.table import TF_OPS
+
+Tensor = torch.Tensor
+
+
+def _is_float(x: Tensor) -> bool:
+    return x.is_floating_point() or x.is_complex()
+
+
+# ---- binary arithmetic -------------------------------------------------------------------------
+
+
+@TF_OPS.register("Add", "AddV2")
+def add(x: Tensor, y: Tensor) -> Tensor:
+    return torch.add(x, y)
+
+
+@TF_OPS.register("AddN")
+def add_n(*inputs: Tensor) -> Tensor:
+    """Sum of same-shaped tensors (AddN does not broadcast in TF either)."""
+    return reduce(torch.add, inputs)
+
+
+@TF_OPS.register("Sub")
+def sub(x: Tensor, y: Tensor) -> Tensor:
+    return torch.sub(x, y)
+
+
+@TF_OPS.register("Mul")
+def mul(x: Tensor, y: Tensor) -> Tensor:
+    return torch.mul(x, y)
+
+
+@TF_OPS.register("RealDiv")
+def real_div(x: Tensor, y: Tensor) -> Tensor:
+    """``x / y``; integer inputs divide with C++ truncation, as TF's ``Div`` does."""
+    if _is_float(x):
+        return torch.div(x, y)
+    return torch.div(x, y, rounding_mode="trunc")
+
+
+@TF_OPS.register("Div")
+def div(x: Tensor, y: Tensor) -> Tensor:
+    """The legacy ``Div``: true division for floats, truncating division for integers."""
+    return real_div(x, y)
+
+
+@TF_OPS.register("DivNoNan")
+def div_no_nan(x: Tensor, y: Tensor) -> Tensor:
+    """``x / y``, and 0 where ``y == 0`` (even for ``x`` inf or nan)."""
+    zero = y == 0
+    # divide by 1 where y == 0 so the unused branch has no inf/nan to leak into gradients
+    safe_y = torch.where(zero, torch.ones_like(y), y)
+    return torch.where(zero, torch.zeros_like(x / safe_y), x / safe_y)
+
+
+@TF_OPS.register("FloorDiv")
+def floor_div(x: Tensor, y: Tensor) -> Tensor:
+    """Python-style floor division; for floats TF computes ``floor(x / y)``."""
+    if _is_float(x):
+        return torch.floor(torch.div(x, y))
+    return torch.div(x, y, rounding_mode="floor")
+
+
+@TF_OPS.register("FloorMod")
+def floor_mod(x: Tensor, y: Tensor) -> Tensor:
+    """Remainder with the divisor's sign (Python's ``%``), computed from ``fmod`` like TF."""
+    if not _is_float(x):
+        return torch.remainder(x, y)
+    trunc = torch.fmod(x, y)
+    fix = (trunc != 0) & ((y < 0) != (trunc < 0))
+    return torch.where(fix, trunc + y, trunc)
+
+
+@TF_OPS.register("TruncateDiv")
+def truncate_div(x: Tensor, y: Tensor) -> Tensor:
+    if _is_float(x):
+        return torch.trunc(torch.div(x, y))
+    return torch.div(x, y, rounding_mode="trunc")
+
+
+@TF_OPS.register("TruncateMod", "Mod")
+def truncate_mod(x: Tensor, y: Tensor) -> Tensor:
+    """Remainder with the dividend's sign (C's ``fmod`` / ``%``)."""
+    return torch.fmod(x, y)
+
+
+@TF_OPS.register("Maximum")
+def maximum(x: Tensor, y: Tensor) -> Tensor:
+    return torch.maximum(x, y)
+
+
+@TF_OPS.register("Minimum")
+def minimum(x: Tensor, y: Tensor) -> Tensor:
+    return torch.minimum(x, y)
+
+
+@TF_OPS.register("Pow")
+def pow_(x: Tensor, y: Tensor) -> Tensor:
+    """``x ** y``.
+
+    Raises:
+        ValueError: an integer ``x`` raised to a negative integer power (TF refuses it too).
+    """
+    if not _is_float(y) and bool((y < 0).any()):
+        raise ValueError(
+            f"Pow: integers to negative integer powers are not allowed (exponent {int(y.min())}); "
+            "cast the base to a float type first"
+        )
+    return torch.pow(x, y)
+
+
+@TF_OPS.register("SquaredDifference")
+def squared_difference(x: Tensor, y: Tensor) -> Tensor:
+    diff = x - y
+    return diff * diff.conj() if diff.is_complex() else diff * diff
+
+
+@TF_OPS.register("Atan2")
+def atan2(y: Tensor, x: Tensor) -> Tensor:
+    return torch.atan2(y, x)
+
+
+@TF_OPS.register("Xlogy")
+def xlogy(x: Tensor, y: Tensor) -> Tensor:
+    return torch.xlogy(x, y)
+
+
+@TF_OPS.register("ClipByValue")
+def clip_by_value(t: Tensor, clip_value_min: Tensor, clip_value_max: Tensor) -> Tensor:
+    return torch.minimum(torch.maximum(t, clip_value_min), clip_value_max)
+
+
+# ---- unary math --------------------------------------------------------------------------------
+
+
+@TF_OPS.register("Neg")
+def neg(x: Tensor) -> Tensor:
+    return torch.neg(x)
+
+
+@TF_OPS.register("Abs")
+def abs_(x: Tensor) -> Tensor:
+    return torch.abs(x)
+
+
+@TF_OPS.register("Sign")
+def sign(x: Tensor) -> Tensor:
+    """-1, 0 or 1; TF keeps NaN as NaN where torch would give 0."""
+    if x.is_floating_point():
+        return torch.where(torch.isnan(x), x, torch.sign(x))
+    return torch.sign(x)
+
+
+@TF_OPS.register("Exp")
+def exp(x: Tensor) -> Tensor:
+    return torch.exp(x)
+
+
+@TF_OPS.register("Expm1")
+def expm1(x: Tensor) -> Tensor:
+    return torch.expm1(x)
+
+
+@TF_OPS.register("Log")
+def log(x: Tensor) -> Tensor:
+    return torch.log(x)
+
+
+@TF_OPS.register("Log1p")
+def log1p(x: Tensor) -> Tensor:
+    return torch.log1p(x)
+
+
+@TF_OPS.register("Sqrt")
+def sqrt(x: Tensor) -> Tensor:
+    return torch.sqrt(x)
+
+
+@TF_OPS.register("Rsqrt")
+def rsqrt(x: Tensor) -> Tensor:
+    return torch.rsqrt(x)
+
+
+@TF_OPS.register("Square")
+def square(x: Tensor) -> Tensor:
+    # x * x keeps integer dtypes (and bool is not a TF Square type)
+    return x * x
+
+
+@TF_OPS.register("Reciprocal", "Inv")
+def reciprocal(x: Tensor) -> Tensor:
+    if _is_float(x):
+        return torch.reciprocal(x)
+    return torch.div(torch.ones_like(x), x, rounding_mode="trunc")
+
+
+@TF_OPS.register("Erf")
+def erf(x: Tensor) -> Tensor:
+    return torch.erf(x)
+
+
+@TF_OPS.register("Erfc")
+def erfc(x: Tensor) -> Tensor:
+    return torch.erfc(x)
+
+
+@TF_OPS.register("Tanh")
+def tanh(x: Tensor) -> Tensor:
+    return torch.tanh(x)
+
+
+@TF_OPS.register("Sigmoid")
+def sigmoid(x: Tensor) -> Tensor:
+    return torch.sigmoid(x)
+
+
+@TF_OPS.register("Floor")
+def floor(x: Tensor) -> Tensor:
+    return torch.floor(x)
+
+
+@TF_OPS.register("Ceil")
+def ceil(x: Tensor) -> Tensor:
+    return torch.ceil(x)
+
+
+@TF_OPS.register("Round", "Rint")
+def round_(x: Tensor) -> Tensor:
+    """Half to even, like TF (and torch)."""
+    return torch.round(x) if x.is_floating_point() else x
+
+
+@TF_OPS.register("Sin")
+def sin(x: Tensor) -> Tensor:
+    return torch.sin(x)
+
+
+@TF_OPS.register("Cos")
+def cos(x: Tensor) -> Tensor:
+    return torch.cos(x)
+
+
+@TF_OPS.register("IsNan")
+def is_nan(x: Tensor) -> Tensor:
+    return torch.isnan(x)
+
+
+@TF_OPS.register("IsInf")
+def is_inf(x: Tensor) -> Tensor:
+    return torch.isinf(x)
+
+
+@TF_OPS.register("IsFinite")
+def is_finite(x: Tensor) -> Tensor:
+    return torch.isfinite(x)
+
+
+# ---- comparisons and logic ---------------------------------------------------------------------
+
+
+def _broadcastable(x: Tensor, y: Tensor) -> bool:
+    try:
+        torch.broadcast_shapes(x.shape, y.shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+@TF_OPS.register("Equal")
+def equal(x: Tensor, y: Tensor, *, incompatible_shape_error: bool = True) -> Tensor:
+    """With ``incompatible_shape_error=False``, shapes that do not broadcast give a scalar False."""
+    if not incompatible_shape_error and not _broadcastable(x, y):
+        return torch.tensor(False)
+    return torch.eq(x, y)
+
+
+@TF_OPS.register("NotEqual")
+def not_equal(x: Tensor, y: Tensor, *, incompatible_shape_error: bool = True) -> Tensor:
+    """With ``incompatible_shape_error=False``, shapes that do not broadcast give a scalar True."""
+    if not incompatible_shape_error and not _broadcastable(x, y):
+        return torch.tensor(True)
+    return torch.ne(x, y)
+
+
+@TF_OPS.register("Less")
+def less(x: Tensor, y: Tensor) -> Tensor:
+    return torch.lt(x, y)
+
+
+@TF_OPS.register("LessEqual")
+def less_equal(x: Tensor, y: Tensor) -> Tensor:
+    return torch.le(x, y)
+
+
+@TF_OPS.register("Greater")
+def greater(x: Tensor, y: Tensor) -> Tensor:
+    return torch.gt(x, y)
+
+
+@TF_OPS.register("GreaterEqual")
+def greater_equal(x: Tensor, y: Tensor) -> Tensor:
+    return torch.ge(x, y)
+
+
+@TF_OPS.register("LogicalAnd")
+def logical_and(x: Tensor, y: Tensor) -> Tensor:
+    return torch.logical_and(x, y)
+
+
+@TF_OPS.register("LogicalOr")
+def logical_or(x: Tensor, y: Tensor) -> Tensor:
+    return torch.logical_or(x, y)
+
+
+@TF_OPS.register("LogicalNot")
+def logical_not(x: Tensor) -> Tensor:
+    return torch.logical_not(x)
+
+
+# ---- matrices ----------------------------------------------------------------------------------
+
+
+@TF_OPS.register("MatMul")
+def mat_mul(a: Tensor, b: Tensor, *, transpose_a: bool = False, transpose_b: bool = False) -> Tensor:
+    return torch.matmul(a.mT if transpose_a else a, b.mT if transpose_b else b)
+
+
+@TF_OPS.register("BatchMatMul", "BatchMatMulV2")
+def batch_mat_mul(x: Tensor, y: Tensor, *, adj_x: bool = False, adj_y: bool = False) -> Tensor:
+    """Batched ``x @ y`` over the last two axes; V2 broadcasts the batch axes (so does torch)."""
+    return torch.matmul(x.mH if adj_x else x, y.mH if adj_y else y)
+
+
+@TF_OPS.register("BatchMatMulV3")
+def batch_mat_mul_v3(
+    x: Tensor, y: Tensor, *, Tout: torch.dtype | None = None, adj_x: bool = False, adj_y: bool = False
+) -> Tensor:
+    """Like V2, with the product computed in ``Tout`` (int8 x int8 -> int32)."""
+    if Tout is not None:
+        x, y = x.to(Tout), y.to(Tout)
+    return batch_mat_mul(x, y, adj_x=adj_x, adj_y=adj_y)
+
+
+@TF_OPS.register("Einsum")
+def einsum(*inputs: Tensor, equation: str) -> Tensor:
+    return torch.einsum(equation, *inputs)

@@ -1,3 +1,119 @@
-"""TensorFlow import converters: ops_reduce."""
+"""TensorFlow import converters: reductions (Sum, Mean, Max, Min, Prod, All, Any, ArgMax, ArgMin).
+
+Converters follow the contract in :mod:`lightning_saver.graph.tf_import.table`. The axis input is
+a scalar or a vector, negative axes count from the end, an axis named twice is an error (as in
+TF), and an empty axis list reduces nothing (the input comes back unchanged). Results keep the input's dtype
+(TF's int32 Sum is int32, where torch would widen it to int64). Example::
+
+    table.call("Sum", [x, torch.tensor([0, -1])], {"keep_dims": True})
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lightning_saver.graph.tf_import.table import TF_OPS
+
+Tensor = torch.Tensor
+
+
+def reduction_axes(op: str, x: Tensor, axis: Tensor) -> list[int]:
+    """The non-negative axes named by ``axis`` (a scalar or vector), sorted.
+
+    Raises:
+        ValueError: an axis outside ``[-rank, rank)``, or one axis named twice.
+    """
+    rank = x.dim()
+    axes = axis.reshape(-1).tolist()
+    bad = [a for a in axes if not -rank <= a < rank]
+    if bad:
+        raise ValueError(
+            f"{op}: reduction axis {bad[0]} is out of range for an input of rank {rank} "
+            f"(shape {list(x.shape)}); axes must lie in [{-rank}, {rank})"
+        )
+    normal = sorted(a % rank for a in axes)
+    if len(set(normal)) != len(normal):
+        raise ValueError(f"{op}: reduction axes {axes} name one axis twice (input of rank {rank})")
+    return normal
+
+
+def _reduce(
+    op: str, x: Tensor, axis: Tensor, keep_dims: bool, one_axis: Callable[[Tensor, int], Tensor]
+) -> Tensor:
+    """Apply ``one_axis(t, dim)`` (keeping the axis) over every reduced axis, then drop them."""
+    axes = reduction_axes(op, x, axis)
+    out = x
+    for dim in axes:
+        out = one_axis(out, dim)
+    if not keep_dims and axes:
+        out = out.squeeze(axes)
+    return out.to(x.dtype)
+
+
+@TF_OPS.register("Sum")
+def sum_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    axes = reduction_axes("Sum", input, axis)
+    if not axes:
+        return input
+    return torch.sum(input, dim=axes, keepdim=keep_dims).to(input.dtype)
+
+
+@TF_OPS.register("Mean")
+def mean(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    """The mean; integer inputs divide their (exact) sum by the count, truncating like TF."""
+    axes = reduction_axes("Mean", input, axis)
+    if not axes:
+        return input
+    if input.is_floating_point() or input.is_complex():
+        return torch.mean(input, dim=axes, keepdim=keep_dims)
+    count = 1
+    for dim in axes:
+        count *= input.shape[dim]
+    total = torch.sum(input, dim=axes, keepdim=keep_dims, dtype=torch.int64)
+    return torch.div(total, max(count, 1), rounding_mode="trunc").to(input.dtype)
+
+
+@TF_OPS.register("Max")
+def max_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    return _reduce("Max", input, axis, keep_dims, lambda t, d: torch.amax(t, dim=d, keepdim=True))
+
+
+@TF_OPS.register("Min")
+def min_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    return _reduce("Min", input, axis, keep_dims, lambda t, d: torch.amin(t, dim=d, keepdim=True))
+
+
+@TF_OPS.register("Prod")
+def prod(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    return _reduce("Prod", input, axis, keep_dims, lambda t, d: torch.prod(t, dim=d, keepdim=True))
+
+
+@TF_OPS.register("All")
+def all_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    return _reduce("All", input, axis, keep_dims, lambda t, d: torch.all(t, dim=d, keepdim=True))
+
+
+@TF_OPS.register("Any")
+def any_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
+    return _reduce("Any", input, axis, keep_dims, lambda t, d: torch.any(t, dim=d, keepdim=True))
+
+
+def _arg_reduce(op: str, x: Tensor, dimension: Tensor, output_type: torch.dtype, largest: bool) -> Tensor:
+    if dimension.numel() != 1:
+        raise ValueError(f"{op}: dimension must be a scalar, found shape {list(dimension.shape)}")
+    (dim,) = reduction_axes(op, x, dimension)
+    # torch returns the first index among ties, as TF does
+    index = torch.argmax(x, dim=dim) if largest else torch.argmin(x, dim=dim)
+    return index.to(output_type)
+
+
+@TF_OPS.register("ArgMax")
+def arg_max(input: Tensor, dimension: Tensor, *, output_type: torch.dtype = torch.int64) -> Tensor:
+    return _arg_reduce("ArgMax", input, dimension, output_type, largest=True)
+
+
+@TF_OPS.register("ArgMin")
+def arg_min(input: Tensor, dimension: Tensor, *, output_type: torch.dtype = torch.int64) -> Tensor:
+    return _arg_reduce("ArgMin", input, dimension, output_type, largest=False)

@@ -1,0 +1,107 @@
+"""TensorFlow import converters: activations, softmax and the softmax cross-entropy losses.
+
+Registered when :mod:`ops_math` is imported; converters follow the contract in
+:mod:`lightning_saver.graph.tf_import.table`. Softmax ops work on the last axis, as TF's do.
+Example::
+
+    loss, backprop = table.call("SparseSoftmaxCrossEntropyWithLogits", [logits, labels], {})
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_saver.graph.tf_import.table import TF_OPS
+
+Tensor = torch.Tensor
+
+
+@TF_OPS.register("Relu")
+def relu(features: Tensor) -> Tensor:
+    return torch.relu(features)
+
+
+@TF_OPS.register("Relu6")
+def relu6(features: Tensor) -> Tensor:
+    """``min(max(x, 0), 6)``; integer inputs stay integers."""
+    if features.is_floating_point():
+        return F.relu6(features)
+    return torch.clamp(features, 0, 6)
+
+
+@TF_OPS.register("Elu")
+def elu(features: Tensor) -> Tensor:
+    return F.elu(features)
+
+
+@TF_OPS.register("Selu")
+def selu(features: Tensor) -> Tensor:
+    # torch's scale and alpha are TF's constants (1.0507009873554805, 1.6732632423543772)
+    return F.selu(features)
+
+
+@TF_OPS.register("LeakyRelu")
+def leaky_relu(features: Tensor, *, alpha: float = 0.2) -> Tensor:
+    """``x if x > 0 else alpha * x`` (also for ``alpha > 1``, where it is not a max)."""
+    return F.leaky_relu(features, alpha)
+
+
+@TF_OPS.register("Softplus")
+def softplus(features: Tensor) -> Tensor:
+    """``log(1 + exp(x))`` without overflow: ``max(x, 0) + log1p(exp(-|x|))``."""
+    return torch.clamp_min(features, 0) + torch.log1p(torch.exp(-torch.abs(features)))
+
+
+@TF_OPS.register("Softsign")
+def softsign(features: Tensor) -> Tensor:
+    return features / (1 + torch.abs(features))
+
+
+@TF_OPS.register("Gelu")
+def gelu(features: Tensor, *, approximate: bool = False) -> Tensor:
+    """Exact ``x * Phi(x)``, or the tanh form when ``approximate`` (as ``tf.nn.gelu``)."""
+    return F.gelu(features, approximate="tanh" if approximate else "none")
+
+
+@TF_OPS.register("Softmax")
+def softmax(logits: Tensor) -> Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+@TF_OPS.register("LogSoftmax")
+def log_softmax(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits, dim=-1)
+
+
+@TF_OPS.register("SoftmaxCrossEntropyWithLogits")
+def softmax_cross_entropy_with_logits(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loss, backprop)`` for ``[batch, classes]`` logits and label distributions (broadcast).
+
+    ``loss[b] = -sum(labels[b] * log_softmax(features[b]))``; ``backprop = softmax - labels``.
+    """
+    features, labels = torch.broadcast_tensors(features, labels)
+    log_probs = torch.log_softmax(features, dim=-1)
+    loss = -(labels * log_probs).sum(dim=-1)
+    return loss, torch.exp(log_probs) - labels
+
+
+@TF_OPS.register("SparseSoftmaxCrossEntropyWithLogits")
+def sparse_softmax_cross_entropy_with_logits(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(loss, backprop)`` for ``[batch, classes]`` logits and ``[batch]`` class indices.
+
+    Raises:
+        ValueError: a label outside ``[0, classes)`` (TF's CPU kernel refuses it too).
+    """
+    classes = features.shape[-1]
+    bad = (labels < 0) | (labels >= classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"SparseSoftmaxCrossEntropyWithLogits: label {int(labels[bad][0])} is outside the valid "
+            f"range [0, {classes}) of the logits' last axis; fix the labels or the number of classes"
+        )
+    index = labels.long().unsqueeze(-1)
+    log_probs = torch.log_softmax(features, dim=-1)
+    loss = -log_probs.gather(-1, index).squeeze(-1)
+    one_hot = torch.zeros_like(features).scatter(-1, index, 1.0)
+    return loss, torch.exp(log_probs) - one_hot

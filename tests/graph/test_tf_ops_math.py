@@ -1,0 +1,303 @@
+"""Math converters (ops_math.py) against real TensorFlow ``tf.raw_ops``, run eagerly on the same inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+from lightning_saver.errors import UnsupportedOpError
+from lightning_saver.graph.tf_import import table
+
+F32_TOL = {"rtol": 2e-6, "atol": 1e-6}
+F64_TOL = {"rtol": 1e-12, "atol": 1e-12}
+
+
+def _tol(dtype: np.dtype) -> dict[str, float]:
+    return F64_TOL if dtype == np.float64 else F32_TOL
+
+
+def _tf_attr(value: object) -> object:
+    if isinstance(value, torch.dtype):
+        return tf.as_dtype(str(value).removeprefix("torch."))
+    return value
+
+
+def _to_numpy(value: torch.Tensor) -> np.ndarray:
+    value = value.detach()
+    return value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
+
+
+def run_both(op: str, inputs: dict[str, object], attrs: dict[str, object] | None = None) -> tuple:
+    """Run ``op`` in TF (keyword inputs) and through our table (positional); list inputs are ``*args``."""
+    attrs = attrs or {}
+    theirs = getattr(tf.raw_ops, op)(**inputs, **{k: _tf_attr(v) for k, v in attrs.items()})
+    args: list[torch.Tensor] = []
+    for value in inputs.values():
+        values = value if isinstance(value, list) else [value]
+        args += [torch.from_numpy(np.array(v)) for v in values]
+    return table.call(op, args, attrs), theirs
+
+
+def assert_same(ours: torch.Tensor, theirs: tf.Tensor, rtol: float = 0.0, atol: float = 0.0) -> None:
+    expected = theirs.numpy()
+    if expected.dtype == tf.bfloat16.as_numpy_dtype:
+        expected = expected.astype(np.float32)
+    got = _to_numpy(ours)
+    assert got.dtype == expected.dtype, (got.dtype, expected.dtype)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    if np.issubdtype(expected.dtype, np.floating) and (rtol or atol):
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True)
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
+def check(op: str, inputs: dict[str, object], attrs: dict[str, object] | None = None, **tol: float) -> None:
+    ours, theirs = run_both(op, inputs, attrs)
+    if isinstance(ours, tuple):
+        assert len(ours) == len(theirs)
+        for o, t in zip(ours, theirs, strict=True):
+            assert_same(o, t, **tol)
+    else:
+        assert_same(ours, theirs, **tol)
+
+
+# ---- binary arithmetic -------------------------------------------------------------------------
+
+SHAPES = [((), ()), ((4,), ()), ((), (3, 1)), ((2, 3, 4), (3, 1)), ((2, 3), (2, 3))]
+FLOAT_BINARY = ["Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "FloorDiv", "FloorMod",
+                "TruncateDiv", "TruncateMod", "Maximum", "Minimum", "Pow", "SquaredDifference", "Atan2",
+                "Xlogy"]
+INT_BINARY = ["Add", "AddV2", "Sub", "Mul", "Div", "FloorDiv", "FloorMod", "TruncateDiv", "TruncateMod",
+              "Maximum", "Minimum", "Pow", "SquaredDifference"]
+DIVIDES = {"RealDiv", "Div", "DivNoNan", "FloorDiv", "FloorMod", "TruncateDiv", "TruncateMod"}
+
+
+def _float_operands(op: str, shapes: tuple, dtype: type, rng: np.random.Generator) -> tuple:
+    x = rng.uniform(-4, 4, shapes[0]).astype(dtype)
+    y = rng.uniform(-4, 4, shapes[1]).astype(dtype)
+    if op in DIVIDES:
+        y = (np.where(y < 0, -1, 1) * (np.abs(y) + 0.5)).astype(dtype)
+    if op == "DivNoNan" and y.ndim:
+        y.reshape(-1)[::2] = 0
+    if op == "Pow":
+        x = np.abs(x) + dtype(0.25)
+    if op == "Xlogy":
+        y = np.abs(y) + dtype(0.1)
+        x = np.where(x > 1, 0, x).astype(dtype)
+    return np.asarray(x, dtype), np.asarray(y, dtype)
+
+
+def _int_operands(op: str, shapes: tuple, dtype: type, rng: np.random.Generator) -> tuple:
+    x = rng.integers(-20, 21, shapes[0]).astype(dtype)
+    y = rng.integers(-6, 7, shapes[1]).astype(dtype)
+    if op in DIVIDES:
+        y = np.where(y == 0, 3, y).astype(dtype)
+    if op == "Pow":
+        x, y = (x % 7 - 3).astype(dtype), np.abs(y % 5).astype(dtype)
+    return np.asarray(x, dtype), np.asarray(y, dtype)
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", FLOAT_BINARY)
+def test_float_binary(op: str, dtype: type, shapes: tuple) -> None:
+    x, y = _float_operands(op, shapes, dtype, np.random.default_rng(0))
+    check(op, {"x": x, "y": y} if op != "Atan2" else {"y": x, "x": y}, **_tol(np.dtype(dtype)))
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("op", INT_BINARY)
+def test_int_binary(op: str, dtype: type, shapes: tuple) -> None:
+    x, y = _int_operands(op, shapes, dtype, np.random.default_rng(1))
+    check(op, {"x": x, "y": y})
+
+
+@pytest.mark.parametrize("op", ["FloorDiv", "FloorMod", "TruncateDiv", "TruncateMod", "Div"])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float32])
+def test_division_signs(op: str, dtype: type) -> None:
+    # every sign combination, exact multiples and |x| < |y|
+    x = np.array([7, -7, 7, -7, 6, -6, 6, -6, 2, -2, 0, 0], dtype)
+    y = np.array([3, 3, -3, -3, 3, 3, -3, -3, 5, 5, 4, -4], dtype)
+    check(op, {"x": x, "y": y})
+
+
+def test_div_no_nan_zero_divisor_beats_inf_and_nan() -> None:
+    x = np.array([1.0, np.inf, np.nan, -2.0, 0.0], np.float32)
+    y = np.array([0.0, 0.0, 0.0, 4.0, 0.0], np.float32)
+    check("DivNoNan", {"x": x, "y": y})
+
+
+def test_maximum_minimum_propagate_nan() -> None:
+    x = np.array([np.nan, 1.0, 2.0], np.float32)
+    y = np.array([1.0, np.nan, 3.0], np.float32)
+    check("Maximum", {"x": x, "y": y})
+    check("Minimum", {"x": x, "y": y})
+
+
+def test_int_pow_negative_exponent_is_an_error() -> None:
+    x, y = np.array([2, 3], np.int32), np.array([-1, 2], np.int32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="negative integer powers"):
+        tf.raw_ops.Pow(x=x, y=y)
+    with pytest.raises(ValueError, match="negative integer powers are not allowed .exponent -1"):
+        table.call("Pow", [torch.from_numpy(x), torch.from_numpy(y)], {})
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_add_n(n: int, dtype: type) -> None:
+    rng = np.random.default_rng(n)
+    check("AddN", {"inputs": [rng.integers(-9, 9, (2, 3)).astype(dtype) for _ in range(n)]})
+
+
+def test_clip_by_value_scalar_or_same_shape_bounds() -> None:
+    t = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
+    check("ClipByValue", {"t": t, "clip_value_min": np.float32(-1), "clip_value_max": np.float32(2)})
+    lo = np.linspace(-2, 1, 12, dtype=np.float32).reshape(3, 4)
+    check("ClipByValue", {"t": t, "clip_value_min": lo, "clip_value_max": lo + 1})
+
+
+# ---- unary math --------------------------------------------------------------------------------
+
+UNARY_DOMAINS = {
+    "Neg": (-5, 5), "Abs": (-5, 5), "Sign": (-5, 5), "Exp": (-5, 5), "Expm1": (-2, 2), "Log": (0.01, 9),
+    "Log1p": (-0.9, 5), "Sqrt": (0, 9), "Rsqrt": (0.05, 9), "Square": (-5, 5), "Reciprocal": (0.1, 5),
+    "Erf": (-3, 3), "Erfc": (-3, 3), "Tanh": (-5, 5), "Sigmoid": (-9, 9), "Floor": (-5, 5),
+    "Ceil": (-5, 5), "Sin": (-5, 5), "Cos": (-5, 5),
+}
+INT_UNARY = ["Neg", "Abs", "Sign", "Square"]
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", sorted(UNARY_DOMAINS))
+def test_float_unary(op: str, dtype: type, shape: tuple) -> None:
+    x = np.asarray(np.random.default_rng(2).uniform(*UNARY_DOMAINS[op], shape), dtype)
+    check(op, {"x": x}, **_tol(np.dtype(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("op", INT_UNARY)
+def test_int_unary(op: str, dtype: type) -> None:
+    check(op, {"x": np.arange(-6, 6, dtype=dtype).reshape(3, 4)})
+
+
+@pytest.mark.parametrize("op", ["Sign", "Round", "Rint", "IsNan", "IsInf", "IsFinite", "Abs", "Neg"])
+def test_unary_special_values(op: str) -> None:
+    x = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 0.5, 1.5, 2.5, -0.5, -2.5, 3.7], np.float32)
+    check(op, {"x": x})
+
+
+# ---- comparisons and logic ---------------------------------------------------------------------
+
+COMPARISONS = ["Equal", "NotEqual", "Less", "LessEqual", "Greater", "GreaterEqual"]
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
+@pytest.mark.parametrize("op", COMPARISONS)
+def test_comparisons(op: str, dtype: type, shapes: tuple) -> None:
+    rng = np.random.default_rng(3)
+    x = np.asarray(rng.integers(-2, 3, shapes[0]), dtype)
+    y = np.asarray(rng.integers(-2, 3, shapes[1]), dtype)
+    check(op, {"x": x, "y": y})
+
+
+@pytest.mark.parametrize("op", ["Equal", "NotEqual"])
+def test_equality_of_bools_and_incompatible_shapes(op: str) -> None:
+    check(op, {"x": np.array([True, False]), "y": np.array([True, True])})
+    x, y = np.zeros((2, 3), np.float32), np.zeros((4,), np.float32)
+    check(op, {"x": x, "y": y}, {"incompatible_shape_error": False})
+    check(op, {"x": x, "y": np.zeros((3,), np.float32)}, {"incompatible_shape_error": False})
+
+
+@pytest.mark.parametrize("op", ["LogicalAnd", "LogicalOr"])
+def test_logical_binary(op: str) -> None:
+    x = np.array([[True, False], [True, False]])
+    check(op, {"x": x, "y": np.array([True, False])})
+    check(op, {"x": x, "y": np.array(False)})
+
+
+def test_logical_not() -> None:
+    check("LogicalNot", {"x": np.array([[True, False, True]])})
+
+
+# ---- matrices ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_mat_mul(dtype: type, transpose_a: bool, transpose_b: bool) -> None:
+    rng = np.random.default_rng(4)
+    a = rng.integers(-5, 5, (4, 3) if transpose_a else (3, 4)).astype(dtype)
+    b = rng.integers(-5, 5, (5, 4) if transpose_b else (4, 5)).astype(dtype)
+    attrs = {"transpose_a": transpose_a, "transpose_b": transpose_b}
+    check("MatMul", {"a": a, "b": b}, attrs, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shapes", [((3, 4), (4, 2)), ((2, 3, 4), (2, 4, 5)), ((2, 1, 3, 4), (5, 4, 2)), ((3, 4), (6, 4, 2))]
+)
+@pytest.mark.parametrize("adj", [(False, False), (True, False), (False, True), (True, True)])
+def test_batch_mat_mul_v2_broadcasts(shapes: tuple, adj: tuple) -> None:
+    rng = np.random.default_rng(5)
+    xs, ys = list(shapes[0]), list(shapes[1])
+    if adj[0]:
+        xs[-2:] = xs[-1], xs[-2]
+    if adj[1]:
+        ys[-2:] = ys[-1], ys[-2]
+    x, y = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ys).astype(np.float32)
+    check("BatchMatMulV2", {"x": x, "y": y}, {"adj_x": adj[0], "adj_y": adj[1]}, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_mat_mul_v3_int8_to_int32() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.integers(-100, 100, (2, 3, 8), dtype=np.int8)
+    y = rng.integers(-100, 100, (2, 8, 4), dtype=np.int8)
+    check("BatchMatMulV3", {"x": x, "y": y}, {"Tout": torch.int32})
+
+
+@pytest.mark.parametrize(
+    "equation, shapes",
+    [
+        ("ij,jk->ik", [(3, 4), (4, 5)]),
+        ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),
+        ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)]),
+        ("bhqd,bhkd->bhqk", [(2, 2, 3, 4), (2, 2, 5, 4)]),
+        ("ij->ji", [(3, 4)]),
+        ("i,i->", [(6,), (6,)]),
+        ("abc,cd->abd", [(2, 3, 4), (4, 5)]),
+    ],
+)
+def test_einsum(equation: str, shapes: list) -> None:
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    check("Einsum", {"inputs": inputs}, {"equation": equation}, rtol=1e-5, atol=1e-5)
+
+
+# ---- registration ------------------------------------------------------------------------------
+
+OWNED = (
+    "Add AddV2 AddN Sub Mul RealDiv DivNoNan FloorDiv FloorMod Maximum Minimum Pow SquaredDifference "
+    "Neg Abs Sign Exp Log Log1p Sqrt Rsqrt Square Reciprocal Erf Erfc Tanh Sigmoid "
+    "Equal NotEqual Less LessEqual Greater GreaterEqual LogicalAnd LogicalOr LogicalNot "
+    "Cast Select SelectV2 OneHot GatherV2 GatherNd Range Fill ZerosLike OnesLike "
+    "MatMul BatchMatMulV2 Einsum "
+    "Relu Relu6 Elu Selu LeakyRelu Softplus Gelu Softmax LogSoftmax "
+    "SparseSoftmaxCrossEntropyWithLogits SoftmaxCrossEntropyWithLogits "
+    "Sum Mean Max Min Prod ArgMax ArgMin All Any "
+    "RandomUniform RandomStandardNormal TruncatedNormal RandomUniformInt"
+).split()
+
+
+def test_every_owned_op_is_registered() -> None:
+    ops = table.load_converters()
+    assert [op for op in OWNED if op not in ops] == []
+
+
+def test_unknown_op_names_itself() -> None:
+    with pytest.raises(UnsupportedOpError, match="'NoSuchTfOp' node 'scope/n1'"):
+        table.call("NoSuchTfOp", [torch.zeros(1)], {}, where="node 'scope/n1'")
