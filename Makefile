@@ -26,11 +26,11 @@ demo: $(VENV)/.stamp-demo
 	$(PY) examples/demo.py
 
 test: $(VENV)/.stamp-test
-	$(VENV)/bin/ruff check lightning_saver tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-test
-	$(VENV)/bin/ruff check lightning_saver tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 bench: $(VENV)/.stamp-test
