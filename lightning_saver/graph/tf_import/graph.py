@@ -24,7 +24,7 @@ class Tensor:
     value_index: int
     op_type: str
     dtype: torch.dtype | str | None
-    shape: list[int] | None  # the ``_output_shapes`` hint, when the graph has one
+    shape: tuple[int, ...] | None  # the ``_output_shapes`` hint (-1 unknown), when the graph has one
 
     @property
     def name(self) -> str:
@@ -102,7 +102,8 @@ class ImportedGraph:
             raise GraphImportError(
                 f"tensor {name!r}: op {op_name!r} ({node.op}) has only one output, {op_name}:0"
             )
-        shape = self._index.output_shape_hint((op_name, index))
+        hint = self._index.output_shape_hint((op_name, index))
+        shape = None if hint is None else tuple(hint)
         return Tensor(op_name, index, node.op, _dtype_hint(node, index), shape)
 
     def get_operation_names(self) -> list[str]:

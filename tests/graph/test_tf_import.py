@@ -1,0 +1,256 @@
+"""import_meta_graph against real TensorFlow: API, pruning, variables of both kinds, renamed keys, errors."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from tf_graphs import assert_same, build_tf_graph, tf_module
+
+from lightning_saver import import_meta_graph
+from lightning_saver.errors import (
+    CheckpointNotFoundError,
+    GraphImportError,
+    StateMismatchError,
+    UnsupportedOpError,
+)
+
+tf_module()
+RNG = np.random.default_rng(7)
+X = RNG.normal(size=(5, 4)).astype(np.float32)
+LABELS = RNG.integers(0, 3, size=5)
+
+
+def _dense(tf, x, units, name, resource):
+    v1 = tf.compat.v1
+    with v1.variable_scope(name):
+        w = v1.get_variable("kernel", [x.shape[-1], units], use_resource=resource,
+                            initializer=v1.glorot_uniform_initializer(seed=1))
+        b = v1.get_variable("bias", [units], use_resource=resource, initializer=v1.zeros_initializer())
+    return tf.nn.bias_add(tf.matmul(x, w), b)
+
+
+def _mlp(resource):
+    def build(tf):
+        v1 = tf.compat.v1
+        x = v1.placeholder(tf.float32, [None, 4], name="x")
+        labels = v1.placeholder(tf.int64, [None], name="labels")
+        logits = tf.identity(_dense(tf, tf.nn.relu(_dense(tf, x, 8, "l1", resource)), 3, "l2", resource),
+                             name="logits")
+        tf.nn.softmax(logits, name="probs")
+        loss = v1.losses.sparse_softmax_cross_entropy(labels, logits)
+        v1.train.AdamOptimizer(0.05).minimize(loss, name="train_op")
+
+    def train(tf, sess):
+        for _ in range(3):
+            sess.run("train_op", {"x:0": X, "labels:0": LABELS})
+
+    return build, train
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["ref", "resource"])
+def mlp(request, tmp_path_factory):
+    build, train = _mlp(request.param)
+    directory = tmp_path_factory.mktemp("mlp")
+    return build_tf_graph(directory, build, ["logits:0", "probs:0"], {"x:0": X}, train=train)
+
+
+def test_seed_constant_plus_one(tmp_path):
+    def build(tf):
+        tf.identity(tf.constant(1) + 1, name="y")
+
+    made = build_tf_graph(tmp_path, build, ["y:0"])
+    graph = import_meta_graph(made.meta)
+    y = graph.get_tensor_by_name("y")
+    assert y.name == "y:0" and graph.get_tensor_by_name("y:0") == y
+    got = graph.run(y)
+    assert got == 2 and type(got) is type(made.expected[0])  # a numpy int32 scalar, like session.run
+    assert graph.run("y") == 2
+
+
+@pytest.mark.parametrize("resource", [False, True], ids=["ref", "resource"])
+def test_saved_variable_restores(tmp_path, resource):
+    def build(tf):
+        x = tf.compat.v1.get_variable("x", initializer=1.0, use_resource=resource)
+        tf.compat.v1.assign(x, 5.0, name="set_x")
+
+    made = build_tf_graph(tmp_path, build, ["x:0"] if not resource else ["x/Read/ReadVariableOp:0"],
+                          train=lambda tf, sess: sess.run("set_x"))
+    assert made.variables["x"] == 5.0
+    graph = import_meta_graph(made.meta)
+    assert graph.run("x:0") == 1.0  # not restored yet: its initializer runs
+    assert graph.restore(made.ckpt) == ["x"]
+    assert graph.run("x:0") == made.variables["x"] == 5.0
+
+
+def test_fetch_structures(mlp):
+    graph = import_meta_graph(mlp.meta)
+    graph.restore(mlp.ckpt)
+    pair = collections.namedtuple("pair", "a b")
+    fetches = {"l": "logits:0", "rest": ("probs:0", pair("logits:0", graph.get_tensor_by_name("probs")))}
+    got = graph.run(fetches, feed_dict={graph.get_tensor_by_name("x"): X})
+    assert isinstance(got, dict) and isinstance(got["rest"], tuple) and isinstance(got["rest"][1], pair)
+    assert_same(got["l"], mlp.expected[0])
+    assert_same(got["rest"][1].b, mlp.expected[1])
+    assert isinstance(graph.run(["logits:0"], {"x:0": X}), list)
+
+
+def test_training_ops_are_pruned(mlp):
+    graph = import_meta_graph(mlp.meta)
+    ops = {graph.meta_graph_def.graph_def.node[i].op for i in range(len(graph.meta_graph_def.graph_def.node))}
+    assert {"SaveV2", "RestoreV2"} <= ops and ops & {"ApplyAdam", "ResourceApplyAdam"}
+    assert graph.restore(mlp.ckpt)  # the Adam slots are restored too
+    logits, probs = graph.run(["logits:0", "probs:0"], {"x:0": X})
+    assert_same(logits, mlp.expected[0])
+    assert_same(probs, mlp.expected[1])
+    # the first op without a converter on the training path is a gradient op
+    message = r"no converter for op '\w+' at node 'gradients/\S+', which feeds"
+    with pytest.raises(UnsupportedOpError, match=message):
+        graph.run("train_op", {"x:0": X, "labels:0": LABELS})
+
+
+def test_checkpoint_keys_from_restore_subgraph(mlp):
+    graph = import_meta_graph(mlp.meta)
+    assert graph.variables["l1/kernel"].trainable and not graph.variables["l1/kernel/Adam"].trainable
+    assert all(v.checkpoint_key == name for name, v in graph.variables.items())
+
+
+@pytest.mark.parametrize("resource", [False, True], ids=["ref", "resource"])
+def test_saver_renamed_keys_and_unsaved_variable(tmp_path, resource):
+    def build(tf):
+        v1 = tf.compat.v1
+        start = np.arange(6, dtype=np.float32).reshape(2, 3)
+        w = v1.get_variable("w", initializer=start, use_resource=resource)
+        u = v1.get_variable("unsaved", initializer=np.full(3, 0.5, np.float32), use_resource=resource)
+        tf.identity(tf.reduce_sum(w, 0) * u, name="y")
+        v1.assign(w, w * 3.0, name="triple")
+
+    made = build_tf_graph(tmp_path, build, ["y:0"], train=lambda tf, sess: sess.run("triple"),
+                          saver_var_list=lambda tf: {"renamed/weights": tf.compat.v1.global_variables()[0]})
+    graph = import_meta_graph(made.meta)
+    assert graph.variables["w"].checkpoint_key == "renamed/weights"
+    assert graph.variables["unsaved"].checkpoint_key == "unsaved"
+    assert graph.restore(made.ckpt) == ["w"]
+    assert_same(graph.run("y:0"), made.expected[0])  # 'unsaved' comes from its initializer
+    message = r"no value for variable\(s\) unsaved \(checkpoint keys unsaved\)"
+    with pytest.raises(StateMismatchError, match=message):
+        graph.restore(made.ckpt, strict=True)
+
+
+def test_uninitialized_variable_error_names_it(tmp_path):
+    def build(tf):
+        v1 = tf.compat.v1
+        v = v1.get_variable("v", [3, 3], initializer=v1.orthogonal_initializer(seed=3), use_resource=False)
+        tf.identity(v * 2.0, name="y")
+
+    made = build_tf_graph(tmp_path, build, ["y:0"], save=False)
+    graph = import_meta_graph(made.meta)
+    with pytest.raises(GraphImportError, match=r"variable 'v' has no value: it was not restored, and its "
+                                               r"initializer v/Initializer/\S+ could not run \(Unsupported"):
+        graph.run("y:0")
+
+
+def test_control_dependencies_run_assignments(tmp_path):
+    def build(tf):
+        v1 = tf.compat.v1
+        counter = v1.get_variable("counter", initializer=1.0, use_resource=False)
+        bump = v1.assign_add(counter, 2.0)
+        with tf.control_dependencies([bump]):
+            tf.identity(counter * 10.0, name="after")
+        tf.identity(counter.read_value(), name="now")
+
+    made = build_tf_graph(tmp_path, build, ["after:0", "now:0"], save=False)
+    graph = import_meta_graph(made.meta)
+    graph.run("init")  # the group of initializers: None, like session.run on an op
+    assert graph.run("now:0") == 1.0
+    first = graph.run("after:0")
+    assert first == made.expected[0] == 30.0
+    assert graph.run("now:0") == made.expected[1] == 3.0
+
+
+def test_placeholder_with_default_stop_gradient_and_feeding_inner_tensors(tmp_path):
+    def build(tf):
+        x = tf.compat.v1.placeholder_with_default(np.ones((2, 2), np.float32), [None, 2], name="x")
+        hidden = tf.multiply(x, 3.0, name="hidden")
+        tf.stop_gradient(hidden, name="frozen")
+        tf.add(hidden, 1.0, name="y")
+
+    made = build_tf_graph(tmp_path, build, ["y:0"], save=False)
+    graph = import_meta_graph(made.meta)
+    assert_same(graph.run("y:0"), made.expected[0])
+    assert_same(graph.run("y:0", {"x:0": X[:, :2]}), X[:, :2] * 3 + 1)
+    assert_same(graph.run("y:0", {"hidden:0": np.zeros((1, 2), np.float32)}), np.ones((1, 2), np.float32))
+    module = graph.to_module(inputs=["x:0"], outputs="frozen:0")
+    x = torch.ones(2, 2, requires_grad=True)
+    assert not module(x).requires_grad
+
+
+def test_text_meta_graph_and_bytes(tmp_path):
+    tf = tf_module()
+    with tf.Graph().as_default() as g:
+        tf.identity(tf.constant([1.5, 2.5]) * 2.0, name="y")
+        tf.compat.v1.train.export_meta_graph(filename=str(tmp_path / "g.pbtxt"), graph=g, as_text=True)
+        binary = tf.compat.v1.train.export_meta_graph(graph=g).SerializeToString()
+    np.testing.assert_array_equal(import_meta_graph(tmp_path / "g.pbtxt").run("y:0"), [3.0, 5.0])
+    np.testing.assert_array_equal(import_meta_graph(binary).run("y:0"), [3.0, 5.0])
+
+
+def test_errors_name_what_and_where(tmp_path, mlp):
+    graph = import_meta_graph(mlp.meta)
+    graph.restore(mlp.ckpt)
+    message = r"placeholder x:0 must be fed: it feeds 'MatMul' \(MatMul\); pass feed_dict="
+    with pytest.raises(GraphImportError, match=message):
+        graph.run("logits:0")
+    with pytest.raises(GraphImportError, match=r"cannot feed a value of shape \(5, 3\) for tensor x:0, "
+                                               r"which has shape \(None, 4\)"):
+        graph.run("logits:0", {"x:0": X[:, :3]})
+    with pytest.raises(GraphImportError, match="the graph has no node named 'nope'"):
+        graph.get_tensor_by_name("nope:0")
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at"):
+        graph.restore(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        import_meta_graph(tmp_path / "missing.meta")
+    (tmp_path / "junk.meta").write_bytes(b"\xff\x00junk")
+    with pytest.raises(GraphImportError, match="not a TensorFlow MetaGraphDef or GraphDef"):
+        import_meta_graph(tmp_path / "junk.meta")
+
+
+def test_unsupported_op_names_type_node_and_consumer(tmp_path):
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [3, 3], name="x")
+        tf.add(tf.linalg.det(x, name="det"), 1.0, name="y")
+
+    made = build_tf_graph(tmp_path, build, [], save=False)
+    graph = import_meta_graph(made.meta)
+    with pytest.raises(UnsupportedOpError, match=r"no converter for op 'MatrixDeterminant' at node 'det', "
+                                                 r"which feeds 'y' \(AddV2\)"):
+        graph.run("y:0", {"x:0": np.eye(3, dtype=np.float32)})
+
+
+def test_plans_are_compiled_once(mlp):
+    graph = import_meta_graph(mlp.meta)
+    graph.restore(mlp.ckpt)
+    for _ in range(3):
+        graph.run("logits:0", {"x:0": X})
+    graph.run(["logits:0"], {"x:0": X})
+    assert len(graph._plans) == 1
+
+
+def test_to_module_trains_and_shares_storage(mlp):
+    graph = import_meta_graph(mlp.meta)
+    graph.restore(mlp.ckpt)
+    module = graph.to_module(inputs=["x:0"], outputs="logits:0")
+    names = dict(module.named_parameters())
+    assert set(names) == {"l1/kernel", "l1/bias", "l2/kernel", "l2/bias"}
+    assert "l1/kernel/Adam" not in module.state_dict()
+    assert_same(module(torch.from_numpy(X)).detach().numpy(), mlp.expected[0])
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(module(torch.from_numpy(X)), torch.from_numpy(LABELS))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = module(torch.from_numpy(X)).detach().numpy()
+    np.testing.assert_allclose(graph.run("logits:0", {"x:0": X}), trained, rtol=1e-6)  # shared storage
