@@ -191,6 +191,9 @@ GRAD_CASES = [
     ("Transpose", {"x": arange(2, 3, 4), "perm": i32(1, 2, 0)}, {}),
     ("PadV2", {"input": arange(2, 3), "paddings": i32(1, 0, 0, 2).reshape(2, 2),
                "constant_values": np.float32(1.5)}, {}),
+    ("SpaceToBatchND", {"input": arange(1, 3, 4, 2), "block_shape": i32(2, 2),
+                        "paddings": np.array([[1, 0], [0, 0]], np.int32)}, {}),
+    ("DepthToSpace", {"input": arange(1, 2, 3, 8)}, {"block_size": 2}),
 ]
 
 
@@ -211,3 +214,50 @@ def test_gradients_match_tensorflow(op, args, attrs):
         loss = tf.reduce_sum(result * weights)
     np.testing.assert_allclose(source.grad.numpy(), tape.gradient(loss, watched).numpy(), rtol=1e-6)
     np.testing.assert_array_equal(source.detach().numpy(), data)
+
+
+SPACE_BATCH_CASES = [
+    # input shape, block_shape, paddings (crops for the inverse)
+    ((1, 4, 4, 2), [2, 2], [[0, 0], [0, 0]]),
+    ((2, 5, 3, 1), [2, 3], [[1, 0], [0, 3]]),
+    ((1, 6, 2), [3], [[2, 1]]),
+    ((2, 4, 6, 2, 3), [2, 2], [[2, 2], [0, 2]]),
+]
+
+
+@pytest.mark.parametrize(("shape", "block", "pads"), SPACE_BATCH_CASES)
+def test_space_to_batch_nd_and_back(shape, block, pads):
+    x = arange(*shape)
+    block, pads = i32(*block), np.array(pads, np.int32)
+    expected = tf.raw_ops.SpaceToBatchND(input=x, block_shape=block, paddings=pads)
+    assert_same(ours("SpaceToBatchND", [x, block, pads]), expected)
+    back = tf.raw_ops.BatchToSpaceND(input=expected.numpy(), block_shape=block, crops=pads)
+    assert_same(ours("BatchToSpaceND", [expected.numpy(), block, pads]), back)
+
+
+def test_batch_to_space_nd_with_uneven_crops():
+    x, block, crops = arange(8, 2, 3, 1), i32(2, 4), np.array([[1, 2], [3, 0]], np.int32)
+    expected = tf.raw_ops.BatchToSpaceND(input=x, block_shape=block, crops=crops)
+    assert_same(ours("BatchToSpaceND", [x, block, crops]), expected)
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize(("op", "shape", "block_size"), [
+    ("DepthToSpace", (2, 3, 2, 8), 2), ("DepthToSpace", (1, 2, 2, 9), 3),
+    ("SpaceToDepth", (2, 4, 6, 3), 2), ("SpaceToDepth", (1, 3, 6, 2), 3),
+])
+def test_depth_space(op, shape, block_size, data_format):
+    """TF's CPU kernels take NHWC only: the NCHW case transposes around ours."""
+    x = arange(*shape)
+    expected = getattr(tf.raw_ops, op)(input=x, block_size=block_size)
+    if data_format == "NHWC":
+        assert_same(ours(op, [x], {"block_size": block_size}), expected)
+    else:
+        got = ours(op, [x.transpose(0, 3, 1, 2)], {"block_size": block_size, "data_format": "NCHW"})
+        assert_same(got.permute(0, 2, 3, 1), expected)
+
+
+@pytest.mark.parametrize("axis", [[0], [-1], [0, 2], []])
+def test_reverse_v2(axis):
+    expected = tf.raw_ops.ReverseV2(tensor=X, axis=np.array(axis, np.int32))
+    assert_same(ours("ReverseV2", [X, np.array(axis, np.int32)]), expected)
