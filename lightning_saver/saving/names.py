@@ -1,0 +1,128 @@
+"""Checkpoint file names: the one place that builds, parses and finds step-suffixed names.
+
+Sample names (``save_path`` argument -> file written)::
+
+    ckpts/variable_file            step 95    -> ckpts/variable_file_95.safetensors
+    ckpts/variable_file            no step    -> ckpts/variable_file.safetensors
+    ckpts/model.safetensors        step 7     -> ckpts/model_7.safetensors
+    ckpts/model.st                 step 7     -> ckpts/model_7.st
+    ckpts/run.v2/model_3           step 10    -> ckpts/run.v2/model_3_10.safetensors
+
+A *series* is a directory plus a prefix plus an extension (``ckpts``, ``variable_file``,
+``.safetensors``); rotation works per series. Temporary files of the commit protocol are hidden
+names in the same directory, ``.<final name>.<pid>.<token>.tmp``, so scans and users ignore them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_EXT",
+    "check_step",
+    "Series",
+    "series_of",
+    "checkpoint_path",
+    "temp_name",
+    "parse_temp_name",
+]
+
+DEFAULT_EXT = ".safetensors"
+_TEMP = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp$")
+
+
+def check_step(step: int) -> int:
+    """``step`` as a non-negative int (numpy and 0-d tensor steps accepted)."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        try:
+            as_int = int(step)  # numpy / 0-d tensor steps
+        except (TypeError, ValueError):
+            raise TypeError(f"global_step must be an int, found {type(step).__name__} {step!r}") from None
+        if as_int != step:
+            raise TypeError(f"global_step must be a whole number, found {step!r}")
+        step = as_int
+    if step < 0:
+        raise ValueError(f"global_step must be >= 0, found {step}")
+    return step
+
+
+@dataclass(frozen=True)
+class Series:
+    """A directory + prefix + extension whose files are ``<prefix>_<step><ext>`` (or ``<prefix><ext>``)."""
+
+    directory: str
+    prefix: str
+    ext: str
+
+    def name(self, step: int | None) -> str:
+        """The file name (no directory) for ``step``; ``None`` gives the unsuffixed name."""
+        return f"{self.prefix}{self.ext}" if step is None else f"{self.prefix}_{check_step(step)}{self.ext}"
+
+    def path(self, step: int | None) -> str:
+        """The path for ``step``, joined to the directory as the caller spelled it."""
+        return os.path.join(self.directory, self.name(step))
+
+    def parse(self, name: str) -> int | None:
+        """The step encoded in a file name of this series, or ``None`` when it is not one.
+
+        Example:
+            >>> Series("ckpts", "variable_file", ".safetensors").parse("variable_file_95.safetensors")
+            95
+        """
+        if not (name.startswith(self.prefix + "_") and name.endswith(self.ext)):
+            return None
+        middle = name[len(self.prefix) + 1 : len(name) - len(self.ext)]
+        if not middle.isdigit() or not middle.isascii() or (len(middle) > 1 and middle[0] == "0"):
+            return None
+        return int(middle)
+
+    def find(self) -> dict[int, str]:
+        """Step -> path of every file of this series in the directory (unsuffixed names excluded)."""
+        try:
+            names = os.listdir(self.directory or ".")
+        except FileNotFoundError:
+            return {}
+        found: dict[int, str] = {}
+        for name in names:
+            step = self.parse(name)
+            if step is not None:
+                found[step] = os.path.join(self.directory, name)
+        return found
+
+
+def series_of(save_path: str | os.PathLike[str]) -> Series:
+    """Split a ``save`` path into its series: directory, prefix, extension (default ``.safetensors``).
+
+    Example:
+        >>> series_of("ckpts/variable_file")
+        Series(directory='ckpts', prefix='variable_file', ext='.safetensors')
+    """
+    path = os.fspath(save_path)
+    directory, base = os.path.split(path)
+    if not base or base in (".", ".."):
+        raise ValueError(f"save_path {path!r} names a directory; give a file prefix such as 'ckpts/model'")
+    prefix, ext = os.path.splitext(base)
+    return Series(directory, prefix, ext or DEFAULT_EXT)
+
+
+def checkpoint_path(save_path: str | os.PathLike[str], global_step: int | None = None) -> str:
+    """The file ``save(model, save_path, global_step)`` writes.
+
+    Example:
+        >>> checkpoint_path("ckpts/variable_file", 95)
+        'ckpts/variable_file_95.safetensors'
+    """
+    return series_of(save_path).path(global_step)
+
+
+def temp_name(final_name: str, token: str) -> str:
+    """Hidden temporary name next to ``final_name`` (no directory), tagged with our pid."""
+    return f".{final_name}.{os.getpid()}.{token}.tmp"
+
+
+def parse_temp_name(name: str) -> tuple[str, int] | None:
+    """``(final name, pid)`` for one of our temporary files, ``None`` for anything else."""
+    match = _TEMP.match(name)
+    return (match["final"], int(match["pid"])) if match else None

@@ -1,0 +1,353 @@
+"""``CheckpointSaver``: TensorFlow ``train.Saver`` semantics on safetensors files.
+
+Example (the seed's TensorFlow.jl session, in Python)::
+
+    saver = CheckpointSaver(max_to_keep=5)
+    for step in range(1, 101):
+        ...train...
+        saver.save(model, "ckpts/variable_file", global_step=step)
+    # kept: ckpts/variable_file_96.safetensors ... ckpts/variable_file_100.safetensors
+    saver.restore(model, latest_checkpoint("ckpts"))   # here or in a new Python process
+
+A save writes the file with the commit protocol (``commit.py``), records it in the directory's
+state file (``state_file.py``), and only then deletes what rotation (``rotation.py``) drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_saver.errors import CorruptCheckpointError, FormatVersionError
+from lightning_saver.formats import safetensors_io
+from lightning_saver.formats.safetensors_header import read_header
+from lightning_saver.saving import commit, names, rotation, state_file
+from lightning_saver.saving.loading import RestoreResult, restore_into
+from lightning_saver.saving.names import Series
+
+__all__ = ["CheckpointSaver", "latest_checkpoint", "load", "read_metadata", "RestoreResult"]
+
+log = logging.getLogger("lightning_saver")
+
+
+def _tensors_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(model, nn.Module):
+        return dict(model.state_dict())
+    if isinstance(model, Mapping):
+        for key, value in model.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"save expects a mapping of str to torch.Tensor; entry {key!r} is "
+                    f"{type(key).__name__} -> {type(value).__name__}"
+                )
+        return dict(model)
+    raise TypeError(f"save expects an nn.Module or a mapping of tensors, found {type(model).__name__}")
+
+
+def _resolve(path: str | os.PathLike[str]) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path) and not os.path.splitext(path)[1]:
+        with_ext = path + names.DEFAULT_EXT
+        if os.path.exists(with_ext):
+            return with_ext
+    return path
+
+
+class CheckpointSaver:
+    """Saves and restores checkpoints with TensorFlow ``train.Saver`` semantics (see module docs).
+
+    Args:
+        max_to_keep: keep the newest N checkpoints of each directory + prefix (None or 0: all).
+        keep_every_n_hours: also keep, forever, one checkpoint per N hours of wall time.
+        async_save: snapshot the tensors and write in the background (``wait()`` to block).
+        verify: check checksums on restore by default.
+        save_top_k: also keep the K best checkpoints by ``metric`` (-1: keep all).
+        mode: ``"min"`` or ``"max"``, the better direction of ``metric``.
+        **kwargs: passed on to the next class (cooperative: the Lightning ``Saver`` uses it).
+    """
+
+    def __init__(
+        self,
+        max_to_keep: int | None = 5,
+        keep_every_n_hours: float | None = None,
+        *,
+        async_save: bool = False,
+        verify: bool = True,
+        save_top_k: int | None = None,
+        mode: str = "min",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._policy = rotation.Policy(max_to_keep, keep_every_n_hours, save_top_k, mode)
+        self.async_save = async_save
+        self.verify = verify
+        self._created = time.time()
+        self._series: dict[Series, state_file.SeriesState] = {}
+        self._cleaned: set[str] = set()
+        self._protected: set[str] = set()
+        self._lock = threading.RLock()
+        self._writer: Any = None
+        self.last_checkpoints: list[str] = []
+
+    @property
+    def max_to_keep(self) -> int | None:
+        return self._policy.max_to_keep
+
+    @property
+    def keep_every_n_hours(self) -> float | None:
+        return self._policy.keep_every_n_hours
+
+    # ------------------------------------------------------------ saving
+
+    def save(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        save_path: str | os.PathLike[str],
+        global_step: int | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        metric: float | None = None,
+    ) -> str:
+        """Save the model's tensors; return the path written (or being written, when async).
+
+        Args:
+            model: an ``nn.Module`` (its ``state_dict()``) or a mapping of name -> tensor.
+            save_path: directory and prefix, e.g. ``"ckpts/variable_file"``; see ``names.py``.
+            global_step: appended as ``_STEP`` before the extension.
+            metadata: extra str -> str entries for the file's ``__metadata__``.
+            metric: the monitored value for ``save_top_k``.
+
+        Returns:
+            The checkpoint path, e.g. ``"ckpts/variable_file_95.safetensors"``.
+
+        Raises:
+            DiskFullError: not enough space (nothing earlier is touched).
+            TypeError / ValueError: a non-tensor value, an unsupported dtype, a reserved metadata key.
+
+        Example:
+            >>> CheckpointSaver(max_to_keep=5).save({"x": torch.tensor(5.0)}, "ckpts/variable_file", 95)
+            'ckpts/variable_file_95.safetensors'
+        """
+        tensors = _tensors_of(model)
+        series = names.series_of(save_path)
+        step = None if global_step is None else names.check_step(global_step)
+        path = series.path(step)
+        info: dict[str, Any] = {"global_step": step, "wall_time": time.time()}
+        if metric is not None:
+            info["metric"] = float(metric)
+        nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=info)  # validates early
+        if series.directory:
+            os.makedirs(series.directory, exist_ok=True)
+        if self.async_save:
+            from lightning_saver.saving.async_writer import snapshot
+
+            job = partial(self._commit, snapshot(tensors), series, path, info, metadata, nbytes)
+            self._get_writer().submit(job)
+        else:
+            self._commit(tensors, series, path, info, metadata, nbytes)
+        return path
+
+    def _get_writer(self) -> Any:
+        if self._writer is None:
+            from lightning_saver.saving.async_writer import AsyncWriter
+
+            self._writer = AsyncWriter(max_in_flight=1)
+        return self._writer
+
+    def _commit(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        series: Series,
+        path: str,
+        info: dict[str, Any],
+        metadata: Mapping[str, str] | None,
+        nbytes: int,
+    ) -> None:
+        with self._lock:
+            directory = series.directory
+            if directory not in self._cleaned:
+                for temp in commit.remove_stale_temps(directory):
+                    log.info("removed leftover temporary file %s", temp)
+                self._cleaned.add(directory)
+            current = self._series_state(series)
+            result = commit.atomic_write(
+                path,
+                partial(safetensors_io.write_to_fd, tensors, metadata=metadata, info=info),
+                nbytes=nbytes,
+            )
+            record = rotation.Record(
+                os.path.basename(path),
+                info["global_step"],
+                info["wall_time"],
+                info.get("metric"),
+                size=result.nbytes,
+                checksum=f"crc32c:{result.checksum}",
+            )
+            decision = rotation.plan(
+                rotation.record_save(current.checkpoints, record),
+                self._policy,
+                next_keep_time=current.next_keep_time,
+                protected=self._protected_names(directory),
+            )
+            current.checkpoints, current.next_keep_time = decision.records, decision.next_keep_time
+            whole = state_file.load_state(directory) or state_file.DirectoryState()
+            whole.series[state_file.series_key(series)] = current
+            whole.latest = record.name
+            state_file.save_state(directory, whole)
+            for gone in decision.delete:
+                self._delete(os.path.join(directory, gone.name))
+            self.last_checkpoints = [
+                os.path.join(directory, r.name) for r in current.checkpoints if not r.preserved
+            ]
+
+    def _series_state(self, series: Series) -> state_file.SeriesState:
+        """This series' records: from the state file, plus our files it misses (a crash before its update)."""
+        if series in self._series:
+            return self._series[series]
+        whole = state_file.load_state(series.directory)
+        known = whole.series.get(state_file.series_key(series)) if whole else None
+        records = [
+            r
+            for r in (known.checkpoints if known else [])
+            if os.path.isfile(os.path.join(series.directory, r.name))
+        ]
+        names_known = {r.name for r in records}
+        adopted = [
+            r for r in state_file.scan_checkpoints(series.directory, series) if r.name not in names_known
+        ]
+        if adopted:
+            records = sorted(records + adopted, key=lambda r: r.wall_time)
+        hours = self._policy.keep_every_n_hours
+        next_keep = (
+            known.next_keep_time
+            if known and known.next_keep_time is not None
+            else (self._created + hours * 3600.0 if hours else None)
+        )
+        state = state_file.SeriesState(records, next_keep)
+        self._series[series] = state
+        return state
+
+    def _protected_names(self, directory: str) -> set[str]:
+        here = os.path.abspath(directory or ".")
+        return {os.path.basename(p) for p in self._protected if os.path.dirname(p) == here}
+
+    @staticmethod
+    def _delete(path: str) -> None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not delete old checkpoint %s: %s", path, exc)
+
+    def protect(self, path: str | os.PathLike[str]) -> None:
+        """Never let rotation delete ``path`` (e.g. the checkpoint this run resumed from)."""
+        self._protected.add(os.path.abspath(os.fspath(path)))
+
+    def wait(self) -> None:
+        """Block until every pending async save is durable; re-raise a background error."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for pending saves and stop the background writer."""
+        if self._writer is not None:
+            self._writer.close()
+
+    # ------------------------------------------------------------ restoring
+
+    def restore(
+        self,
+        model: Any,
+        save_path: str | os.PathLike[str],
+        *,
+        strict: bool = True,
+        verify: bool | None = None,
+    ) -> RestoreResult:
+        """Load a checkpoint into ``model`` (an ``nn.Module``, in place) or a mapping of tensors.
+
+        Args:
+            model: the target; ties between its tensors are kept.
+            save_path: a path returned by ``save`` (``.safetensors`` may be left off).
+            strict: missing or unexpected keys are an error (shape/dtype differences always are).
+            verify: check the checksums (default: the saver's ``verify``).
+
+        Returns:
+            ``RestoreResult(missing_keys, unexpected_keys)``, both empty when strict.
+
+        Raises:
+            CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, StateMismatchError.
+        """
+        self.wait()
+        header = read_header(_resolve(save_path))
+        return restore_into(model, header, strict=strict, verify=self.verify if verify is None else verify)
+
+
+def _matches_prefix(name: str, prefix: str | None) -> bool:
+    if prefix is None:
+        return True
+    stem = os.path.splitext(name)[0]
+    return stem == prefix or (stem.startswith(prefix + "_") and stem[len(prefix) + 1 :].isdigit())
+
+
+def latest_checkpoint(
+    directory: str | os.PathLike[str], prefix: str | None = None, *, verify: bool = False
+) -> str | None:
+    """The newest checkpoint in ``directory`` (optionally of one prefix), or ``None``.
+
+    Reads the state file, falling back to scanning the directory when it is missing or damaged.
+    With ``verify=True`` a corrupt newest checkpoint is skipped (with a warning naming it) in favour
+    of the newest valid one.
+
+    Example:
+        >>> latest_checkpoint("ckpts")
+        'ckpts/variable_file_95.safetensors'
+    """
+    directory = os.fspath(directory)
+    whole = state_file.load_state(directory)
+    records = whole.all_records() if whole else []
+    if whole and whole.latest:
+        records.sort(key=lambda r: r.name == whole.latest)
+    if not any(_matches_prefix(r.name, prefix) for r in records):
+        records = state_file.scan_checkpoints(directory)
+    for record in reversed([r for r in records if _matches_prefix(r.name, prefix)]):
+        path = os.path.join(directory, record.name)
+        if not os.path.isfile(path):
+            continue
+        if verify:
+            try:
+                safetensors_io.verify_file(path)
+            except (CorruptCheckpointError, FormatVersionError, OSError) as exc:
+                log.warning("skipping corrupt checkpoint %s: %s", path, exc)
+                continue
+        return path
+    return None
+
+
+def load(
+    path: str | os.PathLike[str], *, verify: bool = True, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, checksums checked; tied keys share one tensor.
+
+    Example:
+        >>> load("ckpts/variable_file_95.safetensors")["x"]
+        tensor(5.)
+    """
+    tensors = safetensors_io.load_file(_resolve(path), verify=verify)
+    if torch.device(device).type == "cpu":
+        return tensors
+    moved: dict[int, torch.Tensor] = {}
+    return {k: moved.setdefault(id(t), t.to(device)) for k, t in tensors.items()}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The checkpoint's safetensors ``__metadata__``; our own entry is JSON under ``"lightning_saver"``."""
+    return safetensors_io.read_metadata(_resolve(path))

@@ -1,0 +1,182 @@
+"""The directory's state file: which checkpoints are kept, and which is the latest.
+
+It plays the role of TensorFlow's ``checkpoint`` file, as small, human-readable JSON, written with
+the commit protocol (temp file, fsync, rename, fsync directory)::
+
+    {
+      "format": "lightning_saver.state",
+      "version": 1,
+      "latest": "variable_file_100.safetensors",
+      "series": {
+        "variable_file_{step}.safetensors": {
+          "next_keep_time": null,
+          "checkpoints": [
+            {"name": "variable_file_96.safetensors", "step": 96, "wall_time": 1764080000.5,
+             "size": 1496, "checksum": "crc32c:5d1e0a9b", "metric": null, "preserved": false},
+            ...
+          ]
+        }
+      }
+    }
+
+Names are relative to the directory, so the directory can be moved. When the file is missing or
+damaged, readers fall back to scanning the directory for files written by lightning_saver
+(:func:`scan_checkpoints`) and a warning names the damaged file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_saver.errors import LightningSaverError
+from lightning_saver.formats.safetensors_header import read_header
+from lightning_saver.saving import commit
+from lightning_saver.saving.names import Series, parse_temp_name
+from lightning_saver.saving.rotation import Record
+
+__all__ = [
+    "STATE_NAME",
+    "SeriesState",
+    "DirectoryState",
+    "series_key",
+    "load_state",
+    "save_state",
+    "scan_checkpoints",
+]
+
+STATE_NAME = "lightning_saver_state.json"
+_FORMAT = "lightning_saver.state"
+_VERSION = 1
+log = logging.getLogger("lightning_saver")
+
+
+def series_key(series: Series) -> str:
+    """The series' key in the state file, a readable pattern: ``variable_file_{step}.safetensors``."""
+    return f"{series.prefix}_{{step}}{series.ext}"
+
+
+@dataclass
+class SeriesState:
+    checkpoints: list[Record] = field(default_factory=list)
+    next_keep_time: float | None = None
+
+
+@dataclass
+class DirectoryState:
+    latest: str | None = None
+    series: dict[str, SeriesState] = field(default_factory=dict)
+
+    def all_records(self) -> list[Record]:
+        """Every recorded checkpoint, oldest wall time first."""
+        return sorted((r for s in self.series.values() for r in s.checkpoints), key=lambda r: r.wall_time)
+
+
+def _record(raw: Any) -> Record:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise ValueError(f"bad checkpoint entry {raw!r}")
+    name = raw["name"]
+    if os.path.basename(name) != name or name in ("", ".", ".."):
+        raise ValueError(f"checkpoint name {name!r} is not a plain file name")
+    step = raw.get("step")
+    metric = raw.get("metric")
+    return Record(
+        name=name,
+        step=None if step is None else int(step),
+        wall_time=float(raw["wall_time"]),
+        metric=None if metric is None else float(metric),
+        preserved=bool(raw.get("preserved")),
+        size=raw.get("size"),
+        checksum=raw.get("checksum"),
+    )
+
+
+def _parse(doc: Any) -> DirectoryState:
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        raise ValueError("not a lightning_saver state file")
+    if int(doc.get("version", 0)) > _VERSION:
+        raise ValueError(f"state file version {doc.get('version')} is newer than {_VERSION}")
+    series = {}
+    for key, raw in dict(doc.get("series") or {}).items():
+        nkt = raw.get("next_keep_time")
+        series[str(key)] = SeriesState(
+            [_record(r) for r in raw.get("checkpoints", [])], None if nkt is None else float(nkt)
+        )
+    latest = doc.get("latest")
+    return DirectoryState(latest if isinstance(latest, str) else None, series)
+
+
+def load_state(directory: str) -> DirectoryState | None:
+    """The directory's state, or ``None`` when the file is missing or damaged (damage is logged)."""
+    path = os.path.join(directory, STATE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read checkpoint state file %s (%s); scanning the directory instead", path, exc)
+        return None
+    try:
+        return _parse(json.loads(text))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("checkpoint state file %s is damaged (%s); scanning the directory instead", path, exc)
+        return None
+
+
+def save_state(directory: str, state: DirectoryState) -> None:
+    """Commit ``state`` as the directory's state file (atomic and durable)."""
+    doc = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "latest": state.latest,
+        "series": {
+            key: {"next_keep_time": s.next_keep_time, "checkpoints": [asdict(r) for r in s.checkpoints]}
+            for key, s in state.series.items()
+        },
+    }
+    text = json.dumps(doc, indent=2) + "\n"
+    commit.atomic_write_bytes(os.path.join(directory, STATE_NAME), text.encode("utf-8"))
+
+
+def scan_checkpoints(directory: str, series: Series | None = None) -> list[Record]:
+    """Records for the checkpoints lightning_saver wrote in ``directory`` (headers only), oldest first.
+
+    Files of other tools, temporary files and unreadable files are skipped.
+    """
+    try:
+        entries = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return []
+    found: list[Record] = []
+    for name in entries:
+        if name == STATE_NAME or name.startswith(".") or parse_temp_name(name) is not None:
+            continue
+        if series is not None and series.parse(name) is None and name != series.name(None):
+            continue
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            header = read_header(path)
+        except (LightningSaverError, OSError):
+            continue
+        info = header.info
+        if not info or not isinstance(info.get("wall_time"), (int, float)):
+            continue
+        step = info.get("global_step")
+        metric = info.get("metric")
+        found.append(
+            Record(
+                name,
+                step if isinstance(step, int) else None,
+                float(info["wall_time"]),
+                float(metric) if isinstance(metric, (int, float)) else None,
+                size=os.path.getsize(path),
+            )
+        )
+    found.sort(key=lambda r: (r.wall_time, r.step if r.step is not None else -1))
+    return found

@@ -1,0 +1,153 @@
+import json
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+
+from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
+from lightning_saver.formats import safetensors_io as sio
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
+          torch.uint32, torch.uint64, torch.complex64]
+
+
+def sample(dtype, shape=(3, 4)):
+    return (torch.randn(shape) * 10).to(dtype)
+
+
+def as_bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_round_trips_and_the_peer_reads_it(tmp_path, dtype):
+    tensors = {"t": sample(dtype), "scalar": sample(dtype, ()), "empty": sample(dtype, (0, 3))}
+    path = tmp_path / "f.safetensors"
+    sio.save_file(tensors, path)
+    peer = safetensors.torch.load_file(str(path))
+    ours = sio.load_file(path)
+    for k, v in tensors.items():
+        assert same(peer[k], v), k
+        assert same(ours[k], v), k
+
+
+def test_layouts_non_contiguous_channels_last(tmp_path):
+    base = torch.randn(2, 3, 4, 5)
+    tensors = {"t": base.transpose(0, 3), "cl": base.to(memory_format=torch.channels_last),
+               "sliced": base[:, 1, ::2], "expanded": torch.randn(3, 1).expand(3, 4)}
+    sio.save_file(tensors, tmp_path / "f.safetensors")
+    peer = safetensors.torch.load_file(str(tmp_path / "f.safetensors"))
+    for k, v in tensors.items():
+        assert torch.equal(peer[k], v), k
+
+
+def test_data_bytes_match_the_peer_writer(tmp_path):
+    tensors = {"b": torch.randn(3), "a": torch.arange(5, dtype=torch.int16), "c": torch.randn(2).double(),
+               "flag": torch.tensor([True, False])}
+    sio.save_file(tensors, tmp_path / "ours.safetensors")
+    safetensors.torch.save_file(tensors, str(tmp_path / "peer.safetensors"))
+
+    def data_of(p):
+        raw = p.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        header.pop("__metadata__", None)
+        return header, raw[8 + n:]
+
+    ours, peer = data_of(tmp_path / "ours.safetensors"), data_of(tmp_path / "peer.safetensors")
+    assert ours == peer  # same tensor entries (offsets included) and the very same data bytes
+
+
+def test_files_of_the_peer_load_without_checksums(tmp_path):
+    t = {"w": torch.randn(4, 4)}
+    safetensors.torch.save_file(t, str(tmp_path / "p.safetensors"), metadata={"k": "v"})
+    assert torch.equal(sio.load_file(tmp_path / "p.safetensors")["w"], t["w"])
+    assert sio.read_metadata(tmp_path / "p.safetensors") == {"k": "v"}
+    info = sio.read_index(tmp_path / "p.safetensors")["w"]
+    assert (info.dtype, info.shape, info.nbytes) == ("F32", (4, 4), 64)
+
+
+def test_tied_keys_are_stored_in_full_and_loaded_as_one_tensor(tmp_path):
+    w = torch.randn(5, 3)
+    sio.save_file({"embed": w, "head": w, "other": w.clone()}, tmp_path / "f.safetensors")
+    assert sio.read_info(tmp_path / "f.safetensors")["aliases"] == {"head": "embed"}
+    out = sio.load_file(tmp_path / "f.safetensors")
+    assert out["head"] is out["embed"] and out["other"] is not out["embed"]
+    assert torch.equal(safetensors.torch.load_file(str(tmp_path / "f.safetensors"))["head"], w)
+
+
+def test_reserved_metadata_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="metadata key 'lightning_saver' is reserved"):
+        sio.save_file({"a": torch.ones(1)}, tmp_path / "f.safetensors", metadata={"lightning_saver": "x"})
+    with pytest.raises(TypeError, match="metadata entry 'n'.*str to str, found str -> int"):
+        sio.save_file({"a": torch.ones(1)}, tmp_path / "f.safetensors", metadata={"n": 3})
+
+
+def test_non_tensors_and_unsupported_dtypes_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="tensor 'a': expected a torch.Tensor, found list"):
+        sio.save_file({"a": [1.0]}, tmp_path / "f.safetensors")
+    with pytest.raises(TypeError, match="tensor 'c': dtype torch.complex128 cannot be stored"):
+        sio.save_file({"c": torch.zeros(1, dtype=torch.complex128)}, tmp_path / "f.safetensors")
+
+
+def flip_byte(path, offset_from_end):
+    raw = bytearray(path.read_bytes())
+    raw[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_changed_byte_is_refused_naming_file_and_tensor(tmp_path):
+    path = tmp_path / "f.safetensors"
+    sio.save_file({"a.weight": torch.zeros(100), "b.weight": torch.ones(10, dtype=torch.int8)}, path)
+    flip_byte(path, 1)  # the last byte belongs to the int8 tensor, stored last
+    msg = r"f\.safetensors: checksum mismatch in tensor 'b.weight'"
+    with pytest.raises(CorruptCheckpointError, match=msg):
+        sio.load_file(path)
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch in tensor 'b.weight'"):
+        sio.verify_file(path)
+    assert sio.load_file(path, verify=False)["b.weight"][-1] == -2  # verify=False skips the check
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "f.safetensors"
+    sio.save_file({"a": torch.zeros(100)}, path)
+    path.write_bytes(path.read_bytes()[:-10])
+    msg = r"f\.safetensors.*truncated: the header describes 400 bytes"
+    with pytest.raises(CorruptCheckpointError, match=msg):
+        sio.load_file(path)
+    path.write_bytes(path.read_bytes()[:5])
+    with pytest.raises(CorruptCheckpointError, match="has 5 bytes, fewer than the 8-byte header"):
+        sio.read_header(path)
+
+
+def test_pickled_checkpoint_and_text_are_refused_without_unpickling(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, ckpt)
+    msg = r"model\.ckpt: not a valid safetensors.*zip archive.*never unpickles"
+    with pytest.raises(CorruptCheckpointError, match=msg):
+        sio.load_file(ckpt)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, this is not a tensor file at all\n" * 3)
+    with pytest.raises(CorruptCheckpointError, match=r"notes\.txt: not a valid safetensors checkpoint"):
+        sio.load_file(text)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    msg = r"checkpoint file not found: .*nope\.safetensors"
+    with pytest.raises(CheckpointNotFoundError, match=msg) as err:
+        sio.load_file(tmp_path / "nope.safetensors")
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = tmp_path / "f.safetensors"
+    info = json.dumps({"format_version": 99})
+    safetensors.torch.save_file({"a": torch.ones(1)}, str(path), metadata={"lightning_saver": info})
+    with pytest.raises(FormatVersionError, match="format version 99.*reads up to 1; upgrade lightning_saver"):
+        sio.load_file(path)

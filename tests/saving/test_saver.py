@@ -1,0 +1,145 @@
+import json
+import os
+
+import safetensors.torch
+import torch
+from torch import nn
+
+import lightning_saver
+from lightning_saver import Saver, latest_checkpoint
+from lightning_saver.saving.saver import read_metadata
+from lightning_saver.saving.state_file import STATE_NAME
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.norm = nn.BatchNorm1d(4)
+
+
+def files(d):
+    return sorted(p for p in os.listdir(d) if not p.startswith("."))
+
+
+def test_save_returns_the_tf_style_name_and_plain_tools_read_it(tmp_path):
+    model = nn.Linear(3, 2)
+    path = Saver().save(model, str(tmp_path / "variable_file"), global_step=95)
+    assert path == str(tmp_path / "variable_file_95.safetensors")
+    plain = safetensors.torch.load_file(path)
+    assert plain.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(plain[k], v)
+
+
+def test_save_without_step_uses_the_path_as_given(tmp_path):
+    saver = Saver()
+    written = saver.save({"a": torch.ones(2)}, str(tmp_path / "weights"))
+    assert written == str(tmp_path / "weights.safetensors")
+    assert saver.save({"a": torch.ones(2)}, str(tmp_path / "w.bin")) == str(tmp_path / "w.bin")
+
+
+def test_max_to_keep_rotation_and_state_file(tmp_path):
+    saver = Saver(max_to_keep=5)
+    model = nn.Linear(2, 2)
+    for step in range(1, 101):
+        saver.save(model, str(tmp_path / "variable_file"), global_step=step)
+    expected = [f"variable_file_{s}.safetensors" for s in range(96, 101)]
+    assert files(tmp_path) == sorted(expected + [STATE_NAME])
+    assert saver.last_checkpoints == [str(tmp_path / n) for n in expected]
+    state = json.loads((tmp_path / STATE_NAME).read_text())
+    assert state["latest"] == "variable_file_100.safetensors"
+    entries = state["series"]["variable_file_{step}.safetensors"]["checkpoints"]
+    assert [e["step"] for e in entries] == [96, 97, 98, 99, 100]
+    assert all(e["size"] == os.path.getsize(tmp_path / e["name"]) for e in entries)
+    assert all(e["checksum"].startswith("crc32c:") for e in entries)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "variable_file_100.safetensors")
+
+
+def test_rotation_survives_restarts_and_leaves_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    safetensors.torch.save_file({"a": torch.ones(1)}, str(tmp_path / "variable_file_1.safetensors"))
+    for start in (2, 5, 8):  # three "processes"
+        saver = Saver(max_to_keep=2)
+        for step in range(start, start + 3):
+            saver.save({"w": torch.full((2,), 1.0 * step)}, str(tmp_path / "variable_file"), global_step=step)
+    # step 1 was written by another tool: never touched
+    assert files(tmp_path) == sorted(["notes.txt", STATE_NAME, "variable_file_1.safetensors",
+                                      "variable_file_9.safetensors", "variable_file_10.safetensors"])
+
+
+def test_rotation_continues_when_the_state_file_is_lost(tmp_path):
+    saver = Saver(max_to_keep=3)
+    for step in range(5):
+        saver.save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=step)
+    (tmp_path / STATE_NAME).write_text("{ damaged")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "m_4.safetensors")
+    Saver(max_to_keep=3).save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=5)
+    assert files(tmp_path) == sorted([STATE_NAME, "m_3.safetensors", "m_4.safetensors", "m_5.safetensors"])
+
+
+def test_rotation_is_per_prefix(tmp_path):
+    saver = Saver(max_to_keep=1)
+    for step in range(3):
+        saver.save({"w": torch.zeros(1)}, str(tmp_path / "a"), global_step=step)
+        saver.save({"w": torch.zeros(1)}, str(tmp_path / "b"), global_step=step)
+    assert files(tmp_path) == sorted([STATE_NAME, "a_2.safetensors", "b_2.safetensors"])
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "b_2.safetensors")
+    assert latest_checkpoint(tmp_path, "a") == str(tmp_path / "a_2.safetensors")
+
+
+def test_protected_checkpoint_survives_rotation(tmp_path):
+    saver = Saver(max_to_keep=2)
+    first = saver.save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=0)
+    saver.protect(first)
+    for step in range(1, 5):
+        saver.save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=step)
+    assert os.path.exists(first)
+    assert files(tmp_path) == sorted([STATE_NAME, "m_0.safetensors", "m_3.safetensors", "m_4.safetensors"])
+
+
+def test_tied_weights_come_back_tied_and_restore_in_place(tmp_path):
+    src, dst = Tied(), Tied()
+    nn.init.normal_(src.embed.weight)
+    src.norm.running_mean.fill_(3.0)
+    path = Saver().save(src, str(tmp_path / "tied"), global_step=1)
+    plain = safetensors.torch.load_file(path)  # plain tools see every key
+    assert torch.equal(plain["head.weight"], plain["embed.weight"])
+    loaded = lightning_saver.load(path)
+    assert loaded["head.weight"] is loaded["embed.weight"]
+    weight = dst.embed.weight
+    Saver().restore(dst, path)
+    assert dst.embed.weight is weight and dst.head.weight is dst.embed.weight
+    assert torch.equal(dst.embed.weight, src.embed.weight)
+    assert torch.equal(dst.norm.running_mean, src.norm.running_mean)
+
+
+def test_restore_fills_a_mapping_and_strict_false_skips_keys(tmp_path):
+    path = Saver().save({"a": torch.arange(3.0), "b": torch.ones(2)}, str(tmp_path / "m"))
+    empty = {}
+    Saver().restore(empty, path)
+    assert set(empty) == {"a", "b"} and torch.equal(empty["a"], torch.arange(3.0))
+    target = {"a": torch.zeros(3), "c": torch.zeros(1)}
+    result = Saver().restore(target, path, strict=False)
+    assert torch.equal(target["a"], torch.arange(3.0))
+    assert result.missing_keys == ["c"] and result.unexpected_keys == ["b"]
+
+
+def test_metadata_records_step_time_versions_and_caller_entries(tmp_path):
+    path = Saver().save(nn.Linear(1, 1), str(tmp_path / "m"), global_step=7, metadata={"run": "abc"})
+    meta = read_metadata(path)
+    assert meta["run"] == "abc" and meta["format"] == "pt"
+    ours = json.loads(meta["lightning_saver"])
+    assert ours["global_step"] == 7 and ours["format_version"] == 1
+    assert ours["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert ours["checksum"]["algorithm"] == "crc32c"
+    assert set(ours["checksum"]["tensors"]) == {"weight", "bias"}
+
+
+def test_restore_accepts_the_path_without_extension(tmp_path):
+    Saver().save({"x": torch.tensor(5.0)}, str(tmp_path / "variable_file"))
+    x = {"x": torch.tensor(0.0)}
+    Saver().restore(x, str(tmp_path / "variable_file"))
+    assert x["x"].item() == 5.0
