@@ -143,3 +143,15 @@ def test_list_checkpoint_matches_tf_shape_and_dtype_maps(tmp_path):
     for name in tensors:
         assert info[name].shape == tuple(shapes[name])
         assert info[name].dtype == ("string" if dtypes[name] == tf.string else dtypes[name].name)
+
+
+def test_byte_identical_when_the_index_spans_several_blocks(tmp_path):
+    # > 256 KiB of entries: several data blocks, index separators and restart points as TF makes them
+    names = [f"{i:05d}/" + RNG.bytes(24).hex() for i in range(7000)]  # random names defeat prefix compression
+    tensors = {name: np.array(i, np.int32) for i, name in enumerate(names)}
+    _tf_save(str(tmp_path / "theirs"), tensors)
+    write_checkpoint(str(tmp_path / "ours"), tensors)
+    theirs = (tmp_path / "theirs.index").read_bytes()
+    assert len(theirs) > 1.5 * 262144
+    assert (tmp_path / "ours.index").read_bytes() == theirs
+    assert read_checkpoint(tmp_path / "theirs", names=[names[-1]])[names[-1]] == 6999
