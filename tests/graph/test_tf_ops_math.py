@@ -6,62 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
+from tf_raw_ops import check, tol_for
 
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.graph.tf_import import table
-
-F32_TOL = {"rtol": 2e-6, "atol": 1e-6}
-F64_TOL = {"rtol": 1e-12, "atol": 1e-12}
-
-
-def _tol(dtype: np.dtype) -> dict[str, float]:
-    return F64_TOL if dtype == np.float64 else F32_TOL
-
-
-def _tf_attr(value: object) -> object:
-    if isinstance(value, torch.dtype):
-        return tf.as_dtype(str(value).removeprefix("torch."))
-    return value
-
-
-def _to_numpy(value: torch.Tensor) -> np.ndarray:
-    value = value.detach()
-    return value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
-
-
-def run_both(op: str, inputs: dict[str, object], attrs: dict[str, object] | None = None) -> tuple:
-    """Run ``op`` in TF (keyword inputs) and through our table (positional); list inputs are ``*args``."""
-    attrs = attrs or {}
-    theirs = getattr(tf.raw_ops, op)(**inputs, **{k: _tf_attr(v) for k, v in attrs.items()})
-    args: list[torch.Tensor] = []
-    for value in inputs.values():
-        values = value if isinstance(value, list) else [value]
-        args += [torch.from_numpy(np.array(v)) for v in values]
-    return table.call(op, args, attrs), theirs
-
-
-def assert_same(ours: torch.Tensor, theirs: tf.Tensor, rtol: float = 0.0, atol: float = 0.0) -> None:
-    expected = theirs.numpy()
-    if expected.dtype == tf.bfloat16.as_numpy_dtype:
-        expected = expected.astype(np.float32)
-    got = _to_numpy(ours)
-    assert got.dtype == expected.dtype, (got.dtype, expected.dtype)
-    assert got.shape == expected.shape, (got.shape, expected.shape)
-    if np.issubdtype(expected.dtype, np.floating) and (rtol or atol):
-        np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True)
-    else:
-        np.testing.assert_array_equal(got, expected)
-
-
-def check(op: str, inputs: dict[str, object], attrs: dict[str, object] | None = None, **tol: float) -> None:
-    ours, theirs = run_both(op, inputs, attrs)
-    if isinstance(ours, tuple):
-        assert len(ours) == len(theirs)
-        for o, t in zip(ours, theirs, strict=True):
-            assert_same(o, t, **tol)
-    else:
-        assert_same(ours, theirs, **tol)
-
 
 # ---- binary arithmetic -------------------------------------------------------------------------
 
@@ -104,7 +52,7 @@ def _int_operands(op: str, shapes: tuple, dtype: type, rng: np.random.Generator)
 @pytest.mark.parametrize("op", FLOAT_BINARY)
 def test_float_binary(op: str, dtype: type, shapes: tuple) -> None:
     x, y = _float_operands(op, shapes, dtype, np.random.default_rng(0))
-    check(op, {"x": x, "y": y} if op != "Atan2" else {"y": x, "x": y}, **_tol(np.dtype(dtype)))
+    check(op, {"x": x, "y": y} if op != "Atan2" else {"y": x, "x": y}, **tol_for(dtype))
 
 
 @pytest.mark.parametrize("shapes", SHAPES)
@@ -175,7 +123,7 @@ INT_UNARY = ["Neg", "Abs", "Sign", "Square"]
 @pytest.mark.parametrize("op", sorted(UNARY_DOMAINS))
 def test_float_unary(op: str, dtype: type, shape: tuple) -> None:
     x = np.asarray(np.random.default_rng(2).uniform(*UNARY_DOMAINS[op], shape), dtype)
-    check(op, {"x": x}, **_tol(np.dtype(dtype)))
+    check(op, {"x": x}, **tol_for(dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])

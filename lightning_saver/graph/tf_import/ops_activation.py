@@ -44,6 +44,8 @@ def selu(features: Tensor) -> Tensor:
 @TF_OPS.register("LeakyRelu")
 def leaky_relu(features: Tensor, *, alpha: float = 0.2) -> Tensor:
     """``x if x > 0 else alpha * x`` (also for ``alpha > 1``, where it is not a max)."""
+    # a TF float attr is a float32: round the default the same way so float64 graphs match
+    alpha = torch.tensor(alpha, dtype=torch.float32).item()
     return F.leaky_relu(features, alpha)
 
 
