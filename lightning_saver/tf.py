@@ -46,7 +46,7 @@ def read_checkpoint(
     Raises:
         CheckpointNotFoundError: no ``prefix.index`` or a data shard is missing.
         CorruptCheckpointError: damaged or truncated file; the message names the file and tensor.
-        KeyError: a name in ``names`` is not in the checkpoint.
+        StateMismatchError: a name in ``names`` is not in the checkpoint.
 
     Example:
         >>> read_checkpoint("model.ckpt", names=["global_step"])

@@ -26,6 +26,7 @@ from lightning_saver.errors import (
     CorruptCheckpointError,
     DiskFullError,
     FormatVersionError,
+    StateMismatchError,
 )
 from lightning_saver.formats import masked_crc, sstable, tf_dtypes, tf_tensor_codec
 from lightning_saver.formats.tf_wire import (
@@ -242,7 +243,7 @@ def load_file(
     Raises:
         CheckpointNotFoundError: no such checkpoint or data shard.
         CorruptCheckpointError: damaged index or data; the message names the file and the tensor.
-        KeyError: a requested name is not in the checkpoint.
+        StateMismatchError: a requested name is not in the checkpoint.
 
     Example:
         >>> load_file("model.ckpt", names=["dense/kernel"], framework="numpy")["dense/kernel"].shape
@@ -273,7 +274,7 @@ def _check_names(names: list[str], entries: Mapping[str, BundleEntry], prefix: s
     missing = [n for n in names if n not in entries]
     if missing:
         sample = ", ".join(list(entries)[:5])
-        raise KeyError(
+        raise StateMismatchError(
             f"{prefix}: no tensor named {missing[0]!r} (the checkpoint has {len(entries)}: {sample}, ...)"
         )
     return names

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, EncodingError
+from lightning_saver.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    EncodingError,
+    StateMismatchError,
+)
 from lightning_saver.formats import tf_bundle
 from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
 
@@ -76,7 +81,7 @@ def test_missing_files(tmp_path):
 def test_prefix_index_and_unknown_name(tmp_path):
     prefix, tensors = _write(tmp_path)
     assert list(read_checkpoint(prefix + ".index")) == sorted(tensors)
-    with pytest.raises(KeyError, match=r"no tensor named 'missing' \(the checkpoint has 3: a/kernel"):
+    with pytest.raises(StateMismatchError, match=r"'missing' \(the checkpoint has 3: a/kernel"):
         read_checkpoint(prefix, names=["missing"])
     with pytest.raises(ValueError, match="framework must be 'torch' or 'numpy'"):
         read_checkpoint(prefix, framework="jax")
