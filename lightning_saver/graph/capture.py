@@ -1,0 +1,171 @@
+"""Capture a torch model once, as an fx graph of core ATen ops, for every exporter.
+
+We capture with ``torch.export`` and lower to the core ATen op set (``run_decompositions()``):
+
+* every node carries its output's shape and dtype (``node.meta["val"]``), which a TensorFlow graph
+  needs for placeholders, casts and layout changes;
+* parameters and buffers are lifted to graph inputs under their ``state_dict`` names, which become
+  the TensorFlow variable names;
+* the core ATen set is small and closed (~180 ops), so one converter per ATen op covers every
+  ``nn.Module``, functional and tensor method that lowers to it (``nn.Linear``, ``F.linear`` and
+  ``x @ w.T`` all reach ``aten.addmm``/``aten.mm``). ``torch.fx.symbolic_trace`` keeps module calls,
+  so it would need converters for modules, functionals *and* methods, and it records no shapes.
+
+The batch dimension (dim 0 of every tensor argument) is captured as dynamic; when the model cannot
+be captured that way (it reshapes with a literal batch size, say), capture falls back to static shapes.
+
+Example::
+
+    captured = capture(model, (torch.randn(2, 3, 32, 32),))
+    captured.program.graph          # fx graph of core ATen ops
+    captured.dynamic_batch          # True when dim 0 is symbolic
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_saver.errors import CaptureError
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+@dataclass
+class Captured:
+    """A captured model: the ``ExportedProgram`` (core ATen) and how it was captured."""
+
+    program: torch.export.ExportedProgram
+    dynamic_batch: bool
+    input_names: list[str]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # torch.export specializes a size-1 dim to the constant 1; capture on a batch of 2 instead
+    return tuple(a.repeat(2, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() and
+                 a.shape[0] == 1 else a for a in args)
+
+
+def _dynamic_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    auto = torch.export.Dim.AUTO
+    return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
+
+
+def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True,
+            decompose: bool = True) -> Captured:
+    """Capture ``model(*args)`` with ``torch.export``, in eval mode, lowered to core ATen.
+
+    Args:
+        model: the module to capture; it is put in eval mode for the capture and restored after.
+        args: example positional inputs (tensors; other values are baked in as constants).
+        dynamic_batch: capture dim 0 of the tensor inputs as a dynamic size when the model allows it.
+        decompose: lower to the core ATen op set (``ExportedProgram.run_decompositions()``).
+
+    Returns:
+        A ``Captured`` with the program, whether the batch is dynamic, and the input names.
+
+    Raises:
+        CaptureError: the model cannot be captured; the message names the model line and the reason.
+
+    Example::
+
+        captured = capture(nn.Linear(4, 2), (torch.randn(3, 4),))
+    """
+    args = tuple(args)
+    with eval_mode(model), torch.no_grad():
+        program, dynamic = None, False
+        if dynamic_batch and any(isinstance(a, torch.Tensor) and a.dim() for a in args):
+            try:
+                program = torch.export.export(model, _batch_of_two(args),
+                                               dynamic_shapes=_dynamic_shapes(args))
+                dynamic = _has_symbolic_batch(program)
+            except Exception as error:  # any capture failure: retry with static shapes
+                warnings.warn(f"capturing {type(model).__name__} with a dynamic batch failed "
+                              f"({_first_line(error)}); using static shapes", stacklevel=2)
+        if program is None:
+            try:
+                program = torch.export.export(model, args)
+            except Exception as error:
+                raise CaptureError(_capture_message(model, error)) from error
+        if decompose:
+            program = program.run_decompositions()
+    names = [spec.arg.name for spec in program.graph_signature.input_specs
+             if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    return Captured(program, dynamic, names)
+
+
+def _has_symbolic_batch(program: torch.export.ExportedProgram) -> bool:
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim():
+            if not isinstance(val.shape[0], int):
+                return True
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _user_frame(text: str) -> str | None:
+    frames = [m for m in _FRAME.finditer(text) if "/torch/" not in m.group(1)]
+    if not frames:
+        return None
+    file, line, func, code = frames[-1].groups()
+    return f'{file}:{line} in {func}: "{code.strip()}"'
+
+
+def _capture_message(model: nn.Module, error: BaseException) -> str:
+    import traceback
+
+    where = _user_frame(str(error)) or _user_frame("".join(traceback.format_tb(error.__traceback__)))
+    at = f" at {where}" if where else ""
+    return (f"could not capture {type(model).__name__} with torch.export{at}: {_first_line(error)}. "
+            "Data-dependent Python control flow and non-tensor outputs cannot be captured; rewrite that "
+            "line with tensor ops (torch.where, torch.cond) or pass the value as a constant.")
+
+
+def describe_node(node: torch.fx.Node) -> str:
+    """Where an fx node came from: node name, module path and class, and the model's source line."""
+    parts = [f"at node {node.name!r}"]
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        parts.append(f"in module {path or '<root>'!r} ({cls_name})")
+    trace = node.meta.get("stack_trace")
+    if trace:
+        frame = _user_frame(trace)
+        if frame:
+            parts.append(f"from {frame}")
+    return " ".join(parts)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the innermost module that emitted ``node`` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # paths of nested calls look like "L['self'].layers[0]" in some versions; keep the plain form
+    return re.sub(r"\[(\d+)\]", r".\1", str(path)).replace("L['self'].", "")

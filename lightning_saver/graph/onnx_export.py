@@ -1,0 +1,120 @@
+"""Export a torch model to ONNX with PyTorch's own exporter, batch dimension dynamic.
+
+We use the torch.export-based ("dynamo") exporter by default: it is the exporter PyTorch maintains
+(the TorchScript one is deprecated), and it converts the same ``torch.export`` capture as our
+TensorFlow export, so a model that exports to one exports to the other. It costs a few seconds per
+call (it rebuilds its op registry from onnxscript each time); ``exporter="torchscript"`` is the
+fast legacy path for models that trace cleanly.
+
+Example::
+
+    export_onnx(model, (torch.randn(2, 3, 32, 32),), "model.onnx")
+    # onnxruntime.InferenceSession("model.onnx").run(None, {"x": batch})   # any batch size
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_saver.errors import CaptureError
+from lightning_saver.graph.capture import capture, eval_mode
+
+__all__ = ["export_onnx"]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # the exporter prints progress lines and warns about optional torchvision ops
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _output_count(model: nn.Module, args: tuple[Any, ...]) -> int:
+    with eval_mode(model), torch.no_grad():
+        out = model(*args)
+    return len(torch.utils._pytree.tree_leaves(out))
+
+
+def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[str], *,
+                dynamic_batch: bool = True, exporter: str = "dynamo", opset_version: int | None = None,
+                check: bool = True) -> str:
+    """Write ``model`` as an ONNX file whose inputs are named after the forward arguments.
+
+    Args:
+        model: the module (exported in eval mode; its mode is restored).
+        args: example positional inputs.
+        path: the ``.onnx`` file to write (weights inside it).
+        dynamic_batch: make dim 0 of every tensor input dynamic when the model allows it.
+        exporter: ``"dynamo"`` (torch.export based, default) or ``"torchscript"`` (legacy tracer).
+        opset_version: ONNX opset; the exporter's default when None.
+        check: run ``onnx.checker.check_model`` on the written file.
+
+    Returns:
+        The path written. Outputs are named ``output_0``, ``output_1``, ...
+
+    Raises:
+        CaptureError: the model cannot be captured or converted (the message says why).
+        ValueError: ``exporter`` is neither ``"dynamo"`` nor ``"torchscript"``.
+
+    Example::
+
+        export_onnx(nn.Linear(4, 2), (torch.randn(3, 4),), "linear.onnx")
+    """
+    args = tuple(args)
+    out = os.fspath(path)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    output_names = [f"output_{i}" for i in range(_output_count(model, args))]
+    if exporter == "dynamo":
+        captured = capture(model, args, dynamic_batch=dynamic_batch, decompose=False)
+        with _quiet():
+            try:
+                program = torch.onnx.export(captured.program, args, dynamo=True, output_names=output_names,
+                                            opset_version=opset_version, optimize=True)
+            except Exception as error:
+                raise CaptureError(f"torch.onnx could not convert {type(model).__name__}: "
+                                   f"{str(error).strip().splitlines()[0]}") from error
+            program.save(tmp)
+    elif exporter == "torchscript":
+        names = _argument_names(model, len(args))
+        axes = {name: {0: "batch"} for name, a in zip(names, args, strict=True)
+                if dynamic_batch and _batched(a)}
+        axes.update({name: {0: "batch"} for name in output_names} if dynamic_batch else {})
+        with eval_mode(model), _quiet():
+            torch.onnx.export(model, args, tmp, dynamo=False, input_names=names, output_names=output_names,
+                              dynamic_axes=axes, opset_version=opset_version)
+    else:
+        raise ValueError(f"export_onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    if check:
+        import onnx
+
+        onnx.checker.check_model(tmp, full_check=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _batched(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+def _argument_names(model: nn.Module, count: int) -> list[str]:
+    import inspect
+
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (params + [f"input_{i}" for i in range(len(params), count)])[:count]

@@ -1,0 +1,272 @@
+"""Convolutions, pooling and normalization: ATen (NCHW) -> TensorFlow CPU kernels (NHWC).
+
+TensorFlow's CPU kernels for Conv2D, DepthwiseConv2dNative, MaxPool and AvgPool only take NHWC, so
+each converter transposes NCHW -> NHWC, runs the op, and transposes back (``to_nhwc``/``to_nchw``;
+the builder cancels back-to-back inverse transposes). Explicit padding becomes a ``Pad`` before a
+VALID op: ``explicit_paddings`` is too recent an attr for older TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_saver.errors import UnsupportedOpError
+from lightning_saver.formats import tf_dtypes
+from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor
+from lightning_saver.graph.tf_export.ops_shape import dim_size, split_with_sizes  # noqa: F401
+from lightning_saver.graph.tf_export.table import TF_EXPORT, Ctx
+
+aten = torch.ops.aten
+INT32 = tf_dtypes.DT_INT32
+
+
+def to_nhwc(g: GraphBuilder, x: TfTensor) -> TfTensor:
+    return g.transpose(x, [0, 2, 3, 1])
+
+
+def to_nchw(g: GraphBuilder, x: TfTensor) -> TfTensor:
+    return g.transpose(x, [0, 3, 1, 2])
+
+
+def _pair(value: Sequence[int] | int, n: int = 2) -> list[int]:
+    items = [value] * n if isinstance(value, int) else list(value)
+    return items * n if len(items) == 1 else items
+
+
+def pad_nhwc(g: GraphBuilder, x: TfTensor, hw_pads: Sequence[tuple[int, int]],
+             value: float = 0.0) -> TfTensor:
+    """Pad H and W of an NHWC tensor by (before, after) pairs; no node when nothing to pad."""
+    if not any(a or b for a, b in hw_pads):
+        return x
+    pairs = np.asarray([[0, 0], *hw_pads, [0, 0]], np.int32)
+    if value == 0.0:
+        return g.op("Pad", x, g.const(pairs))
+    return g.op("PadV2", x, g.const(pairs), g.scalar(value, x.dtype))
+
+
+def _as_2d(g: GraphBuilder, x: TfTensor) -> TfTensor:
+    # a 1-D op (N, C, L) runs as 2-D on (N, C, 1, L)
+    shape = None if x.shape is None else (*x.shape[:2], 1, x.shape[2])
+    return g.op("ExpandDims", x, g.scalar(2, INT32), out_shape=shape)
+
+
+# --- convolution -----------------------------------------------------------------------------
+
+
+def _conv_nhwc(g: GraphBuilder, x: TfTensor, w: TfTensor, stride: list[int], dilation: list[int],
+               groups: int) -> TfTensor:
+    """Convolve an NHWC input (already padded) with an OIHW torch weight."""
+    out_ch, in_per_group = w.shape[0], w.shape[1]  # type: ignore[index]
+    strides, dilations = [1, *stride, 1], [1, *dilation, 1]
+    if groups == 1:
+        return g.op("Conv2D", x, g.transpose(w, [2, 3, 1, 0]), strides=strides, padding="VALID",
+                    dilations=dilations)
+    depthwise_ok = in_per_group == 1 and stride[0] == stride[1] and dilation == [1, 1]
+    if depthwise_ok:
+        multiplier = out_ch // groups
+        filt = g.transpose(g.reshape(w, [groups, multiplier, *w.shape[2:]]), [2, 3, 0, 1])  # type: ignore[misc]
+        return g.op("DepthwiseConv2dNative", x, filt, strides=strides, padding="VALID")
+    # general groups: TF's CPU Conv2D has no grouped kernel, so convolve each group and concatenate
+    xs = g.op("SplitV", x, g.const(np.full(groups, in_per_group, np.int32)), g.scalar(3, INT32),
+              num_split=groups)
+    per_out = out_ch // groups
+    outs = []
+    for i in range(groups):
+        wi = g.op("StridedSlice", w, [i * per_out, 0, 0, 0], [(i + 1) * per_out, 0, 0, 0], [1, 1, 1, 1],
+                  begin_mask=0b1110, end_mask=0b1110)
+        if w.value is not None:
+            wi = g.const(w.value[i * per_out:(i + 1) * per_out], w.dtype)
+        wi = TfTensor(wi.ref, w.dtype, (per_out, *w.shape[1:]), wi.value)  # type: ignore[misc]
+        outs.append(g.op("Conv2D", xs[i], g.transpose(wi, [2, 3, 1, 0]), strides=strides, padding="VALID",
+                         dilations=dilations))
+    return g.op("ConcatV2", outs, g.scalar(3, INT32))
+
+
+def _conv_transpose_nhwc(cx: Ctx, x: TfTensor, w: TfTensor, stride: list[int], padding: list[int],
+                         dilation: list[int], output_padding: list[int],
+                         out_hw: Sequence[int | None]) -> TfTensor:
+    g = cx.g
+    in_ch, out_ch, kh, kw = w.shape  # type: ignore[misc]
+    h, wd = x.shape[1], x.shape[2]  # type: ignore[index]
+    if h is None or wd is None:
+        raise UnsupportedOpError("TensorFlow export: ConvTranspose2d needs static spatial sizes")
+    geometry = zip((h, wd), stride, dilation, (kh, kw), strict=True)
+    full = [(n - 1) * s + d * (k - 1) + 1 for n, s, d, k in geometry]
+    # the rows output_padding adds beyond the cropped padding; always fewer than the stride
+    extra = [max(0, op - p) for op, p in zip(output_padding, padding, strict=True)]
+    sizes = g.int_vector([dim_size(g, x, 0), full[0] + extra[0], full[1] + extra[1], out_ch])
+    y = g.op("Conv2DBackpropInput", sizes, g.transpose(w, [2, 3, 1, 0]), x, strides=[1, *stride, 1],
+             padding="VALID", dilations=[1, *dilation, 1])
+    return g.op("StridedSlice", y, [0, padding[0], padding[1], 0], [0, padding[0] + out_hw[0],
+                padding[1] + out_hw[1], 0], [1, 1, 1, 1], begin_mask=0b1001, end_mask=0b1001)
+
+
+@TF_EXPORT.register(aten.convolution.default)
+def convolution(cx: Ctx, x: TfTensor, weight: TfTensor, bias: TfTensor | None, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], transposed: bool,
+                output_padding: Sequence[int], groups: int) -> TfTensor:
+    g = cx.g
+    one_d = x.rank == 3
+    if x.rank not in (3, 4):
+        raise UnsupportedOpError(f"TensorFlow export: convolution of rank {x.rank} (only 1-D and 2-D)")
+    out_shape = cx.shape
+    if one_d:
+        x = _as_2d(g, x)
+        weight = g.reshape(weight, [*weight.shape[:2], 1, weight.shape[2]])  # type: ignore[index]
+        stride, padding, dilation = [1, *stride], [0, *padding], [1, *dilation]
+        output_padding = [0, *output_padding]
+        out_shape = None if out_shape is None else (*out_shape[:2], 1, out_shape[2])
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    xh = to_nhwc(g, x)
+    if transposed:
+        if groups != 1:
+            raise UnsupportedOpError("TensorFlow export: ConvTranspose with groups > 1 is not supported")
+        y = _conv_transpose_nhwc(cx, xh, weight, stride, padding, dilation, _pair(output_padding),
+                                 out_shape[2:] if out_shape else (None, None))
+    else:
+        xh = pad_nhwc(g, xh, [(padding[0], padding[0]), (padding[1], padding[1])])
+        y = _conv_nhwc(g, xh, weight, stride, dilation, groups)
+    if bias is not None:
+        y = g.op("BiasAdd", y, bias)
+    y = to_nchw(g, y)
+    if one_d:
+        y = g.op("Squeeze", y, squeeze_dims=[2])
+    return y
+
+
+# --- pooling ---------------------------------------------------------------------------------
+
+
+def _pool_geometry(x: TfTensor, out_shape: Any, kernel: list[int], stride: list[int], padding: list[int]
+                   ) -> list[tuple[int, int]]:
+    """(before, after) pads per spatial dim, with the extra rows that ceil_mode windows reach."""
+    pads = []
+    for i in range(2):
+        size, out = x.shape[2 + i], out_shape[2 + i]
+        if size is None or out is None:
+            raise UnsupportedOpError("TensorFlow export: pooling needs static spatial sizes")
+        extra = max(0, (out - 1) * stride[i] + kernel[i] - (size + 2 * padding[i]))
+        pads.append((padding[i], padding[i] + extra))
+    return pads
+
+
+@TF_EXPORT.register(aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
+def max_pool2d(cx: Ctx, x: TfTensor, kernel_size: Sequence[int], stride: Sequence[int] = (),
+               padding: Sequence[int] = (0,), dilation: Sequence[int] = (1,), ceil_mode: bool = False) -> Any:
+    g = cx.g
+    kernel = _pair(kernel_size)
+    strides = _pair(stride) if stride else kernel
+    if _pair(dilation) != [1, 1]:
+        raise UnsupportedOpError("TensorFlow export: max pooling with dilation > 1 is not supported")
+    if any(u.args[1] == 1 for u in cx.node.users if u.target.__name__ == "getitem"):
+        raise UnsupportedOpError("TensorFlow export: max pooling indices (return_indices=True) "
+                                 "are not supported")
+    pads = _pool_geometry(x, cx.out(0)[1], kernel, strides, _pair(padding))
+    lowest = float(np.finfo(tf_dtypes.to_numpy(x.dtype)).min)
+    xh = pad_nhwc(g, to_nhwc(g, x), pads, lowest)
+    y = to_nchw(g, g.op("MaxPool", xh, ksize=[1, *kernel, 1], strides=[1, *strides, 1], padding="VALID"))
+    return [y, None] if cx.node.target is aten.max_pool2d_with_indices.default else y
+
+
+@TF_EXPORT.register(aten.avg_pool2d.default)
+def avg_pool2d(cx: Ctx, x: TfTensor, kernel_size: Sequence[int], stride: Sequence[int] = (),
+               padding: Sequence[int] = (0,), ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> TfTensor:
+    g = cx.g
+    kernel = _pair(kernel_size)
+    strides = _pair(stride) if stride else kernel
+    pad = _pair(padding)
+    pads = _pool_geometry(x, cx.shape, kernel, strides, pad)
+    attrs = {"ksize": [1, *kernel, 1], "strides": [1, *strides, 1], "padding": "VALID"}
+    y = g.op("AvgPool", pad_nhwc(g, to_nhwc(g, x), pads), **attrs)
+    if divisor_override:
+        y = g.op("Mul", y, g.scalar(kernel[0] * kernel[1] / divisor_override, x.dtype))
+    elif any(a or b for a, b in pads):
+        # torch divides by the window's count of real (and, with count_include_pad, padded) cells;
+        # AvgPool of a 0/1 mask gives that count over the window size, the factor to divide by
+        h, w = x.shape[2], x.shape[3]  # type: ignore[index]
+        inner = 1.0 if count_include_pad else 0.0
+        mask = np.full((1, h + 2 * pad[0], w + 2 * pad[1], 1), inner, tf_dtypes.to_numpy(x.dtype))
+        mask[:, pad[0]:pad[0] + h, pad[1]:pad[1] + w, :] = 1.0
+        mask = np.pad(mask, [(0, 0), (0, pads[0][1] - pad[0]), (0, pads[1][1] - pad[1]), (0, 0)])
+        y = g.op("RealDiv", y, g.op("AvgPool", g.const(mask), **attrs))
+    return to_nchw(g, y)
+
+
+@TF_EXPORT.register(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool2d.default)
+def adaptive_avg_pool2d(cx: Ctx, x: TfTensor, output_size: Sequence[int]) -> TfTensor:
+    g = cx.g
+    out = _pair(output_size)
+    h, w = x.shape[2], x.shape[3]  # type: ignore[index]
+    if out == [1, 1]:
+        return g.op("Mean", x, [2, 3], keep_dims=True)
+    if h is None or w is None or h % out[0] or w % out[1]:
+        raise UnsupportedOpError(f"TensorFlow export: adaptive average pooling from {h}x{w} to "
+                                 f"{out[0]}x{out[1]}; only output sizes that divide the input are supported")
+    kernel = [h // out[0], w // out[1]]
+    y = g.op("AvgPool", to_nhwc(g, x), ksize=[1, *kernel, 1], strides=[1, *kernel, 1], padding="VALID")
+    return to_nchw(g, y)
+
+
+# --- normalization ---------------------------------------------------------------------------
+
+
+def _per_channel(g: GraphBuilder, v: TfTensor, rank: int) -> TfTensor:
+    """A (C,) vector shaped (C, 1, ..., 1) to broadcast over channel dim 1 of a rank-``rank`` tensor."""
+    return g.reshape(v, [-1] + [1] * (rank - 2)) if rank > 2 else v
+
+
+@TF_EXPORT.register(aten._native_batch_norm_legit_no_training.default)
+def batch_norm(cx: Ctx, x: TfTensor, weight: TfTensor | None, bias: TfTensor | None, running_mean: TfTensor,
+               running_var: TfTensor, momentum: float, eps: float) -> list[Any]:
+    g = cx.g
+    scale = g.op("Rsqrt", g.op("AddV2", running_var, g.scalar(eps, running_var.dtype)))
+    if weight is not None:
+        scale = g.op("Mul", scale, weight)
+    shift = g.op("Neg", g.op("Mul", running_mean, scale))
+    if bias is not None:
+        shift = g.op("AddV2", shift, bias)
+    rank = x.rank or 4
+    shape = (None,) if running_mean.shape is None else running_mean.shape
+    scale, shift = (TfTensor(t.ref, t.dtype, shape) for t in (scale, shift))
+    y = g.op("AddV2", g.op("Mul", x, _per_channel(g, scale, rank)), _per_channel(g, shift, rank))
+    return [y, None, None]
+
+
+def _normalize(g: GraphBuilder, x: TfTensor, reduce_axes: list[int], eps: float) -> tuple[TfTensor, ...]:
+    mean = g.op("Mean", x, reduce_axes, keep_dims=True)
+    variance = g.op("Mean", g.op("SquaredDifference", x, mean), reduce_axes, keep_dims=True)
+    rstd = g.op("Rsqrt", g.op("AddV2", variance, g.scalar(eps, x.dtype)))
+    return g.op("Mul", g.op("Sub", x, mean), rstd), mean, rstd
+
+
+@TF_EXPORT.register(aten.native_layer_norm.default)
+def layer_norm(cx: Ctx, x: TfTensor, normalized_shape: Sequence[int], weight: TfTensor | None,
+               bias: TfTensor | None, eps: float) -> list[TfTensor]:
+    g = cx.g
+    rank = x.rank or 0
+    y, mean, rstd = _normalize(g, x, list(range(rank - len(normalized_shape), rank)), eps)
+    if weight is not None:
+        y = g.op("Mul", y, weight)
+    if bias is not None:
+        y = g.op("AddV2", y, bias)
+    return [y, mean, rstd]
+
+
+@TF_EXPORT.register(aten.native_group_norm.default)
+def group_norm(cx: Ctx, x: TfTensor, weight: TfTensor | None, bias: TfTensor | None, n: Any, c: int,
+               hxw: Any, group: int, eps: float) -> list[Any]:
+    g = cx.g
+    rank = x.rank or 0
+    grouped = g.reshape(x, [-1, group, (c // group) * hxw if isinstance(hxw, int) else -1])
+    y, mean, rstd = _normalize(g, grouped, [2], eps)
+    y = g.op("Reshape", y, g.op("Shape", x))
+    if weight is not None:
+        y = g.op("Mul", y, _per_channel(g, weight, rank))
+    if bias is not None:
+        y = g.op("AddV2", y, _per_channel(g, bias, rank))
+    return [y, mean, rstd]

@@ -1,0 +1,84 @@
+"""TF1 variables (VariableV2 + Assign initializer + Identity read) and the Saver subgraph that saves
+and restores them with SaveV2/RestoreV2, as ``tf.compat.v1.train.Saver`` builds it.
+
+A variable ``fc1.weight`` becomes the nodes ``fc1/weight`` (VariableV2), ``fc1/weight/Initializer/zeros``
+(a Const storing one zero), ``fc1/weight/Assign`` and ``fc1/weight/read``; its value lives in the
+checkpoint under ``fc1/weight``. The initializer holds zeros so the ``.meta`` stays small: the trained
+values come from ``saver.restore``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tensorboard.compat.proto import saver_pb2, variable_pb2
+
+from lightning_saver.formats import tf_dtypes
+from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor, splat_proto
+
+
+@dataclass
+class Variable:
+    key: str  # the state_dict key
+    name: str  # the VariableV2 node name (and checkpoint key)
+    value: np.ndarray
+    trainable: bool
+    ref: TfTensor
+    proto: variable_pb2.VariableDef
+
+
+class VariableStore:
+    """Creates variables in a GraphBuilder and, at the end, the Saver subgraph for them."""
+
+    def __init__(self, g: GraphBuilder) -> None:
+        self.g = g
+        self.variables: list[Variable] = []
+
+    def add(self, key: str, value: np.ndarray, *, trainable: bool) -> TfTensor:
+        """A variable for state_dict entry ``key``; returns its read (snapshot) tensor."""
+        g = self.g
+        dtype = tf_dtypes.from_numpy(value.dtype)
+        shape = tuple(value.shape)
+        var = g.op("VariableV2", name=key.replace(".", "/"), scoped=False, shape=shape, dtype=dtype)
+        var = var.with_meta(dtype, shape)
+        name = var.node_name
+        zeros = g.op("Const", name=f"{name}/Initializer/zeros", scoped=False,
+                     value=splat_proto(dtype, shape), dtype=dtype).with_meta(dtype, shape)
+        assign = g.op("Assign", var, zeros, name=f"{name}/Assign", scoped=False)
+        read = g.op("Identity", var, name=f"{name}/read", scoped=False).with_meta(dtype, shape)
+        proto = variable_pb2.VariableDef(
+            variable_name=var.tensor_name, initial_value_name=zeros.tensor_name,
+            initializer_name=assign.node_name, snapshot_name=read.tensor_name, trainable=trainable)
+        self.variables.append(Variable(key, name, value, trainable, var, proto))
+        return read
+
+    def checkpoint_tensors(self) -> dict[str, np.ndarray]:
+        """Checkpoint key -> value, for ``write_checkpoint``."""
+        return {v.name: v.value for v in self.variables}
+
+    def add_saver(self) -> saver_pb2.SaverDef:
+        """The ``save/`` subgraph (SaveV2, RestoreV2, Assigns) and the SaverDef naming its tensors."""
+        g = self.g
+        g.scope = ""
+        variables = sorted(self.variables, key=lambda v: v.name)
+        names = np.asarray([v.name for v in variables], dtype=object)
+        slices = np.asarray([""] * len(variables), dtype=object)
+        default = g.const(np.asarray("model", dtype=object), name="save/filename")
+        prefix = g.op("PlaceholderWithDefault", default, name="save/Const", scoped=False, shape=())
+        save = g.op("SaveV2", prefix, g.const(names, name="save/SaveV2/tensor_names"),
+                    g.const(slices, name="save/SaveV2/shape_and_slices"), [v.ref for v in variables],
+                    name="save/SaveV2", scoped=False)
+        saved = g.op("Identity", prefix, name="save/control_dependency", scoped=False, control=[save])
+        restored = g.op("RestoreV2", prefix, g.const(names, name="save/RestoreV2/tensor_names"),
+                        g.const(slices, name="save/RestoreV2/shape_and_slices"), name="save/RestoreV2",
+                        scoped=False, dtypes=[v.ref.dtype for v in variables])
+        if isinstance(restored, TfTensor):
+            restored = [restored]
+        assigns = [g.op("Assign", v.ref, out, name="save/Assign", scoped=False).node_name
+                   for v, out in zip(variables, restored, strict=True)]
+        restore_all = g.op("NoOp", name="save/restore_all", scoped=False, control=assigns)
+        return saver_pb2.SaverDef(
+            filename_tensor_name=prefix.tensor_name, save_tensor_name=saved.tensor_name,
+            restore_op_name=restore_all, max_to_keep=5, keep_checkpoint_every_n_hours=10000.0,
+            version=saver_pb2.SaverDef.V2)

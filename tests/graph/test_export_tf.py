@@ -1,0 +1,154 @@
+"""The MetaGraph export against real TensorFlow: structure, Saver, variables, signature, attrs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from export_check import check_tf, other_batch, run_tf, tf_module, torch_outputs
+from tensorboard.compat.proto import meta_graph_pb2, saver_pb2
+from torch import nn
+
+from lightning_saver import export_meta_graph
+from lightning_saver.errors import CaptureError, UnsupportedOpError
+from lightning_saver.graph.tf_export.op_defs import known_ops, op_def
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(features)))
+
+
+@pytest.fixture(scope="module")
+def mlp_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLP, str]:
+    torch.manual_seed(0)
+    model = MLP()
+    path = tmp_path_factory.mktemp("mlp") / "model.meta"
+    export_meta_graph(model, (torch.randn(2, 4),), path)
+    return model, str(path)
+
+
+def _meta(path: str) -> meta_graph_pb2.MetaGraphDef:
+    meta = meta_graph_pb2.MetaGraphDef()
+    with open(path, "rb") as f:
+        meta.ParseFromString(f.read())
+    return meta
+
+
+def test_mlp_restores_and_runs_in_tensorflow_at_any_batch(mlp_export: tuple[MLP, str]) -> None:
+    model, path = mlp_export
+    for batch in (1, 5):
+        x = torch.randn(batch, 4)
+        got = run_tf(path, {"features": x.numpy()}, 1)
+        np.testing.assert_allclose(got[0], torch_outputs(model, (x,))[0], atol=1e-5)
+
+
+def test_variables_collections_and_saver_in_tensorflow(mlp_export: tuple[MLP, str], tmp_path) -> None:
+    tf = tf_module()
+    model, path = mlp_export
+    graph = tf.Graph()
+    with graph.as_default():
+        saver = tf.compat.v1.train.import_meta_graph(path)
+        names = sorted(v.op.name for v in tf.compat.v1.global_variables())
+        trainable = sorted(v.op.name for v in tf.compat.v1.trainable_variables())
+        placeholder = graph.get_tensor_by_name("features:0")
+        with tf.compat.v1.Session(graph=graph) as session:
+            saver.restore(session, path[: -len(".meta")])
+            kernel = session.run("fc1/weight:0")
+            # the Saver works both ways: save again, restore into fresh zeros
+            saved = saver.save(session, str(tmp_path / "again"))
+            session.run(tf.compat.v1.global_variables_initializer())
+            assert not session.run("fc1/weight:0").any()
+            saver.restore(session, saved)
+            np.testing.assert_array_equal(session.run("fc1/weight:0"), kernel)
+    assert names == trainable == ["fc1/bias", "fc1/weight", "fc2/bias", "fc2/weight"]
+    assert placeholder.op.type == "Placeholder" and placeholder.shape.as_list() == [None, 4]
+    np.testing.assert_array_equal(kernel, model.fc1.weight.detach().numpy())
+
+
+def test_signature_saver_def_and_op_list(mlp_export: tuple[MLP, str]) -> None:
+    meta = _meta(mlp_export[1])
+    signature = meta.signature_def["serving_default"]
+    assert signature.inputs["features"].name == "features:0"
+    assert [d.size for d in signature.inputs["features"].tensor_shape.dim] == [-1, 4]
+    assert signature.outputs["output_0"].name == "output_0:0"
+    assert meta.saver_def.version == saver_pb2.SaverDef.V2
+    assert list(meta.meta_info_def.tags) == ["serve"]
+    used = {node.op for node in meta.graph_def.node}
+    assert {op.name for op in meta.meta_info_def.stripped_op_list.op} == used
+
+
+def test_no_attr_left_at_its_default_and_every_attr_known_to_tensorflow(mlp_export: tuple[MLP, str]) -> None:
+    tf_module()
+    from tensorflow.python.framework import op_def_registry
+
+    for node in _meta(mlp_export[1]).graph_def.node:
+        registered = {a.name: a for a in op_def_registry.get(node.op).attr}
+        for name, value in node.attr.items():
+            assert name in registered, f"{node.name}: {node.op} has no attr {name}"
+            default = registered[name]
+            assert not (default.HasField("default_value") and default.default_value == value), \
+                f"{node.name}: attr {name} written at its default"
+
+
+@pytest.mark.parametrize("op", known_ops())
+def test_our_op_defs_match_tensorflow_registry(op: str) -> None:
+    tf_module()
+    from tensorflow.python.framework import op_def_registry
+
+    theirs = op_def_registry.get(op)
+    ours = op_def(op)
+    strip = type(theirs)()
+    strip.CopyFrom(theirs)
+    for attr in strip.attr:
+        attr.ClearField("allowed_values")
+        attr.ClearField("description")
+    for arg in [*strip.input_arg, *strip.output_arg]:
+        arg.ClearField("description")
+        arg.ClearField("experimental_full_type")
+    for field in ("summary", "description", "is_distributed_communication"):
+        strip.ClearField(field)
+    assert ours == type(ours).FromString(strip.SerializeToString())
+
+
+def test_freeze_embeds_weights_and_needs_no_checkpoint(tmp_path) -> None:
+    torch.manual_seed(1)
+    model = MLP()
+    path = check_tf(tmp_path, model, (torch.randn(2, 4),), atol=1e-5, freeze=True,
+                    run_args=other_batch((torch.randn(2, 4),), 7))
+    meta = _meta(path)
+    assert not meta.HasField("saver_def") and "variables" not in meta.collection_def
+    assert not (tmp_path / "model.index").exists()
+    assert "VariableV2" not in {n.op for n in meta.graph_def.node}
+
+
+def test_unsupported_op_names_op_and_module(tmp_path) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Sequential(nn.Linear(3, 3), nn.Softplus())
+
+        def forward(self, x):
+            return self.head(x)
+
+    expected = r"op aten\.log1p\.default at node .*module 'head\.1' \(.*Softplus\)"
+    with pytest.raises(UnsupportedOpError, match=expected):
+        export_meta_graph(Net(), (torch.randn(2, 3),), tmp_path / "m.meta")
+    assert not (tmp_path / "m.meta").exists()
+
+
+def test_capture_error_names_the_model_line(tmp_path) -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent branch
+                return x * 2
+            return x
+
+    expected = r"DataDependent.*test_export_tf\.py:\d+ in forward.*x\.sum\(\) > 0"
+    with pytest.raises(CaptureError, match=expected):
+        export_meta_graph(DataDependent(), (torch.randn(2, 3),), tmp_path / "m.meta")
