@@ -1,8 +1,11 @@
 import json
 import os
+import tempfile
 
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lightning_saver
@@ -143,3 +146,46 @@ def test_restore_accepts_the_path_without_extension(tmp_path):
     x = {"x": torch.tensor(0.0)}
     Saver().restore(x, str(tmp_path / "variable_file"))
     assert x["x"].item() == 5.0
+
+
+def test_leftover_temp_files_are_removed_by_a_new_saver(tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead_pid = child.pid  # a writer that is gone
+    stale = tmp_path / f".m_3.safetensors.{dead_pid}.0123abcd.tmp"
+    live = tmp_path / f".m_4.safetensors.{os.getppid()}.89abcdef.tmp"  # a live writer: left alone
+    other = tmp_path / ".cache.tmp"  # not ours: left alone
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    Saver().save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=5)
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.one_of(st.integers(0, 12), st.sampled_from(["restart", "lose_state"])), max_size=14),
+       max_to_keep=st.integers(0, 4))
+def test_any_steps_and_restarts_keep_exactly_the_newest_files(ops, max_to_keep):
+    with tempfile.TemporaryDirectory() as d:
+        saver = Saver(max_to_keep=max_to_keep)
+        saved = []
+        for op in ops:
+            if op == "restart":
+                saver = Saver(max_to_keep=max_to_keep)
+            elif op == "lose_state":
+                if os.path.exists(os.path.join(d, STATE_NAME)):
+                    os.remove(os.path.join(d, STATE_NAME))
+                saver = Saver(max_to_keep=max_to_keep)
+            else:
+                saver.save({"w": torch.full((2,), float(op))}, os.path.join(d, "m"), global_step=op)
+                saved.append(op)
+        newest_first = list(dict.fromkeys(reversed(saved)))
+        expected = newest_first if max_to_keep == 0 else newest_first[:max_to_keep]
+        on_disk = [n for n in files(d) if n != STATE_NAME]
+        assert sorted(on_disk) == sorted(f"m_{s}.safetensors" for s in expected)
+        if saved:
+            latest = latest_checkpoint(d)
+            assert latest == os.path.join(d, f"m_{saved[-1]}.safetensors")
+            assert lightning_saver.load(latest)["w"][0].item() == float(saved[-1])
