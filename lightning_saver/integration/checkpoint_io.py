@@ -1,0 +1,160 @@
+"""``SafetensorsCheckpointIO``: Lightning's checkpoint I/O plugin, on safetensors and without pickle.
+
+Lightning reads every checkpoint (``fit(ckpt_path=...)``, ``validate``, ``test``) through the
+strategy's ``CheckpointIO``. This plugin writes the whole training state as one safetensors file
+(weights under their own names, the rest encoded by :mod:`lightning_saver.formats.state_codec`)
+and reads three kinds of file:
+
+* a training-state file written by the ``Saver`` or by this plugin;
+* a bare weights file (``Saver(...).save(model, ...)`` or ``weights_only=True``): weights only;
+* a pickled ``.ckpt`` written by ``ModelCheckpoint``: handed to ``fallback`` with
+  ``weights_only=True``, torch's restricted unpickler, which loads tensors and plain containers and
+  refuses code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
+from lightning_saver.formats import safetensors_io
+from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
+from lightning_saver.saving import commit
+from lightning_saver.saving import saver as saving
+
+SUFFIX = ".safetensors"
+
+
+def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` starts like a safetensors file (u64 header length, then a JSON object)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Save and load Lightning checkpoints as safetensors files.
+
+    Args:
+        fallback: the plugin for files that are not safetensors (and for saving to paths that do
+            not end in ``.safetensors``); ``TorchCheckpointIO`` by default.
+        verify: check the tensor checksum on load.
+        allow_pickle: let values with no JSON form be stored pickled, and load them back.
+
+    Example:
+        >>> trainer = pl.Trainer(plugins=[SafetensorsCheckpointIO()])  # doctest: +SKIP
+        >>> trainer.save_checkpoint("run/state.safetensors")  # doctest: +SKIP
+        >>> trainer.fit(model, ckpt_path="run/state.safetensors")  # doctest: +SKIP
+    """
+
+    def __init__(self, fallback: CheckpointIO | None = None, *, verify: bool = True,
+                 allow_pickle: bool = False) -> None:
+        self.fallback = fallback if fallback is not None else TorchCheckpointIO()
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        # set by the Saver: the module a loaded checkpoint must fit, checked before Lightning loads it
+        self.module: torch.nn.Module | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` (atomically); non-``.safetensors`` paths go to ``fallback``."""
+        if not str(path).endswith(SUFFIX):
+            self.fallback.save_checkpoint(checkpoint, path, storage_options)
+            return
+        encoded = encode_state(checkpoint, allow_pickle=self.allow_pickle)
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        nbytes = safetensors_io.planned_nbytes(encoded.tensors, metadata=encoded.metadata)
+        commit.atomic_write(
+            path, lambda fd: safetensors_io.write_to_fd(encoded.tensors, fd, metadata=encoded.metadata),
+            nbytes=nbytes,
+        )
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint as the dict Lightning restores from.
+
+        Raises:
+            CheckpointNotFoundError: ``path`` does not exist.
+            FormatVersionError: the file was written by a newer lightning_saver.
+            CorruptCheckpointError: the file is damaged, or a ``.ckpt`` holds more than plain data.
+        """
+        if not os.path.isfile(path):
+            raise CheckpointNotFoundError(
+                f"checkpoint {str(path)!r} does not exist; pass an existing .safetensors (or .ckpt) file, "
+                "or ckpt_path='last' to resume from the newest checkpoint of the Saver's directory"
+            )
+        if not is_safetensors_file(path):
+            return self._load_pickled(path, map_location)
+        state = load_state(path, verify=self.verify, allow_pickle=self.allow_pickle)
+        if self.module is not None:
+            check_weights(path, state.get("state_dict", {}), self.module,
+                          strict=getattr(self.module, "strict_loading", True))
+        return state
+
+    def _load_pickled(self, path: Any, map_location: Any | None) -> dict[str, Any]:
+        try:
+            return self.fallback.load_checkpoint(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            if "weights_only" not in str(exc) and "Unpickl" not in type(exc).__name__:
+                raise
+            raise CorruptCheckpointError(
+                f"{path}: this pickled checkpoint holds objects beyond tensors and plain containers, and it "
+                "is loaded with weights_only=True (torch's safe unpickler), which refuses them. Convert it "
+                "once in a trusted environment, e.g. `lightning-saver convert`, or save it with the Saver"
+            ) from exc
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete one checkpoint file (``fallback`` handles non-``.safetensors`` paths)."""
+        if str(path).endswith(SUFFIX):
+            if os.path.exists(path):
+                os.remove(path)
+        else:
+            self.fallback.remove_checkpoint(path)
+
+
+def check_weights(path: Any, weights: Mapping[str, torch.Tensor], module: torch.nn.Module, *,
+                  strict: bool = True) -> None:
+    """Raise one error listing every key and shape by which ``weights`` do not fit ``module``.
+
+    Raises:
+        StateMismatchError: names the file, each missing/unexpected key, each shape difference.
+    """
+    expected = module.state_dict()
+    lines = []
+    if strict:
+        lines += [f"  missing in the checkpoint: {k!r} {list(expected[k].shape)}" for k in expected
+                  if k not in weights]
+        lines += [f"  unexpected in the checkpoint: {k!r} {list(weights[k].shape)}" for k in weights
+                  if k not in expected]
+    differ = [k for k in expected if k in weights and expected[k].shape != weights[k].shape]
+    lines += [f"  shape mismatch for {k!r}: the model has {list(expected[k].shape)}, the checkpoint "
+              f"{list(weights[k].shape)}" for k in differ]
+    if lines:
+        raise StateMismatchError(
+            f"checkpoint {path} does not fit {type(module).__name__} ({len(lines)} problem(s)):\n"
+            + "\n".join(lines[:30]) + "\nFix: resume with the model (and hyper-parameters) the checkpoint "
+            "was saved from, or set `model.strict_loading = False` to skip missing and unexpected keys."
+        )
+
+
+def load_state(path: str | os.PathLike[str], *, verify: bool = True,
+               allow_pickle: bool = False) -> dict[str, Any]:
+    """Load one safetensors checkpoint as a Lightning checkpoint dict.
+
+    A training-state file gives the full state back; a bare weights file gives
+    ``{"state_dict": weights}``, enough for ``validate``/``test``/``predict`` (``fit`` then needs
+    a full state and Lightning says so).
+    """
+    tensors = saving.load(path, verify=verify)
+    metadata = saving.read_metadata(path)
+    if has_state(metadata):
+        return decode_state(tensors, metadata, allow_pickle=allow_pickle, source=str(path))
+    return {"state_dict": tensors, "pytorch-lightning_version": pl.__version__}

@@ -1,0 +1,56 @@
+"""``lightning-saver fit|validate|test|predict``: LightningCLI in subclass mode, safetensors-aware.
+
+``lightning-saver fit --config configs/digits.yaml`` trains; adding ``--ckpt_path PATH`` (a
+``.safetensors`` file from the ``Saver``, or ``last``) resumes. LightningCLI itself ``torch.load``s
+the ``--ckpt_path`` file to read the model's hyper-parameters; for a safetensors file we read them
+from its header instead, without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.cli import LightningCLI
+
+from lightning_saver.integration.checkpoint_io import is_safetensors_file, load_state
+
+
+class SaverCLI(LightningCLI):
+    """LightningCLI whose ``--ckpt_path`` may be a safetensors checkpoint (or ``last``)."""
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file() and is_safetensors_file(ckpt_path)):
+            super()._parse_ckpt_path()  # .ckpt files (torch.load with weights_only=True), "last", None
+            return
+        hparams: dict[str, Any] = dict(load_state(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing the hyper-parameters stored in {ckpt_path} failed!\n")
+            raise
+
+
+def cli_main(argv: Sequence[str] | None = None) -> SaverCLI:
+    """Run LightningCLI (subcommands ``fit``, ``validate``, ``test``, ``predict``) on ``argv``.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The CLI object (``.trainer``, ``.model``, ``.datamodule``), for callers that run it in-process.
+
+    Example:
+        >>> cli_main(["fit", "--config", "configs/digits.yaml"])  # doctest: +SKIP
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    return SaverCLI(args=args, save_config_kwargs={"overwrite": True})

@@ -1,0 +1,51 @@
+"""``ckpt_path="last"`` for the Saver.
+
+Lightning resolves ``"last"`` in its checkpoint connector, from ``ModelCheckpoint`` callbacks only,
+before any callback hook runs. ``install()`` wraps that one method so that, when the trainer has a
+callback offering ``find_last_checkpoint(trainer)`` (the ``Saver``), ``"last"`` becomes the newest
+checkpoint among those and the ``ModelCheckpoint``s' own "last" files. Every other value goes to
+Lightning unchanged. The wrapper is installed once, when the first ``Saver`` is created.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+_MARK = "_lightning_saver_last"
+
+
+def install() -> None:
+    """Wrap ``_CheckpointConnector._parse_ckpt_path`` (idempotent)."""
+    original = _CheckpointConnector._parse_ckpt_path
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def parse_ckpt_path(self: _CheckpointConnector, state_fn: Any, ckpt_path: Any, *args: Any,
+                        **kwargs: Any) -> Any:
+        if ckpt_path == "last":
+            found = find_last(self.trainer)
+            if found is not None:
+                return found
+        return original(self, state_fn, ckpt_path, *args, **kwargs)
+
+    setattr(parse_ckpt_path, _MARK, True)
+    _CheckpointConnector._parse_ckpt_path = parse_ckpt_path  # type: ignore[method-assign]
+
+
+def find_last(trainer: Any) -> str | None:
+    """The newest checkpoint any Saver (or ModelCheckpoint) of ``trainer`` wrote; None if none."""
+    finders = [cb for cb in trainer.callbacks if callable(getattr(cb, "find_last_checkpoint", None))]
+    if not finders:
+        return None
+    candidates = {cb.find_last_checkpoint(trainer) for cb in finders}
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            candidates |= cb._find_last_checkpoints(trainer)
+    existing = [p for p in candidates if p and os.path.exists(p)]
+    return max(existing, key=os.path.getmtime) if existing else None
