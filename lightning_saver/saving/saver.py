@@ -147,10 +147,11 @@ class CheckpointSaver:
         if series.directory:
             os.makedirs(series.directory, exist_ok=True)
         if self.async_save:
-            from lightning_saver.saving.async_writer import snapshot
-
-            job = partial(self._commit, snapshot(tensors), series, path, info, metadata, nbytes)
-            self._get_writer().submit(job)
+            writer = self._get_writer()
+            # the writer's snapshot first waits for the save in flight, then reuses its CPU arena:
+            # one snapshot of extra memory, and no page faults after the first save
+            job = partial(self._commit, writer.snapshot(tensors), series, path, info, metadata, nbytes)
+            writer.submit(job)
         else:
             self._commit(tensors, series, path, info, metadata, nbytes)
         return path
