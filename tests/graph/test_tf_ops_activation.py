@@ -87,13 +87,25 @@ def test_sparse_softmax_cross_entropy_refuses_bad_labels() -> None:
 
 # ---- gradients: autograd through our converters against tf.GradientTape -----------------------
 
+def _with_kinks(values: np.ndarray) -> np.ndarray:
+    """``values`` with exact 0s and 6s, where piecewise activations change slope."""
+    values = np.array(values, np.float64)
+    values.reshape(-1)[:3] = [0.0, 6.0, 0.0]
+    return values
+
+
 GRAD_CASES = {
-    "Elu": lambda r: {"features": r.uniform(-3, 3, (3, 4))},
-    "Selu": lambda r: {"features": r.uniform(-3, 3, (3, 4))},
-    "Softplus": lambda r: {"features": r.uniform(-30, 30, (3, 4))},
+    "Relu": lambda r: {"features": _with_kinks(r.uniform(-3, 9, (3, 4)))},
+    "Relu6": lambda r: {"features": _with_kinks(r.uniform(-3, 9, (3, 4)))},
+    "Maximum": lambda r: {"x": _with_kinks(r.uniform(-3, 3, (3, 4))), "y": np.array([0.0, 6.0, 1.0, -1.0])},
+    "Minimum": lambda r: {"x": _with_kinks(r.uniform(-3, 3, (3, 4))), "y": np.array([0.0, 6.0, 1.0, -1.0])},
+    "Abs": lambda r: {"x": _with_kinks(r.uniform(-3, 3, (3, 4)))},
+    "Elu": lambda r: {"features": _with_kinks(r.uniform(-3, 3, (3, 4)))},
+    "Selu": lambda r: {"features": _with_kinks(r.uniform(-3, 3, (3, 4)))},
+    "Softplus": lambda r: {"features": _with_kinks(r.uniform(-30, 30, (3, 4)))},
     "Softmax": lambda r: {"logits": r.standard_normal((3, 4))},
     "LogSoftmax": lambda r: {"logits": r.standard_normal((3, 4))},
-    "LeakyRelu": lambda r: {"features": r.uniform(-3, 3, (3, 4))},
+    "LeakyRelu": lambda r: {"features": _with_kinks(r.uniform(-3, 3, (3, 4)))},
     "DivNoNan": lambda r: {"x": r.standard_normal((3, 4)), "y": np.where(r.random((3, 4)) < 0.3, 0, 2.0)},
     "FloorMod": lambda r: {"x": r.uniform(-9, 9, (3, 4)), "y": r.choice([-2.5, 1.5, 3.0], (3, 4))},
     "SquaredDifference": lambda r: {"x": r.standard_normal((3, 4)), "y": r.standard_normal((4,))},

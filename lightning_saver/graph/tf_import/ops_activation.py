@@ -16,6 +16,9 @@ from lightning_saver.graph.tf_import.table import TF_OPS
 
 Tensor = torch.Tensor
 
+_SELU_SCALE = 1.0507009873554804934193349852946
+_SELU_ALPHA = 1.6732632423543772848170429916717
+
 
 @TF_OPS.register("Relu")
 def relu(features: Tensor) -> Tensor:
@@ -37,8 +40,12 @@ def elu(features: Tensor) -> Tensor:
 
 @TF_OPS.register("Selu")
 def selu(features: Tensor) -> Tensor:
-    # torch's scale and alpha are TF's constants (1.0507009873554805, 1.6732632423543772)
-    return F.selu(features)
+    """``scale * x`` for ``x >= 0``, else ``scale * alpha * (exp(x) - 1)``.
+
+    Written out because F.selu takes the exponential branch's gradient at exactly 0 and TF does not.
+    """
+    negative = _SELU_SCALE * _SELU_ALPHA * torch.expm1(torch.clamp_max(features, 0))
+    return torch.where(features < 0, negative, _SELU_SCALE * features)
 
 
 @TF_OPS.register("LeakyRelu")
@@ -51,8 +58,8 @@ def leaky_relu(features: Tensor, *, alpha: float = 0.2) -> Tensor:
 
 @TF_OPS.register("Softplus")
 def softplus(features: Tensor) -> Tensor:
-    """``log(1 + exp(x))`` without overflow: ``max(x, 0) + log1p(exp(-|x|))``."""
-    return torch.clamp_min(features, 0) + torch.log1p(torch.exp(-torch.abs(features)))
+    """``log(1 + exp(x))``, without overflow and with the exact gradient ``sigmoid(x)``."""
+    return F.softplus(features)
 
 
 @TF_OPS.register("Softsign")

@@ -107,12 +107,19 @@ def truncate_mod(x: Tensor, y: Tensor) -> Tensor:
 
 @TF_OPS.register("Maximum")
 def maximum(x: Tensor, y: Tensor) -> Tensor:
-    return torch.maximum(x, y)
+    """The larger of ``x`` and ``y``; NaN wins, and at ties the gradient goes to ``x`` as in TF."""
+    if not x.is_floating_point():
+        return torch.maximum(x, y)
+    # torch.maximum would split a tie's gradient in halves
+    return torch.where((x >= y) | torch.isnan(x), x, y)
 
 
 @TF_OPS.register("Minimum")
 def minimum(x: Tensor, y: Tensor) -> Tensor:
-    return torch.minimum(x, y)
+    """The smaller of ``x`` and ``y``; NaN wins, and at ties the gradient goes to ``x`` as in TF."""
+    if not x.is_floating_point():
+        return torch.minimum(x, y)
+    return torch.where((x <= y) | torch.isnan(x), x, y)
 
 
 @TF_OPS.register("Pow")
