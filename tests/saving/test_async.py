@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_saver.formats import safetensors_io
 from lightning_saver.saving.async_writer import AsyncWriter, snapshot
+from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint, load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -273,3 +277,143 @@ def test_an_error_at_exit_is_logged_not_lost():
     )
     assert "async checkpoint save failed before exit" in child.stderr
     assert "ckpt_7.safetensors" in child.stderr
+
+
+# --- through the Saver -----------------------------------------------------------------------------
+
+
+class _Gate:
+    """Holds every checkpoint write until released, so tests can act while a save is in flight."""
+
+    def __init__(self, monkeypatch, fail: BaseException | None = None) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.fail = fail
+        original = safetensors_io.write_to_fd
+
+        def gated(*args, **kwargs):
+            self.started.set()
+            assert self.release.wait(10), "the test never released the write"
+            if self.fail is not None:
+                raise self.fail
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(safetensors_io, "write_to_fd", gated)
+
+
+def _files(*steps: int) -> list[str]:
+    return ["lightning_saver_state.json"] + [f"m_{s}.safetensors" for s in steps]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+
+
+def test_async_save_returns_before_the_write_and_snapshots_the_parameters(tmp_path, monkeypatch):
+    gate = _Gate(monkeypatch)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = CheckpointSaver(max_to_keep=3, async_save=True)
+    path = saver.save(model, str(tmp_path / "m"), global_step=1)
+    assert gate.started.wait(5)
+    assert not Path(path).exists()  # still writing: save() did not wait for it
+    with torch.no_grad():  # a training step's in-place updates, after save() returned
+        for p in model.parameters():
+            p.mul_(-3.0).add_(1.0)
+    gate.release.set()
+    saver.wait()
+    loaded = load(path)
+    for name, value in before.items():
+        assert torch.equal(loaded[name], value), name
+    assert latest_checkpoint(tmp_path) == path
+    saver.close()
+
+
+def test_async_error_is_raised_by_the_next_save_and_by_wait(tmp_path, monkeypatch):
+    gate = _Gate(monkeypatch, fail=OSError(errno.EIO, "Input/output error (injected)"))
+    saver = CheckpointSaver(max_to_keep=3, async_save=True)
+    saver.save({"w": torch.ones(4)}, str(tmp_path / "m"), global_step=1)
+    gate.release.set()
+    with pytest.raises(OSError, match="injected"):
+        saver.save({"w": torch.ones(4)}, str(tmp_path / "m"), global_step=2)
+    saver.wait()  # that error was reported once; nothing else pending
+    assert os.listdir(tmp_path) == []  # neither save left a file behind
+
+    saver.save({"w": torch.ones(4)}, str(tmp_path / "m"), global_step=3)
+    with pytest.raises(OSError, match="injected"):
+        saver.wait()
+    assert latest_checkpoint(tmp_path) is None
+    gate.fail = None
+    saver.save({"w": torch.full((4,), 4.0)}, str(tmp_path / "m"), global_step=4)
+    saver.wait()
+    assert float(load(latest_checkpoint(tmp_path))["w"][0]) == 4.0
+    saver.close()
+
+
+def test_async_at_most_one_save_in_flight(tmp_path, monkeypatch):
+    gate = _Gate(monkeypatch)
+    saver = CheckpointSaver(max_to_keep=3, async_save=True)
+    saver.save({"w": torch.ones(4)}, str(tmp_path / "m"), global_step=1)
+    assert gate.started.wait(5)
+    second_returned = threading.Event()
+
+    def second():
+        saver.save({"w": torch.full((4,), 2.0)}, str(tmp_path / "m"), global_step=2)
+        second_returned.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not second_returned.wait(0.3)  # waits for the first save before snapshotting
+    gate.release.set()
+    assert second_returned.wait(5)
+    t.join()
+    saver.wait()
+    assert sorted(os.listdir(tmp_path)) == _files(1, 2)
+    saver.close()
+
+
+def test_async_rotation_deletes_only_after_the_new_checkpoint_is_durable(tmp_path, monkeypatch):
+    saver = CheckpointSaver(max_to_keep=2, async_save=True)
+    for step in (1, 2):
+        saver.save({"w": torch.full((4,), float(step))}, str(tmp_path / "m"), global_step=step)
+    saver.wait()
+    seen: list[tuple[str, str | None]] = []
+    original = CheckpointSaver._delete
+
+    def spy(path: str) -> None:
+        newest = latest_checkpoint(tmp_path, verify=True)  # recorded in the state file and intact
+        seen.append((os.path.basename(path), None if newest is None else os.path.basename(newest)))
+        original(path)
+
+    monkeypatch.setattr(CheckpointSaver, "_delete", staticmethod(spy))
+    gate = _Gate(monkeypatch)
+    saver.save({"w": torch.full((4,), 3.0)}, str(tmp_path / "m"), global_step=3)
+    assert gate.started.wait(5)
+    time.sleep(0.05)
+    assert seen == [] and (tmp_path / "m_1.safetensors").exists()  # nothing deleted while writing
+    gate.release.set()
+    saver.wait()
+    assert seen == [("m_1.safetensors", "m_3.safetensors")]
+    assert sorted(os.listdir(tmp_path)) == _files(2, 3)
+    saver.close()
+
+
+def test_async_saves_from_a_process_that_exits_without_wait_are_complete(tmp_path):
+    child = _run_child(
+        """
+        import sys, torch
+        from lightning_saver.saving.saver import CheckpointSaver
+        saver = CheckpointSaver(max_to_keep=2, async_save=True)
+        for step in range(3):
+            w = torch.arange(2_000_000, dtype=torch.float32) + step  # 8 MB: the write takes a while
+            saver.save({"w": w}, sys.argv[1] + "/m", global_step=step)
+        print("returned")  # no wait(): interpreter exit must finish the last save
+        """,
+        str(tmp_path),
+    )
+    assert child.returncode == 0, child.stderr
+    assert sorted(os.listdir(tmp_path)) == _files(1, 2)
+    latest = latest_checkpoint(tmp_path, verify=True)
+    assert latest == str(tmp_path / "m_2.safetensors")
+    assert torch.equal(load(latest)["w"], torch.arange(2_000_000, dtype=torch.float32) + 2)
