@@ -22,8 +22,14 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[test,demo]'
 	touch $@ $(VENV)/.stamp-demo
 
+# The main job: LightningCLI fit of configs/digits.yaml (its default_root_dir is $(RUN_DIR)), the files it
+# kept, then a resume from the newest checkpoint for two more epochs.
 demo: $(VENV)/.stamp-demo
-	$(PY) examples/demo.py
+	rm -rf $(RUN_DIR)
+	$(VENV)/bin/lightning-saver fit --config configs/digits.yaml
+	ls -l $(RUN_DIR)/checkpoints
+	$(VENV)/bin/lightning-saver fit --config configs/digits.yaml --ckpt_path last --trainer.max_epochs 10
+	ls -l $(RUN_DIR)/checkpoints
 
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
