@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from lightning_saver.errors import GraphImportError
-from lightning_saver.graph.tf_import.attrs import decode_type
+from lightning_saver.graph.tf_import.attrs import decode_shape, decode_type
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, parse_tensor_name, ref_name
 from lightning_saver.graph.tf_import.plan import Plan, compile_plan
 from lightning_saver.graph.tf_import.variables import VariableInfo, VariableStore, find_variables
@@ -81,6 +81,8 @@ class ImportedGraph:
         self._store = VariableStore(self.variables, self._initialize)
         self._plans: dict[tuple[tuple[Ref, ...], frozenset[Ref]], Plan] = {}
         self._initializing: set[str] = set()
+        self._feed_specs: dict[Ref, tuple[Any, list[int] | None]] = {}
+        self._refs: dict[str, Ref] = {}
 
     # ---- names -------------------------------------------------------------------------------
     def get_tensor_by_name(self, name: str) -> Tensor:
@@ -114,10 +116,14 @@ class ImportedGraph:
         if isinstance(item, Tensor):
             return item.ref
         if isinstance(item, str):
+            known = self._refs.get(item)
+            if known is not None:
+                return known
             ref = parse_tensor_name(item)
             if ref[1] < 0:
                 raise GraphImportError(f"{item!r} is a control input; fetch the op name {ref[0]!r} instead")
             self._index.node(ref[0], f"the fetch {item!r}")
+            self._refs[item] = ref
             return ref
         raise TypeError(
             f"fetches and feed_dict keys must be tensor names or Tensors, got {type(item).__name__}"
@@ -132,23 +138,27 @@ class ImportedGraph:
             plan = self._plans[key] = compile_plan(self._index, self._store, fetches, feeds)
         return plan
 
+    def _feed_spec(self, ref: Ref) -> tuple[Any, list[int] | None]:
+        spec = self._feed_specs.get(ref)
+        if spec is None:
+            node = self._index.nodes[ref[0]]
+            shape = None
+            if node.op in ("Placeholder", "PlaceholderWithDefault") and "shape" in node.attr:
+                shape = decode_shape(node.attr["shape"].shape)
+            spec = self._feed_specs[ref] = (_dtype_hint(node, ref[1]), shape)
+        return spec
+
     def _feed_value(self, ref: Ref, value: Any) -> torch.Tensor:
-        node = self._index.nodes[ref[0]]
-        dtype = _dtype_hint(node, ref[1])
+        dtype, shape = self._feed_spec(ref)
         tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
         if isinstance(dtype, torch.dtype) and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
-        shape = self._index.output_shape_hint(ref)
-        if node.op in ("Placeholder", "PlaceholderWithDefault") and "shape" in node.attr:
-            from lightning_saver.graph.tf_import.attrs import decode_shape
-
-            shape = decode_shape(node.attr["shape"].shape)
-            if shape is not None and (len(shape) != tensor.dim() or any(
-                    want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=False))):
-                raise GraphImportError(
-                    f"cannot feed a value of shape {tuple(tensor.shape)} for tensor {ref_name(ref)}, "
-                    f"which has shape {tuple(None if d < 0 else d for d in shape)}"
-                )
+        if shape is not None and (len(shape) != tensor.dim() or any(
+                want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=False))):
+            raise GraphImportError(
+                f"cannot feed a value of shape {tuple(tensor.shape)} for tensor {ref_name(ref)}, "
+                f"which has shape {tuple(None if d < 0 else d for d in shape)}"
+            )
         return tensor
 
     def _evaluate(self, fetches: list[Ref], feeds: dict[Ref, torch.Tensor]) -> list[Any]:
