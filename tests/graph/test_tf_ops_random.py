@@ -101,3 +101,52 @@ def test_bad_arguments_are_refused_with_the_reason() -> None:
         table.call("RandomUniform", [torch.tensor([4])], {"dtype": torch.int32})
     with pytest.raises(ValueError, match=r"shape \[2, -1\] has a negative dimension"):
         table.call("RandomStandardNormal", [torch.tensor([2, -1])], {})
+
+
+STATELESS = {
+    "StatelessRandomUniform": (0.0, 1.0),
+    "StatelessRandomNormal": (-np.inf, np.inf),
+    "StatelessTruncatedNormal": (-2.0, 2.0),
+    "StatelessRandomUniformV2": (0.0, 1.0),
+    "StatelessRandomNormalV2": (-np.inf, np.inf),
+    "StatelessTruncatedNormalV2": (-2.0, 2.0),
+}
+
+
+def _stateless_inputs(op: str, seed: int) -> dict[str, np.ndarray]:
+    if op.endswith("V2"):
+        return {"key": np.array([seed], np.uint64), "counter": np.array([0, seed], np.uint64),
+                "alg": np.int32(1)}
+    return {"seed": np.array([seed, 7], np.int64)}
+
+
+def _stateless(op: str, shape: list[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    extra = [torch.from_numpy(np.asarray(v)) for v in _stateless_inputs(op, seed).values()]
+    return table.call(op, [torch.tensor(shape), *extra], {"dtype": dtype})
+
+
+@pytest.mark.parametrize("op", sorted(STATELESS))
+def test_stateless_ops_are_deterministic_and_match_tf_distributions(op: str) -> None:
+    ours = _stateless(op, [N], 5, torch.float32)
+    assert torch.equal(ours, _stateless(op, [N], 5, torch.float32))  # same seed, same values, as in TF
+    assert not torch.equal(ours, _stateless(op, [N], 6, torch.float32))
+    inputs = {k: tf.constant(v) for k, v in _stateless_inputs(op, 5).items()}
+    theirs = getattr(tf.raw_ops, op)(shape=np.array([N], np.int32), **inputs).numpy()
+    got = ours.double().numpy()
+    low, high = STATELESS[op]
+    assert ours.dtype == torch.float32 and low <= got.min() and got.max() <= high
+    assert _ks(got, theirs.astype(np.float64)) < KS_LIMIT
+
+
+@pytest.mark.parametrize("op", ["StatelessRandomUniformInt", "StatelessRandomUniformIntV2"])
+def test_stateless_uniform_int(op: str) -> None:
+    extra = _stateless_inputs(op.replace("Int", ""), 9)
+    bounds = {"minval": np.int64(-3), "maxval": np.int64(4)}
+    theirs = getattr(tf.raw_ops, op)(shape=np.array([N], np.int32), **extra, **bounds).numpy()
+    args = [torch.tensor([N])] + [torch.from_numpy(np.asarray(v)) for v in {**extra, **bounds}.values()]
+    ours = table.call(op, args, {})
+    assert torch.equal(ours, table.call(op, args, {}))
+    assert ours.dtype == torch.int64 and int(ours.min()) == -3 and int(ours.max()) == 3
+    values = np.arange(-3, 4)
+    np.testing.assert_allclose((ours.numpy()[:, None] == values).mean(0), (theirs[:, None] == values).mean(0),
+                               atol=0.02)

@@ -4,7 +4,9 @@ Converters follow the contract in :mod:`lightning_saver.graph.tf_import.table`. 
 TF's distributions, not TF's bits: TF's Philox streams are not reproduced. The ``seed``/``seed2``
 attrs are accepted and the numbers come from torch's default generator, so ``torch.manual_seed``
 makes an imported graph reproducible, and a seeded dropout mask still changes from step to step
-as TF's does. Example::
+as TF's does. The stateless ops (``StatelessRandom*``) are deterministic like TF's: the same seed
+(or key and counter) gives the same values on every call, from a torch generator seeded by it.
+Example::
 
     w = table.call("TruncatedNormal", [torch.tensor([784, 10])], {"dtype": torch.float32})
 """
@@ -33,31 +35,60 @@ def _check_float(op: str, dtype: torch.dtype) -> None:
         raise TypeError(f"{op}: dtype must be one of float16, bfloat16, float32, float64, found {dtype}")
 
 
+def _generator(*seeds: Tensor) -> torch.Generator:
+    """A CPU generator whose state is a pure function of the seed tensors' values."""
+    state = 0
+    for value in torch.cat([t.reshape(-1).to(torch.int64) for t in seeds]).tolist():
+        state = (state * 1_000_003 + value) % (1 << 63)
+    return torch.Generator().manual_seed(state)
+
+
+def _uniform(op: str, shape: Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> Tensor:
+    _check_float(op, dtype)
+    return torch.rand(_shape(op, shape), dtype=dtype, generator=gen)
+
+
+def _normal(op: str, shape: Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> Tensor:
+    _check_float(op, dtype)
+    return torch.randn(_shape(op, shape), dtype=dtype, generator=gen)
+
+
+def _truncated(op: str, shape: Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> Tensor:
+    # inverse CDF in float32 or wider: exactly the law TF's resampling gives, with no loop
+    _check_float(op, dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty(_shape(op, shape), dtype=work)
+    torch.nn.init.trunc_normal_(out, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=gen)
+    return out.to(dtype)
+
+
+def _uniform_int(
+    op: str, shape: Tensor, minval: Tensor, maxval: Tensor, gen: torch.Generator | None
+) -> Tensor:
+    low, high = int(minval), int(maxval)
+    dims = _shape(op, shape)
+    if not all(dims):
+        return torch.empty(dims, dtype=minval.dtype)
+    if low >= high:
+        raise ValueError(f"{op}: need minval < maxval, found minval {low} and maxval {high}")
+    return torch.randint(low, high, dims, dtype=minval.dtype, generator=gen)
+
+
 @TF_OPS.register("RandomUniform")
 def random_uniform(shape: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform in ``[0, 1)``."""
-    _check_float("RandomUniform", dtype)
-    return torch.rand(_shape("RandomUniform", shape), dtype=dtype)
+    return _uniform("RandomUniform", shape, dtype, None)
 
 
 @TF_OPS.register("RandomStandardNormal")
 def random_standard_normal(shape: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    _check_float("RandomStandardNormal", dtype)
-    return torch.randn(_shape("RandomStandardNormal", shape), dtype=dtype)
+    return _normal("RandomStandardNormal", shape, dtype, None)
 
 
 @TF_OPS.register("TruncatedNormal")
 def truncated_normal(shape: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A standard normal restricted to ``[-2, 2]``, as TF's resampling gives.
-
-    Sampled by inverse CDF in float32 or wider (exactly the truncated law, with no resampling
-    loop), then cast to ``dtype``.
-    """
-    _check_float("TruncatedNormal", dtype)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    out = torch.empty(_shape("TruncatedNormal", shape), dtype=work)
-    torch.nn.init.trunc_normal_(out, mean=0.0, std=1.0, a=-2.0, b=2.0)
-    return out.to(dtype)
+    """A standard normal restricted to ``[-2, 2]``, the law TF's resampling gives."""
+    return _truncated("TruncatedNormal", shape, dtype, None)
 
 
 @TF_OPS.register("RandomUniformInt")
@@ -67,10 +98,53 @@ def random_uniform_int(shape: Tensor, minval: Tensor, maxval: Tensor) -> Tensor:
     Raises:
         ValueError: ``minval >= maxval`` (an empty range), as TF.
     """
-    low, high = int(minval), int(maxval)
-    dims = _shape("RandomUniformInt", shape)
-    if low >= high and all(dims):
-        raise ValueError(f"RandomUniformInt: need minval < maxval, found minval {low} and maxval {high}")
-    if not all(dims):
-        return torch.empty(dims, dtype=minval.dtype)
-    return torch.randint(low, high, dims, dtype=minval.dtype)
+    return _uniform_int("RandomUniformInt", shape, minval, maxval, None)
+
+
+@TF_OPS.register("StatelessRandomUniform")
+def stateless_random_uniform(shape: Tensor, seed: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    return _uniform("StatelessRandomUniform", shape, dtype, _generator(seed))
+
+
+@TF_OPS.register("StatelessRandomNormal")
+def stateless_random_normal(shape: Tensor, seed: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    return _normal("StatelessRandomNormal", shape, dtype, _generator(seed))
+
+
+@TF_OPS.register("StatelessTruncatedNormal")
+def stateless_truncated_normal(shape: Tensor, seed: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    return _truncated("StatelessTruncatedNormal", shape, dtype, _generator(seed))
+
+
+@TF_OPS.register("StatelessRandomUniformInt")
+def stateless_random_uniform_int(shape: Tensor, seed: Tensor, minval: Tensor, maxval: Tensor) -> Tensor:
+    return _uniform_int("StatelessRandomUniformInt", shape, minval, maxval, _generator(seed))
+
+
+@TF_OPS.register("StatelessRandomUniformV2")
+def stateless_random_uniform_v2(
+    shape: Tensor, key: Tensor, counter: Tensor, alg: Tensor, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    return _uniform("StatelessRandomUniformV2", shape, dtype, _generator(key, counter))
+
+
+@TF_OPS.register("StatelessRandomNormalV2")
+def stateless_random_normal_v2(
+    shape: Tensor, key: Tensor, counter: Tensor, alg: Tensor, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    return _normal("StatelessRandomNormalV2", shape, dtype, _generator(key, counter))
+
+
+@TF_OPS.register("StatelessTruncatedNormalV2")
+def stateless_truncated_normal_v2(
+    shape: Tensor, key: Tensor, counter: Tensor, alg: Tensor, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    return _truncated("StatelessTruncatedNormalV2", shape, dtype, _generator(key, counter))
+
+
+@TF_OPS.register("StatelessRandomUniformIntV2")
+def stateless_random_uniform_int_v2(
+    shape: Tensor, key: Tensor, counter: Tensor, alg: Tensor, minval: Tensor, maxval: Tensor
+) -> Tensor:
+    gen = _generator(key, counter)
+    return _uniform_int("StatelessRandomUniformIntV2", shape, minval, maxval, gen)
