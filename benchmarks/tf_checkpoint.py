@@ -1,0 +1,177 @@
+"""How fast do we read and write TF V2 checkpoints, next to TensorFlow's own reader and savers?
+
+One process, one set of float32 tensors (about 1 GiB in 16 tensors; ``--quick``: 8 MiB), interleaved:
+every repetition runs every method once, in the same order, and the table reports the median, so
+drift on a shared machine hits every method alike.
+
+Writes (the rows marked "+ fsync" buy the same durability: our writer always fsyncs; for TF's savers
+we fsync their files right after they return):
+  ours write_checkpoint         numpy arrays -> prefix.index + data (crc, temp files, fsync, rename)
+  TF tf.train.Checkpoint.write  tf.Variables -> files (and again + fsync)
+  TF1 Saver.save                graph-mode Saver over the same variables (and again + fsync)
+Reads (page cache warm for all, the files were just written; every reader checks the crcs):
+  ours read_checkpoint          every tensor as numpy
+  TF tf.train.load_checkpoint   get_tensor for every name
+  one tensor (lazy)             ours vs TF, reading one 1/16 of the checkpoint
+
+Usage: python benchmarks/tf_checkpoint.py [--quick] [--reps N] [--size-mib M] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_saver.tf import read_checkpoint, write_checkpoint  # noqa: E402
+
+N_TENSORS = 16
+
+
+def _fsync_prefix(prefix: str) -> None:
+    for path in glob.glob(prefix + ".*"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class _TF:
+    """TensorFlow's side: eager variables for tf.train.Checkpoint, a graph + session for the TF1 Saver."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        import tensorflow as tf
+
+        self.tf = tf
+        v1 = tf.compat.v1
+        self.ckpt = tf.train.Checkpoint(**{f"v{i}": tf.Variable(t) for i, t in enumerate(tensors.values())})
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            feeds = {}
+            variables = []
+            for name, value in tensors.items():
+                ph = v1.placeholder(tf.float32, value.shape)
+                var = v1.Variable(ph, name=name)
+                feeds[ph] = value
+                variables.append(var)
+            self.saver = v1.train.Saver(variables)
+            init = v1.global_variables_initializer()
+        self.sess = v1.Session(graph=self.graph)
+        self.sess.run(init, feeds)
+
+    def checkpoint_write(self, prefix: str, sync: bool) -> None:
+        self.ckpt.write(prefix)
+        if sync:
+            _fsync_prefix(prefix)
+
+    def saver_save(self, prefix: str, sync: bool) -> None:
+        with self.graph.as_default():
+            self.saver.save(self.sess, prefix, write_meta_graph=False, write_state=False)
+        if sync:
+            _fsync_prefix(prefix)
+
+    def read_all(self, prefix: str) -> None:
+        reader = self.tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+
+    def read_one(self, prefix: str, name: str) -> None:
+        self.tf.train.load_checkpoint(prefix).get_tensor(name)
+
+
+def run(size_mib: int, reps: int, directory: str) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    per = size_mib * 2**20 // N_TENSORS // 4
+    tensors = {f"layer_{i:02d}/kernel": rng.standard_normal(per, dtype=np.float32) for i in range(N_TENSORS)}
+    nbytes = sum(t.nbytes for t in tensors.values())
+    tf_side = _TF(tensors)
+    ours, theirs = os.path.join(directory, "ours"), os.path.join(directory, "tf1")
+    one = "layer_07/kernel"
+    methods: dict[str, Callable[[], object]] = {
+        "write: ours write_checkpoint (+ fsync)": lambda: write_checkpoint(ours, tensors),
+        "write: TF tf.train.Checkpoint.write": lambda: tf_side.checkpoint_write(
+            os.path.join(directory, "t2"), False
+        ),
+        "write: TF tf.train.Checkpoint.write + fsync": lambda: tf_side.checkpoint_write(
+            os.path.join(directory, "t2"), True
+        ),
+        "write: TF1 Saver.save": lambda: tf_side.saver_save(theirs, False),
+        "write: TF1 Saver.save + fsync": lambda: tf_side.saver_save(theirs, True),
+        "read: ours read_checkpoint (all)": lambda: read_checkpoint(ours),
+        "read: TF load_checkpoint (all)": lambda: tf_side.read_all(theirs),
+        "read one tensor: ours": lambda: read_checkpoint(ours, names=[one]),
+        "read one tensor: TF": lambda: tf_side.read_one(theirs, one),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(reps):
+        for name, fn in methods.items():
+            samples[name].append(_timed(fn))
+    got = read_checkpoint(theirs, names=[one])[one]
+    if got.tobytes() != tensors[one].tobytes():
+        raise SystemExit("TF's file did not read back bit-exact")
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    print(f"{nbytes / 2**20:.0f} MiB in {N_TENSORS} float32 tensors, median of {reps} interleaved runs")
+    print(f"{'method':48s} {'seconds':>9s} {'GiB/s':>7s}")
+    for name, sec in medians.items():
+        size = nbytes / N_TENSORS if name.startswith("read one") else nbytes
+        print(f"{name:48s} {sec:9.3f} {size / 2**30 / sec:7.2f}")
+    result = {
+        "benchmark": "tf_checkpoint",
+        "bytes": nbytes,
+        "reps": reps,
+        "ours_write_s": medians["write: ours write_checkpoint (+ fsync)"],
+        "tf_checkpoint_write_s": medians["write: TF tf.train.Checkpoint.write"],
+        "tf_checkpoint_write_fsync_s": medians["write: TF tf.train.Checkpoint.write + fsync"],
+        "tf1_saver_save_s": medians["write: TF1 Saver.save"],
+        "tf1_saver_save_fsync_s": medians["write: TF1 Saver.save + fsync"],
+        "ours_read_s": medians["read: ours read_checkpoint (all)"],
+        "tf_read_s": medians["read: TF load_checkpoint (all)"],
+        "ours_read_one_s": medians["read one tensor: ours"],
+        "tf_read_one_s": medians["read one tensor: TF"],
+    }
+    result["read_speedup_vs_tf"] = result["tf_read_s"] / result["ours_read_s"]
+    result["write_speedup_vs_tf1_saver_fsync"] = result["tf1_saver_save_fsync_s"] / result["ours_write_s"]
+    result["write_speedup_vs_tf_checkpoint_fsync"] = (
+        result["tf_checkpoint_write_fsync_s"] / result["ours_write_s"]
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 MiB, 1 repetition (smoke test)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    size, reps = (8, 1) if args.quick else (args.size_mib, args.reps)
+    directory = tempfile.mkdtemp(prefix="tf_ckpt_bench_", dir=args.dir)
+    try:
+        result = run(size, reps, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
