@@ -103,3 +103,27 @@ def test_reductions_are_differentiable() -> None:
             tape.watch(xt)
             y = tf.reduce_sum(getattr(tf.raw_ops, op)(input=xt, axis=np.array([1], np.int32)))
         np.testing.assert_allclose(x.grad.numpy(), tape.gradient(y, xt).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_l2_loss(dtype: type) -> None:
+    x = _input("Sum", dtype)
+    expected = tf.raw_ops.L2Loss(t=x).numpy()
+    got = table.call("L2Loss", [torch.from_numpy(x)], {}).numpy()
+    assert got.dtype == expected.dtype and got.shape == expected.shape == ()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("exclusive", [False, True])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+@pytest.mark.parametrize("op", ["Cumsum", "Cumprod"])
+def test_scans(op: str, dtype: type, axis: int, exclusive: bool, reverse: bool) -> None:
+    x = _input("Prod", dtype)
+    axis_np = np.array(axis, np.int32)
+    attrs = {"exclusive": exclusive, "reverse": reverse}
+    expected = getattr(tf.raw_ops, op)(x=x, axis=axis_np, **attrs).numpy()
+    got = table.call(op, [torch.from_numpy(x), torch.from_numpy(axis_np)], attrs).numpy()
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -117,3 +117,37 @@ def arg_max(input: Tensor, dimension: Tensor, *, output_type: torch.dtype = torc
 @TF_OPS.register("ArgMin")
 def arg_min(input: Tensor, dimension: Tensor, *, output_type: torch.dtype = torch.int64) -> Tensor:
     return _arg_reduce("ArgMin", input, dimension, output_type, largest=False)
+
+
+@TF_OPS.register("L2Loss")
+def l2_loss(t: Tensor) -> Tensor:
+    """``sum(t ** 2) / 2`` over every element (TF1's weight decay term), a scalar."""
+    return (t * t).sum() / 2
+
+
+def _scan(
+    op: str, x: Tensor, axis: Tensor, exclusive: bool, reverse: bool, product: bool
+) -> Tensor:
+    (dim,) = reduction_axes(op, x, axis.reshape(1))
+    if reverse:
+        x = x.flip(dim)
+    out = torch.cumprod(x, dim) if product else torch.cumsum(x, dim)
+    if exclusive:
+        # shift by one along dim and start from the identity (0 for sums, 1 for products)
+        first = torch.ones_like(x.narrow(dim, 0, 1)) if product else torch.zeros_like(x.narrow(dim, 0, 1))
+        out = torch.cat([first, out.narrow(dim, 0, x.shape[dim] - 1)], dim)
+    if reverse:
+        out = out.flip(dim)
+    return out.to(x.dtype)
+
+
+@TF_OPS.register("Cumsum")
+def cumsum(x: Tensor, axis: Tensor, *, exclusive: bool = False, reverse: bool = False) -> Tensor:
+    """Running sums along ``axis``; ``exclusive`` leaves each element out of its own sum."""
+    return _scan("Cumsum", x, axis, exclusive, reverse, product=False)
+
+
+@TF_OPS.register("Cumprod")
+def cumprod(x: Tensor, axis: Tensor, *, exclusive: bool = False, reverse: bool = False) -> Tensor:
+    """Running products along ``axis``; ``exclusive`` leaves each element out of its own product."""
+    return _scan("Cumprod", x, axis, exclusive, reverse, product=True)
