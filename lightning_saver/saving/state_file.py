@@ -11,17 +11,18 @@ the commit protocol (temp file, fsync, rename, fsync directory)::
         "variable_file_{step}.safetensors": {
           "next_keep_time": null,
           "checkpoints": [
-            {"name": "variable_file_96.safetensors", "step": 96, "wall_time": 1764080000.5,
-             "size": 1496, "checksum": "crc32c:5d1e0a9b", "metric": null, "preserved": false},
+            {"name": "variable_file_96.safetensors", "step": 96, "wall_time": 1764080000.5, ...},
             ...
           ]
         }
       }
     }
 
-Names are relative to the directory, so the directory can be moved. When the file is missing or
-damaged, readers fall back to scanning the directory for files written by lightning_saver
-(:func:`scan_checkpoints`) and a warning names the damaged file.
+Each checkpoint (one per line) has name, step, wall_time, metric, preserved (kept forever by
+keep_every_n_hours), size and checksum (``crc32c:`` of the file's header, which holds the
+per-tensor checksums). Names are relative to the directory, so the directory can be moved. When
+the file is missing or damaged, readers fall back to scanning the directory for files written by
+lightning_saver (:func:`scan_checkpoints`) and a warning names the damaged file.
 """
 
 from __future__ import annotations
@@ -129,17 +130,17 @@ def load_state(directory: str) -> DirectoryState | None:
 
 def save_state(directory: str, state: DirectoryState) -> None:
     """Commit ``state`` as the directory's state file (atomic and durable)."""
-    doc = {
-        "format": _FORMAT,
-        "version": _VERSION,
-        "latest": state.latest,
-        "series": {
-            key: {"next_keep_time": s.next_keep_time, "checkpoints": [asdict(r) for r in s.checkpoints]}
-            for key, s in state.series.items()
-        },
-    }
-    text = json.dumps(doc, indent=2) + "\n"
-    commit.atomic_write_bytes(os.path.join(directory, STATE_NAME), text.encode("utf-8"))
+    lines = ["{", f'  "format": "{_FORMAT}",', f'  "version": {_VERSION},',
+             f'  "latest": {json.dumps(state.latest)},', '  "series": {']
+    for i, (key, s) in enumerate(state.series.items()):
+        lines += [f"    {json.dumps(key)}: {{", f'      "next_keep_time": {json.dumps(s.next_keep_time)},',
+                  '      "checkpoints": [']
+        # one checkpoint per line: easy to read and to diff
+        lines += [f"        {json.dumps(asdict(r))}{',' if j < len(s.checkpoints) - 1 else ''}"
+                  for j, r in enumerate(s.checkpoints)]
+        lines += ["      ]", "    }" + ("," if i < len(state.series) - 1 else "")]
+    lines += ["  }", "}", ""]
+    commit.atomic_write_bytes(os.path.join(directory, STATE_NAME), "\n".join(lines).encode("utf-8"))
 
 
 def scan_checkpoints(directory: str, series: Series | None = None) -> list[Record]:

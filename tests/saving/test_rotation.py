@@ -1,4 +1,5 @@
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,3 +107,52 @@ def test_any_sequence_keeps_exactly_the_newest_distinct_saves(steps, max_to_keep
     latest_order = list(dict.fromkeys(reversed(steps)))
     expected = set(latest_order if max_to_keep == 0 else latest_order[:max_to_keep])
     assert on_disk == expected == set(steps_of(records))
+
+
+class _Clock:
+    """A settable wall clock standing in for the ``time`` module of the saver under test."""
+
+    def __init__(self):
+        import time as real
+
+        self._real = real
+        self.now = 1_000_000.0
+
+    def time(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize(
+    "max_to_keep, hours, gaps_minutes",
+    [(2, 1.0, [20] * 18),
+     (1, 0.5, [7, 50, 3, 31, 29, 90, 1, 1, 45, 20, 33]),
+     (3, 2.0, [25] * 20 + [300, 5, 5])],
+)
+def test_keep_every_n_hours_keeps_the_same_files_as_tensorflow(tmp_path, monkeypatch, max_to_keep, hours,
+                                                               gaps_minutes):
+    tf = pytest.importorskip("tensorflow")
+    from tensorflow.python.training import saver as tf_saver_module
+
+    from lightning_saver.saving import saver as our_saver_module
+    from lightning_saver.saving.saver import CheckpointSaver
+
+    clock = _Clock()
+    monkeypatch.setattr(tf_saver_module, "time", clock)
+    monkeypatch.setattr(our_saver_module, "time", clock)
+    with tf.Graph().as_default():
+        var = tf.compat.v1.Variable(1.0)
+        tf_saver = tf.compat.v1.train.Saver(max_to_keep=max_to_keep, keep_checkpoint_every_n_hours=hours)
+        ours = CheckpointSaver(max_to_keep=max_to_keep, keep_every_n_hours=hours)
+        with tf.compat.v1.Session() as sess:
+            sess.run(var.initializer)
+            for step, gap in enumerate(gaps_minutes, start=1):
+                clock.now += gap * 60.0
+                tf_saver.save(sess, str(tmp_path / "tf" / "model"), global_step=step, write_meta_graph=False)
+                ours.save({"v": torch.ones(1)}, str(tmp_path / "ours" / "model"), global_step=step)
+    tf_kept = sorted(int(p.name[6:-6]) for p in (tmp_path / "tf").glob("model-*.index"))  # model-{step}.index
+    our_kept = sorted(int(p.stem[len("model_"):]) for p in (tmp_path / "ours").glob("model_*.safetensors"))
+    assert our_kept == tf_kept
+    assert len(tf_kept) > max_to_keep  # the scenario does preserve some checkpoints
