@@ -49,8 +49,9 @@ def test_tf1_saver_with_adam_slots_and_global_step(tmp_path, use_resource):
     assert list(read_checkpoint(tmp_path, names=["global_step"])) == ["global_step"]
 
 
-def test_tf1_saver_restores_what_we_wrote(tmp_path):
-    graph, _, _, saver, init, _ = _tf1_graph(use_resource=True)
+@pytest.mark.parametrize("use_resource", [False, True], ids=["ref", "resource"])
+def test_tf1_saver_restores_what_we_wrote(tmp_path, use_resource):
+    graph, _, _, saver, init, _ = _tf1_graph(use_resource)
     with v1.Session(graph=graph) as sess:
         sess.run(init)
         names = {v.op.name: v for v in v1.global_variables()}
