@@ -254,3 +254,22 @@ def test_to_module_trains_and_shares_storage(mlp):
         opt.step()
     trained = module(torch.from_numpy(X)).detach().numpy()
     np.testing.assert_allclose(graph.run("logits:0", {"x:0": X}), trained, rtol=1e-6)  # shared storage
+
+
+def test_saver_file_of_module_restores_into_fresh_import(tmp_path, mlp):
+    from lightning_saver import Saver
+
+    graph = import_meta_graph(mlp.meta)
+    graph.restore(mlp.ckpt)
+    module = graph.to_module(inputs=["x:0"], outputs="logits:0")
+    with torch.no_grad():
+        module.get_parameter("l2/bias").add_(1.0)
+    changed = module(torch.from_numpy(X)).detach().numpy()
+    path = Saver(max_to_keep=2).save(module, str(tmp_path / "ft"), global_step=2)
+    fresh = import_meta_graph(mlp.meta)
+    assert fresh.restore(path) == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
+    np.testing.assert_allclose(fresh.run("logits:0", {"x:0": X}), changed, rtol=1e-6)
+    np.testing.assert_allclose(fresh.run("logits:0", {"x:0": X}), mlp.expected[0] + 1.0, rtol=1e-5, atol=1e-5)
+    other = Saver().save({"junk": torch.zeros(1)}, str(tmp_path / "other"))
+    with pytest.raises(StateMismatchError, match=r"none of its 1 keys \(junk\) names a variable of the"):
+        fresh.restore(other)

@@ -159,3 +159,58 @@ def test_frozen_keras_depthwise_gelu_layer_norm(tmp_path):
     graph = import_meta_graph(path)
     got = graph.run(frozen.outputs[0].name, {frozen.inputs[0].name: x})
     assert_same(got, expected, **TOL)
+
+
+def test_fine_tune_with_lightning_then_tensorflow_reads_the_weights(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_saver import Saver
+    from lightning_saver.tf import write_checkpoint
+
+    tf = tf_module()
+    x = RNG.normal(size=(32, 6)).astype(np.float32)
+    labels = RNG.integers(0, 4, size=32).astype(np.int32)
+    made = build_tf_graph(tmp_path, build_mlp, ["loss:0"], {"x:0": x, "labels:0": labels})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt)
+
+    class FineTune(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = graph.to_module(inputs="x:0", outputs="logits:0")
+
+        def training_step(self, batch, _):
+            inputs, targets = batch
+            return torch.nn.functional.cross_entropy(self.net(inputs), targets.long())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    model = FineTune()
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(labels))
+    data = torch.utils.data.DataLoader(dataset, batch_size=8)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 6
+    with torch.no_grad():
+        tuned = model.net(torch.from_numpy(x)).numpy()
+    loss_after = torch.nn.functional.cross_entropy(torch.from_numpy(tuned), torch.from_numpy(labels).long())
+    assert float(loss_after) < made.expected[0]
+
+    path = Saver(max_to_keep=1).save(model, str(tmp_path / "tuned"), global_step=trainer.global_step)
+    fresh = import_meta_graph(made.meta)
+    fresh.restore(made.ckpt)  # Adam slots and global_step from TF
+    assert "dense0/kernel" in fresh.restore(path)  # the fine-tuned weights, keys "net.dense0/kernel"
+    np.testing.assert_allclose(fresh.run("logits:0", {"x:0": x}), tuned, rtol=1e-6, atol=1e-6)
+
+    # the peer check: TensorFlow restores the fine-tuned values and computes the same logits
+    prefix = str(tmp_path / "tuned_tf")
+    values = fresh.variable_values()
+    write_checkpoint(prefix, {fresh.variables[n].checkpoint_key: v for n, v in values.items()})
+    with tf.Graph().as_default():
+        saver = tf.compat.v1.train.import_meta_graph(made.meta)
+        with tf.compat.v1.Session() as sess:
+            saver.restore(sess, prefix)
+            theirs = sess.run("logits:0", {"x:0": x})
+    assert_same(theirs, tuned, **TOL)
