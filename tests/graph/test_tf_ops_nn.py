@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from lightning_saver.errors import GraphImportError, UnsupportedOpError
 from lightning_saver.graph.tf_import import table
@@ -230,6 +232,16 @@ def test_fused_batch_norm_v3_training_with_empty_running_stats_as_keras_emits():
         np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 2, 1, 3)])
+def test_fused_batch_norm_training_on_tiny_batches(shape):
+    x, params = rand(*shape), [rand(3), rand(3), rand(3), RNG.random(3).astype(np.float32) + 0.5]
+    expected = tf.raw_ops.FusedBatchNormV3(x=x, scale=params[0], offset=params[1], mean=params[2],
+                                           variance=params[3], is_training=True, exponential_avg_factor=0.5)
+    got = ours("FusedBatchNormV3", [x, *params], {"is_training": True, "exponential_avg_factor": 0.5})
+    for g, e in zip(got[:5], expected[:5], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5, rtol=1e-5)
+
+
 def test_fused_batch_norm_half_input_keeps_its_dtype():
     x = rand(2, 3, 3, 2).astype(np.float16)
     params = [rand(2), rand(2), rand(2), RNG.random(2).astype(np.float32) + 0.5]
@@ -308,3 +320,26 @@ def test_gradients_match_tensorflow(op, args, attrs, wrt):
         np.testing.assert_allclose(inputs[name].grad.numpy(), e, atol=1e-4, rtol=1e-4)
     for name, value in inputs.items():  # converters never write into their inputs
         assert torch.equal(value.detach(), snapshot[name])
+
+
+@settings(max_examples=120, deadline=None)
+@given(h=st.integers(1, 13), w=st.integers(1, 13), kh=st.integers(1, 5), kw=st.integers(1, 5),
+       s=st.integers(1, 4), padding=st.sampled_from(["SAME", "VALID"]),
+       op=st.sampled_from(["MaxPool", "AvgPool"]))
+def test_pool_property(h, w, kh, kw, s, padding, op):
+    """Random sizes, windows and strides (covering torch's ceil-mode shortcut and the padded path)."""
+    assume(padding == "SAME" or (kh <= h and kw <= w))
+    image = rand(2, h, w, 3) - 3.0
+    attrs = {"ksize": [1, kh, kw, 1], "strides": [1, s, s, 1], "padding": padding}
+    check_image_op(op, "input" if op == "MaxPool" else "value", image, {}, attrs, "NHWC")
+
+
+@settings(max_examples=120, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), oh=st.integers(1, 25), ow=st.integers(1, 25),
+       mode=st.sampled_from(RESIZE_MODES),
+       op=st.sampled_from(["ResizeBilinear", "ResizeNearestNeighbor"]))
+def test_resize_property(h, w, oh, ow, mode, op):
+    x, size = rand(1, h, w, 2), np.array([oh, ow], np.int32)
+    attrs = {"align_corners": mode[0], "half_pixel_centers": mode[1]}
+    expected = getattr(tf.raw_ops, op)(images=x, size=size, **attrs).numpy()
+    np.testing.assert_allclose(ours(op, [x, size], attrs).numpy(), expected, atol=ATOL, rtol=1e-5)

@@ -122,3 +122,26 @@ def pad_spatial(x: torch.Tensor, pads: Pads, value: float = 0.0) -> torch.Tensor
     if not any(flat):
         return x
     return F.pad(x, flat, value=value)
+
+
+def ceil_mode_pads(
+    sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Pads
+) -> tuple[int, ...] | None:
+    """Symmetric torch pooling padding that, with ``ceil_mode=True``, reproduces ``pads``; else None.
+
+    torch pools pad implicitly (-inf for max, excluded from an average's divisor) and in ceil mode
+    let the last window hang past the end, which is TF's extra SAME pixel after; this avoids
+    copying the input into a padded tensor.
+    """
+    result = []
+    for size, k, s, (before, after) in zip(sizes, kernel, strides, pads, strict=True):
+        if before > k // 2 or after < before:
+            return None
+        tf_out = (size + before + after - k) // s + 1
+        torch_out = -(-(size + 2 * before - k) // s) + 1
+        if (torch_out - 1) * s >= size + before:
+            torch_out -= 1
+        if torch_out != tf_out:
+            return None
+        result.append(before)
+    return tuple(result)

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import import ops_image  # noqa: F401  registers the resize ops
 from lightning_saver.graph.tf_import.layout import (
     Pads,
+    ceil_mode_pads,
     check_data_format,
     from_nchw,
     pad_spatial,
@@ -165,9 +167,12 @@ def max_pool(
 ) -> torch.Tensor:
     x = to_nchw(input, data_format, "MaxPool")
     kernel, stride, pads = _pool_pads("MaxPool", x, ksize, strides, padding, explicit_paddings, data_format)
-    # padded cells never win a max, whatever the sign of the data
-    x = pad_spatial(x, pads, value=float("-inf"))
-    return from_nchw(F.max_pool2d(x, kernel, stride), data_format, "MaxPool")
+    torch_pad = ceil_mode_pads(x.shape[2:], kernel, stride, pads)
+    if torch_pad is not None:
+        y = F.max_pool2d(x, kernel, stride, torch_pad, ceil_mode=True)
+    else:  # padded cells never win a max, whatever the sign of the data
+        y = F.max_pool2d(pad_spatial(x, pads, value=float("-inf")), kernel, stride)
+    return from_nchw(y, data_format, "MaxPool")
 
 
 @TF_OPS.register("MaxPoolV2")
@@ -194,13 +199,30 @@ def avg_pool(
 ) -> torch.Tensor:
     x = to_nchw(value, data_format, "AvgPool")
     kernel, stride, pads = _pool_pads("AvgPool", x, ksize, strides, padding, (), data_format)
-    if not any(before or after for before, after in pads):
-        return from_nchw(F.avg_pool2d(x, kernel, stride), data_format, "AvgPool")
     # TF divides by the number of real (unpadded) cells in each window
+    torch_pad = ceil_mode_pads(x.shape[2:], kernel, stride, pads)
+    if torch_pad is not None:
+        y = F.avg_pool2d(x, kernel, stride, torch_pad, ceil_mode=True, count_include_pad=False)
+        return from_nchw(y, data_format, "AvgPool")
     total = F.avg_pool2d(pad_spatial(x, pads), kernel, stride, divisor_override=1)
     ones = x.new_ones((1, 1) + tuple(x.shape[2:]))
     count = F.avg_pool2d(pad_spatial(ones, pads), kernel, stride, divisor_override=1)
     return from_nchw(total / count, data_format, "AvgPool")
+
+
+def _normalize(
+    x: torch.Tensor,
+    channel: int,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    epsilon: float,
+) -> torch.Tensor:
+    shape = [-1 if d == channel else 1 for d in range(x.dim())]
+    # one fused pass x * a + b over the data, the form torch's own batch norm kernel uses
+    a = torch.rsqrt(variance + epsilon) * scale
+    return torch.addcmul((offset - mean * a).reshape(shape), x, a.reshape(shape))
 
 
 def _batch_norm(
@@ -214,30 +236,38 @@ def _batch_norm(
     data_format: str,
     is_training: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """y, running mean, running variance, saved mean, saved (biased) variance, as TF's CPU kernel."""
-    channel = 1 if check_data_format(data_format, "FusedBatchNorm") else x.dim() - 1
-    dims = [d for d in range(x.dim()) if d != channel]
-    shape = [-1 if d == channel else 1 for d in range(x.dim())]
+    """y, running mean, running variance, saved mean, saved (biased) variance, as TF's CPU kernel.
+
+    Like TF's FusedBatchNormGrad, gradients flow from ``y`` only (through the batch statistics in
+    training), not from the statistics outputs.
+    """
+    first = check_data_format(data_format, "FusedBatchNorm")
     # half/bfloat16 inputs are normalised in the float32 of scale, like TF's mixed-precision kernel
     xf = x.to(scale.dtype)
-    if is_training:
-        batch_mean = xf.mean(dims)
-        batch_var = xf.var(dims, correction=0)
-        count = xf.numel() // max(xf.shape[channel], 1)
-        unbiased = batch_var * (count / max(count - 1, 1))
-        factor = exponential_avg_factor
-        if factor != 1.0:
-            running_mean = (1.0 - factor) * mean + factor * batch_mean
-            running_var = (1.0 - factor) * variance + factor * unbiased
-        else:
-            running_mean, running_var = batch_mean, unbiased
-        used_mean, used_var = batch_mean, batch_var
+    channel = 1 if first else x.dim() - 1
+    count = xf.numel() // max(xf.shape[channel], 1)
+    if not is_training:
+        y = _normalize(xf, channel, mean, variance, scale, offset, epsilon)
+        return y.to(x.dtype), mean, variance, mean, variance
+    if count > 1:
+        channels_first = xf if first else xf.movedim(-1, 1)
+        # torch's fused kernel writes the batch mean and unbiased variance into these (momentum 1)
+        batch_mean, unbiased = scale.new_zeros(xf.shape[channel]), scale.new_ones(xf.shape[channel])
+        y = F.batch_norm(channels_first, batch_mean, unbiased, scale, offset, True, 1.0, epsilon)
+        y = y if first else y.movedim(1, -1)
+        batch_var = unbiased * ((count - 1) / count)
+    else:  # one value per channel, which torch's kernel refuses: the variance is zero
+        dims = [d for d in range(x.dim()) if d != channel]
+        batch_var, batch_mean = torch.var_mean(xf, dims, correction=0)
+        unbiased = batch_var
+        y = _normalize(xf, channel, batch_mean, batch_var, scale, offset, epsilon)
+    factor = exponential_avg_factor
+    if factor != 1.0:
+        running_mean = (1.0 - factor) * mean + factor * batch_mean
+        running_var = (1.0 - factor) * variance + factor * unbiased
     else:
-        used_mean, used_var = mean, variance
-        running_mean, running_var = mean, variance
-    inv = torch.rsqrt(used_var + epsilon) * scale
-    y = (xf - used_mean.reshape(shape)) * inv.reshape(shape) + offset.reshape(shape)
-    return y.to(x.dtype), running_mean, running_var, used_mean, used_var
+        running_mean, running_var = batch_mean, unbiased
+    return y.to(x.dtype), running_mean, running_var, batch_mean, batch_var
 
 
 @TF_OPS.register("FusedBatchNorm", "FusedBatchNormV2")
@@ -276,71 +306,3 @@ def fused_batch_norm_v3(
     )
     # reserve_space_3 is an opaque scratch output (a scalar on TF's CPU kernel)
     return outputs + (scale.new_zeros(()),)
-
-
-def _resize_scale(in_size: int, out_size: int, align_corners: bool) -> torch.Tensor:
-    # float32 division, as TF computes it, so nearest-neighbour picks the same pixels
-    if align_corners and out_size > 1:
-        return torch.tensor(in_size - 1, dtype=torch.float32) / (out_size - 1)
-    return torch.tensor(in_size, dtype=torch.float32) / out_size
-
-
-def _linear_taps(
-    in_size: int, out_size: int, align_corners: bool, half_pixel_centers: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lower and upper source index and the weight of the upper one, per output pixel."""
-    scale = _resize_scale(in_size, out_size, align_corners).to(device)
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
-    src = (dst + 0.5) * scale - 0.5 if half_pixel_centers else dst * scale
-    floor = torch.floor(src)
-    lower = floor.clamp(0, in_size - 1).long()
-    upper = torch.ceil(src).clamp(0, in_size - 1).long()
-    return lower, upper, src - floor
-
-
-def _resize_size(size: torch.Tensor, op: str) -> tuple[int, int]:
-    values = [int(v) for v in size.tolist()]
-    if len(values) != 2 or min(values) <= 0:
-        raise GraphImportError(f"{op}: size must be 2 positive ints [new_height, new_width], found {values}")
-    return values[0], values[1]
-
-
-@TF_OPS.register("ResizeBilinear")
-def resize_bilinear(
-    images: torch.Tensor, size: torch.Tensor, *, align_corners: bool = False, half_pixel_centers: bool = False
-) -> torch.Tensor:
-    out_h, out_w = _resize_size(size, "ResizeBilinear")
-    x = images.float()
-    y0, y1, wy = _linear_taps(x.shape[1], out_h, align_corners, half_pixel_centers, x.device)
-    x0, x1, wx = _linear_taps(x.shape[2], out_w, align_corners, half_pixel_centers, x.device)
-    wx = wx[:, None]
-
-    def along_width(rows: torch.Tensor) -> torch.Tensor:
-        left = rows.index_select(2, x0)
-        return left + (rows.index_select(2, x1) - left) * wx
-
-    top = along_width(x.index_select(1, y0))
-    bottom = along_width(x.index_select(1, y1))
-    return top + (bottom - top) * wy[:, None, None]
-
-
-def _nearest_index(
-    in_size: int, out_size: int, align_corners: bool, half_pixel_centers: bool, device: torch.device
-) -> torch.Tensor:
-    scale = _resize_scale(in_size, out_size, align_corners).to(device)
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
-    src = (dst + 0.5) * scale if half_pixel_centers else dst * scale
-    floor = torch.floor(src)
-    if align_corners:  # C roundf: halves go up for these non-negative coordinates
-        floor = floor + (src - floor >= 0.5).float()
-    return floor.clamp(0, in_size - 1).long()
-
-
-@TF_OPS.register("ResizeNearestNeighbor")
-def resize_nearest_neighbor(
-    images: torch.Tensor, size: torch.Tensor, *, align_corners: bool = False, half_pixel_centers: bool = False
-) -> torch.Tensor:
-    out_h, out_w = _resize_size(size, "ResizeNearestNeighbor")
-    rows = _nearest_index(images.shape[1], out_h, align_corners, half_pixel_centers, images.device)
-    cols = _nearest_index(images.shape[2], out_w, align_corners, half_pixel_centers, images.device)
-    return images.index_select(1, rows).index_select(2, cols)
