@@ -198,11 +198,19 @@ class CheckpointSaver:
                 next_keep_time=current.next_keep_time,
                 protected=self._protected_names(directory),
             )
-            current.checkpoints, current.next_keep_time = decision.records, decision.next_keep_time
+            updated = state_file.SeriesState(decision.records, decision.next_keep_time)
             whole = state_file.load_state(directory) or state_file.DirectoryState()
-            whole.series[state_file.series_key(series)] = current
+            whole.series[state_file.series_key(series)] = updated
             whole.latest = record.name
-            state_file.save_state(directory, whole)
+            try:
+                state_file.save_state(directory, whole)
+            except BaseException:
+                # the new file is durable: remember it, but delete nothing without a durable state
+                kept = rotation.record_save(current.checkpoints, record)
+                self._series[series] = state_file.SeriesState(kept, current.next_keep_time)
+                raise
+            # only now, with the state durable, does this saver forget and delete what rotation dropped
+            self._series[series] = current = updated
             for gone in decision.delete:
                 self._delete(os.path.join(directory, gone.name))
             self.last_checkpoints = [
