@@ -273,3 +273,90 @@ def test_saver_file_of_module_restores_into_fresh_import(tmp_path, mlp):
     other = Saver().save({"junk": torch.zeros(1)}, str(tmp_path / "other"))
     with pytest.raises(StateMismatchError, match=r"none of its 1 keys \(junk\) names a variable of the"):
         fresh.restore(other)
+
+
+def _proto(tf, field, values, shape, dtype):
+    """A TensorProto with fewer values than its shape holds, which TF fills with the last one."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in shape]
+    proto = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims))
+    getattr(proto, field).extend(values)
+    return proto
+
+
+CONSTANTS = {
+    "float_scalar_broadcast": (lambda tf: tf.constant(2.5, shape=[2, 3])),
+    "float_content": (lambda tf: tf.constant(RNG.normal(size=(3, 4)).astype(np.float32))),
+    "double": (lambda tf: tf.constant([1e-300, 2.0, -3.5], dtype=tf.float64)),
+    "half": (lambda tf: tf.constant([0.5, -1.25, 65504.0], dtype=tf.float16)),
+    "half_broadcast": (lambda tf: tf.constant(1.5, shape=[4], dtype=tf.float16)),
+    "bfloat16": (lambda tf: tf.constant([0.5, -3.0, 1e30], dtype=tf.bfloat16)),
+    "int8": (lambda tf: tf.constant([-128, 0, 127], dtype=tf.int8)),
+    "uint8_content": (lambda tf: tf.constant(np.arange(256, dtype=np.uint8).reshape(16, 16))),
+    "int16": (lambda tf: tf.constant([-32768, 7], dtype=tf.int16)),
+    "int32_repeat_last": (lambda tf: tf.constant(_proto(tf, "int_val", [1, 2], shape=[5], dtype=3))),
+    "float_repeat_last": (lambda tf: tf.constant(_proto(tf, "float_val", [1.5, -2.0], shape=[3], dtype=1))),
+    "int64": (lambda tf: tf.constant([2**40, -(2**62)], dtype=tf.int64)),
+    "bool": (lambda tf: tf.constant([True, False, True])),
+    "bool_broadcast": (lambda tf: tf.constant(True, shape=[2, 2])),
+    "empty": (lambda tf: tf.constant([], shape=[0, 3], dtype=tf.float32)),
+    "complex64": (lambda tf: tf.constant([1 + 2j, -3j], dtype=tf.complex64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONSTANTS))
+def test_constants_decode_like_tensorflow(tmp_path, case):
+    def build(tf):
+        tf.identity(CONSTANTS[case](tf), name="c")
+
+    made = build_tf_graph(tmp_path, build, ["c:0"], save=False)
+    got = import_meta_graph(made.meta).run("c:0")
+    expected = made.expected[0]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got.astype(np.complex128 if got.dtype.kind == "c" else np.float64),
+                                  expected.astype(np.complex128 if got.dtype.kind == "c" else np.float64))
+
+
+def test_multi_output_fetch_and_to_module_refuses_assignments(tmp_path):
+    def build(tf):
+        v1 = tf.compat.v1
+        x = v1.placeholder(tf.float32, [4, 6], name="x")
+        a, b, c = tf.split(x, [1, 2, 3], axis=1, name="parts")
+        v = v1.get_variable("v", initializer=0.0, use_resource=True)
+        with tf.control_dependencies([v1.assign_add(v, tf.reduce_sum(b))]):
+            tf.identity(c * 2.0, name="y")
+
+    made = build_tf_graph(tmp_path, build, ["parts:1", "parts:2", "y:0"], {"x:0": X[:4, :2].repeat(3, 1)},
+                          save=False)
+    graph = import_meta_graph(made.meta)
+    got = graph.run(["parts:1", "parts:2", "y:0"], made.feed)
+    for ours, theirs in zip(got, made.expected, strict=True):
+        assert_same(ours, theirs)
+    message = r"to_module: node '\S*AssignAddVariableOp' \(AssignAddVariableOp\) changes variable 'v'"
+    with pytest.raises(GraphImportError, match=message):
+        graph.to_module(inputs="x:0", outputs="y:0")
+    module = graph.to_module(inputs="x:0", outputs=["parts:1", "parts:2"])
+    for ours, theirs in zip(module(torch.from_numpy(made.feed["x:0"])), made.expected, strict=False):
+        assert_same(ours.numpy(), theirs)
+
+
+def test_sharded_saver_keys(tmp_path):
+    def build(tf):
+        v1 = tf.compat.v1
+        a = v1.get_variable("a", initializer=np.ones(3, np.float32), use_resource=False)
+        b = v1.get_variable("b", initializer=np.full(2, 4.0, np.float32), use_resource=True)
+        tf.identity(tf.reduce_sum(a) * tf.reduce_sum(b), name="y")
+        v1.group(v1.assign(a, a * 2.0), v1.assign(b, b + 1.0), name="change")
+
+    def renamed(tf):
+        return {f"shard/{v.op.name}": v for v in tf.compat.v1.global_variables()}
+
+    made = build_tf_graph(tmp_path, build, ["y:0"], train=lambda tf, sess: sess.run("change"), sharded=True,
+                          saver_var_list=renamed)
+    assert made.expected[0] == 60.0
+    graph = import_meta_graph(made.meta)
+    assert "save/restore_shard" in graph.get_operation_names()
+    assert {n: v.checkpoint_key for n, v in graph.variables.items()} == {"a": "shard/a", "b": "shard/b"}
+    graph.restore(made.ckpt, strict=True)
+    assert graph.run("y:0") == 60.0

@@ -49,6 +49,7 @@ def build_tf_graph(
     saver_var_list: Callable[[Any], Any] | None = None,
     name: str = "model",
     save: bool = True,
+    sharded: bool = False,
 ) -> TFGraph:
     """Build a graph with ``build(tf)`` in a fresh ``tf.Graph``, initialise its variables, optionally
     ``train(tf, session)``, save a TF checkpoint with ``tf.compat.v1.train.Saver`` (its var_list from
@@ -64,7 +65,7 @@ def build_tf_graph(
         init = v1.group(v1.global_variables_initializer(), v1.local_variables_initializer(), name="init")
         saver = None
         if save and variables:
-            saver = v1.train.Saver(var_list=saver_var_list(tf) if saver_var_list else None)
+            saver = v1.train.Saver(var_list=saver_var_list(tf) if saver_var_list else None, sharded=sharded)
         with v1.Session(graph=graph) as sess:
             sess.run(init)
             if train is not None:
