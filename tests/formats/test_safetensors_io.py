@@ -1,6 +1,11 @@
 import json
 import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
+import google_crc32c
 import pytest
 import safetensors.torch
 import torch
@@ -151,3 +156,67 @@ def test_newer_format_version_is_refused(tmp_path):
     safetensors.torch.save_file({"a": torch.ones(1)}, str(path), metadata={"lightning_saver": info})
     with pytest.raises(FormatVersionError, match="format version 99.*reads up to 1; upgrade lightning_saver"):
         sio.load_file(path)
+
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "variable_file_95.safetensors"
+
+
+def golden_tensors():
+    emb = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    return {"x": torch.tensor(5.0), "embed.weight": emb, "head.weight": emb,
+            "h": torch.tensor([1.5, -2.0]).bfloat16(), "flag": torch.tensor([True, False, True])}
+
+
+def split_file(raw):
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    ours = json.loads(header["__metadata__"].pop("lightning_saver"))
+    ours.pop("versions")
+    return header, ours, raw[8 + n:]
+
+
+def test_golden_file_reads_back_and_is_written_the_same_way(tmp_path):
+    loaded = sio.load_file(GOLDEN)
+    assert loaded["x"].item() == 5.0
+    assert loaded["embed.weight"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert loaded["head.weight"] is loaded["embed.weight"]
+    assert loaded["h"].dtype == torch.bfloat16 and loaded["h"].float().tolist() == [1.5, -2.0]
+    assert loaded["flag"].tolist() == [True, False, True]
+    peer = safetensors.torch.load_file(str(GOLDEN))
+    assert peer["x"].item() == 5.0 and torch.equal(peer["head.weight"], peer["embed.weight"])
+    info = sio.read_info(GOLDEN)
+    assert (info["global_step"], info["wall_time"]) == (95, 1764072000.0)
+
+    # the same tensors written today give the same bytes (library versions aside)
+    sio.save_file(golden_tensors(), tmp_path / "new.safetensors",
+                  info={"global_step": 95, "wall_time": 1764072000.0})
+    assert split_file((tmp_path / "new.safetensors").read_bytes()) == split_file(GOLDEN.read_bytes())
+
+
+def test_stored_checksums_agree_with_google_crc32c_on_the_file_bytes():
+    raw = GOLDEN.read_bytes()
+    header = sio.read_header(GOLDEN)
+    for name, t in header.tensors.items():
+        region = raw[header.data_start + t.offset: header.data_start + t.offset + t.nbytes]
+        assert t.crc32c == f"{google_crc32c.value(region):08x}", name
+
+
+def test_a_sync_save_adds_no_whole_file_buffer(tmp_path):
+    script = textwrap.dedent(
+        """
+        import resource, sys, torch
+        from lightning_saver.formats.safetensors_io import save_file
+        tensors = {f"w{i}": torch.rand(8 << 20) for i in range(4)}  # 128 MiB
+        tensors["t"] = torch.rand(1024, 4096).t()                   # 16 MiB, non-contiguous
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        save_file(tensors, sys.argv[1])
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    extra_mib = int(out.stdout)
+    assert extra_mib <= 24, f"a save of 144 MiB raised peak memory by {extra_mib} MiB"
+    assert (tmp_path / "big.safetensors").stat().st_size > 144 << 20
