@@ -343,3 +343,55 @@ def test_resize_property(h, w, oh, ow, mode, op):
     attrs = {"align_corners": mode[0], "half_pixel_centers": mode[1]}
     expected = getattr(tf.raw_ops, op)(images=x, size=size, **attrs).numpy()
     np.testing.assert_allclose(ours(op, [x, size], attrs).numpy(), expected, atol=ATOL, rtol=1e-5)
+
+
+def _frozen_keras_layers():
+    """A frozen Keras graph using the layers that lower to this module's ops (and the shape ops)."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    layers = tf.keras.layers
+    tf.keras.utils.set_random_seed(5)
+    inp = tf.keras.Input((12, 12, 3))
+    x = layers.Conv2D(6, 3, padding="same", strides=2)(inp)
+    x = layers.BatchNormalization()(x)
+    x = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(x)
+    x = layers.SeparableConv2D(6, 3, dilation_rate=2, padding="same")(x)  # SpaceToBatchND / BatchToSpaceND
+    x = layers.Conv2DTranspose(4, 3, strides=2, padding="same")(x)  # Conv2DBackpropInput
+    x = layers.UpSampling2D(interpolation="bilinear")(x)
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    x = layers.AveragePooling2D(3, strides=2, padding="same")(x)
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.Cropping2D(((1, 0), (0, 1)))(x)
+    x = layers.Flatten()(x)
+    out = layers.Dense(5)(x)
+    model = tf.keras.Model(inp, out)
+    spec = tf.TensorSpec((None, 12, 12, 3), name="images")
+    frozen = convert_variables_to_constants_v2(tf.function(lambda t: model(t, training=False))
+                                               .get_concrete_function(spec))
+    return frozen
+
+
+def test_frozen_keras_layers_import_and_train_through_the_importer():
+    from lightning_saver import import_meta_graph
+
+    frozen = _frozen_keras_layers()
+    graph_def = frozen.graph.as_graph_def()
+    ops = {node.op for node in graph_def.node}
+    assert {"Conv2DBackpropInput", "SpaceToBatchND", "ResizeBilinear", "AvgPool", "StridedSlice"} <= ops
+    data = rand(3, 12, 12, 3)
+    expected = frozen(tf.constant(data))[0].numpy()
+    graph = import_meta_graph(graph_def.SerializeToString())
+    feeds, fetch = frozen.inputs[0].name, frozen.outputs[0].name
+    np.testing.assert_allclose(graph.run(fetch, feed_dict={feeds: data}), expected, atol=1e-4, rtol=1e-4)
+    module = graph.to_module(inputs=[feeds], outputs=[fetch])
+    images = torch.from_numpy(data).requires_grad_(True)
+    result = module(images)
+    result = result[0] if isinstance(result, (tuple, list)) else result
+    np.testing.assert_allclose(result.detach().numpy(), expected, atol=1e-4, rtol=1e-4)
+    result.square().sum().backward()
+    watched = tf.constant(data)
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        loss = tf.reduce_sum(tf.square(frozen(watched)[0]))
+    expected_grad = tape.gradient(loss, watched).numpy()
+    np.testing.assert_allclose(images.grad.numpy(), expected_grad, atol=1e-3, rtol=1e-3)
