@@ -54,7 +54,19 @@ class Plan:
     feeds: frozenset[Ref]
 
     def __post_init__(self) -> None:
-        self._fast = [(s.name, s.func, s.inputs, s.kwargs) for s in self.steps]
+        # after step i, drop the intermediates nobody reads later, so big batches reuse memory
+        last_use: dict[Ref, int] = {}
+        for i, step in enumerate(self.steps):
+            for ref in step.inputs:
+                if ref not in self.consts and ref not in self.feeds:
+                    last_use[ref] = i
+        for ref in self.fetches:
+            last_use.pop(ref, None)
+        drops: list[list[Ref]] = [[] for _ in self.steps]
+        for ref, i in last_use.items():
+            drops[i].append(ref)
+        self._fast = [(s.name, s.func, s.inputs, s.kwargs, tuple(drop))
+                      for s, drop in zip(self.steps, drops, strict=True)]
 
     def execute(self, feeds: dict[Ref, Any]) -> list[Any]:
         """Run the steps on ``feeds`` and return the fetched values in order."""
@@ -62,13 +74,15 @@ class Plan:
         env.update(feeds)
         i = 0
         try:
-            for i, (name, func, inputs, kwargs) in enumerate(self._fast):  # noqa: B007
+            for i, (name, func, inputs, kwargs, drops) in enumerate(self._fast):  # noqa: B007
                 out = func(*[env[r] for r in inputs], **kwargs)
                 if type(out) is tuple or type(out) is list:
                     for k, value in enumerate(out):
                         env[(name, k)] = value
                 else:
                     env[(name, 0)] = out
+                for ref in drops:
+                    del env[ref]
         except Exception as err:
             step = self.steps[i]
             if hasattr(err, "add_note"):
