@@ -67,6 +67,14 @@ def test_an_axis_named_twice_is_refused() -> None:
         table.call("Sum", [torch.from_numpy(x), torch.from_numpy(axis)], {})
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+@pytest.mark.parametrize("op", ["Sum", "Mean", "Max", "Min", "Prod"])
+def test_reducing_an_empty_axis_gives_tf_identities(op: str, dtype: type) -> None:
+    x = np.zeros((2, 0, 3), dtype)
+    _check(op, x, [1], {"keep_dims": False})
+    _check(op, x, [0, 1], {"keep_dims": True})
+
+
 def test_integer_mean_truncates() -> None:
     x = np.array([[-7, 2, 0], [5, 1, 1], [-1, -1, 1]], np.int32)
     for axis in (0, 1, [0, 1]):

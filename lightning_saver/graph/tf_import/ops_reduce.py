@@ -75,14 +75,28 @@ def mean(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
     return torch.div(total, max(count, 1), rounding_mode="trunc").to(input.dtype)
 
 
+def _extreme(t: Tensor, dim: int, largest: bool) -> Tensor:
+    if t.shape[dim] == 0:
+        # TF reduces an empty axis to the reduction's identity; torch.amax refuses it
+        if t.is_floating_point():
+            start = -torch.inf if largest else torch.inf
+        else:
+            info = torch.iinfo(t.dtype)
+            start = info.min if largest else info.max
+        return torch.full(t.shape[:dim] + (1,) + t.shape[dim + 1 :], start, dtype=t.dtype)
+    return torch.amax(t, dim=dim, keepdim=True) if largest else torch.amin(t, dim=dim, keepdim=True)
+
+
 @TF_OPS.register("Max")
 def max_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
-    return _reduce("Max", input, axis, keep_dims, lambda t, d: torch.amax(t, dim=d, keepdim=True))
+    """The largest value; an empty axis gives ``-inf`` (the lowest integer for ints), as in TF."""
+    return _reduce("Max", input, axis, keep_dims, lambda t, d: _extreme(t, d, largest=True))
 
 
 @TF_OPS.register("Min")
 def min_(input: Tensor, axis: Tensor, *, keep_dims: bool = False) -> Tensor:
-    return _reduce("Min", input, axis, keep_dims, lambda t, d: torch.amin(t, dim=d, keepdim=True))
+    """The smallest value; an empty axis gives ``inf`` (the highest integer for ints), as in TF."""
+    return _reduce("Min", input, axis, keep_dims, lambda t, d: _extreme(t, d, largest=False))
 
 
 @TF_OPS.register("Prod")
