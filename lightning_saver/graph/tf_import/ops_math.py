@@ -70,8 +70,8 @@ def div_no_nan(x: Tensor, y: Tensor) -> Tensor:
     """``x / y``, and 0 where ``y == 0`` (even for ``x`` inf or nan)."""
     zero = y == 0
     # divide by 1 where y == 0 so the unused branch has no inf/nan to leak into gradients
-    safe_y = torch.where(zero, torch.ones_like(y), y)
-    return torch.where(zero, torch.zeros_like(x / safe_y), x / safe_y)
+    quotient = x / torch.where(zero, torch.ones_like(y), y)
+    return torch.where(zero, torch.zeros_like(quotient), quotient)
 
 
 @TF_OPS.register("FloorDiv")
