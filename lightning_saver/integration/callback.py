@@ -105,6 +105,8 @@ class Saver(CheckpointSaver, Checkpoint):
         self._time_at_save = 0.0
         self._timer_start = time.monotonic()
         self._pending_rng: list[dict[str, Any]] | None = None
+        self.mode = mode
+        self._scores: dict[str, float] = {}  # path -> monitored value, for best_model_path
         resume.install()
 
     # ------------------------------------------------------------------ Lightning state
@@ -117,11 +119,10 @@ class Saver(CheckpointSaver, Checkpoint):
     @property
     def best_model_path(self) -> str:
         """The best kept checkpoint by ``monitor`` (the newest without one); ``ckpt_path="best"`` uses it."""
-        best = getattr(self, "best_checkpoint", None)
-        if callable(best):
-            best = best()
-        if best:
-            return str(best)
+        scored = {p: m for p, m in self._scores.items() if os.path.exists(p)}
+        if scored:
+            pick = min if self.mode == "min" else max
+            return pick(scored, key=scored.__getitem__)
         return self.last_checkpoints[-1] if self.last_checkpoints else ""
 
     def state_dict(self) -> dict[str, Any]:
@@ -222,6 +223,8 @@ class Saver(CheckpointSaver, Checkpoint):
         path = self.save(tensors, os.path.join(self.dirpath, self.filename), global_step=step,
                          metadata=metadata, metric=metric)
         blocked = time.perf_counter() - start
+        if metric is not None:
+            self._scores[path] = metric
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         log.info("Saver: %s (%.1f MB) step %d, caller blocked %.1f ms%s", path, nbytes / 1e6, step,
                  blocked * 1e3, " (async write)" if self.async_save else "")

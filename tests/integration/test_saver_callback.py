@@ -1,0 +1,58 @@
+"""The Saver's callback options with real Trainers: schedules, best-by-metric, log line, standalone use."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from integration_helpers import STEPS_PER_EPOCH, data, model, same_weights, trainer, weights
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_saver import Saver, latest_checkpoint
+
+
+def files(directory) -> list[str]:
+    return sorted((p for p in os.listdir(directory) if p.endswith(".safetensors")),
+                  key=lambda p: int(p.split("_")[1].split(".")[0]))
+
+
+def test_saver_replaces_the_default_model_checkpoint(tmp_path):
+    saver = Saver(dirpath=str(tmp_path))
+    t = trainer(tmp_path, [saver], max_epochs=1, limit_val_batches=0)
+    assert t.checkpoint_callback is saver
+    assert not any(isinstance(cb, ModelCheckpoint) for cb in t.callbacks)
+
+
+def test_best_by_monitor_is_kept_and_used_by_ckpt_path_best(tmp_path, caplog):
+    saver = Saver(dirpath=str(tmp_path), max_to_keep=1, monitor="val_loss", mode="min", save_top_k=1)
+    m = model(0, lr=0.5)  # a learning rate that makes validation loss jump around
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning.lightning_saver"):
+        trainer(tmp_path, [saver], max_epochs=4).fit(m, data())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saver: ")]
+    assert len(lines) == 4 and all("MB) step" in line and "caller blocked" in line for line in lines)
+    newest = f"model_{4 * STEPS_PER_EPOCH}.safetensors"
+    best = os.path.basename(saver.best_model_path)
+    assert set(files(tmp_path)) == {newest, best}
+    fresh = model(3, lr=0.5)
+    t = trainer(tmp_path, [Saver(dirpath=str(tmp_path))])
+    t.validate(fresh, data(), ckpt_path=saver.best_model_path, verbose=False)
+    assert t.ckpt_path == saver.best_model_path
+
+
+def test_every_n_train_steps_and_save_on_train_end(tmp_path):
+    saver = Saver(dirpath=str(tmp_path), max_to_keep=None, every_n_train_steps=4, filename="step")
+    trainer(tmp_path, [saver], max_steps=10, limit_val_batches=0).fit(model(0), data())
+    assert files(tmp_path) == ["step_4.safetensors", "step_8.safetensors", "step_10.safetensors"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_10.safetensors")
+
+
+def test_standalone_use_restores_weights_saved_by_the_callback(tmp_path):
+    m = model(0)
+    trainer(tmp_path, [Saver(dirpath=str(tmp_path))], max_epochs=1, limit_val_batches=0).fit(m, data())
+    fresh = model(9)
+    Saver().restore(fresh, tmp_path / f"model_{STEPS_PER_EPOCH}.safetensors", strict=False)
+    assert same_weights(weights(fresh), weights(m))
+    standalone = Saver(max_to_keep=5)
+    path = standalone.save({"x": torch.tensor(5.0)}, str(tmp_path / "d" / "variable_file"), global_step=95)
+    assert path.endswith("variable_file_95.safetensors")
