@@ -29,6 +29,7 @@ def read_checkpoint(
     names: Iterable[str] | None = None,
     framework: str = "numpy",
     verify: bool = True,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Read a TF V2 checkpoint written by TensorFlow (``Saver``, ``tf.train.Checkpoint``) or by us.
 
@@ -39,6 +40,9 @@ def read_checkpoint(
         framework: ``"numpy"`` (bfloat16 comes back as an ``ml_dtypes.bfloat16`` array) or
             ``"torch"`` (``torch.bfloat16``). String tensors are numpy object arrays of ``bytes``.
         verify: check every tensor's CRC-32C (block checksums of the index are always checked).
+        mmap: map the data files copy-on-write instead of reading them (faster, no copy; the arrays
+            stay writable, writes never reach the file). Don't overwrite the files in place while
+            the arrays are alive.
 
     Returns:
         name -> array or tensor, in name order.
@@ -52,7 +56,7 @@ def read_checkpoint(
         >>> read_checkpoint("model.ckpt", names=["global_step"])
         {'global_step': array(100)}
     """
-    return tf_bundle.load_file(prefix, names=names, verify=verify, framework=framework)
+    return tf_bundle.load_file(prefix, names=names, verify=verify, framework=framework, mmap=mmap)
 
 
 def write_checkpoint(prefix: str | os.PathLike[str], tensors: Mapping[str, Any]) -> str:

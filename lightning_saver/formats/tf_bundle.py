@@ -28,7 +28,8 @@ from lightning_saver.errors import (
     FormatVersionError,
     StateMismatchError,
 )
-from lightning_saver.formats import masked_crc, sstable, tf_dtypes, tf_tensor_codec
+from lightning_saver.formats import sstable, tf_dtypes, tf_tensor_codec
+from lightning_saver.formats.tf_shard import ShardReader
 from lightning_saver.formats.tf_wire import (
     BundleEntry,
     BundleHeader,
@@ -199,32 +200,13 @@ def _check_entry(name: str, entry: BundleEntry, header: BundleHeader, where: str
         )
 
 
-def _read_bytes(f: Any, shard: str, name: str, entry: BundleEntry, verify: bool) -> np.ndarray:
-    f.seek(0, os.SEEK_END)
-    if entry.offset + entry.size > f.tell():
-        raise CorruptCheckpointError(
-            f"{shard}: tensor {name!r} needs bytes {entry.offset}..{entry.offset + entry.size} but the file "
-            f"has {f.tell()}; the data file is truncated"
-        )
-    buf = np.empty(entry.size, dtype=np.uint8)
-    f.seek(entry.offset)
-    if f.readinto(buf) != entry.size:
-        raise CorruptCheckpointError(f"{shard}: short read for tensor {name!r}; the data file is truncated")
-    is_string = tf_dtypes.base_dtype(entry.dtype) == tf_dtypes.DT_STRING
-    if verify and not is_string and masked_crc.masked(buf) != entry.crc32c:
-        raise CorruptCheckpointError(
-            f"{shard}: checksum mismatch for tensor {name!r} (offset {entry.offset}, {entry.size} bytes); "
-            "the checkpoint is damaged"
-        )
-    return buf
-
-
 def load_file(
     path: str | os.PathLike[str],
     *,
     names: Iterable[str] | None = None,
     verify: bool = True,
     framework: str = "torch",
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Read tensors of a TF V2 checkpoint (all of them, or only ``names``).
 
@@ -236,6 +218,9 @@ def load_file(
         framework: ``"torch"`` (torch tensors; bfloat16 -> ``torch.bfloat16``) or ``"numpy"``
             (bfloat16 -> ``ml_dtypes.bfloat16``). String tensors are numpy object arrays of ``bytes``
             in both cases.
+        mmap: map the data files copy-on-write instead of reading them: no copy, and pages are
+            shared with the page cache until written. Do not overwrite the files in place (``cp``
+            over them) while the tensors are alive; TF's savers and ours write new files and rename.
 
     Returns:
         name -> tensor, in name order.
@@ -263,9 +248,9 @@ def load_file(
         shard = data_path(prefix, shard_id, header.num_shards)
         if not os.path.exists(shard):
             raise CheckpointNotFoundError(f"{shard} is missing; the checkpoint {prefix} is incomplete")
-        with open(shard, "rb") as f:
+        with ShardReader(shard, mmap=mmap) as reader:
             for name in sorted(shard_names, key=lambda n: entries[n].offset):
-                buf = _read_bytes(f, shard, name, entries[name], verify)
+                buf = reader.read(name, entries[name], verify=verify)
                 out[name] = _decode(buf, name, entries[name], shard, framework, verify)
     return {name: out[name] for name in wanted}
 

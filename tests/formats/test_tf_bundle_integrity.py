@@ -94,6 +94,13 @@ def _bytes_read() -> int:
     raise AssertionError("no rchar in /proc/self/io")
 
 
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
 def test_reading_one_tensor_reads_only_its_bytes(tmp_path):
     big = {f"big_{i}": np.full((1024, 1024), i, np.float32) for i in range(8)}  # 32 MiB
@@ -106,6 +113,17 @@ def test_reading_one_tensor_reads_only_its_bytes(tmp_path):
     before = _bytes_read()
     assert read_checkpoint(prefix, names=["big_3"])["big_3"][0, 0] == 3
     assert _bytes_read() - before < 4 * 2**20 + 200_000
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc/self/status")
+def test_mmap_touches_only_the_requested_tensor(tmp_path):
+    big = {f"big_{i}": np.full((1024, 1024), i, np.float32) for i in range(8)}  # 32 MiB
+    prefix = write_checkpoint(tmp_path / "big", big)
+    before = _rss()
+    got = read_checkpoint(prefix, names=["big_5"], mmap=True)  # the crc check touches its 4 MiB
+    assert got["big_5"][-1, -1] == 5
+    grown = _rss() - before
+    assert grown < 12 * 2**20, f"mapped {grown} resident bytes to read one 4 MiB tensor of 32 MiB"
 
 
 @pytest.mark.parametrize(
@@ -166,3 +184,24 @@ def test_metadata_and_index_verbs(tmp_path):
     info = tf_bundle.read_index(prefix)
     assert info["a/kernel"] == ("float32", (3, 4), 48)
     assert tf_bundle.load_file(prefix)["a/kernel"].dtype == torch.float32
+
+
+def test_mmap_reads_are_verified_writable_and_never_reach_the_file(tmp_path):
+    prefix, tensors = _write(tmp_path)
+    data = Path(prefix + ".data-00000-of-00001")
+    before = data.read_bytes()
+    got = read_checkpoint(prefix, mmap=True)
+    assert got["b/strings"].tolist() == [b"one", b"three"] and got["c/step"] == 9
+    got["a/kernel"][0, 0] = 123.0  # copy-on-write: the array is ours to change
+    as_torch = read_checkpoint(prefix, mmap=True, framework="torch")["a/kernel"]
+    as_torch += 1
+    assert data.read_bytes() == before
+    np.testing.assert_array_equal(read_checkpoint(prefix)["a/kernel"], tensors["a/kernel"])
+    _flip(str(data), 5)
+    with pytest.raises(CorruptCheckpointError, match=r"checksum mismatch for tensor 'a/kernel'"):
+        read_checkpoint(prefix, mmap=True)
+
+
+def test_mmap_of_an_empty_data_file(tmp_path):
+    prefix = write_checkpoint(tmp_path / "e", {"nothing": np.zeros((0, 4), np.float32)})
+    assert read_checkpoint(prefix, mmap=True)["nothing"].shape == (0, 4)
