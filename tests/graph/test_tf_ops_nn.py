@@ -39,12 +39,12 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def dilate_filter(filt: np.ndarray, dilation: tuple[int, int]) -> np.ndarray:
-    """The same filter with zeros between its taps: TF's CPU depthwise and backprop-input kernels
-    refuse dilations, and a zero-dilated filter is the same linear map."""
-    dh, dw = dilation
-    out = np.zeros(((filt.shape[0] - 1) * dh + 1, (filt.shape[1] - 1) * dw + 1, *filt.shape[2:]), filt.dtype)
-    out[::dh, ::dw] = filt
+def dilate_filter(filt: np.ndarray, dilation: tuple[int, ...]) -> np.ndarray:
+    """The same filter with zeros between its taps: TF's CPU depthwise, backprop-input and 3-D
+    kernels refuse dilations, and a zero-dilated filter is the same linear map."""
+    spatial = [(k - 1) * d + 1 for k, d in zip(filt.shape, dilation, strict=False)]
+    out = np.zeros((*spatial, *filt.shape[len(dilation):]), filt.dtype)
+    out[tuple(slice(None, None, d) for d in dilation)] = filt
     return out
 
 
@@ -395,3 +395,45 @@ def test_frozen_keras_layers_import_and_train_through_the_importer():
         loss = tf.reduce_sum(tf.square(frozen(watched)[0]))
     expected_grad = tape.gradient(loss, watched).numpy()
     np.testing.assert_allclose(images.grad.numpy(), expected_grad, atol=1e-3, rtol=1e-3)
+
+
+def _to_channels_first(values: list[int]) -> list[int]:
+    return [values[0], values[-1], *values[1:-1]]
+
+
+VOLUME_CASES = [
+    # op, volume NDHWC, filter DHWIO or window, strides, dilations
+    ("Conv3D", (2, 5, 6, 4, 3), (3, 2, 3, 3, 4), (1, 1, 1), (1, 1, 1)),
+    ("Conv3D", (1, 7, 6, 5, 2), (3, 3, 2, 2, 3), (2, 2, 3), (1, 1, 1)),
+    ("Conv3D", (1, 7, 7, 6, 2), (2, 3, 2, 2, 2), (1, 1, 1), (2, 1, 2)),
+    ("MaxPool3D", (2, 5, 6, 4, 3), (2, 3, 2), (2, 2, 2), None),
+    ("MaxPool3D", (1, 7, 5, 6, 2), (3, 3, 3), (2, 1, 3), None),
+    ("AvgPool3D", (2, 5, 6, 4, 3), (2, 3, 2), (2, 2, 2), None),
+    ("AvgPool3D", (1, 7, 5, 6, 2), (3, 3, 3), (2, 1, 3), None),
+]
+
+
+@pytest.mark.parametrize("data_format", ["NDHWC", "NCDHW"])
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize(("op", "volume", "window", "stride", "dilation"), VOLUME_CASES)
+def test_3d_ops(op, volume, window, stride, dilation, padding, data_format):
+    """TF's CPU 3-D kernels take NDHWC only: the NCDHW case moves channels around ours."""
+    x = rand(*volume) - 3.0
+    attrs = {"strides": [1, *stride, 1], "padding": padding}
+    if op == "Conv3D":
+        attrs["dilations"] = [1, *dilation, 1]
+        filt = rand(*window)
+        tf_attrs = {**attrs, "dilations": [1, 1, 1, 1, 1]}
+        expected = tf.raw_ops.Conv3D(input=x, filter=dilate_filter(filt, dilation), **tf_attrs).numpy()
+        others = [filt]
+    else:
+        attrs["ksize"] = [1, *window, 1]
+        expected = getattr(tf.raw_ops, op)(input=x, **attrs).numpy()
+        others = []
+    if data_format == "NCDHW":
+        attrs = {k: _to_channels_first(v) if isinstance(v, list) else v for k, v in attrs.items()}
+        got = ours(op, [np.moveaxis(x, -1, 1), *others], {**attrs, "data_format": "NCDHW"})
+        got = np.moveaxis(got.numpy(), 1, -1)
+    else:
+        got = ours(op, [x, *others], attrs).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)

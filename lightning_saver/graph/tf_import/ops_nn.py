@@ -1,4 +1,4 @@
-"""TensorFlow import converters: convolutions, pooling, batch norm, bias and image resizing.
+"""TensorFlow import converters: bias, 2-D/3-D convolutions and pooling.
 
 Every converter follows the contract in :mod:`lightning_saver.graph.tf_import.table`; layouts and
 padding come from :mod:`lightning_saver.graph.tf_import.layout`. Example::
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saver.errors import GraphImportError
-from lightning_saver.graph.tf_import import ops_image  # noqa: F401  registers the resize ops
+from lightning_saver.graph.tf_import import ops_image, ops_norm  # noqa: F401  register their ops
 from lightning_saver.graph.tf_import.layout import (
     Pads,
     ceil_mode_pads,
@@ -29,6 +29,9 @@ from lightning_saver.graph.tf_import.layout import (
 from lightning_saver.graph.tf_import.table import TF_OPS
 
 _ONES = (1, 1, 1, 1)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 @TF_OPS.register("BiasAdd", "BiasAddV1")
@@ -49,7 +52,7 @@ def _conv(
     data_format: str,
     dilations: Sequence[int],
 ) -> torch.Tensor:
-    """A channels-first convolution with TF padding; ``weight`` is already OIHW."""
+    """A channels-first 2-D/3-D convolution with TF padding; ``weight`` is already O, I, spatial."""
     stride = spatial_attr(strides, data_format, "strides", op)
     dilation = spatial_attr(dilations, data_format, "dilations", op)
     x = to_nchw(x, data_format, op)
@@ -59,7 +62,7 @@ def _conv(
     torch_pad = symmetric(pads)
     if torch_pad is None:
         x, torch_pad = pad_spatial(x, pads), (0,) * len(pads)
-    y = F.conv2d(x, weight, None, stride, torch_pad, dilation, groups)
+    y = _CONV[len(stride)](x, weight, None, stride, torch_pad, dilation, groups)
     return from_nchw(y, data_format, op)
 
 
@@ -167,12 +170,16 @@ def max_pool(
 ) -> torch.Tensor:
     x = to_nchw(input, data_format, "MaxPool")
     kernel, stride, pads = _pool_pads("MaxPool", x, ksize, strides, padding, explicit_paddings, data_format)
+    return from_nchw(_max_pool(x, kernel, stride, pads), data_format, "MaxPool")
+
+
+def _max_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
+    pool = _MAX_POOL[len(kernel)]
     torch_pad = ceil_mode_pads(x.shape[2:], kernel, stride, pads)
     if torch_pad is not None:
-        y = F.max_pool2d(x, kernel, stride, torch_pad, ceil_mode=True)
-    else:  # padded cells never win a max, whatever the sign of the data
-        y = F.max_pool2d(pad_spatial(x, pads, value=float("-inf")), kernel, stride)
-    return from_nchw(y, data_format, "MaxPool")
+        return pool(x, kernel, stride, torch_pad, ceil_mode=True)
+    # padded cells never win a max, whatever the sign of the data
+    return pool(pad_spatial(x, pads, value=float("-inf")), kernel, stride)
 
 
 @TF_OPS.register("MaxPoolV2")
@@ -199,110 +206,63 @@ def avg_pool(
 ) -> torch.Tensor:
     x = to_nchw(value, data_format, "AvgPool")
     kernel, stride, pads = _pool_pads("AvgPool", x, ksize, strides, padding, (), data_format)
-    # TF divides by the number of real (unpadded) cells in each window
+    return from_nchw(_avg_pool(x, kernel, stride, pads), data_format, "AvgPool")
+
+
+def _avg_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
+    """TF's average: the divisor counts only the real (unpadded) cells of each window."""
+    pool = _AVG_POOL[len(kernel)]
     torch_pad = ceil_mode_pads(x.shape[2:], kernel, stride, pads)
     if torch_pad is not None:
-        y = F.avg_pool2d(x, kernel, stride, torch_pad, ceil_mode=True, count_include_pad=False)
-        return from_nchw(y, data_format, "AvgPool")
-    total = F.avg_pool2d(pad_spatial(x, pads), kernel, stride, divisor_override=1)
+        return pool(x, kernel, stride, torch_pad, ceil_mode=True, count_include_pad=False)
+    total = pool(pad_spatial(x, pads), kernel, stride, divisor_override=1)
     ones = x.new_ones((1, 1) + tuple(x.shape[2:]))
-    count = F.avg_pool2d(pad_spatial(ones, pads), kernel, stride, divisor_override=1)
-    return from_nchw(total / count, data_format, "AvgPool")
+    return total / pool(pad_spatial(ones, pads), kernel, stride, divisor_override=1)
 
 
-def _normalize(
-    x: torch.Tensor,
-    channel: int,
-    mean: torch.Tensor,
-    variance: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    epsilon: float,
+@TF_OPS.register("Conv3D")
+def conv3d(
+    input: torch.Tensor,
+    filter: torch.Tensor,
+    *,
+    strides: Sequence[int],
+    padding: str,
+    data_format: str = "NDHWC",
+    dilations: Sequence[int] = (1, 1, 1, 1, 1),
 ) -> torch.Tensor:
-    shape = [-1 if d == channel else 1 for d in range(x.dim())]
-    # one fused pass x * a + b over the data, the form torch's own batch norm kernel uses
-    a = torch.rsqrt(variance + epsilon) * scale
-    return torch.addcmul((offset - mean * a).reshape(shape), x, a.reshape(shape))
+    in_channels = _channels(input, data_format, "Conv3D")
+    if in_channels % filter.shape[3]:
+        raise GraphImportError(
+            f"Conv3D: input has {in_channels} channels, not a multiple of the filter's {filter.shape[3]}"
+        )
+    weight = filter.permute(4, 3, 0, 1, 2)  # DHWIO -> OIDHW
+    groups = in_channels // filter.shape[3]
+    return _conv("Conv3D", input, weight, groups, strides, padding, (), data_format, dilations)
 
 
-def _batch_norm(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    mean: torch.Tensor,
-    variance: torch.Tensor,
-    epsilon: float,
-    exponential_avg_factor: float,
-    data_format: str,
-    is_training: bool,
-) -> tuple[torch.Tensor, ...]:
-    """y, running mean, running variance, saved mean, saved (biased) variance, as TF's CPU kernel.
-
-    Like TF's FusedBatchNormGrad, gradients flow from ``y`` only (through the batch statistics in
-    training), not from the statistics outputs.
-    """
-    first = check_data_format(data_format, "FusedBatchNorm")
-    # half/bfloat16 inputs are normalised in the float32 of scale, like TF's mixed-precision kernel
-    xf = x.to(scale.dtype)
-    channel = 1 if first else x.dim() - 1
-    count = xf.numel() // max(xf.shape[channel], 1)
-    if not is_training:
-        y = _normalize(xf, channel, mean, variance, scale, offset, epsilon)
-        return y.to(x.dtype), mean, variance, mean, variance
-    if count > 1:
-        channels_first = xf if first else xf.movedim(-1, 1)
-        # torch's fused kernel writes the batch mean and unbiased variance into these (momentum 1)
-        batch_mean, unbiased = scale.new_zeros(xf.shape[channel]), scale.new_ones(xf.shape[channel])
-        y = F.batch_norm(channels_first, batch_mean, unbiased, scale, offset, True, 1.0, epsilon)
-        y = y if first else y.movedim(1, -1)
-        batch_var = unbiased * ((count - 1) / count)
-    else:  # one value per channel, which torch's kernel refuses: the variance is zero
-        dims = [d for d in range(x.dim()) if d != channel]
-        batch_var, batch_mean = torch.var_mean(xf, dims, correction=0)
-        unbiased = batch_var
-        y = _normalize(xf, channel, batch_mean, batch_var, scale, offset, epsilon)
-    factor = exponential_avg_factor
-    if factor != 1.0:
-        running_mean = (1.0 - factor) * mean + factor * batch_mean
-        running_var = (1.0 - factor) * variance + factor * unbiased
-    else:
-        running_mean, running_var = batch_mean, unbiased
-    return y.to(x.dtype), running_mean, running_var, batch_mean, batch_var
-
-
-@TF_OPS.register("FusedBatchNorm", "FusedBatchNormV2")
-def fused_batch_norm(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    mean: torch.Tensor,
-    variance: torch.Tensor,
+@TF_OPS.register("MaxPool3D")
+def max_pool3d(
+    input: torch.Tensor,
     *,
-    epsilon: float = 1e-4,
-    exponential_avg_factor: float = 1.0,
-    data_format: str = "NHWC",
-    is_training: bool = True,
-) -> tuple[torch.Tensor, ...]:
-    return _batch_norm(
-        x, scale, offset, mean, variance, epsilon, exponential_avg_factor, data_format, is_training
-    )
+    ksize: Sequence[int],
+    strides: Sequence[int],
+    padding: str,
+    data_format: str = "NDHWC",
+) -> torch.Tensor:
+    x = to_nchw(input, data_format, "MaxPool3D")
+    kernel, stride, pads = _pool_pads("MaxPool3D", x, ksize, strides, padding, (), data_format)
+    return from_nchw(_max_pool(x, kernel, stride, pads), data_format, "MaxPool3D")
 
 
-@TF_OPS.register("FusedBatchNormV3")
-def fused_batch_norm_v3(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    mean: torch.Tensor,
-    variance: torch.Tensor,
+@TF_OPS.register("AvgPool3D")
+def avg_pool3d(
+    input: torch.Tensor,
     *,
-    epsilon: float = 1e-4,
-    exponential_avg_factor: float = 1.0,
-    data_format: str = "NHWC",
-    is_training: bool = True,
-) -> tuple[torch.Tensor, ...]:
-    outputs = _batch_norm(
-        x, scale, offset, mean, variance, epsilon, exponential_avg_factor, data_format, is_training
-    )
-    # reserve_space_3 is an opaque scratch output (a scalar on TF's CPU kernel)
-    return outputs + (scale.new_zeros(()),)
+    ksize: Sequence[int],
+    strides: Sequence[int],
+    padding: str,
+    data_format: str = "NDHWC",
+) -> torch.Tensor:
+    x = to_nchw(input, data_format, "AvgPool3D")
+    kernel, stride, pads = _pool_pads("AvgPool3D", x, ksize, strides, padding, (), data_format)
+    return from_nchw(_avg_pool(x, kernel, stride, pads), data_format, "AvgPool3D")
