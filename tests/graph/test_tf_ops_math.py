@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tf_raw_ops import check, tol_for
 
 from lightning_saver.errors import UnsupportedOpError
@@ -249,3 +251,30 @@ def test_every_owned_op_is_registered() -> None:
 def test_unknown_op_names_itself() -> None:
     with pytest.raises(UnsupportedOpError, match="'NoSuchTfOp' node 'scope/n1'"):
         table.call("NoSuchTfOp", [torch.zeros(1)], {}, where="node 'scope/n1'")
+
+
+# ---- property: any broadcastable shapes and integer values agree with TF -----------------------
+
+_DIMS = st.lists(st.integers(1, 3), min_size=0, max_size=3)
+
+
+def _ints(draw: st.DrawFn, shape: list[int], nonzero: bool) -> np.ndarray:
+    values = st.integers(-50, 50).filter(bool) if nonzero else st.integers(-50, 50)
+    size = int(np.prod(shape))
+    return np.array(draw(st.lists(values, min_size=size, max_size=size)), np.int32).reshape(shape)
+
+
+@st.composite
+def _broadcast_pair(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    shape = draw(_DIMS)
+    # the other shape drops leading axes and sets some axes to 1; either one may be x's
+    other = [1 if draw(st.booleans()) else d for d in shape[draw(st.integers(0, len(shape))):]]
+    if draw(st.booleans()):
+        shape, other = other, shape
+    return _ints(draw, shape, nonzero=False), _ints(draw, other, nonzero=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pair=_broadcast_pair(), op=st.sampled_from(["FloorDiv", "FloorMod", "TruncateMod", "Maximum", "Mul"]))
+def test_integer_ops_agree_with_tf_on_any_broadcast(pair: tuple[np.ndarray, np.ndarray], op: str) -> None:
+    check(op, {"x": pair[0], "y": pair[1]})
