@@ -167,7 +167,7 @@ def strided_specs(draw):
     return shape, draw(ints), draw(ints), strides, masks
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(strided_specs())
 def test_strided_slice_property(spec):
     """Any spec TF accepts gives TF's result exactly; one TF refuses is refused with our error."""
@@ -261,3 +261,26 @@ def test_depth_space(op, shape, block_size, data_format):
 def test_reverse_v2(axis):
     expected = tf.raw_ops.ReverseV2(tensor=X, axis=np.array(axis, np.int32))
     assert_same(ours("ReverseV2", [X, np.array(axis, np.int32)]), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int64, np.uint8, np.float16, np.float64])
+def test_shape_ops_keep_every_dtype(dtype):
+    x = (arange(2, 3, 4) % 3).astype(dtype)
+    paddings = i32(1, 0, 0, 2, 1, 1).reshape(3, 2)
+    cases = [
+        ("Pad", {"input": x, "paddings": paddings}, [x, paddings], {}),
+        ("PadV2", {"input": x, "paddings": paddings, "constant_values": np.array(1, dtype)},
+         [x, paddings, np.array(1, dtype)], {}),
+        ("MirrorPad", {"input": x, "paddings": paddings, "mode": "SYMMETRIC"}, [x, paddings],
+         {"mode": "SYMMETRIC"}),
+        ("Tile", {"input": x, "multiples": i32(1, 2, 2)}, [x, i32(1, 2, 2)], {}),
+        ("ConcatV2", {"values": [x, x], "axis": s32(0)}, [x, x, s32(0)], {}),
+        ("Transpose", {"x": x, "perm": i32(2, 0, 1)}, [x, i32(2, 0, 1)], {}),
+        ("ReverseV2", {"tensor": x, "axis": i32(1)}, [x, i32(1)], {}),
+        ("StridedSlice", {"input": x, "begin": i32(0, 2), "end": i32(0, 0), "strides": i32(1, -1),
+                          "begin_mask": 1, "end_mask": 3}, [x, i32(0, 2), i32(0, 0), i32(1, -1)],
+         {"begin_mask": 1, "end_mask": 3}),
+        ("BroadcastTo", {"input": x[:1], "shape": i32(2, 2, 3, 4)}, [x[:1], i32(2, 2, 3, 4)], {}),
+    ]
+    for op, tf_kwargs, inputs, attrs in cases:
+        assert_same(ours(op, inputs, attrs), getattr(tf.raw_ops, op)(**tf_kwargs))
