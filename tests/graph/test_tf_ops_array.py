@@ -168,3 +168,17 @@ def test_gathers_select_and_fill_are_differentiable() -> None:
     expected[0, 0] += 1
     torch.testing.assert_close(params.grad, expected)
     assert value.grad.item() == 5.0
+
+
+def test_one_hot_refuses_negative_depth() -> None:
+    inputs = [torch.tensor([0, 1]), torch.tensor(-2), torch.tensor(1.0), torch.tensor(0.0)]
+    with pytest.raises(ValueError, match="OneHot: depth must be non-negative, found -2"):
+        table.call("OneHot", inputs, {})
+
+
+def test_truncating_cast_keeps_a_gradient() -> None:
+    x = torch.tensor([1.0009765625, -3.14159], requires_grad=True)
+    y = table.call("Cast", [x], {"DstT": torch.bfloat16, "Truncate": True})
+    assert y.tolist() == [1.0, -3.140625]
+    y.float().sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0]

@@ -27,7 +27,8 @@ def cast(x: Tensor, *, DstT: torch.dtype, Truncate: bool = False) -> Tensor:
     ``Truncate=True`` rounds float32 to bfloat16/half toward zero instead of to nearest even.
     """
     if Truncate and x.dtype == torch.float32 and DstT in _TRUNCATE_MASKS:
-        x = (x.view(torch.int32) & _TRUNCATE_MASKS[DstT]).view(torch.float32)
+        cut = (x.detach().view(torch.int32) & _TRUNCATE_MASKS[DstT]).view(torch.float32)
+        x = x + (cut - x).detach()  # the truncated value, with a plain cast's gradient
     if x.is_complex() and not DstT.is_complex:
         x = x.real  # TF keeps the real part; torch would warn about it
     return x.to(DstT)
@@ -49,7 +50,13 @@ def select_v2(condition: Tensor, t: Tensor, e: Tensor) -> Tensor:
 
 @TF_OPS.register("OneHot")
 def one_hot(indices: Tensor, depth: Tensor, on_value: Tensor, off_value: Tensor, *, axis: int = -1) -> Tensor:
-    """A new axis of length ``depth`` at ``axis``; indices outside ``[0, depth)`` give all-off rows."""
+    """A new axis of length ``depth`` at ``axis``; indices outside ``[0, depth)`` give all-off rows.
+
+    Raises:
+        ValueError: a negative ``depth``.
+    """
+    if int(depth) < 0:
+        raise ValueError(f"OneHot: depth must be non-negative, found {int(depth)}")
     classes = torch.arange(int(depth), dtype=indices.dtype, device=indices.device)
     hot = indices.unsqueeze(-1) == classes
     if axis != -1:
