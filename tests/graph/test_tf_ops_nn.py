@@ -437,3 +437,35 @@ def test_3d_ops(op, volume, window, stride, dilation, padding, data_format):
     else:
         got = ours(op, [x, *others], attrs).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+W33 = rand(3, 3, 3, 4)
+DW = rand(3, 3, 3, 2)
+BN = [rand(3), rand(3), rand(3), RNG.random(3).astype(np.float32) + 0.5]
+TF1_NN_GRAPHS = {
+    "conv2d_same_s2": lambda tf, x: tf.nn.conv2d(x, W33, [1, 2, 2, 1], "SAME"),
+    "conv2d_dilated_explicit": lambda tf, x: tf.nn.conv2d(x, W33, 1, [[0, 0], [1, 2], [2, 0], [0, 0]],
+                                                          dilations=2),
+    "depthwise": lambda tf, x: tf.nn.depthwise_conv2d(x, DW, [1, 2, 2, 1], "SAME"),
+    "separable_rate2": lambda tf, x: tf.nn.separable_conv2d(x, DW, rand(1, 1, 6, 4), [1, 1, 1, 1], "SAME",
+                                                            dilations=[2, 2]),
+    "conv2d_transpose": lambda tf, x: tf.nn.conv2d_transpose(x, rand(3, 3, 5, 3), [2, 15, 13, 5], 2, "SAME"),
+    "pools": lambda tf, x: [tf.nn.max_pool2d(x, 3, 2, "SAME"), tf.nn.avg_pool2d(x, [2, 3], [2, 1], "SAME")],
+    "bias_add": lambda tf, x: tf.nn.bias_add(x, BN[0]),
+    "fused_bn_training": lambda tf, x: list(tf.compat.v1.nn.fused_batch_norm(x, BN[0], BN[1], epsilon=1e-3)),
+    "fused_bn_inference": lambda tf, x: tf.compat.v1.nn.fused_batch_norm(x, *BN, is_training=False)[0],
+    "resize_legacy": lambda tf, x: [tf.compat.v1.image.resize_bilinear(x, [11, 5]),
+                                    tf.compat.v1.image.resize_nearest_neighbor(x, [4, 17])],
+    "resize_align_corners": lambda tf, x: [
+        tf.compat.v1.image.resize_bilinear(x, [9, 9], align_corners=True),
+        tf.compat.v1.image.resize_nearest_neighbor(x, [9, 9], align_corners=True)],
+    "resize_half_pixel": lambda tf, x: [tf.image.resize(x, [13, 4]), tf.image.resize(x, [13, 4], "nearest")],
+}
+
+
+@pytest.mark.parametrize("name", list(TF1_NN_GRAPHS))
+def test_tf1_graphs_through_the_importer(tmp_path, name):
+    """The same ops written by TF1's Python API: attrs come from real NodeDefs, run by session.run."""
+    from tf_graphs import check_one_op
+
+    check_one_op(tmp_path, TF1_NN_GRAPHS[name], {"x": rand(2, 8, 7, 3)}, rtol=1e-4, atol=1e-4)

@@ -284,3 +284,53 @@ def test_shape_ops_keep_every_dtype(dtype):
     ]
     for op, tf_kwargs, inputs, attrs in cases:
         assert_same(ours(op, inputs, attrs), getattr(tf.raw_ops, op)(**tf_kwargs))
+
+
+TF1_SHAPE_GRAPHS = {
+    "slicing_sugar": lambda tf, x: [x[..., ::-1, tf.newaxis, 1], x[1:, :-1:2, 0], x[-1],
+                                    x[:, None, 2:, ::-2]],
+    "split_unstack": lambda tf, x: [*tf.split(x, [1, -1, 2], axis=-1), *tf.split(x, 2, axis=0),
+                                    *tf.unstack(x, axis=1)],
+    "stack_concat": lambda tf, x: [tf.stack([x, x], axis=-1), tf.concat([x, x * 2], -2)],
+    "squeeze_expand": lambda tf, x: [tf.squeeze(x[:, :1], [1]), tf.expand_dims(x, -2), tf.squeeze(x[:1, :1])],
+    "slice_tile_transpose": lambda tf, x: [tf.slice(x, [0, 1, 0, 0], [-1, 2, -1, 3]),
+                                           tf.tile(x, [1, 2, 1, 2]), tf.transpose(x, [3, 1, 0, 2])],
+    "pads": lambda tf, x: [tf.pad(x, [[0, 0], [1, 2], [2, 1], [0, 0]], "REFLECT"),
+                           tf.pad(x, [[1, 0], [0, 0], [3, 3], [0, 1]], "SYMMETRIC"),
+                           tf.pad(x, [[0, 1], [1, 0], [0, 0], [2, 2]], constant_values=2.5)],
+    "blocks": lambda tf, x: [tf.nn.space_to_depth(x[:, :2, :4], 2),
+                             tf.nn.depth_to_space(tf.tile(x, [1, 1, 1, 4]), 2),
+                             tf.space_to_batch_nd(x, [1, 2], [[0, 1], [1, 1]]), tf.reverse(x, [1, -1])],
+}
+
+
+@pytest.mark.parametrize("name", list(TF1_SHAPE_GRAPHS))
+def test_tf1_graphs_through_the_importer(tmp_path, name):
+    """The same ops written by TF1's Python API: attrs come from real NodeDefs, run by session.run."""
+    from tf_graphs import check_one_op
+
+    check_one_op(tmp_path, TF1_SHAPE_GRAPHS[name], {"x": arange(2, 3, 4, 5)})
+
+
+def test_dynamic_shapes_through_the_importer(tmp_path):
+    """Shape -> StridedSlice -> Pack -> Reshape chains, as Flatten and friends write with a None batch."""
+    from tf_graphs import build_tf_graph
+
+    from lightning_saver import import_meta_graph
+
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [None, None, 4], name="x")
+        shape = tf.shape(x)
+        tf.reshape(x, [shape[0], -1], name="flat")
+        tf.identity(tf.size(x), name="n_elements")
+        tf.identity(tf.rank(x), name="n_dims")
+        tf.broadcast_to(x[:, :1], tf.shape(x), name="broadcast")
+        tf.identity(tf.shape(x, out_type=tf.int64)[1:], name="tail")
+
+    fetches = ["flat:0", "n_elements:0", "n_dims:0", "broadcast:0", "tail:0"]
+    for batch in [arange(2, 3, 4), arange(5, 1, 4)]:
+        made = build_tf_graph(tmp_path, build, fetches, {"x:0": batch}, save=False)
+        graph = import_meta_graph(made.meta)
+        for got, expected in zip(graph.run(fetches, {"x:0": batch}), made.expected, strict=True):
+            np.testing.assert_array_equal(got, expected)
+            assert np.asarray(got).dtype == np.asarray(expected).dtype
