@@ -100,6 +100,12 @@ def test_arg_reductions_pick_the_first_of_ties(op: str) -> None:
     _check(op, x, 0, {"output_type": torch.int32}, axis_dtype=np.int64)
 
 
+@pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
+def test_arg_reductions_skip_nan_like_tf(op: str) -> None:
+    x = np.array([[1, np.nan, 3], [np.nan, 0, -1], [2, 5, np.nan]], np.float32)
+    _check(op, x, 1, {})
+
+
 def test_reductions_are_differentiable() -> None:
     rng = np.random.default_rng(12)
     x_np = rng.standard_normal((3, 4)).astype(np.float32)

@@ -118,6 +118,9 @@ def _arg_reduce(op: str, x: Tensor, dimension: Tensor, output_type: torch.dtype,
     if dimension.numel() != 1:
         raise ValueError(f"{op}: dimension must be a scalar, found shape {list(dimension.shape)}")
     (dim,) = reduction_axes(op, x, dimension)
+    if x.is_floating_point():
+        # TF's comparisons never pick a NaN; torch's would pick the first one
+        x = torch.where(torch.isnan(x), -torch.inf if largest else torch.inf, x)
     # torch returns the first index among ties, as TF does
     index = torch.argmax(x, dim=dim) if largest else torch.argmin(x, dim=dim)
     return index.to(output_type)
