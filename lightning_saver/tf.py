@@ -59,8 +59,10 @@ def read_checkpoint(
     return tf_bundle.load_file(prefix, names=names, verify=verify, framework=framework, mmap=mmap)
 
 
-def write_checkpoint(prefix: str | os.PathLike[str], tensors: Mapping[str, Any]) -> str:
-    """Write ``tensors`` as a single-shard TF V2 checkpoint, atomically.
+def write_checkpoint(
+    prefix: str | os.PathLike[str], tensors: Mapping[str, Any], *, max_shard_bytes: int | None = None
+) -> str:
+    """Write ``tensors`` as a TF V2 checkpoint, atomically (one data shard unless ``max_shard_bytes``).
 
     ``tf.train.load_checkpoint(prefix)`` and a TF1 ``Saver.restore`` read it bit-exact.
 
@@ -68,6 +70,8 @@ def write_checkpoint(prefix: str | os.PathLike[str], tensors: Mapping[str, Any])
         prefix: where to write; ``prefix.index`` and ``prefix.data-00000-of-00001`` are created.
         tensors: name -> torch tensor, numpy array (any TF dtype, ``ml_dtypes.bfloat16`` included),
             or bytes / str / numpy arrays of them for string tensors.
+        max_shard_bytes: split the data into shards of at most this size (``prefix.data-00000-of-00002``
+            and so on); a tensor bigger than that gets a shard of its own.
 
     Returns:
         The prefix.
@@ -80,7 +84,7 @@ def write_checkpoint(prefix: str | os.PathLike[str], tensors: Mapping[str, Any])
         >>> write_checkpoint("out/model", {"dense/kernel": np.zeros((3, 2), np.float32)})
         'out/model'
     """
-    return tf_bundle.save_file(tensors, prefix)
+    return tf_bundle.save_file(tensors, prefix, max_shard_bytes=max_shard_bytes)
 
 
 def list_checkpoint(prefix: str | os.PathLike[str]) -> dict[str, TensorInfo]:

@@ -12,9 +12,7 @@ The verbs match :mod:`lightning_saver.formats.safetensors_io`: :func:`save_file`
 
 from __future__ import annotations
 
-import errno
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,19 +22,17 @@ import numpy as np
 from lightning_saver.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    DiskFullError,
     FormatVersionError,
     StateMismatchError,
 )
-from lightning_saver.formats import sstable, tf_dtypes, tf_tensor_codec
+from lightning_saver.formats import sstable, tf_bundle_writer, tf_dtypes, tf_tensor_codec
+from lightning_saver.formats.tf_bundle_writer import data_path
 from lightning_saver.formats.tf_shard import ShardReader
 from lightning_saver.formats.tf_wire import (
     BundleEntry,
     BundleHeader,
     decode_entry,
     decode_header,
-    encode_entry,
-    encode_header,
 )
 
 __all__ = [
@@ -60,11 +56,6 @@ class TensorInfo(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-
-
-def data_path(prefix: str, shard: int, num_shards: int) -> str:
-    """``model.ckpt`` -> ``model.ckpt.data-00000-of-00001``."""
-    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
 
 
 def resolve_prefix(path: str | os.PathLike[str]) -> str:
@@ -275,17 +266,24 @@ def _decode(buf: np.ndarray, name: str, entry: BundleEntry, shard: str, framewor
 
 
 def save_file(
-    tensors: Mapping[str, Any], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+    tensors: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> str:
-    """Write a single-shard TF V2 checkpoint that TensorFlow reads, atomically.
+    """Write a TF V2 checkpoint that TensorFlow reads, atomically.
 
     Data and index go to temporary names, are fsynced, then renamed (index last), so a crash never
-    leaves a half-written index behind.
+    leaves a half-written index behind. The files are byte-identical to TensorFlow's for the same
+    tensors in the same order.
 
     Args:
         tensors: name -> torch tensor, numpy array, or bytes/str (or arrays of them) for string tensors.
         path: the checkpoint prefix; ``prefix.index`` and ``prefix.data-00000-of-00001`` are written.
         metadata: must be empty: a TF bundle has no place for free-form metadata.
+        max_shard_bytes: split the data into shards of at most this many bytes (a bigger tensor
+            gets a shard of its own): ``prefix.data-00000-of-00003`` ... Default: one shard.
 
     Returns:
         The prefix.
@@ -308,47 +306,5 @@ def save_file(
         encoded[name] = tf_tensor_codec.encode_value(value, name)
     if os.path.dirname(prefix):
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    _write_bundle(prefix, encoded)
+    tf_bundle_writer.write_bundle(prefix, encoded, max_shard_bytes=max_shard_bytes)
     return prefix
-
-
-def _write_bundle(prefix: str, encoded: Mapping[str, tf_tensor_codec.Encoded]) -> None:
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    data_file = data_path(prefix, 0, 1)
-    temps = [data_file + tag, prefix + ".index" + tag]
-    try:
-        entries: list[tuple[bytes, bytes]] = []
-        with open(temps[0], "wb") as f:
-            offset = 0
-            for name, enc in encoded.items():
-                f.write(enc.data.data)
-                entry = BundleEntry(enc.dtype, enc.shape, 0, offset, enc.data.nbytes, enc.crc32c)
-                entries.append((name.encode("utf-8", errors="surrogateescape"), encode_entry(entry)))
-                offset += enc.data.nbytes
-            f.flush()
-            os.fsync(f.fileno())
-        table = sstable.build_table([(b"", encode_header(BundleHeader()))] + sorted(entries))
-        with open(temps[1], "wb") as f:
-            f.write(table)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temps[0], data_file)
-        os.replace(temps[1], prefix + ".index")
-        _fsync_dir(os.path.dirname(prefix) or ".")
-    except OSError as err:
-        for temp in temps:
-            if os.path.exists(temp):
-                os.remove(temp)
-        if err.errno == errno.ENOSPC:
-            raise DiskFullError(
-                errno.ENOSPC, f"disk full while writing checkpoint {prefix}; nothing replaced"
-            ) from err
-        raise
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -120,3 +120,19 @@ def test_multi_shard_bundle(tmp_path):
     assert read_checkpoint(prefix, names=["a"])["a"].shape == (2, 3)  # only shard 0 is needed
     with pytest.raises(CheckpointNotFoundError, match=r"sharded\.data-00001-of-00002 is missing"):
         read_checkpoint(prefix, names=["m"])
+
+
+def test_we_write_multi_shard_tf_reads_it(tmp_path):
+    tensors = {f"w{i}": np.full((100, 10), i, np.float32) for i in range(5)}  # 4000 bytes each
+    tensors["s"] = np.array([b"text"], dtype=object)
+    prefix = write_checkpoint(tmp_path / "m", tensors, max_shard_bytes=9000)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.data-00000-of-00003", "m.data-00001-of-00003", "m.data-00002-of-00003", "m.index"]
+    reader = tf.train.load_checkpoint(prefix)
+    for name, value in tensors.items():
+        theirs = reader.get_tensor(name)
+        assert (list(theirs) == list(value)) if value.dtype == object else theirs.tobytes() == value.tobytes()
+    # rewriting with one shard replaces the three and removes the stale ones
+    write_checkpoint(prefix, {"w0": tensors["w0"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data-00000-of-00001", "m.index"]
+    assert tf.train.load_checkpoint(prefix).get_tensor("w0").tobytes() == tensors["w0"].tobytes()
