@@ -1,0 +1,283 @@
+"""How fast does the Saver save and restore, next to the disk's limit, torch.save, safetensors and Lightning?
+
+Everything runs in one process on one model (about 1 GiB of fp32 weights; ``--quick``: 4 MiB),
+interleaved: every repetition runs every method once, in the same order, and the table reports the
+median over repetitions, so drift of a shared machine hits every method alike.
+
+Saves (each fsyncs its file, so every row buys the same durability):
+  raw write       the same tensor bytes written straight from memory with os.write, then fsync
+  Saver sync      ``Saver(async_save=False).save`` (checksums, temp file, rename, state file)
+  safetensors     ``safetensors.torch.save_file`` + fsync
+  torch.save      ``torch.save`` into an open file + fsync
+  Lightning       ``TorchCheckpointIO.save_checkpoint`` (torch.save into BytesIO, then a file) + fsync
+  Saver async     time ``save()`` blocks the caller, and the time until ``wait()`` returns; the saver
+                  is reused across repetitions, as in training (its first save, which allocates the
+                  snapshot arena, is reported on its own row)
+  memcpy floor    copying the weights into an already allocated CPU buffer (torch ``copy_``): the
+                  least any snapshot must block, to compare the async blocking time with
+Restores (page cache warm for all, the files were just written):
+  Saver.restore (checksums verified, and with verify=False), torch.load(mmap=True) + load_state_dict,
+  safetensors.torch.load_file + load_state_dict.
+
+Peak memory: the resident-set high-water mark above the RSS just before the call, per call, in this
+process: we reset the kernel's VmHWM by writing 5 to /proc/self/clear_refs, run the call, read VmHWM.
+This sees torch's allocations (tracemalloc does not) and counts file pages mapped by mmap as resident.
+
+Usage: python benchmarks/save_load.py [--quick] [--reps N] [--size-mib M] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_saver.saving.saver import CheckpointSaver  # noqa: E402
+
+# --- peak memory -------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn: Callable[[], object]) -> tuple[float, float | None]:
+    """Seconds, and peak RSS above the starting RSS in MiB (None where Linux's counters are missing)."""
+    ok = _reset_peak()
+    base = _status_kib("VmRSS")
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    if not ok or base is None or peak is None:
+        return elapsed, None
+    return elapsed, max(peak - base, 0) / 1024
+
+
+# --- the model and the methods -----------------------------------------------------------------
+
+
+def make_model(size_mib: float) -> nn.Module:
+    width = 4096 if size_mib >= 256 else 256
+    per_layer = (width * width + width) * 4
+    layers = max(1, round(size_mib * 2**20 / per_layer))
+    model = nn.Sequential(*[nn.Linear(width, width, device="meta") for _ in range(layers)])
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.1, 0.1)
+    return model
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_write(state: dict[str, torch.Tensor], path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for t in state.values():
+            view = memoryview(t.contiguous().numpy()).cast("B")
+            while view:
+                view = view[os.write(fd, view[: 64 << 20]) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safetensors_save(state: dict[str, torch.Tensor], path: str) -> None:
+    import safetensors.torch
+
+    safetensors.torch.save_file(state, path)
+    _fsync_path(path)
+
+
+def torch_save(state: dict[str, torch.Tensor], path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def lightning_save(state: dict[str, torch.Tensor], path: str) -> None:
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    TorchCheckpointIO().save_checkpoint({"state_dict": state}, path)
+    _fsync_path(path)
+
+
+def torch_restore(model: nn.Module, path: str) -> None:
+    model.load_state_dict(torch.load(path, mmap=True, weights_only=True))
+
+
+def safetensors_restore(model: nn.Module, path: str) -> None:
+    import safetensors.torch
+
+    model.load_state_dict(safetensors.torch.load_file(path))
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, work: Path, model: nn.Module) -> None:
+        self.work = work
+        self.model = model
+        self.state = model.state_dict()
+        self.sync = CheckpointSaver(max_to_keep=None)  # rotation off: files are removed untimed
+        self.buffer = {k: torch.empty_like(v) for k, v in self.state.items()}
+        self.async_ = CheckpointSaver(max_to_keep=None, async_save=True)
+        self.times: dict[str, list[float]] = {}
+        self.peaks: dict[str, list[float]] = {}
+
+    def record(self, name: str, seconds: float, peak: float | None) -> None:
+        self.times.setdefault(name, []).append(seconds)
+        if peak is not None:
+            self.peaks.setdefault(name, []).append(peak)
+
+    def timed(self, name: str, fn: Callable[[], object]) -> None:
+        self.record(name, *measure(fn))
+
+    def clean(self) -> None:
+        for p in self.work.iterdir():
+            if p.is_file():
+                p.unlink()
+
+    def save_round(self, rep: int) -> None:
+        w, s = self.work, self.state
+        self.timed("raw write + fsync", lambda: raw_write(s, str(w / "raw.bin")))
+        self.timed("Saver.save (sync)", lambda: self.sync.save(self.model, str(w / "sync"), global_step=rep))
+        self.timed("safetensors save_file + fsync", lambda: safetensors_save(s, str(w / "st.safetensors")))
+        self.timed("torch.save + fsync", lambda: torch_save(s, str(w / "t.pt")))
+        self.timed("Lightning TorchCheckpointIO + fsync", lambda: lightning_save(s, str(w / "l.ckpt")))
+        self.async_round(rep)
+        self.timed("memcpy into a reused buffer (async floor)", self.copy_to_buffer)
+        self.clean()
+
+    def copy_to_buffer(self) -> None:
+        for name, t in self.state.items():
+            self.buffer[name].copy_(t)
+
+    def async_round(self, rep: int) -> None:
+        ok = _reset_peak()
+        base = _status_kib("VmRSS")
+        start = time.perf_counter()
+        self.async_.save(self.model, str(self.work / "async"), global_step=rep)
+        blocked = time.perf_counter() - start
+        self.async_.wait()
+        total = time.perf_counter() - start
+        hwm = _status_kib("VmHWM")
+        peak = (hwm - base) / 1024 if ok and base is not None and hwm is not None else None
+        name = "Saver.save (async) first" if rep == 0 else "Saver.save (async)"
+        self.record(name + " blocking", blocked, peak)
+        self.record(name + " total", total, peak)
+
+    def restore_round(self, paths: dict[str, str]) -> None:
+        m = self.model
+        self.timed("Saver.restore (verify)", lambda: self.sync.restore(m, paths["ours"]))
+        self.timed("Saver.restore (no verify)", lambda: self.sync.restore(m, paths["ours"], verify=False))
+        self.timed("torch.load(mmap) + load_state_dict", lambda: torch_restore(m, paths["torch"]))
+        self.timed("safetensors load_file + load_state_dict", lambda: safetensors_restore(m, paths["st"]))
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
+    times = {k: _median(v) for k, v in r.times.items()}
+    peaks = {k: _median(v) for k, v in r.peaks.items()}
+    raw = times["raw write + fsync"]
+    print(f"\nsave/load benchmark: {size_gib:.3f} GiB fp32, median of {reps} interleaved reps "
+          f"({datetime.date.today().isoformat()}, torch {torch.__version__}, {os.cpu_count()} CPUs)")
+    print(f"{'method':44s} {'seconds':>9s} {'x raw':>7s} {'GiB/s':>7s} {'peak MiB':>9s}")
+    for name, sec in times.items():
+        peak = f"{peaks[name]:9.0f}" if name in peaks else f"{'n/a':>9s}"
+        print(f"{name:44s} {sec:9.3f} {sec / raw:7.2f} {size_gib / sec:7.2f} {peak}")
+    sync = times["Saver.save (sync)"]
+    blocking = times.get("Saver.save (async) blocking", times["Saver.save (async) first blocking"])
+    restore = times["Saver.restore (verify)"]
+    peer = times["torch.load(mmap) + load_state_dict"]
+    result: dict[str, object] = {
+        "benchmark": "save_load",
+        "size_gib": round(size_gib, 4),
+        "reps": reps,
+        "median_s": {k: round(v, 4) for k, v in times.items()},
+        "ratio_vs_raw_write": {k: round(v / raw, 3) for k, v in times.items()},
+        "peak_extra_mib": {k: round(v, 1) for k, v in peaks.items()},
+        "targets": {
+            "sync_save_le_1.15x_raw": sync <= 1.15 * raw,
+            "async_blocking_le_10pct_sync": blocking <= 0.10 * sync,
+            "verified_restore_le_torch_mmap": restore <= peer,
+        },
+        "async_blocking_over_sync": round(blocking / sync, 3),
+        "verified_restore_over_torch_mmap": round(restore / peer, 3),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    parser.add_argument("--size-mib", type=float, default=None, help="weights to save (default 1024)")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5)")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir in the cwd)")
+    args = parser.parse_args(argv)
+    size = args.size_mib if args.size_mib is not None else (4 if args.quick else 1024)
+    reps = args.reps if args.reps is not None else (3 if args.quick else 5)
+    model = make_model(size)
+    size_gib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
+    # default: next to the repo, on the same disk users save to (not a tmpfs /tmp)
+    work = Path(tempfile.mkdtemp(prefix=".bench_save_load_", dir=args.dir or os.getcwd()))
+    try:
+        runner = Runner(work, model)
+        for rep in range(reps):
+            runner.save_round(rep)
+        paths = {"ours": runner.sync.save(model, str(work / "restore"), global_step=0),
+                 "torch": str(work / "t.pt"), "st": str(work / "st.safetensors")}
+        torch_save(runner.state, paths["torch"])
+        safetensors_save(runner.state, paths["st"])
+        for _ in range(reps):
+            runner.restore_round(paths)
+        runner.async_.wait()
+        print(json.dumps(report(runner, size_gib, reps)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""Smoke test: the save/load benchmark runs end to end at tiny size and ends with its JSON line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_save_load_benchmark_quick_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "save_load.py"), "--quick", "--reps", "2",
+         "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "save_load" and result["reps"] == 2
+    for row in ("raw write + fsync", "Saver.save (sync)", "torch.save + fsync", "Saver.save (async) blocking",
+                "Saver.restore (verify)", "torch.load(mmap) + load_state_dict"):
+        assert result["median_s"][row] > 0, row
+        assert any(line.startswith(row) for line in lines), f"{row} missing from the table"
+    assert result["ratio_vs_raw_write"]["raw write + fsync"] == 1.0
+    assert set(result["targets"]) == {"sync_save_le_1.15x_raw", "async_blocking_le_10pct_sync",
+                                      "verified_restore_le_torch_mmap"}
+    assert list(tmp_path.iterdir()) == []  # its scratch directory is gone
