@@ -138,3 +138,9 @@ def test_gradients_match_tf(op: str) -> None:
     rtol = 1e-6 if op == "SoftmaxCrossEntropyWithLogits" else 1e-9
     for name, grad in zip(ours, grads, strict=True):
         np.testing.assert_allclose(ours[name].grad.numpy(), grad.numpy(), rtol=rtol, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("op", ["Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign"])
+def test_activations_on_nan_and_infinities(op: str) -> None:
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30], np.float32)
+    check(op, {"features": x}, rtol=1e-6, atol=0)

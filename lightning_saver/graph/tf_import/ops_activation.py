@@ -20,6 +20,12 @@ _SELU_SCALE = 1.0507009873554804934193349852946
 _SELU_ALPHA = 1.6732632423543772848170429916717
 
 
+def _exp_minus_one(x: Tensor) -> Tensor:
+    # exp(x) - 1 as TF writes it (not expm1), on x <= 0 only so the unused branch of a
+    # torch.where never overflows into a NaN gradient
+    return torch.exp(torch.clamp_max(x, 0)) - 1
+
+
 @TF_OPS.register("Relu")
 def relu(features: Tensor) -> Tensor:
     return torch.relu(features)
@@ -35,7 +41,8 @@ def relu6(features: Tensor) -> Tensor:
 
 @TF_OPS.register("Elu")
 def elu(features: Tensor) -> Tensor:
-    return F.elu(features)
+    """``x`` for ``x >= 0``, else ``exp(x) - 1`` (TF's formula: tiny negatives give exactly 0)."""
+    return torch.where(features < 0, _exp_minus_one(features), features)
 
 
 @TF_OPS.register("Selu")
@@ -44,7 +51,7 @@ def selu(features: Tensor) -> Tensor:
 
     Written out because F.selu takes the exponential branch's gradient at exactly 0 and TF does not.
     """
-    negative = _SELU_SCALE * _SELU_ALPHA * torch.expm1(torch.clamp_max(features, 0))
+    negative = _SELU_SCALE * _SELU_ALPHA * _exp_minus_one(features)
     return torch.where(features < 0, negative, _SELU_SCALE * features)
 
 
