@@ -4,7 +4,9 @@ A CNN and an MLP are built with tf.compat.v1, saved (MetaGraph + TF checkpoint) 
 ``import_meta_graph``. Timed, on CPU, per call (median of repeats):
 ``session.run`` (TF), ``graph.run`` (ours, numpy in and out, like session.run) and the
 ``to_module`` GraphModule under ``torch.no_grad`` (torch tensors in and out).
-Ratios are ours / TF: below 1 means faster than TensorFlow.
+Ratios are ours / TF: below 1 means faster than TensorFlow. Both sides get the same number of
+intra-op threads (``--threads``, default 1): on a shared, oversubscribed machine torch's OpenMP
+barriers stall badly with more threads than free cores, which would measure the load, not the code.
 
     python benchmarks/tf_import.py            # batch 1 and 256
     python benchmarks/tf_import.py --quick    # tiny, for the smoke test
@@ -86,7 +88,9 @@ def bench_model(tf: Any, name: str, build: Callable[[Any, int], None], size: int
         build(tf, size)
         v1.set_random_seed(0)
         saver = v1.train.Saver()
-        sess = v1.Session(graph=graph)
+        config = v1.ConfigProto(intra_op_parallelism_threads=torch.get_num_threads(),
+                                inter_op_parallelism_threads=1)
+        sess = v1.Session(graph=graph, config=config)
         sess.run(v1.global_variables_initializer())
         prefix = saver.save(sess, os.path.join(directory, f"{name}.ckpt"), write_meta_graph=False)
         meta = os.path.join(directory, f"{name}.meta")
@@ -116,7 +120,17 @@ def bench_model(tf: Any, name: str, build: Callable[[Any, int], None], size: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and few repeats (smoke test)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both TF and torch")
     args = parser.parse_args(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
     if args.quick:
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:<6}{r['batch']:>6}{r['tf_ms']:>10.3f}{r['run_ms']:>10.3f}{r['module_ms']:>11.3f}"
               f"{r['run_ratio']:>9.2f}{r['module_ratio']:>11.2f}")
     summary = {
-        "benchmark": "tf_import", "quick": args.quick, "torch_threads": torch.get_num_threads(),
+        "benchmark": "tf_import", "quick": args.quick, "threads": args.threads,
         "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "worst_run_ratio": round(max(r["run_ratio"] for r in rows), 3),
     }

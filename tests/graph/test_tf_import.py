@@ -360,3 +360,23 @@ def test_sharded_saver_keys(tmp_path):
     assert {n: v.checkpoint_key for n, v in graph.variables.items()} == {"a": "shard/a", "b": "shard/b"}
     graph.restore(made.ckpt, strict=True)
     assert graph.run("y:0") == 60.0
+
+
+def test_in_place_activations_never_touch_live_tensors(tmp_path):
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [2, 6], name="x")
+        h = x * 2.0
+        viewed = tf.nn.relu(tf.reshape(h, [3, 4]))  # the Reshape output is a view of h, read again below
+        tf.identity(tf.reduce_sum(viewed, 0), name="a")
+        tf.identity(h + 1.0, name="b")
+        tf.nn.relu6(tf.sigmoid(tf.tanh(h * 3.0)) * 8.0 - 2.0, name="chain")
+        tf.identity(tf.nn.relu(h - 0.5, name="fetched_too"), name="c")
+
+    fetches = ["a:0", "b:0", "chain:0", "c:0", "fetched_too:0"]
+    made = build_tf_graph(tmp_path, build, fetches, {"x:0": X[:2, :3].repeat(2, 1)}, save=False)
+    graph = import_meta_graph(made.meta)
+    for _ in range(2):
+        got = graph.run(fetches, made.feed)
+        for ours, theirs in zip(got, made.expected, strict=True):
+            assert_same(ours, theirs)
+    np.testing.assert_array_equal(made.feed["x:0"], X[:2, :3].repeat(2, 1))  # the feed is untouched

@@ -8,10 +8,13 @@ placed after an Assign (through a control dependency) sees the assigned value, a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+
+import torch
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
@@ -29,6 +32,31 @@ _INITIALIZED_OPS = frozenset({"VarIsInitializedOp", "IsVariableInitialized"})
 _ALIASES = frozenset({"Identity", "Snapshot", "ReadVariableOp", "PreventGradient", "PlaceholderWithDefault"})
 # ops whose OpDef is unknown (a GraphDef without stripped_op_list) are folded unless they look stateful
 _STATEFUL_WORDS = ("Random", "Variable", "Assign", "Stateful", "Multinomial", "Shuffle", "Save", "Restore")
+
+
+# element-wise activations run in place when their input dies at that step (a big CPU win: no
+# fresh output buffer to write); only in ``run``, never in modules, which autograd must see whole
+_IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Relu": torch.relu_,
+    "Relu6": lambda x: x.clamp_(0.0, 6.0),
+    "Tanh": torch.tanh_,
+    "Sigmoid": torch.sigmoid_,
+}
+# references to an intermediate while its consumer runs: env, the argument list, the parameter,
+# getrefcount's own argument; one more means someone else holds it
+_PRIVATE_REFS = 4
+
+
+def _in_place(op: str, fallback: Callable[..., Any]) -> Callable[..., Any]:
+    mutate = _IN_PLACE[op]
+
+    def run(x: torch.Tensor, **kwargs: Any) -> Any:
+        if type(x) is torch.Tensor and not x._is_view() and sys.getrefcount(x) <= _PRIVATE_REFS \
+                and x.is_floating_point():
+            return mutate(x)
+        return fallback(x, **kwargs)
+
+    return run
 
 
 @dataclass(slots=True)
@@ -65,8 +93,14 @@ class Plan:
         drops: list[list[Ref]] = [[] for _ in self.steps]
         for ref, i in last_use.items():
             drops[i].append(ref)
-        self._fast = [(s.name, s.func, s.inputs, s.kwargs, tuple(drop))
-                      for s, drop in zip(self.steps, drops, strict=True)]
+        produced = {s.name for s in self.steps if s.kind == "call"}
+        self._fast = []
+        for i, (s, drop) in enumerate(zip(self.steps, drops, strict=True)):
+            func = s.func
+            if s.op in _IN_PLACE and len(s.inputs) == 1 and s.inputs[0][0] in produced \
+                    and last_use.get(s.inputs[0]) == i:
+                func = _in_place(s.op, s.func)
+            self._fast.append((s.name, func, s.inputs, s.kwargs, tuple(drop)))
 
     def execute(self, feeds: dict[Ref, Any]) -> list[Any]:
         """Run the steps on ``feeds`` and return the fetched values in order."""
@@ -77,10 +111,11 @@ class Plan:
             for i, (name, func, inputs, kwargs, drops) in enumerate(self._fast):  # noqa: B007
                 out = func(*[env[r] for r in inputs], **kwargs)
                 if type(out) is tuple or type(out) is list:
-                    for k, value in enumerate(out):
-                        env[(name, k)] = value
+                    for k in range(len(out)):
+                        env[(name, k)] = out[k]
                 else:
                     env[(name, 0)] = out
+                out = None  # holding it would make in-place activations think it is shared
                 for ref in drops:
                     del env[ref]
         except Exception as err:
