@@ -17,8 +17,8 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
 
 
-def data() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=BATCH, limit=LIMIT)
+def data(resumable: bool = True) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=BATCH, limit=LIMIT, resumable=resumable)
 
 
 def model(seed: int, **kwargs) -> DigitsClassifier:

@@ -69,19 +69,31 @@ def test_lightning_alone_diverges_without_rng_states(tmp_path, uninterrupted):
     assert not same_weights(weights(resumed), uninterrupted[0])
 
 
-def test_mid_epoch_resume_continues_at_the_right_step(tmp_path, uninterrupted):
+def stop_at_step_13_and_resume_from_10(tmp_path, resumable):
     first = StepRecorder()
     t = trainer(tmp_path, [Saver(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5,
                                  save_on_train_end=False), first], max_steps=13)
-    t.fit(model(0), data())
+    t.fit(model(0), data(resumable))
     assert checkpoints(tmp_path / "ckpt") == {"model_5.safetensors", "model_10.safetensors"}
     second = StepRecorder()
+    resumed = model(7)
     t = trainer(tmp_path, [Saver(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=5), second])
-    t.fit(model(7), data(), ckpt_path=str(tmp_path / "ckpt" / "model_10.safetensors"))
-    done_before = [s for s in first.steps if s[0] < 10]
-    # each global step runs exactly once, in the same epoch and batch position as the uninterrupted run
-    assert done_before + second.steps == uninterrupted[1]
+    t.fit(resumed, data(resumable), ckpt_path=str(tmp_path / "ckpt" / "model_10.safetensors"))
     assert t.global_step == 4 * STEPS_PER_EPOCH
+    return [s for s in first.steps if s[0] < 10] + second.steps, weights(resumed)
+
+
+def test_mid_epoch_resume_with_a_resumable_loader_is_bit_identical(tmp_path, uninterrupted):
+    steps, resumed = stop_at_step_13_and_resume_from_10(tmp_path, resumable=True)
+    assert steps == uninterrupted[1]
+    assert same_weights(resumed, uninterrupted[0])
+
+
+def test_mid_epoch_resume_with_a_plain_loader_continues_at_the_right_step(tmp_path, uninterrupted):
+    # a plain DataLoader cannot skip what it served: the rest of the epoch draws a new shuffle, but
+    # each global step still runs exactly once, in the same epoch and batch position
+    steps, _ = stop_at_step_13_and_resume_from_10(tmp_path, resumable=False)
+    assert steps == uninterrupted[1]
 
 
 def test_rotation_across_a_resume_keeps_the_resumed_from_checkpoint(tmp_path):
