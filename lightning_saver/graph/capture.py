@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -65,9 +66,16 @@ def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
                  a.shape[0] == 1 else a for a in args)
 
 
-def _dynamic_shapes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     auto = torch.export.Dim.AUTO
-    return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
+    specs = [torch.utils._pytree.tree_map(
+        lambda a: {0: auto} if isinstance(a, torch.Tensor) and a.dim() else None, arg) for arg in args]
+    params = inspect.signature(model.forward).parameters.values()
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return tuple(specs)
+    # torch.export binds dynamic_shapes to the signature: a *args parameter takes one tuple
+    n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    return (*specs[:n], tuple(specs[n:]))
 
 
 def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True,
@@ -96,7 +104,7 @@ def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True
         if dynamic_batch and any(isinstance(a, torch.Tensor) and a.dim() for a in args):
             try:
                 program = torch.export.export(model, _batch_of_two(args),
-                                               dynamic_shapes=_dynamic_shapes(args))
+                                               dynamic_shapes=_dynamic_shapes(model, args))
                 dynamic = _has_symbolic_batch(program)
             except Exception as error:  # any capture failure: retry with static shapes
                 warnings.warn(f"capturing {type(model).__name__} with a dynamic batch failed "

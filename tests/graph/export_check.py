@@ -47,9 +47,10 @@ def run_tf(meta_path: str | Path, feeds: dict[str, np.ndarray], n_outputs: int, 
     with graph.as_default():
         saver = tf.compat.v1.train.import_meta_graph(str(meta_path))
         with tf.compat.v1.Session(graph=graph) as session:
-            if restore:
+            prefix = checkpoint_prefix(str(meta_path))
+            if restore and os.path.exists(prefix + ".index"):
                 assert saver is not None, "import_meta_graph returned no Saver"
-                saver.restore(session, checkpoint_prefix(str(meta_path)))
+                saver.restore(session, prefix)
             fetches = [f"output_{i}:0" for i in range(n_outputs)]
             return session.run(fetches, {f"{k}:0": v for k, v in feeds.items()})
 

@@ -139,7 +139,9 @@ class GraphBuilder:
             raise TypeError(f"TensorFlow export: op {op_type} has no attr(s) {sorted(unknown)}")
         for attr in od.attr:
             self._set_attr(node, op_type, attr, types)
-        return self._outputs(node.name, od, types, out_shape)
+        defaults = {a.name: a.default_value.type for a in od.attr
+                    if a.type == "type" and a.HasField("default_value")}
+        return self._outputs(node.name, od, {**defaults, **types}, out_shape)
 
     def _as_input(self, value: Any, arg: Any, types: dict[str, Any]) -> TfTensor:
         if isinstance(value, TfTensor):

@@ -51,9 +51,7 @@ def convert(program: torch.export.ExportedProgram, g: GraphBuilder, store: Varia
             args = torch.fx.node.map_arg(node.args, env.__getitem__)
             kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
             out = converter(Ctx(g, node), *args, **kwargs)
-            if isinstance(out, TfTensor) and isinstance(node.meta.get("val"), torch.Tensor | torch.SymInt):
-                out = out.with_meta(meta_dtype(node.meta["val"]), meta_shape(node.meta["val"]))
-            env[node] = out
+            env[node] = _with_meta(out, node.meta.get("val"))
         elif node.op == "output":
             g.scope = ""
             user = {spec.arg.name for spec in sig.output_specs
@@ -65,6 +63,15 @@ def convert(program: torch.export.ExportedProgram, g: GraphBuilder, store: Varia
                 out = g.op("Identity", tensor, name=f"output_{i}", out_shape=tensor.shape)
                 result.outputs.append(out.with_meta(tensor.dtype, tensor.shape))
     return result
+
+
+def _with_meta(out: Any, val: Any) -> Any:
+    """The converter's result with torch's recorded dtype and shape (per element for several outputs)."""
+    if isinstance(out, TfTensor) and isinstance(val, torch.Tensor | torch.SymInt):
+        return out.with_meta(meta_dtype(val), meta_shape(val))
+    if isinstance(out, list | tuple) and isinstance(val, list | tuple) and len(out) == len(val):
+        return [_with_meta(o, v) for o, v in zip(out, val, strict=True)]
+    return out
 
 
 def _placeholder(node: torch.fx.Node, program: torch.export.ExportedProgram, g: GraphBuilder,

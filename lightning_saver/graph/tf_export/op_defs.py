@@ -69,6 +69,7 @@ _ROWS: tuple[tuple[str, ...], ...] = (
     ("Sin", "x: T", "y: T", "T: type"),
     ("Cos", "x: T", "y: T", "T: type"),
     ("Sign", "x: T", "y: T", "T: type"),
+    ("Round", "x: T", "y: T", "T: type"),
     ("Equal", "x: T, y: T", "z: bool", "T: type; incompatible_shape_error: bool = true", "is_commutative"),
     ("NotEqual", "x: T, y: T", "z: bool", "T: type; incompatible_shape_error: bool = true", "is_commutative"),
     ("Less", "x: T, y: T", "z: bool", "T: type"),

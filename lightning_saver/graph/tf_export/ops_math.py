@@ -108,6 +108,7 @@ for _aten_op, _tf_op in (
     (aten.tanh.default, "Tanh"), (aten.sigmoid.default, "Sigmoid"), (aten.erf.default, "Erf"),
     (aten.reciprocal.default, "Reciprocal"), (aten.floor.default, "Floor"), (aten.ceil.default, "Ceil"),
     (aten.sin.default, "Sin"), (aten.cos.default, "Cos"), (aten.sign.default, "Sign"),
+    (aten.round.default, "Round"),
     (aten.relu.default, "Relu"), (aten.logical_not.default, "LogicalNot"),
 ):
     TF_EXPORT.register(_aten_op)(_unary(_tf_op))
@@ -309,6 +310,24 @@ def _arg_reduce(tf_op: str) -> Any:
 
 TF_EXPORT.register(aten.argmax.default)(_arg_reduce("ArgMax"))
 TF_EXPORT.register(aten.argmin.default)(_arg_reduce("ArgMin"))
+
+
+def _value_and_index(tf_reduce: str, tf_arg: str) -> Any:
+    def convert(cx: Ctx, x: TfTensor, dim: int, keepdim: bool = False) -> list[TfTensor]:
+        g = cx.g
+        axis = axes(dim, x.rank)[0]
+        values = g.op(tf_reduce, x, [axis], keep_dims=keepdim)
+        index = g.op(tf_arg, x, g.scalar(axis, tf_dtypes.DT_INT32))
+        if keepdim:
+            index = g.op("ExpandDims", index, g.scalar(axis, tf_dtypes.DT_INT32))
+        return [values, index]
+
+    convert.__name__ = f"value_index_{tf_reduce}"
+    return convert
+
+
+TF_EXPORT.register(aten.max.dim)(_value_and_index("Max", "ArgMax"))
+TF_EXPORT.register(aten.min.dim)(_value_and_index("Min", "ArgMin"))
 
 
 @TF_EXPORT.register(aten.var.correction)

@@ -1,0 +1,247 @@
+"""One test per converter, parametrized over shapes and attributes: one-module torch models exported
+to a TF MetaGraph (run in real TensorFlow, at another batch size than the capture) and to ONNX (run
+in ONNX Runtime), each compared with torch at an explicit tolerance.
+
+Capture costs about a second per model (``run_decompositions``) and the ONNX exporter a few more, so
+every case is exported once per format as one model holding all cases side by side (``peers``, a
+``ModuleDict`` keyed by case name, so an export error names the case's module ``cases.<name>``);
+each test then compares its own outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from export_check import assert_close, check_tf, other_batch, run_onnx, run_tf, torch_outputs
+from torch import nn
+
+from lightning_saver.graph.onnx_export import export_onnx
+from lightning_saver.graph.tf_export import export_meta_graph
+
+
+class Fn(nn.Module):
+    """A module around a function of one or two tensors (names x, y), with optional submodules."""
+
+    def __init__(self, fn: Callable[..., Any], **modules: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.mods = nn.ModuleDict(modules)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Any:
+        args = (x,) if y is None else (x, y)
+        return self.fn(self, *args)
+
+
+def module(layer: nn.Module) -> Fn:
+    return Fn(lambda self, x: self.mods["layer"](x), layer=layer)
+
+
+def fn(f: Callable[..., Any]) -> Fn:
+    return Fn(lambda self, *xs: f(*xs))
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    args: tuple[torch.Tensor, ...]
+    atol: float = 1e-5
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _bn(layer: nn.Module) -> nn.Module:
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        if layer.affine:
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def _cases() -> dict[str, Case]:
+    torch.manual_seed(0)
+    img, seq, vec = _randn(2, 4, 8, 8), _randn(2, 4, 10), _randn(2, 6)
+    tok = torch.tensor([[1, 5, 0, 7], [2, 2, 9, 3]])
+    c: dict[str, Case] = {
+        # layers
+        "linear": Case(module(nn.Linear(6, 3)), (vec,)),
+        "linear_3d_nobias": Case(module(nn.Linear(10, 5, bias=False)), (seq,)),
+        "conv2d": Case(module(nn.Conv2d(4, 6, 3)), (img,)),
+        "conv2d_stride_pad": Case(module(nn.Conv2d(4, 6, 3, stride=2, padding=1)), (img,)),
+        "conv2d_dilation_rect": Case(module(nn.Conv2d(4, 5, (3, 1), padding=(2, 0), dilation=2)), (img,)),
+        "conv2d_groups": Case(module(nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=False)), (img,)),
+        "conv2d_depthwise": Case(module(nn.Conv2d(4, 4, 3, groups=4, stride=2, padding=1)), (img,)),
+        "conv2d_depthwise_x2": Case(module(nn.Conv2d(4, 8, 3, groups=4, padding="same")), (img,)),
+        "conv1d": Case(module(nn.Conv1d(4, 6, 3, stride=2, padding=1)), (seq,)),
+        "conv1d_depthwise_dilated": Case(module(nn.Conv1d(4, 4, 3, groups=4, dilation=2)), (seq,)),
+        "conv_transpose2d": Case(module(nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)),
+                                 (img,)),
+        "conv_transpose2d_plain": Case(module(nn.ConvTranspose2d(4, 3, 2, stride=2)), (img,)),
+        "conv_transpose1d": Case(module(nn.ConvTranspose1d(4, 2, 4, stride=3, padding=2)), (seq,)),
+        "batch_norm2d": Case(module(_bn(nn.BatchNorm2d(4))), (img,)),
+        "batch_norm1d_no_affine": Case(module(_bn(nn.BatchNorm1d(6, affine=False))), (vec,)),
+        "layer_norm": Case(module(nn.LayerNorm(10)), (seq,)),
+        "layer_norm_2d": Case(module(nn.LayerNorm([8, 8], elementwise_affine=False)), (img,)),
+        "group_norm": Case(module(nn.GroupNorm(2, 4)), (img,)),
+        "group_norm_1d": Case(module(nn.GroupNorm(4, 4)), (seq,)),
+        "embedding": Case(module(nn.Embedding(10, 3)), (tok,)),
+        # activations
+        "relu": Case(module(nn.ReLU()), (img,)),
+        "relu6": Case(module(nn.ReLU6()), (img * 4,)),
+        "gelu": Case(module(nn.GELU()), (img,)),
+        "gelu_tanh": Case(module(nn.GELU(approximate="tanh")), (img,)),
+        "silu": Case(module(nn.SiLU()), (img,)),
+        "hardswish": Case(module(nn.Hardswish()), (img * 3,)),
+        "hardsigmoid": Case(module(nn.Hardsigmoid()), (img * 3,)),
+        "sigmoid": Case(module(nn.Sigmoid()), (img,)),
+        "tanh": Case(module(nn.Tanh()), (img,)),
+        "leaky_relu": Case(module(nn.LeakyReLU(0.1)), (img,)),
+        "softmax_last": Case(module(nn.Softmax(dim=-1)), (seq,)),
+        "softmax_dim1": Case(module(nn.Softmax(dim=1)), (img,)),
+        "log_softmax": Case(module(nn.LogSoftmax(dim=1)), (vec,)),
+        # pooling
+        "max_pool": Case(module(nn.MaxPool2d(2)), (img,)),
+        "max_pool_pad_stride": Case(module(nn.MaxPool2d(3, stride=2, padding=1)), (img,)),
+        "max_pool_ceil": Case(module(nn.MaxPool2d(3, stride=2, ceil_mode=True)), (img,)),
+        "avg_pool": Case(module(nn.AvgPool2d(2)), (img,)),
+        "avg_pool_pad": Case(module(nn.AvgPool2d(3, stride=2, padding=1)), (img,)),
+        "avg_pool_pad_exclude": Case(module(nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)),
+                                     (img,)),
+        "avg_pool_ceil": Case(module(nn.AvgPool2d(3, stride=2, ceil_mode=True)), (img,)),
+        "adaptive_avg_1": Case(module(nn.AdaptiveAvgPool2d(1)), (img,)),
+        "adaptive_avg_2x4": Case(module(nn.AdaptiveAvgPool2d((2, 4))), (img,)),
+        "max_pool1d": Case(module(nn.MaxPool1d(2)), (seq,)),
+        "dropout_eval": Case(module(nn.Dropout(0.5)), (img,)),
+        # tensor ops
+        "flatten": Case(module(nn.Flatten()), (img,)),
+        "reshape_batch": Case(fn(lambda x: x.reshape(x.shape[0], 2, -1)), (img,)),
+        "view_flat": Case(fn(lambda x: x.view(-1, 8)), (img,)),
+        "permute": Case(fn(lambda x: x.permute(0, 2, 3, 1)), (img,)),
+        "transpose": Case(fn(lambda x: x.transpose(1, 2).contiguous()), (seq,)),
+        "cat": Case(fn(lambda x, y: torch.cat([x, y, x], dim=1)), (seq, _randn(2, 2, 10, seed=3))),
+        "stack": Case(fn(lambda x, y: torch.stack([x, y], dim=1)), (seq, _randn(2, 4, 10, seed=4))),
+        "split": Case(fn(lambda x: torch.split(x, [3, 7], dim=-1)), (seq,)),
+        "chunk": Case(fn(lambda x: x.chunk(2, dim=1)), (img,)),
+        "slice": Case(fn(lambda x: x[:, 1:3, ::2, -4:]), (img,)),
+        "select": Case(fn(lambda x: x[:, -1, 2] + x[:, 0, :, 1]), (img,)),
+        "index_tensor": Case(fn(lambda x: x[:, torch.tensor([3, 0, -1])]), (seq,)),
+        "unsqueeze_squeeze": Case(fn(lambda x: x.unsqueeze(1).squeeze(1).unsqueeze(-1)), (seq,)),
+        "expand": Case(fn(lambda x: x[:, :, None].expand(-1, -1, 3)), (vec,)),
+        "repeat": Case(fn(lambda x: x.repeat(1, 2, 1)), (seq,)),
+        "pad": Case(fn(lambda x: F.pad(x, (1, 2, 0, 1), value=0.5)), (img,)),
+        # matmul and attention
+        "matmul_3d": Case(fn(lambda x, y: x @ y), (seq, _randn(2, 10, 3, seed=5))),
+        "matmul_4d": Case(fn(lambda x, y: torch.matmul(x, y.transpose(-1, -2))),
+                          (img, _randn(2, 4, 5, 8, seed=6))),
+        "attention_by_hand": Case(fn(lambda x: torch.softmax(x @ x.transpose(1, 2) / math.sqrt(10), -1) @ x),
+                                  (seq,)),
+        "sdpa": Case(fn(lambda x: F.scaled_dot_product_attention(x, x, x)), (img,)),
+        "sdpa_causal": Case(fn(lambda x: F.scaled_dot_product_attention(x, x, x, is_causal=True)), (img,)),
+        # reductions
+        "sum_mean": Case(fn(lambda x: (x.sum(dim=1), x.mean(dim=(2, 3), keepdim=True))), (img,)),
+        "amax_amin": Case(fn(lambda x: (x.amax(-1), x.min(dim=1).values)), (seq,)),
+        "argmax": Case(fn(lambda x: x.argmax(dim=-1)), (seq,)),
+        "var_std": Case(fn(lambda x: (x.var(dim=-1), x.std(dim=1, keepdim=True))), (seq,)),
+        "prod_cumsum": Case(fn(lambda x: (x.prod(dim=-1), x.cumsum(dim=1))), (vec,)),
+        # elementwise math and residuals
+        "arith_scalars": Case(fn(lambda x: (2 - x) * 3 + x / 4 - 1), (img,)),
+        "arith_broadcast": Case(fn(lambda x, y: x * y + x - y / (y.abs() + 1)),
+                                (img, _randn(2, 4, 1, 8, seed=7))),
+        "pow_sqrt_exp_log": Case(fn(lambda x: x.abs().sqrt() + x.pow(2) + torch.exp(x)
+                                    + torch.log(x.abs() + 1) + x.abs().add(1).rsqrt() + x ** 3),
+                                 (img,), 1e-4),
+        "clamp_min_max": Case(fn(lambda x: torch.maximum(x.clamp(-0.5, 0.7), x.clamp(min=0.1))
+                                 - torch.minimum(x, x * 2)), (img,)),
+        "where_compare": Case(fn(lambda x: (torch.where(x > 0, x, -x), (x <= 0.5).float(), x == x.round())),
+                              (img,)),
+        "floor_div_remainder": Case(fn(lambda x: (torch.div(x * 5, 2, rounding_mode="floor"), (x * 5) % 3)),
+                                    (img,), 1e-4),
+        "residual": Case(Fn(lambda self, x: x + self.mods["f"](x),
+                            f=nn.Sequential(nn.Linear(6, 6), nn.Tanh())), (vec,)),
+        "cast_int_to_float": Case(fn(lambda x: x.float() * 0.5 + x.sum(dim=1, keepdim=True)), (tok,)),
+    }
+    return c
+
+
+CASES = _cases()
+
+
+class AllCases(nn.Module):
+    """Every case side by side: inputs concatenated in case order, outputs flattened in case order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cases = nn.ModuleDict({name: case.model for name, case in CASES.items()})
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[Any, ...]:
+        outs, k = [], 0
+        for name, model in self.cases.items():
+            count = len(CASES[name].args)
+            outs.append(model(*inputs[k:k + count]))
+            k += count
+        return tuple(outs)
+
+
+def _split(flat: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    results, k = {}, 0
+    for name, case in CASES.items():
+        count = len(torch_outputs(case.model, case.args))
+        results[name] = flat[k:k + count]
+        k += count
+    return results
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[np.ndarray]]]:
+    """All cases exported once per format and run once per peer, at another batch size than captured."""
+    model = AllCases().eval()
+    args = tuple(a for case in CASES.values() for a in case.args)
+    run_args = tuple(a for case in CASES.values() for a in other_batch(case.args))
+    folder = tmp_path_factory.mktemp("ops")
+    meta = export_meta_graph(model, args, folder / "all.meta")
+    placeholders = [n.name for n in _read_meta(meta).graph_def.node if n.op == "Placeholder"]
+    n_outputs = sum(len(torch_outputs(c.model, c.args)) for c in CASES.values())
+    tf_flat = run_tf(meta, dict(zip(placeholders, (a.numpy() for a in run_args), strict=True)), n_outputs)
+    path = export_onnx(model, args, folder / "all.onnx")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), run_args, strict=True)}
+    return {"TensorFlow": _split(tf_flat), "ONNX Runtime": _split(session.run(None, feeds))}
+
+
+def _read_meta(path: str) -> Any:
+    from tensorboard.compat.proto import meta_graph_pb2
+
+    with open(path, "rb") as f:
+        return meta_graph_pb2.MetaGraphDef.FromString(f.read())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_converter(name: str, peers: dict[str, dict[str, list[np.ndarray]]]) -> None:
+    case = CASES[name]
+    expected = torch_outputs(case.model, other_batch(case.args))
+    for peer, results in peers.items():
+        assert_close(results[name], expected, atol=case.atol, rtol=1e-5, what=f"{peer} {name}")
+
+
+def test_one_converter_alone_with_variables_restored(tmp_path) -> None:
+    case = CASES["conv2d_groups"]
+    check_tf(tmp_path, case.model, case.args, atol=case.atol, run_args=other_batch(case.args, 5))
+
+
+def test_onnx_runner_sees_inputs_by_name(tmp_path) -> None:
+    model = module(nn.Linear(6, 2))
+    path = export_onnx(model, (torch.randn(2, 6),), tmp_path / "m.onnx", exporter="torchscript")
+    x = torch.randn(4, 6)
+    assert_close(run_onnx(path, {"x": x.numpy()}), torch_outputs(model, (x,)), atol=1e-5, what="ORT")
