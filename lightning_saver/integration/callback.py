@@ -18,7 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from lightning_saver.formats.state_codec import encode_state
 from lightning_saver.integration import resume, rng_state
@@ -137,6 +139,12 @@ class Saver(CheckpointSaver, Checkpoint):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            rank_zero_warn(
+                f"Saver: {type(trainer.strategy).__name__} loads checkpoints itself, bypassing the "
+                "CheckpointIO plugin, so it cannot resume from the Saver's .safetensors files, and sharded "
+                "state dicts are refused when saving. Tested strategies: single device and DDP."
+            )
         _install_checkpoint_io(trainer, verify=self.verify, allow_pickle=self.allow_pickle)
         self.dirpath = trainer.strategy.broadcast(self.resolve_dirpath(trainer))
 
