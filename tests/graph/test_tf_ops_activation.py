@@ -110,6 +110,7 @@ GRAD_CASES = {
     "FloorMod": lambda r: {"x": r.uniform(-9, 9, (3, 4)), "y": r.choice([-2.5, 1.5, 3.0], (3, 4))},
     "SquaredDifference": lambda r: {"x": r.standard_normal((3, 4)), "y": r.standard_normal((4,))},
     "Rsqrt": lambda r: {"x": r.uniform(0.5, 4, (3, 4))},
+    "Xlogy": lambda r: {"x": _with_kinks(r.uniform(-2, 2, (3, 4))) % 6, "y": np.array([0.0, 2.0, 0.5, 3.0])},
     "BatchMatMulV2": lambda r: {"x": r.standard_normal((2, 3, 4)), "y": r.standard_normal((4, 5))},
     "SoftmaxCrossEntropyWithLogits": lambda r: {"features": r.standard_normal((3, 4)),
                                                 "labels": _distribution(r, (3, 4))},

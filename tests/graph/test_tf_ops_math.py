@@ -278,3 +278,16 @@ def _broadcast_pair(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
 @given(pair=_broadcast_pair(), op=st.sampled_from(["FloorDiv", "FloorMod", "TruncateMod", "Maximum", "Mul"]))
 def test_integer_ops_agree_with_tf_on_any_broadcast(pair: tuple[np.ndarray, np.ndarray], op: str) -> None:
     check(op, {"x": pair[0], "y": pair[1]})
+
+
+@pytest.mark.parametrize("op", sorted(UNARY_DOMAINS))
+def test_unary_nan_infinities_and_out_of_domain(op: str) -> None:
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, -1.0, -2.0, 1e-30, 1e30, -1e30], np.float32)
+    check(op, {"x": x}, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("op", FLOAT_BINARY)
+def test_binary_special_values(op: str) -> None:
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -2.0, 0.5], np.float32)
+    x, y = np.meshgrid(specials, specials)
+    check(op, {"y": x, "x": y} if op == "Atan2" else {"x": x, "y": y}, rtol=1e-6, atol=0)

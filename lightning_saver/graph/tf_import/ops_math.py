@@ -150,7 +150,11 @@ def atan2(y: Tensor, x: Tensor) -> Tensor:
 
 @TF_OPS.register("Xlogy")
 def xlogy(x: Tensor, y: Tensor) -> Tensor:
-    return torch.xlogy(x, y)
+    """``x * log(y)``, and ``x`` itself (a signed zero) wherever ``x == 0``, even for a NaN ``y``."""
+    zero = x == 0
+    # log(1) where x == 0 keeps the unused branch's gradient finite
+    product = x * torch.log(torch.where(zero, torch.ones_like(y), y))
+    return torch.where(zero, x * 0, product)
 
 
 @TF_OPS.register("ClipByValue")
