@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import queue
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
 import google_crc32c
 import torch
 
-__all__ = ["ALGORITHM", "NATIVE", "extend_address", "tensor_crc32c", "format_crc", "parse_crc"]
+__all__ = ["ALGORITHM", "NATIVE", "extend_address", "tensor_crc32c", "format_crc", "parse_crc", "CrcPipeline"]
 
 ALGORITHM = "crc32c"
 _FALLBACK_CHUNK = 16 << 20
@@ -77,3 +82,102 @@ def parse_crc(text: str) -> int:
     if len(text) != 8:
         raise ValueError(f"expected 8 hex digits, found {text!r}")
     return int(text, 16)
+
+
+_THREAD_MIN = 1 << 20  # below this, a hand-off to the helper thread costs more than the checksum
+
+
+class _Helper:
+    """One daemon thread running submitted calls in order.
+
+    Not a ThreadPoolExecutor: those refuse work once interpreter shutdown begins, and an async save
+    finished by an exit hook still has to checksum its tensors.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._queue: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="lightning_saver_crc", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            call, future = self._queue.get()
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def submit(self, call: Callable[[], None]) -> Future[None]:
+        future: Future[None] = Future()
+        self._queue.put((call, future))
+        return future
+
+
+_helper_obj: _Helper | None = None
+_helper_lock = threading.Lock()
+
+
+def _helper() -> _Helper | None:
+    global _helper_obj
+    with _helper_lock:
+        if _helper_obj is None or _helper_obj.pid != os.getpid():  # a thread does not survive fork
+            try:
+                _helper_obj = _Helper()
+            except RuntimeError:  # no new threads at interpreter shutdown: checksum inline
+                return None
+        return _helper_obj
+
+
+class CrcPipeline:
+    """CRC-32C of named regions, computed on a helper thread while the caller does the file I/O.
+
+    Regions of one name are checksummed in the order they were added (the helper is one FIFO
+    thread). The caller keeps the memory alive and unchanged until :meth:`wait` (or
+    :meth:`results`) returns. Small regions are checksummed inline.
+
+    Example:
+        >>> crc = CrcPipeline()
+        >>> crc.add("w", t.data_ptr(), t.numel() * t.element_size())
+        >>> os.write(fd, ...)                      # runs while the checksum is computed
+        >>> crc.results()["w"]
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, int] = {}
+        self._pending: list[Future[None]] = []
+        self._threaded: set[str] = set()
+
+    def _extend(self, name: str, address: int, nbytes: int) -> None:
+        self._values[name] = extend_address(self._values.get(name, 0), address, nbytes)
+
+    def add(self, name: str, address: int, nbytes: int, *, total: int | None = None) -> None:
+        """Queue ``nbytes`` at ``address`` as the next part of ``name`` (``total``: the name's full size)."""
+        if name not in self._values and name not in self._threaded and (total or nbytes) >= _THREAD_MIN:
+            self._threaded.add(name)
+        helper = _helper() if name in self._threaded else None
+        if helper is not None:
+            self._pending.append(helper.submit(partial(self._extend, name, address, nbytes)))
+        else:
+            self._extend(name, address, nbytes)
+
+    def wait(self) -> None:
+        """Block until every queued region is checksummed (re-raises a helper error)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def drain(self) -> None:
+        """Block until the helper is done with every queued region, ignoring its errors (cleanup path)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - cleanup after an error already being raised
+                pass
+
+    def results(self) -> dict[str, int]:
+        """Name -> CRC-32C, once everything queued is done; a name never added with bytes maps to 0."""
+        self.wait()
+        return dict(self._values)

@@ -51,7 +51,7 @@ __all__ = [
 ]  # fmt: skip
 
 _PLACEHOLDER = "0" * 8
-_CHUNK = 64 << 20  # os.write/preadv move at most ~2 GiB per call; chunks also bound scratch memory
+_CHUNK = 4 << 20  # I/O and checksum unit: still in the shared cache when the helper thread reads it
 
 
 @dataclass(frozen=True)
@@ -201,13 +201,18 @@ def planned_nbytes(
     return _Plan(tensors, metadata, info).nbytes
 
 
-def _write_tensor(fd: int, tensor: torch.Tensor) -> int:
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+def _write_tensor(fd: int, name: str, tensor: torch.Tensor, crc: checksum.CrcPipeline) -> None:
+    copied = tensor.device.type != "cpu" or not tensor.is_contiguous()
+    if copied:
         tensor = tensor.detach().to("cpu").contiguous()  # one tensor at a time: bounded extra memory
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes:
-        _write_all(fd, tensor.data_ptr(), nbytes)
-    return checksum.extend_address(0, tensor.data_ptr(), nbytes)
+    address = tensor.data_ptr()
+    for start in range(0, nbytes, _CHUNK):
+        size = min(_CHUNK, nbytes - start)
+        crc.add(name, address + start, size, total=nbytes)  # checksummed while the chunk is written
+        _write_all(fd, address + start, size)
+    if copied:
+        crc.wait()  # the copy is freed on return
 
 
 def write_to_fd(
@@ -236,7 +241,14 @@ def write_to_fd(
     plan = _Plan(tensors, metadata, info)
     placeholder = plan.header(dict.fromkeys(plan.order, _PLACEHOLDER))
     _write_bytes(fd, placeholder)
-    crcs = {name: checksum.format_crc(_write_tensor(fd, plan.tensors[name])) for name in plan.order}
+    crc = checksum.CrcPipeline()
+    try:
+        for name in plan.order:
+            _write_tensor(fd, name, plan.tensors[name], crc)
+        values = crc.results()
+    finally:
+        crc.drain()  # never leave the helper reading memory the caller may free
+    crcs = {name: checksum.format_crc(values.get(name, 0)) for name in plan.order}
     final = plan.header(crcs)
     if len(final) != plan.header_len:
         raise RuntimeError("internal error: the checksummed header changed length")
@@ -308,12 +320,14 @@ def _crc_region(fd: int, header: Header, name: str) -> int:
     return crc
 
 
-def _fill(fd: int, header: Header, name: str, target: torch.Tensor, verify: bool) -> None:
+def _fill(fd: int, header: Header, name: str, target: torch.Tensor, crc: checksum.CrcPipeline | None) -> None:
     info = header.tensors[name]
-    if info.nbytes:
-        _read_exact(fd, header.data_start + info.offset, target.data_ptr(), info.nbytes, header.path)
-    if verify:
-        _check_crc(header, name, checksum.extend_address(0, target.data_ptr(), info.nbytes))
+    address = target.data_ptr()
+    for start in range(0, info.nbytes, _CHUNK):
+        size = min(_CHUNK, info.nbytes - start)
+        _read_exact(fd, header.data_start + info.offset + start, address + start, size, header.path)
+        if crc is not None:
+            crc.add(name, address + start, size, total=info.nbytes)  # overlaps the next read
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -333,21 +347,34 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bo
     Tied keys (aliases) whose owner is also a target are only checksummed, not read twice.
     """
     aliases = header.aliases
-    with open(header.path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        for name in sorted(targets, key=lambda n: header.tensors[n].offset):
-            target = targets[name]
-            if aliases.get(name) in targets and _same_memory(targets[aliases[name]], target):
-                if verify:
-                    _check_crc(header, name, _crc_region(fd, header, name))
-                continue
-            if target.device.type == "cpu" and target.is_contiguous():
-                _fill(fd, header, name, target, verify)
-            else:
+    crc = checksum.CrcPipeline() if verify else None
+    try:
+        with open(header.path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            for name in sorted(targets, key=lambda n: header.tensors[n].offset):
+                target = targets[name]
+                if aliases.get(name) in targets and _same_memory(targets[aliases[name]], target):
+                    if verify:
+                        _check_crc(header, name, _crc_region(fd, header, name))
+                    continue
+                if target.device.type == "cpu" and target.is_contiguous():
+                    _fill(fd, header, name, target, crc)
+                    continue
                 tmp = torch.empty(target.shape, dtype=target.dtype)
-                _fill(fd, header, name, tmp, verify)
+                _fill(fd, header, name, tmp, crc)
+                if crc is not None:
+                    crc.wait()  # before tmp is freed
                 with torch.no_grad():
                     target.copy_(tmp)
+        computed = crc.results() if crc is not None else {}
+    finally:
+        if crc is not None:
+            crc.drain()
+    for name, value in computed.items():
+        _check_crc(header, name, value)
+    for name in targets:  # empty tensors never reach the pipeline
+        if verify and name not in computed and header.tensors[name].nbytes == 0:
+            _check_crc(header, name, 0)
 
 
 def load_file(

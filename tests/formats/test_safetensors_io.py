@@ -220,3 +220,20 @@ def test_a_sync_save_adds_no_whole_file_buffer(tmp_path):
     extra_mib = int(out.stdout)
     assert extra_mib <= 24, f"a save of 144 MiB raised peak memory by {extra_mib} MiB"
     assert (tmp_path / "big.safetensors").stat().st_size > 144 << 20
+
+
+def test_multi_chunk_tensors_are_checksummed_like_google_crc32c(tmp_path):
+    # 9 MiB and 5 MiB: several I/O chunks, checksummed on the helper thread while written
+    tensors = {"big": torch.rand(9 << 18), "odd": torch.rand(5 << 18).to(torch.float16)[::2]}
+    path = tmp_path / "big.safetensors"
+    result = sio.save_file(tensors, path)
+    for name, t in tensors.items():
+        expected = google_crc32c.value(t.contiguous().numpy().tobytes())
+        assert result.crcs[name] == f"{expected:08x}", name
+    out = sio.load_file(path)
+    assert torch.equal(out["big"], tensors["big"]) and torch.equal(out["odd"], tensors["odd"])
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch in tensor 'big'"):
+        sio.load_file(path)
