@@ -253,6 +253,8 @@ class AsyncWriter:
         return _in_order(tensors, out)
 
     def _take_arena(self, nbytes: int, pinned: bool) -> _Arena:
+        if getattr(torch._C, "_storage_Use_Count", None) is None:
+            return _Arena(nbytes, pinned)  # this torch cannot tell when an arena is free: never pool
         with self._cond:
             for arena in self._arenas:
                 if arena.pinned == pinned and arena.tensor.numel() >= nbytes and arena.is_free():

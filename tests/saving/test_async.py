@@ -417,3 +417,15 @@ def test_async_saves_from_a_process_that_exits_without_wait_are_complete(tmp_pat
     latest = latest_checkpoint(tmp_path, verify=True)
     assert latest == str(tmp_path / "m_2.safetensors")
     assert torch.equal(load(latest)["w"], torch.arange(2_000_000, dtype=torch.float32) + 2)
+
+
+def test_without_a_storage_use_count_the_writer_never_pools(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    writer = AsyncWriter()
+    state = {"w": torch.randn(64)}
+    for _ in range(3):
+        frozen = writer.snapshot(state)
+        assert torch.equal(frozen["w"], state["w"])
+        del frozen
+    assert writer._arenas == []
+    writer.close()
