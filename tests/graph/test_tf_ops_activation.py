@@ -145,3 +145,10 @@ def test_gradients_match_tf(op: str) -> None:
 def test_activations_on_nan_and_infinities(op: str) -> None:
     x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30], np.float32)
     check(op, {"features": x}, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_softmax_with_masked_and_extreme_logits(op: str) -> None:
+    x = np.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf], [1e30, 0.0, -1e30], [np.inf, 0.0, 1.0],
+                  [np.nan, 0.0, 1.0], [-1e4, -1e4 + 1, -1e4 + 2]], np.float32)
+    check(op, {"logits": x}, rtol=1e-6, atol=1e-7)
