@@ -80,6 +80,7 @@ class Plan:
     consts: dict[Ref, Any]
     fetches: list[Ref]
     feeds: frozenset[Ref]
+    store: VariableStore
 
     def __post_init__(self) -> None:
         # after step i, drop the intermediates nobody reads later, so big batches reuse memory
@@ -94,18 +95,29 @@ class Plan:
         for ref, i in last_use.items():
             drops[i].append(ref)
         produced = {s.name for s in self.steps if s.kind == "call"}
-        self._fast = []
+        # without assignments, a variable reads the same all along: read each once, up front
+        pure = not any(s.kind == "assign" for s in self.steps)
+        self._reads = list({(s.name, 0): s.variable for s in self.steps if pure and s.kind == "read"}.items())
+        self._fast, self._fast_steps = [], []
         for i, (s, drop) in enumerate(zip(self.steps, drops, strict=True)):
+            if pure and s.kind == "read":
+                continue
             func = s.func
             if s.op in _IN_PLACE and len(s.inputs) == 1 and s.inputs[0][0] in produced \
                     and last_use.get(s.inputs[0]) == i:
                 func = _in_place(s.op, s.func)
             self._fast.append((s.name, func, s.inputs, s.kwargs, tuple(drop)))
+            self._fast_steps.append(s)
 
     def execute(self, feeds: dict[Ref, Any]) -> list[Any]:
         """Run the steps on ``feeds`` and return the fetched values in order."""
         env = dict(self.consts)
         env.update(feeds)
+        if self._reads:
+            values = self.store.values
+            for ref, variable in self._reads:
+                value = values.get(variable)
+                env[ref] = self.store.read(variable) if value is None else value
         i = 0
         try:
             for i, (name, func, inputs, kwargs, drops) in enumerate(self._fast):  # noqa: B007
@@ -119,7 +131,7 @@ class Plan:
                 for ref in drops:
                     del env[ref]
         except Exception as err:
-            step = self.steps[i]
+            step = self._fast_steps[i]
             if hasattr(err, "add_note"):
                 err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
             raise
@@ -220,7 +232,7 @@ class _Compiler:
             self.add(name)
         fetches = [self.alias.get(r, r) for r in self.fetches]
         self.read_variables(fetches)
-        return Plan(self.steps, self.consts, fetches, self.feeds)
+        return Plan(self.steps, self.consts, fetches, self.feeds, self.store)
 
 
 def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref]) -> Plan:
