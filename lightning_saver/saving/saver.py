@@ -97,6 +97,17 @@ class CheckpointSaver:
         self._writer: Any = None
         self.last_checkpoints: list[str] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable and deep-copyable (Lightning may copy callbacks): no lock, no writer thread
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_writer"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     @property
     def max_to_keep(self) -> int | None:
         return self._policy.max_to_keep

@@ -189,3 +189,30 @@ def test_any_steps_and_restarts_keep_exactly_the_newest_files(ops, max_to_keep):
             latest = latest_checkpoint(d)
             assert latest == os.path.join(d, f"m_{saved[-1]}.safetensors")
             assert lightning_saver.load(latest)["w"][0].item() == float(saved[-1])
+
+
+def test_save_top_k_keeps_the_best_across_restarts(tmp_path):
+    metrics = [0.9, 0.2, 0.8, 0.1, 0.7, 0.6, 0.5]
+    for i, m in enumerate(metrics):
+        saver = Saver(max_to_keep=1, save_top_k=2, mode="min")  # a new process for every save
+        saver.save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=i, metric=m)
+    # best two (0.1 at step 3, 0.2 at step 1) and the newest (step 6)
+    assert files(tmp_path) == sorted([STATE_NAME, "m_1.safetensors", "m_3.safetensors", "m_6.safetensors"])
+
+
+def test_saver_pickles_and_deep_copies(tmp_path):
+    import copy
+    import pickle
+
+    saver = Saver(max_to_keep=2, async_save=True)
+    saver.save({"w": torch.zeros(1)}, str(tmp_path / "m"), global_step=1)
+    saver.wait()
+    for clone in (copy.deepcopy(saver), pickle.loads(pickle.dumps(saver))):
+        clone.save({"w": torch.ones(1)}, str(tmp_path / "m"), global_step=2)
+        clone.wait()
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "m_2.safetensors")
+
+
+def test_latest_checkpoint_of_a_missing_or_empty_directory_is_none(tmp_path):
+    assert latest_checkpoint(tmp_path / "nope") is None
+    assert latest_checkpoint(tmp_path) is None
