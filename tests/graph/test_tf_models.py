@@ -159,6 +159,9 @@ def test_frozen_keras_depthwise_gelu_layer_norm(tmp_path):
     graph = import_meta_graph(path)
     got = graph.run(frozen.outputs[0].name, {frozen.inputs[0].name: x})
     assert_same(got, expected, **TOL)
+    # a bare frozen GraphDef (.pb bytes) imports too
+    bare = import_meta_graph(graph_def.SerializeToString())
+    assert_same(bare.run(frozen.outputs[0].name, {frozen.inputs[0].name: x}), expected, **TOL)
 
 
 def test_fine_tune_with_lightning_then_tensorflow_reads_the_weights(tmp_path):
