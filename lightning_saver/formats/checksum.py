@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import queue
 import threading
@@ -46,6 +47,12 @@ def _load_native() -> Callable[[int, int, int], int] | None:
 _NATIVE = _load_native()
 # True when checksums run in C on the memory itself; False means the slow, copying fallback.
 NATIVE = _NATIVE is not None and google_crc32c.implementation == "c"
+if not NATIVE:
+    logging.getLogger("lightning_saver").warning(
+        "google-crc32c's C library was not found (implementation %r): checksums fall back to a slow "
+        "copying path; reinstall google-crc32c from a binary wheel",
+        google_crc32c.implementation,
+    )
 
 
 def extend_address(crc: int, address: int, nbytes: int) -> int:
@@ -65,7 +72,7 @@ def tensor_crc32c(tensor: torch.Tensor, crc: int = 0) -> int:
 
     Example:
         >>> format_crc(tensor_crc32c(torch.zeros(2, dtype=torch.uint8)))
-        '1f9d9b1b'
+        'f16177d2'
     """
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         tensor = tensor.detach().to("cpu").contiguous()

@@ -237,3 +237,12 @@ def test_multi_chunk_tensors_are_checksummed_like_google_crc32c(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch in tensor 'big'"):
         sio.load_file(path)
+
+
+def test_checksums_run_in_the_native_crc32c_library():
+    from lightning_saver.formats import checksum
+
+    assert google_crc32c.implementation == "c"
+    assert checksum.NATIVE, "the ctypes path to libcrc32c is not active: checksums would copy every tensor"
+    t = torch.rand(1000)
+    assert checksum.tensor_crc32c(t) == google_crc32c.value(t.numpy().tobytes())
