@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
@@ -249,8 +250,12 @@ class Saver(CheckpointSaver, Checkpoint):
         if example is None:
             raise ValueError("Saver(export_onnx/export_meta_graph=True) needs the LightningModule's "
                              "example_input_array; set it in the module's __init__")
-        export_graphs(pl_module, example, self.dirpath, onnx=self.export_onnx,
-                      meta_graph=self.export_meta_graph, log_dir=trainer.log_dir)
+        # the graph also goes to TensorBoard when the run logs there and a TF graph is built anyway
+        tensorboard = self.export_meta_graph and isinstance(trainer.logger, TensorBoardLogger)
+        log_dir = trainer.log_dir if tensorboard else None
+        paths = export_graphs(pl_module, example, self.dirpath, onnx=self.export_onnx,
+                              meta_graph=self.export_meta_graph, log_dir=log_dir)
+        log.info("Saver: exported %s", ", ".join(paths))
 
     # ------------------------------------------------------------------ directories
 

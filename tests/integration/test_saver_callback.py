@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import pytest
 import torch
 from integration_helpers import STEPS_PER_EPOCH, data, model, same_weights, trainer, weights
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -56,3 +57,12 @@ def test_standalone_use_restores_weights_saved_by_the_callback(tmp_path):
     standalone = Saver(max_to_keep=5)
     path = standalone.save({"x": torch.tensor(5.0)}, str(tmp_path / "d" / "variable_file"), global_step=95)
     assert path.endswith("variable_file_95.safetensors")
+
+
+def test_export_options_write_onnx_and_meta_graph_once_at_train_end(tmp_path):
+    pytest.importorskip("lightning_saver.graph.export_hooks")
+    saver = Saver(dirpath=str(tmp_path), export_onnx=True, export_meta_graph=True)
+    trainer(tmp_path, [saver], max_epochs=1, limit_val_batches=0).fit(model(0), data())
+    written = set(os.listdir(tmp_path))
+    assert {"graph.onnx", "graph.meta", "graph.index"} <= written
+    assert f"model_{STEPS_PER_EPOCH}.safetensors" in written
