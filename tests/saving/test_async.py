@@ -246,35 +246,26 @@ def test_closed_writer_refuses_jobs_and_bad_limits_are_refused():
         AsyncWriter(max_in_flight=0)
 
 
-def test_interpreter_exit_waits_for_pending_jobs(tmp_path):
+def test_interpreter_exit_waits_for_pending_jobs_and_logs_their_errors(tmp_path):
     target = tmp_path / "done.txt"
     child = _run_child(
         """
         import sys, time
         from lightning_saver.saving.async_writer import AsyncWriter
-        w = AsyncWriter()
+        w = AsyncWriter(max_in_flight=2)
         def job():
             time.sleep(0.5)
             open(sys.argv[1], "w").write("durable")
+        def bad():
+            raise OSError(28, "No space left on device: ckpt_7.safetensors")
         w.submit(job)
+        w.submit(bad)
         print("exiting")
         """,
         str(target),
     )
     assert child.returncode == 0, child.stderr
     assert target.read_text() == "durable"
-
-
-def test_an_error_at_exit_is_logged_not_lost():
-    child = _run_child(
-        """
-        from lightning_saver.saving.async_writer import AsyncWriter
-        w = AsyncWriter()
-        def job():
-            raise OSError(28, "No space left on device: ckpt_7.safetensors")
-        w.submit(job)
-        """
-    )
     assert "async checkpoint save failed before exit" in child.stderr
     assert "ckpt_7.safetensors" in child.stderr
 
