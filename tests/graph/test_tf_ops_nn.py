@@ -469,3 +469,18 @@ def test_tf1_graphs_through_the_importer(tmp_path, name):
     from tf_graphs import check_one_op
 
     check_one_op(tmp_path, TF1_NN_GRAPHS[name], {"x": rand(2, 8, 7, 3)}, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 11), w=st.integers(1, 11), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), padding=st.sampled_from(["SAME", "VALID"]))
+def test_conv2d_backprop_input_property(h, w, kh, kw, sh, sw, padding):
+    """Random sizes, kernels and strides: torch's output_padding shortcut or the crop-and-fill path."""
+    assume(padding == "SAME" or (kh <= h and kw <= w))
+    image, filt = rand(1, h, w, 2), rand(kh, kw, 2, 3)
+    attrs = {"strides": [1, sh, sw, 1], "padding": padding}
+    grad = rand(*tf.raw_ops.Conv2D(input=image, filter=filt, **attrs).shape)
+    sizes = np.array(image.shape, np.int32)
+    expected = tf.raw_ops.Conv2DBackpropInput(input_sizes=sizes, filter=filt, out_backprop=grad, **attrs)
+    got = ours("Conv2DBackpropInput", [sizes, filt, grad], attrs)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-5)

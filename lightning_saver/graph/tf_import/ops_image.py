@@ -1,9 +1,10 @@
 """TensorFlow import converters for image resizing: ResizeBilinear and ResizeNearestNeighbor.
 
 Images are NHWC. TF has three coordinate rules: half-pixel centers (TF2 / Keras), align_corners,
-and the legacy TF1 default ``src = dst * in / out``. The first two match torch's own kernels, which
-run channels-last directly; the legacy rule (and nearest with align_corners) gathers rows and
-columns here. Registered by an explicit import from :mod:`ops_nn`. Example::
+and the legacy TF1 default ``src = dst * in / out``. All bilinear ones and two nearest ones map
+onto torch's own kernels, which run on the channels-last view directly; nearest with
+align_corners (C ``roundf``) gathers rows and columns here. Registered by an explicit import from
+:mod:`ops_nn`. Example::
 
     y = table.call("ResizeBilinear", [images, torch.tensor([64, 64])], {"half_pixel_centers": True})
 """
@@ -22,19 +23,6 @@ def _resize_scale(in_size: int, out_size: int, align_corners: bool) -> torch.Ten
     if align_corners and out_size > 1:
         return torch.tensor(in_size - 1, dtype=torch.float32) / (out_size - 1)
     return torch.tensor(in_size, dtype=torch.float32) / out_size
-
-
-def _linear_taps(
-    in_size: int, out_size: int, align_corners: bool, half_pixel_centers: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lower and upper source index and the weight of the upper one, per output pixel."""
-    scale = _resize_scale(in_size, out_size, align_corners).to(device)
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
-    src = (dst + 0.5) * scale - 0.5 if half_pixel_centers else dst * scale
-    floor = torch.floor(src)
-    lower = floor.clamp(0, in_size - 1).long()
-    upper = torch.ceil(src).clamp(0, in_size - 1).long()
-    return lower, upper, src - floor
 
 
 def _torch_resize(
@@ -60,17 +48,12 @@ def resize_bilinear(
     x = images.float()
     if align_corners or half_pixel_centers:
         return _torch_resize(x, (out_h, out_w), "bilinear", align_corners)
-    y0, y1, wy = _linear_taps(x.shape[1], out_h, align_corners, half_pixel_centers, x.device)
-    x0, x1, wx = _linear_taps(x.shape[2], out_w, align_corners, half_pixel_centers, x.device)
-    wx = wx[:, None]
-
-    def along_width(rows: torch.Tensor) -> torch.Tensor:
-        left = rows.index_select(2, x0)
-        return left + (rows.index_select(2, x1) - left) * wx
-
-    top = along_width(x.index_select(1, y0))
-    bottom = along_width(x.index_select(1, y1))
-    return top + (bottom - top) * wy[:, None, None]
+    # TF1's legacy rule src = dst * in / out is torch's align-corners rule (dst * (in' - 1) / (out' - 1))
+    # on the image with its last row and column repeated (in' = in + 1), asked for one more output
+    # row and column (out' = out + 1), which is dropped; the repeat is TF's clamp at the far edge
+    x = F.pad(x.movedim(-1, 1), [0, 1, 0, 1], mode="replicate")
+    y = F.interpolate(x, size=(out_h + 1, out_w + 1), mode="bilinear", align_corners=True)
+    return y[:, :, :-1, :-1].movedim(1, -1)
 
 
 def _nearest_index(

@@ -133,12 +133,20 @@ def conv2d_backprop_input(
     grad = to_nchw(out_backprop, data_format, op)
     kernel = filter.shape[:2]
     pads = spatial_pads(sizes, kernel, stride, dilation, padding, explicit_paddings, data_format, op)
-    full = F.conv_transpose2d(grad, filter.permute(3, 2, 0, 1), None, stride, 0, 0, groups, dilation)
-    # the full transposed output covers the padded input from its first row; crop the padding
-    # (negative pads) and zero-fill rows the forward conv never reached
-    crop = tuple((-before, before + size - full_size) for (before, _), size, full_size in
-                 zip(pads, sizes, full.shape[2:], strict=True))
-    return from_nchw(pad_spatial(full, crop), data_format, op)
+    weight = filter.permute(3, 2, 0, 1)
+    # the full transposed output covers the padded input from its first row: crop `before` rows,
+    # keep `size`, and zero-fill rows the forward conv never reached. torch's padding and
+    # output_padding do exactly that when the extra rows at the end are few enough
+    full = [(o - 1) * s + d * (k - 1) + 1
+            for o, s, d, k in zip(grad.shape[2:], stride, dilation, kernel, strict=True)]
+    befores = tuple(before for before, _ in pads)
+    extra = tuple(size - f + 2 * b for size, f, b in zip(sizes, full, befores, strict=True))
+    if all(0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation, strict=True)):
+        y = F.conv_transpose2d(grad, weight, None, stride, befores, extra, groups, dilation)
+        return from_nchw(y, data_format, op)
+    y = F.conv_transpose2d(grad, weight, None, stride, 0, 0, groups, dilation)
+    crop = tuple((-b, b + size - f) for b, size, f in zip(befores, sizes, full, strict=True))
+    return from_nchw(pad_spatial(y, crop), data_format, op)
 
 
 def _pool_pads(
