@@ -216,3 +216,20 @@ def test_saver_pickles_and_deep_copies(tmp_path):
 def test_latest_checkpoint_of_a_missing_or_empty_directory_is_none(tmp_path):
     assert latest_checkpoint(tmp_path / "nope") is None
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_channels_last_and_hooked_modules_restore_exactly(tmp_path):
+    src = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).to(memory_format=torch.channels_last)
+    nn.init.normal_(src[0].weight)
+    path = Saver().save(src, str(tmp_path / "conv"))
+    dst = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).to(memory_format=torch.channels_last)
+    Saver().restore(dst, path)
+    assert dst[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dst[0].weight, src[0].weight)
+
+    # a module with a load hook goes through load_state_dict, so the hook still runs
+    seen = []
+    hooked = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    hooked.register_load_state_dict_post_hook(lambda module, keys: seen.append(len(keys.missing_keys)))
+    Saver().restore(hooked, path)
+    assert seen == [0] and torch.equal(hooked[0].weight, src[0].weight)
