@@ -291,3 +291,19 @@ def test_binary_special_values(op: str) -> None:
     specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -2.0, 0.5], np.float32)
     x, y = np.meshgrid(specials, specials)
     check(op, {"y": x, "x": y} if op == "Atan2" else {"x": x, "y": y}, rtol=1e-6, atol=0)
+
+
+HALF_CASES = {
+    "AddV2": ("x", "y"), "Mul": ("x", "y"), "RealDiv": ("x", "y"), "Maximum": ("x", "y"),
+    "SquaredDifference": ("x", "y"), "Exp": ("x",), "Rsqrt": ("x",), "Tanh": ("x",), "Sigmoid": ("x",),
+    "Erf": ("x",), "Relu": ("features",), "Softplus": ("features",), "Softmax": ("logits",),
+    "MatMul": ("a", "b"),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, tf.bfloat16.as_numpy_dtype], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("op", sorted(HALF_CASES))
+def test_half_precision_keeps_the_dtype(op: str, dtype: type) -> None:
+    values = np.random.default_rng(8).uniform(0.25, 3, (len(HALF_CASES[op]), 4, 4))
+    inputs = {name: v.astype(dtype) for name, v in zip(HALF_CASES[op], values, strict=True)}
+    check(op, inputs, rtol=1e-2, atol=1e-2)

@@ -29,9 +29,14 @@ def _tf_attr(value: object) -> object:
     return value
 
 
-def _to_numpy(value: torch.Tensor) -> np.ndarray:
-    value = value.detach()
-    return value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
+BFLOAT16 = np.dtype(tf.bfloat16.as_numpy_dtype)
+
+
+def _to_torch(array: object) -> torch.Tensor:
+    array = np.array(array)
+    if array.dtype == BFLOAT16:  # torch.from_numpy has no bfloat16: share the bits
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def run_both(op: str, inputs: dict[str, object], attrs: dict[str, object] | None = None) -> tuple:
@@ -44,15 +49,16 @@ def run_both(op: str, inputs: dict[str, object], attrs: dict[str, object] | None
     args: list[torch.Tensor] = []
     for value in inputs.values():
         values = value if isinstance(value, list) else [value]
-        args += [torch.from_numpy(np.array(v)) for v in values]
+        args += [_to_torch(v) for v in values]
     return table.call(op, args, attrs), theirs
 
 
 def assert_same(ours: torch.Tensor, theirs: tf.Tensor, rtol: float = 0.0, atol: float = 0.0) -> None:
-    expected = theirs.numpy()
-    if expected.dtype == tf.bfloat16.as_numpy_dtype:
-        expected = expected.astype(np.float32)
-    got = _to_numpy(ours)
+    expected, ours = theirs.numpy(), ours.detach()
+    if expected.dtype == BFLOAT16:
+        assert ours.dtype == torch.bfloat16, (ours.dtype, expected.dtype)
+        expected, ours = expected.astype(np.float32), ours.float()
+    got = ours.numpy()
     assert got.dtype == expected.dtype, (got.dtype, expected.dtype)
     assert got.shape == expected.shape, (got.shape, expected.shape)
     if np.issubdtype(expected.dtype, np.floating) and (rtol or atol):

@@ -9,6 +9,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -65,8 +67,14 @@ def leaky_relu(features: Tensor, *, alpha: float = 0.2) -> Tensor:
 
 @TF_OPS.register("Softplus")
 def softplus(features: Tensor) -> Tensor:
-    """``log(1 + exp(x))``, without overflow and with the exact gradient ``sigmoid(x)``."""
-    return F.softplus(features)
+    """``log(1 + exp(x))`` by TF's formula: ``x`` above ``-log(eps) - 2``, ``exp(x)`` below
+    ``log(eps) + 2`` (``eps`` of the dtype, so bfloat16 switches already at 2.85), else ``log1p(exp(x))``.
+    """
+    threshold = math.log(torch.finfo(features.dtype).eps) + 2.0
+    # clamped so the branches torch.where drops never overflow into NaN gradients
+    exp_x = torch.exp(torch.clamp_max(features, -threshold))
+    small_or_mid = torch.where(features < threshold, exp_x, torch.log1p(exp_x))
+    return torch.where(features > -threshold, features, small_or_mid)
 
 
 @TF_OPS.register("Softsign")
