@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from tensorboard.compat.proto import meta_graph_pb2
 from torch import nn
 
 from lightning_saver.graph.capture import capture
@@ -19,7 +20,7 @@ from lightning_saver.graph.tf_export.convert import convert
 from lightning_saver.graph.tf_export.meta_graph import build_meta_graph
 from lightning_saver.graph.tf_export.variables import VariableStore
 
-__all__ = ["export_meta_graph"]
+__all__ = ["export_meta_graph", "build_graph", "write_meta_graph", "checkpoint_prefix"]
 
 
 def checkpoint_prefix(path: str | os.PathLike[str]) -> str:
@@ -35,6 +36,31 @@ def _write_atomic(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def build_graph(model: nn.Module, args: Sequence[Any], *, freeze: bool = False, dynamic_batch: bool = True
+                ) -> tuple[meta_graph_pb2.MetaGraphDef, VariableStore | None]:
+    """Capture ``model`` and build its MetaGraphDef; the store holds the variable values (None: frozen)."""
+    captured = capture(model, args, dynamic_batch=dynamic_batch)
+    g = GraphBuilder()
+    store = None if freeze else VariableStore(g)
+    converted = convert(captured.program, g, store)
+    return build_meta_graph(g, converted.inputs, converted.outputs, store), store
+
+
+def write_meta_graph(meta: meta_graph_pb2.MetaGraphDef, store: VariableStore | None,
+                     path: str | os.PathLike[str]) -> list[str]:
+    """Write the checkpoint (when there are variables), then the ``.meta``; returns the paths written."""
+    out = os.fspath(path)
+    written = []
+    if store is not None and store.variables:
+        from lightning_saver.tf import write_checkpoint
+
+        prefix = checkpoint_prefix(out)
+        write_checkpoint(prefix, store.checkpoint_tensors())
+        written += [f"{prefix}.index", f"{prefix}.data-00000-of-00001"]
+    _write_atomic(out, meta.SerializeToString())
+    return [out, *written]
 
 
 def export_meta_graph(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[str], *,
@@ -66,15 +92,5 @@ def export_meta_graph(model: nn.Module, args: Sequence[Any], path: str | os.Path
         # TF: saver = tf.compat.v1.train.import_meta_graph("out/model.meta")
         #     saver.restore(sess, "out/model"); sess.run("output_0:0", {"x:0": batch})
     """
-    captured = capture(model, args, dynamic_batch=dynamic_batch)
-    g = GraphBuilder()
-    store = None if freeze else VariableStore(g)
-    converted = convert(captured.program, g, store)
-    meta = build_meta_graph(g, converted.inputs, converted.outputs, store)
-    out = os.fspath(path)
-    if store is not None and store.variables:
-        from lightning_saver.tf import write_checkpoint
-
-        write_checkpoint(checkpoint_prefix(out), store.checkpoint_tensors())
-    _write_atomic(out, meta.SerializeToString())
-    return out
+    meta, store = build_graph(model, args, freeze=freeze, dynamic_batch=dynamic_batch)
+    return write_meta_graph(meta, store, path)[0]
