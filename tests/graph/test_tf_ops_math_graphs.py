@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from tf_graphs import build_tf_graph, check_one_op
 
 from lightning_saver import import_meta_graph
@@ -90,3 +91,31 @@ def test_truncated_normal_initializer_runs_through_the_importer(tmp_path: Any) -
     assert w.shape == (4, 300) and w.dtype == np.float32
     assert np.abs(w).max() <= 1.0 + 1e-6  # 2 standard deviations
     assert abs(w.std() - np.asarray(made.variables["w"]).std()) < 0.05
+
+
+def test_to_module_gradients_match_tf_gradients(tmp_path: Any) -> None:
+    """Autograd through the imported converters equals TF's own tf.gradients of the same loss."""
+    labels = np.array([0, 3, 1], np.int32)
+
+    def build(tf: Any) -> None:
+        v1 = tf.compat.v1
+        x = v1.placeholder(tf.float32, [None, 4], name="x")
+        w = v1.get_variable("dense/kernel", [4, 5], initializer=v1.random_normal_initializer(seed=1))
+        b = v1.get_variable("dense/bias", [5], initializer=v1.random_uniform_initializer(-1, 1, seed=2))
+        h = tf.nn.elu(tf.matmul(x, w) + b)
+        logits = tf.maximum(h, 0.1 * h) - tf.reduce_mean(h, axis=-1, keepdims=True)
+        xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.constant(labels), logits=logits)
+        loss = tf.add(tf.reduce_mean(xent), 0.01 * tf.nn.l2_loss(w), name="loss")
+        for var, grad in zip((w, b), tf.gradients(loss, [w, b]), strict=True):
+            tf.identity(grad, name="grad_" + var.op.name.split("/")[-1])
+
+    made = build_tf_graph(tmp_path, build, ["loss:0", "grad_kernel:0", "grad_bias:0"], {"x:0": X})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt)
+    module = graph.to_module(inputs=["x:0"], outputs="loss:0")
+    loss = module(torch.from_numpy(X))
+    loss.backward()
+    params = dict(module.named_parameters())
+    np.testing.assert_allclose(loss.item(), made.expected[0], rtol=1e-5)
+    np.testing.assert_allclose(params["dense/kernel"].grad.numpy(), made.expected[1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(params["dense/bias"].grad.numpy(), made.expected[2], rtol=1e-4, atol=1e-6)
