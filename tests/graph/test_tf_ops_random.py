@@ -52,8 +52,9 @@ def test_float_distributions_match_tf(op: str, dtype: torch.dtype, seeds: tuple)
     got, want = ours.double().numpy(), theirs.astype(np.float64)
     low, high = {"RandomUniform": (0.0, 1.0), "TruncatedNormal": (-2.0, 2.0)}.get(op, (-np.inf, np.inf))
     assert low <= got.min() and got.max() <= high
-    assert abs(got.mean() - want.mean()) < 0.03
-    assert abs(got.std() - want.std()) < 0.03
+    # TF's unseeded sample differs per process: 0.05 is 5 standard errors of the mean difference
+    assert abs(got.mean() - want.mean()) < 0.05
+    assert abs(got.std() - want.std()) < 0.05
     assert _ks(got, want) < KS_LIMIT
 
 
