@@ -7,6 +7,8 @@ import collections
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tf_graphs import assert_same, build_tf_graph, tf_module
 
 from lightning_saver import import_meta_graph
@@ -380,3 +382,37 @@ def test_in_place_activations_never_touch_live_tensors(tmp_path):
         for ours, theirs in zip(got, made.expected, strict=True):
             assert_same(ours, theirs)
     np.testing.assert_array_equal(made.feed["x:0"], X[:2, :3].repeat(2, 1))  # the feed is untouched
+
+
+_DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "int32", "int64",
+           "uint32", "uint64", "bool", "complex64", "complex128"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(_DTYPES), shape=st.lists(st.integers(0, 4), max_size=3),
+       seed=st.integers(0, 2**16), single=st.booleans())
+def test_decode_tensor_matches_tensorflow(dtype, shape, seed, single):
+    """Any TensorProto TF writes (packed content, or one value broadcast to a shape) decodes like TF's."""
+    from tensorboard.compat.proto import tensor_pb2
+
+    from lightning_saver.graph.tf_import.attrs import decode_tensor
+
+    tf = tf_module()
+    np_dtype = tf.as_dtype(dtype).as_numpy_dtype
+    single = single and 0 not in shape  # TF refuses one value for an empty shape
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=1 if single else shape) * 100
+    if np.dtype(np_dtype).kind == "c":
+        values = values + 1j * rng.normal(size=values.shape)
+    array = np.asarray(values).astype(np_dtype)
+    proto = tf.make_tensor_proto(array, shape=shape if single else None)
+    expected = tf.make_ndarray(proto)
+    got = decode_tensor(tensor_pb2.TensorProto.FromString(proto.SerializeToString()))
+    assert tuple(got.shape) == expected.shape
+    if dtype == "bfloat16":
+        got = got.float().numpy()
+        expected = expected.astype(np.float32)
+    else:
+        got = got.numpy()
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)

@@ -52,8 +52,9 @@ def decode_shape(shape: Any) -> list[int] | None:
 def _to_torch(array: np.ndarray, tf_dtype: int) -> torch.Tensor:
     if tf_dtype == dt.DT_BFLOAT16:
         # torch.from_numpy does not know ml_dtypes.bfloat16; move the bits through int16
-        bits = np.ascontiguousarray(array).view(np.int16)
-        return torch.from_numpy(bits.copy()).view(torch.bfloat16)
+        # (copy, not ascontiguousarray, which turns a 0-d array into a 1-d one)
+        bits = array.copy(order="C").view(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16)
     return torch.from_numpy(np.array(array, copy=True))
 
 
