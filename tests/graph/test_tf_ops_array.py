@@ -182,3 +182,9 @@ def test_truncating_cast_keeps_a_gradient() -> None:
     assert y.tolist() == [1.0, -3.140625]
     y.float().sum().backward()
     assert x.grad.tolist() == [1.0, 1.0]
+
+
+def test_gather_v2_refuses_an_axis_before_the_batch_axes() -> None:
+    params, indices = torch.zeros(2, 3, 4), torch.zeros(2, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"GatherV2: axis 0 must lie in \[1, 3\) .*batch_dims 1"):
+        table.call("GatherV2", [params, indices, torch.tensor(0)], {"batch_dims": 1})

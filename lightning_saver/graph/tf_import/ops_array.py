@@ -78,10 +78,18 @@ def gather_v2(params: Tensor, indices: Tensor, axis: Tensor, *, batch_dims: int 
     """``params`` sliced along ``axis`` at ``indices``; the first ``batch_dims`` axes are shared.
 
     The result's shape is ``params.shape[:axis] + indices.shape[batch_dims:] + params.shape[axis+1:]``.
+
+    Raises:
+        ValueError: ``axis`` before the batch axes. IndexError: an index outside the gathered axis.
     """
     axis_ = int(axis)
     axis_ += params.dim() if axis_ < 0 else 0
     batch_dims += indices.dim() if batch_dims < 0 else 0
+    if not batch_dims <= axis_ < params.dim():
+        raise ValueError(
+            f"GatherV2: axis {int(axis)} must lie in [{batch_dims}, {params.dim()}) for params of shape "
+            f"{list(params.shape)} with batch_dims {batch_dims}"
+        )
     _check_indices("GatherV2", indices, params.shape[axis_], f"axis {axis_} of params {list(params.shape)}")
     index = indices.long()
     if batch_dims == 0:
