@@ -2,6 +2,7 @@ import json
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import google_crc32c
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 from lightning_saver.formats import safetensors_io as sio
@@ -246,3 +249,36 @@ def test_checksums_run_in_the_native_crc32c_library():
     assert checksum.NATIVE, "the ctypes path to libcrc32c is not active: checksums would copy every tensor"
     t = torch.rand(1000)
     assert checksum.tensor_crc32c(t) == google_crc32c.value(t.numpy().tobytes())
+
+
+@st.composite
+def tensor_dicts(draw):
+    out = {}
+    for i in range(draw(st.integers(1, 6))):
+        dtype = draw(st.sampled_from(DTYPES))
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+        t = sample(dtype, shape)
+        if t.dim() >= 2 and draw(st.booleans()):
+            t = t.transpose(0, 1)  # non-contiguous
+        out[f"t{i}.{dtype}".replace("torch.", "")] = t
+        if t.numel() and draw(st.booleans()):
+            out[f"tied{i}"] = t
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(tensors=tensor_dicts())
+def test_any_tensors_round_trip_through_us_and_the_peer(tensors):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "f.safetensors"
+        sio.save_file(tensors, path)
+        peer = safetensors.torch.load_file(str(path))
+        ours = sio.load_file(path)
+        assert peer.keys() == ours.keys() == tensors.keys()
+        for k, v in tensors.items():
+            assert same(peer[k], v) and same(ours[k], v), k
+        for k in tensors:
+            if k.startswith("tied"):
+                owner = next(n for n in tensors if tensors[n] is tensors[k])
+                assert ours[k] is ours[owner]
+        sio.verify_file(path)
