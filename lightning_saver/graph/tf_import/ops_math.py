@@ -302,7 +302,7 @@ def _broadcastable(x: Tensor, y: Tensor) -> bool:
 def equal(x: Tensor, y: Tensor, *, incompatible_shape_error: bool = True) -> Tensor:
     """With ``incompatible_shape_error=False``, shapes that do not broadcast give a scalar False."""
     if not incompatible_shape_error and not _broadcastable(x, y):
-        return torch.tensor(False)
+        return torch.tensor(False, device=x.device)
     return torch.eq(x, y)
 
 
@@ -310,7 +310,7 @@ def equal(x: Tensor, y: Tensor, *, incompatible_shape_error: bool = True) -> Ten
 def not_equal(x: Tensor, y: Tensor, *, incompatible_shape_error: bool = True) -> Tensor:
     """With ``incompatible_shape_error=False``, shapes that do not broadcast give a scalar True."""
     if not incompatible_shape_error and not _broadcastable(x, y):
-        return torch.tensor(True)
+        return torch.tensor(True, device=x.device)
     return torch.ne(x, y)
 
 

@@ -83,7 +83,7 @@ def _extreme(t: Tensor, dim: int, largest: bool) -> Tensor:
         else:
             info = torch.iinfo(t.dtype)
             start = info.min if largest else info.max
-        return torch.full(t.shape[:dim] + (1,) + t.shape[dim + 1 :], start, dtype=t.dtype)
+        return torch.full(t.shape[:dim] + (1,) + t.shape[dim + 1 :], start, dtype=t.dtype, device=t.device)
     return torch.amax(t, dim=dim, keepdim=True) if largest else torch.amin(t, dim=dim, keepdim=True)
 
 
