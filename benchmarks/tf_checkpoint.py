@@ -91,13 +91,13 @@ class _TF:
         if sync:
             _fsync_prefix(prefix)
 
-    def read_all(self, prefix: str) -> None:
+    def read_all(self, prefix: str) -> dict[str, np.ndarray]:
+        # keep every tensor, as read_checkpoint does, so both hold the whole checkpoint at the end
         reader = self.tf.train.load_checkpoint(prefix)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
+        return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
-    def read_one(self, prefix: str, name: str) -> None:
-        self.tf.train.load_checkpoint(prefix).get_tensor(name)
+    def read_one(self, prefix: str, name: str) -> np.ndarray:
+        return self.tf.train.load_checkpoint(prefix).get_tensor(name)
 
 
 def run(size_mib: int, reps: int, directory: str) -> dict[str, float]:
