@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from lightning_saver.errors import StateMismatchError
+from lightning_saver.errors import CorruptCheckpointError, StateMismatchError
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, Header, TensorInfo
 from lightning_saver.formats.safetensors_io import load_file, read_into
 
@@ -90,6 +90,17 @@ def _loads_plainly(module: nn.Module) -> bool:
     return True
 
 
+def _read_in_place(header: Header, targets: Mapping[str, torch.Tensor], verify: bool) -> None:
+    try:
+        read_into(header, targets, verify=verify)
+    except CorruptCheckpointError as exc:
+        # checksums are checked as the bytes arrive, straight in the target's memory
+        raise CorruptCheckpointError(
+            f"{exc} (the restore target now holds partial data: restore another checkpoint into it, "
+            "e.g. latest_checkpoint(directory, verify=True))"
+        ) from None
+
+
 def restore_into(target: Any, header: Header, *, strict: bool = True, verify: bool = True) -> RestoreResult:
     """Load the file described by ``header`` into an ``nn.Module`` (in place) or a mutable mapping.
 
@@ -105,7 +116,7 @@ def restore_into(target: Any, header: Header, *, strict: bool = True, verify: bo
         result = _mismatches(header, state, strict)
         common = {k: v for k, v in state.items() if k in header.tensors}
         if _loads_plainly(target):
-            read_into(header, common, verify=verify)
+            _read_in_place(header, common, verify)
         else:
             loaded = load_file(header.path, names=list(common), verify=verify)
             target.load_state_dict(loaded, strict=strict)
@@ -120,7 +131,7 @@ def restore_into(target: Any, header: Header, *, strict: bool = True, verify: bo
                 f"restore target entries {bad[:5]} are not tensors; restore fills tensors in place"
             )
         result = _mismatches(header, target, strict)
-        read_into(header, {k: v for k, v in target.items() if k in header.tensors}, verify=verify)
+        _read_in_place(header, {k: v for k, v in target.items() if k in header.tensors}, verify)
         return result
     raise TypeError(
         f"restore target must be an nn.Module or a mutable mapping of tensors, found {type(target).__name__}"

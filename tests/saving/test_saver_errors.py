@@ -103,7 +103,7 @@ def test_a_changed_byte_is_refused_unless_verification_is_off(saved):
     raw = bytearray(open(saved, "rb").read())
     raw[-1] ^= 0x01
     open(saved, "wb").write(bytes(raw))
-    msg = r"net_1\.safetensors: checksum mismatch in tensor '[a-z.]+'"
+    msg = r"net_1\.safetensors: checksum mismatch in tensor '[a-z.]+'.*target now holds partial data"
     with pytest.raises(CorruptCheckpointError, match=msg):
         Saver().restore(Net(), saved)
     Saver().restore(Net(), saved, verify=False)
