@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -332,13 +332,11 @@ def latest_checkpoint(
         'ckpts/variable_file_95.safetensors'
     """
     directory = os.fspath(directory)
-    whole = state_file.load_state(directory)
-    records = whole.all_records() if whole else []
-    if whole and whole.latest:
-        records.sort(key=lambda r: r.name == whole.latest)
-    if not any(_matches_prefix(r.name, prefix) for r in records):
-        records = state_file.scan_checkpoints(directory)
-    for record in reversed([r for r in records if _matches_prefix(r.name, prefix)]):
+    tried: set[str] = set()
+    for record in _newest_first(directory):
+        if record.name in tried or not _matches_prefix(record.name, prefix):
+            continue
+        tried.add(record.name)
         path = os.path.join(directory, record.name)
         if not os.path.isfile(path):
             continue
@@ -350,6 +348,16 @@ def latest_checkpoint(
                 continue
         return path
     return None
+
+
+def _newest_first(directory: str) -> Iterator[rotation.Record]:
+    """Recorded checkpoints (the state file's latest first), then, only if needed, a directory scan."""
+    whole = state_file.load_state(directory)
+    records = whole.all_records() if whole else []
+    if whole and whole.latest:
+        records.sort(key=lambda r: r.name == whole.latest)
+    yield from reversed(records)
+    yield from reversed(state_file.scan_checkpoints(directory))
 
 
 def load(

@@ -233,3 +233,15 @@ def test_channels_last_and_hooked_modules_restore_exactly(tmp_path):
     hooked.register_load_state_dict_post_hook(lambda module, keys: seen.append(len(keys.missing_keys)))
     Saver().restore(hooked, path)
     assert seen == [0] and torch.equal(hooked[0].weight, src[0].weight)
+
+
+def test_latest_checkpoint_falls_back_to_a_scan_when_recorded_files_are_gone(tmp_path):
+    saver = Saver(max_to_keep=2)
+    for step in range(3):
+        saver.save({"w": torch.zeros(1)}, str(tmp_path / "a"), global_step=step)
+    other = Saver().save({"w": torch.zeros(1)}, str(tmp_path / "b" / "x"), global_step=9)
+    os.replace(other, tmp_path / "x_9.safetensors")  # ours, but not in this directory's state file
+    for name in ("a_1.safetensors", "a_2.safetensors"):
+        os.remove(tmp_path / name)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "x_9.safetensors")
+    assert latest_checkpoint(tmp_path, "a") is None
