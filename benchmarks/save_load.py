@@ -1,8 +1,9 @@
 """How fast does the Saver save and restore, next to the disk's limit, torch.save, safetensors and Lightning?
 
 Everything runs in one process on one model (about 1 GiB of fp32 weights; ``--quick``: 4 MiB),
-interleaved: every repetition runs every method once, in the same order, and the table reports the
-median over repetitions, so drift of a shared machine hits every method alike.
+interleaved: every repetition runs every method once, each repetition starting one method later
+(a method that frees a lot of memory slows the one after it), and the table reports the median
+over repetitions, so drift of a shared machine hits every method alike.
 
 Saves (each fsyncs its file, so every row buys the same durability):
   raw write       the same tensor bytes written straight from memory with os.write, then fsync
@@ -149,6 +150,15 @@ def safetensors_restore(model: nn.Module, path: str) -> None:
     model.load_state_dict(safetensors.torch.load_file(path))
 
 
+Method = tuple[str, Callable[[], object]]
+ROWS = [  # table order
+    "raw write + fsync", "Saver.save (sync)", "safetensors save_file + fsync", "torch.save + fsync",
+    "Lightning TorchCheckpointIO + fsync", "memcpy into a reused buffer (async floor)",
+    "Saver.save (async) blocking", "Saver.save (async) total", "Saver.save (async) first blocking",
+    "Saver.save (async) first total", "Saver.restore (verify)", "Saver.restore (no verify)",
+    "torch.load(mmap) + load_state_dict", "safetensors load_file + load_state_dict",
+]
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -178,13 +188,20 @@ class Runner:
 
     def save_round(self, rep: int) -> None:
         w, s = self.work, self.state
-        self.timed("raw write + fsync", lambda: raw_write(s, str(w / "raw.bin")))
-        self.timed("Saver.save (sync)", lambda: self.sync.save(self.model, str(w / "sync"), global_step=rep))
-        self.timed("safetensors save_file + fsync", lambda: safetensors_save(s, str(w / "st.safetensors")))
-        self.timed("torch.save + fsync", lambda: torch_save(s, str(w / "t.pt")))
-        self.timed("Lightning TorchCheckpointIO + fsync", lambda: lightning_save(s, str(w / "l.ckpt")))
-        self.async_round(rep)
-        self.timed("memcpy into a reused buffer (async floor)", self.copy_to_buffer)
+        methods: list[Method] = [
+            ("raw write + fsync", lambda: raw_write(s, str(w / "raw.bin"))),
+            ("Saver.save (sync)", lambda: self.sync.save(self.model, str(w / "sync"), global_step=rep)),
+            ("safetensors save_file + fsync", lambda: safetensors_save(s, str(w / "st.safetensors"))),
+            ("torch.save + fsync", lambda: torch_save(s, str(w / "t.pt"))),
+            ("Lightning TorchCheckpointIO + fsync", lambda: lightning_save(s, str(w / "l.ckpt"))),
+            ("async", lambda: self.async_round(rep)),
+            ("memcpy into a reused buffer (async floor)", self.copy_to_buffer),
+        ]
+        for name, fn in _rotated(methods, rep):
+            if name == "async":
+                fn()
+            else:
+                self.timed(name, fn)
         self.clean()
 
     def copy_to_buffer(self) -> None:
@@ -205,12 +222,23 @@ class Runner:
         self.record(name + " blocking", blocked, peak)
         self.record(name + " total", total, peak)
 
-    def restore_round(self, paths: dict[str, str]) -> None:
+    def restore_round(self, paths: dict[str, str], rep: int) -> None:
         m = self.model
-        self.timed("Saver.restore (verify)", lambda: self.sync.restore(m, paths["ours"]))
-        self.timed("Saver.restore (no verify)", lambda: self.sync.restore(m, paths["ours"], verify=False))
-        self.timed("torch.load(mmap) + load_state_dict", lambda: torch_restore(m, paths["torch"]))
-        self.timed("safetensors load_file + load_state_dict", lambda: safetensors_restore(m, paths["st"]))
+        methods: list[Method] = [
+            ("Saver.restore (verify)", lambda: self.sync.restore(m, paths["ours"])),
+            ("Saver.restore (no verify)", lambda: self.sync.restore(m, paths["ours"], verify=False)),
+            ("torch.load(mmap) + load_state_dict", lambda: torch_restore(m, paths["torch"])),
+            ("safetensors load_file + load_state_dict", lambda: safetensors_restore(m, paths["st"])),
+        ]
+        for name, fn in _rotated(methods, rep):
+            self.timed(name, fn)
+
+
+def _rotated(methods: list[Method], rep: int) -> list[Method]:
+    # each repetition starts one method later: what a heavy method leaves behind (freed memory,
+    # writeback) slows whatever follows it, and must not always hit the same method
+    k = rep % len(methods)
+    return methods[k:] + methods[:k]
 
 
 def _median(xs: list[float]) -> float:
@@ -218,7 +246,7 @@ def _median(xs: list[float]) -> float:
 
 
 def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
-    times = {k: _median(v) for k, v in r.times.items()}
+    times = {k: _median(r.times[k]) for k in ROWS if k in r.times}
     peaks = {k: _median(v) for k, v in r.peaks.items()}
     raw = times["raw write + fsync"]
     print(f"\nsave/load benchmark: {size_gib:.3f} GiB fp32, median of {reps} interleaved reps "
@@ -270,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                  "torch": str(work / "t.pt"), "st": str(work / "st.safetensors")}
         torch_save(runner.state, paths["torch"])
         safetensors_save(runner.state, paths["st"])
-        for _ in range(reps):
-            runner.restore_round(paths)
+        for rep in range(reps):
+            runner.restore_round(paths, rep)
         runner.async_.wait()
         print(json.dumps(report(runner, size_gib, reps)))
     finally:

@@ -420,3 +420,11 @@ def test_without_a_storage_use_count_the_writer_never_pools(monkeypatch):
         del frozen
     assert writer._arenas == []
     writer.close()
+
+
+def test_snapshot_resolves_lazy_conjugate_and_negative_views():
+    z = torch.complex(torch.randn(6), torch.randn(6))
+    frozen = snapshot({"conj": z.conj(), "neg": z.conj().imag, "z": z})
+    assert torch.equal(frozen["conj"], z.conj()) and torch.equal(frozen["neg"], z.conj().imag)
+    assert not frozen["conj"].is_conj()
+    assert torch.equal(frozen["z"], z)
