@@ -14,8 +14,8 @@ Saves (each fsyncs its file, so every row buys the same durability):
   Saver async     time ``save()`` blocks the caller, and the time until ``wait()`` returns; the saver
                   is reused across repetitions, as in training (its first save, which allocates the
                   snapshot arena, is reported on its own row)
-  memcpy floor    copying the weights into an already allocated CPU buffer (torch ``copy_``): the
-                  least any snapshot must block, to compare the async blocking time with
+  memcpy floor    copying the weights into an already allocated CPU buffer (one memcpy per tensor):
+                  the least any snapshot must block, to compare the async blocking time with
 Restores (page cache warm for all, the files were just written):
   Saver.restore (checksums verified, and with verify=False), torch.load(mmap=True) + load_state_dict,
   safetensors.torch.load_file + load_state_dict.
@@ -30,6 +30,7 @@ Usage: python benchmarks/save_load.py [--quick] [--reps N] [--size-mib M] [--dir
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -206,7 +207,7 @@ class Runner:
 
     def copy_to_buffer(self) -> None:
         for name, t in self.state.items():
-            self.buffer[name].copy_(t)
+            ctypes.memmove(self.buffer[name].data_ptr(), t.data_ptr(), t.numel() * t.element_size())
 
     def async_round(self, rep: int) -> None:
         ok = _reset_peak()
