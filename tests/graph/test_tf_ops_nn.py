@@ -484,3 +484,26 @@ def test_conv2d_backprop_input_property(h, w, kh, kw, sh, sw, padding):
     expected = tf.raw_ops.Conv2DBackpropInput(input_sizes=sizes, filter=filt, out_backprop=grad, **attrs)
     got = ours("Conv2DBackpropInput", [sizes, filt, grad], attrs)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("data_format", ["NDHWC", "NCDHW"])
+@pytest.mark.parametrize(("volume", "kernel", "stride", "padding"), [
+    ((1, 5, 6, 4, 2), (3, 3, 3, 2, 3), (2, 2, 2), "SAME"),
+    ((2, 7, 5, 6, 1), (2, 3, 2, 1, 2), (3, 1, 2), "VALID"),
+    ((1, 4, 4, 4, 2), (3, 3, 3, 2, 2), (1, 1, 1), "SAME"),
+])
+def test_conv3d_backprop_input_v2(volume, kernel, stride, padding, data_format):
+    """Keras Conv3DTranspose; TF's CPU kernel is NDHWC only, so NCDHW moves channels around ours."""
+    filt = rand(*kernel)
+    attrs = {"strides": [1, *stride, 1], "padding": padding}
+    grad = rand(*tf.raw_ops.Conv3D(input=rand(*volume), filter=filt, **attrs).shape)
+    sizes = np.array(volume, np.int32)
+    expected = tf.raw_ops.Conv3DBackpropInputV2(input_sizes=sizes, filter=filt, out_backprop=grad, **attrs)
+    if data_format == "NCDHW":
+        attrs = {"strides": [1, 1, *stride], "padding": padding, "data_format": "NCDHW"}
+        sizes = np.array(_to_channels_first(list(volume)), np.int32)
+        got = ours("Conv3DBackpropInputV2", [sizes, filt, np.moveaxis(grad, -1, 1)], attrs)
+        got = np.moveaxis(got.numpy(), 1, -1)
+    else:
+        got = ours("Conv3DBackpropInputV2", [sizes, filt, grad], attrs).numpy()
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-5)

@@ -334,3 +334,14 @@ def test_dynamic_shapes_through_the_importer(tmp_path):
         for got, expected in zip(graph.run(fetches, {"x:0": batch}), made.expected, strict=True):
             np.testing.assert_array_equal(got, expected)
             assert np.asarray(got).dtype == np.asarray(expected).dtype
+
+
+@pytest.mark.parametrize(("shape", "lower", "upper"), [
+    ((4, 5), -1, 0), ((4, 5), 0, -1), ((2, 3, 5, 4), 1, 2),
+    ((3, 3), -1, -1), ((6, 2), 0, 0), ((1, 4, 4), 2, 0),
+])
+def test_matrix_band_part(shape, lower, upper):
+    x = arange(*shape) + 1
+    args = [x, np.array(lower, np.int64), np.array(upper, np.int64)]
+    expected = tf.raw_ops.MatrixBandPart(input=x, num_lower=args[1], num_upper=args[2])
+    assert_same(ours("MatrixBandPart", args), expected)

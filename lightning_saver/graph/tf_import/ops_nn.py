@@ -121,19 +121,51 @@ def conv2d_backprop_input(
     data_format: str = "NHWC",
     dilations: Sequence[int] = _ONES,
 ) -> torch.Tensor:
-    op = "Conv2DBackpropInput"
+    sizes = [int(s) for s in input_sizes.tolist()]
+    return _backprop_input("Conv2DBackpropInput", sizes, filter, out_backprop,
+                           strides, padding, explicit_paddings, data_format, dilations)
+
+
+@TF_OPS.register("Conv3DBackpropInputV2")
+def conv3d_backprop_input_v2(
+    input_sizes: torch.Tensor,
+    filter: torch.Tensor,
+    out_backprop: torch.Tensor,
+    *,
+    strides: Sequence[int],
+    padding: str,
+    data_format: str = "NDHWC",
+    dilations: Sequence[int] = (1, 1, 1, 1, 1),
+) -> torch.Tensor:
+    return _backprop_input("Conv3DBackpropInputV2", [int(s) for s in input_sizes.tolist()], filter,
+                           out_backprop, strides, padding, (), data_format, dilations)
+
+
+def _backprop_input(
+    op: str,
+    sizes: list[int],
+    filter: torch.Tensor,
+    out_backprop: torch.Tensor,
+    strides: Sequence[int],
+    padding: str,
+    explicit_paddings: Sequence[int],
+    data_format: str,
+    dilations: Sequence[int],
+) -> torch.Tensor:
+    """The input gradient of a 2-D/3-D convolution whose input had ``sizes`` (full or spatial only)."""
+    rank = filter.dim() - 2
     stride = spatial_attr(strides, data_format, "strides", op)
     dilation = spatial_attr(dilations, data_format, "dilations", op)
-    sizes = [int(s) for s in input_sizes.tolist()]
     groups = 1
-    if len(sizes) == 4:
+    if len(sizes) == rank + 2:
         channels_first = check_data_format(data_format, op)
-        groups = max(sizes[1 if channels_first else 3] // int(filter.shape[2]), 1)
-        sizes = sizes[2:] if channels_first else sizes[1:3]
+        groups = max(sizes[1 if channels_first else -1] // int(filter.shape[-2]), 1)
+        sizes = sizes[2:] if channels_first else sizes[1:-1]
     grad = to_nchw(out_backprop, data_format, op)
-    kernel = filter.shape[:2]
+    kernel = filter.shape[:rank]
     pads = spatial_pads(sizes, kernel, stride, dilation, padding, explicit_paddings, data_format, op)
-    weight = filter.permute(3, 2, 0, 1)
+    weight = filter.permute(rank + 1, rank, *range(rank))  # spatial, I, O -> O, I, spatial
+    transpose = F.conv_transpose2d if rank == 2 else F.conv_transpose3d
     # the full transposed output covers the padded input from its first row: crop `before` rows,
     # keep `size`, and zero-fill rows the forward conv never reached. torch's padding and
     # output_padding do exactly that when the extra rows at the end are few enough
@@ -142,9 +174,9 @@ def conv2d_backprop_input(
     befores = tuple(before for before, _ in pads)
     extra = tuple(size - f + 2 * b for size, f, b in zip(sizes, full, befores, strict=True))
     if all(0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation, strict=True)):
-        y = F.conv_transpose2d(grad, weight, None, stride, befores, extra, groups, dilation)
+        y = transpose(grad, weight, None, stride, befores, extra, groups, dilation)
         return from_nchw(y, data_format, op)
-    y = F.conv_transpose2d(grad, weight, None, stride, 0, 0, groups, dilation)
+    y = transpose(grad, weight, None, stride, 0, 0, groups, dilation)
     crop = tuple((-b, b + size - f) for b, size, f in zip(befores, sizes, full, strict=True))
     return from_nchw(pad_spatial(y, crop), data_format, op)
 

@@ -268,3 +268,13 @@ def size(input: torch.Tensor, *, out_type: torch.dtype = torch.int32) -> torch.T
 @TF_OPS.register("Rank")
 def rank(input: torch.Tensor) -> torch.Tensor:
     return torch.tensor(input.dim(), dtype=torch.int32)
+
+
+@TF_OPS.register("MatrixBandPart")
+def matrix_band_part(input: torch.Tensor, num_lower: torch.Tensor, num_upper: torch.Tensor) -> torch.Tensor:
+    rows, cols = input.shape[-2:]
+    below = torch.arange(rows, device=input.device)[:, None] - torch.arange(cols, device=input.device)
+    lower, upper = _int(num_lower), _int(num_upper)
+    # a negative bound keeps that whole triangle (Keras' causal masks use num_upper = 0)
+    keep = ((below <= lower) | (lower < 0)) & ((-below <= upper) | (upper < 0))
+    return torch.where(keep, input, torch.zeros((), dtype=input.dtype, device=input.device))
