@@ -106,6 +106,10 @@ def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True
                 program = torch.export.export(model, _batch_of_two(args),
                                                dynamic_shapes=_dynamic_shapes(model, args))
                 dynamic = _has_symbolic_batch(program)
+                if not dynamic:  # torch.export specialized the batch: the model fixes it somewhere
+                    program = None
+                    warnings.warn(f"{type(model).__name__} fixes its batch size; using static shapes",
+                                  stacklevel=2)
             except Exception as error:  # any capture failure: retry with static shapes
                 warnings.warn(f"capturing {type(model).__name__} with a dynamic batch failed "
                               f"({_first_line(error)}); using static shapes", stacklevel=2)
@@ -121,11 +125,21 @@ def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True
     return Captured(program, dynamic, names)
 
 
+def static_size(size: Any) -> int | None:
+    """A dimension from an fx ``meta["val"]`` shape: its int value, or None when it is symbolic."""
+    if isinstance(size, int):
+        return size
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    # a SymInt the capture pinned to one value (a batch the model fixes) is static
+    return int(size) if is_concrete_int(size) else None
+
+
 def _has_symbolic_batch(program: torch.export.ExportedProgram) -> bool:
     for node in program.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim():
-            if not isinstance(val.shape[0], int):
+            if static_size(val.shape[0]) is None:
                 return True
     return False
 

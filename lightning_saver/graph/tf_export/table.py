@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lightning_saver.formats import tf_dtypes
+from lightning_saver.graph.capture import static_size
 from lightning_saver.graph.registry import OpTable
 from lightning_saver.graph.tf_export.builder import GraphBuilder, Shape
 
@@ -37,7 +38,7 @@ def meta_shape(val: Any) -> Shape:
     """A static shape from an fx ``meta["val"]``: ints, with ``None`` for symbolic sizes."""
     if not isinstance(val, torch.Tensor):
         return ()
-    return tuple(d if isinstance(d, int) else None for d in val.shape)
+    return tuple(static_size(d) for d in val.shape)
 
 
 def meta_dtype(val: Any) -> int:
