@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=40)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             for setup in SETUPS:
                 times[setup].append(fit_once(setup, args, root))
+                print(f"  {setup}: {times[setup][-1]:.2f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     params = sum(p.numel() for p in MLP(args.width, args.depth).parameters())

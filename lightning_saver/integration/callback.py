@@ -172,7 +172,8 @@ class Saver(CheckpointSaver, Checkpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        due = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0  # type: ignore[operator]
+        n = self.every_n_train_steps
+        due = bool(n) and step > 0 and step % n == 0  # type: ignore[operator]
         if self.train_time_interval is not None:
             time_due = self._elapsed() - self._time_at_save >= self.train_time_interval
             due = due or trainer.strategy.broadcast(time_due)
