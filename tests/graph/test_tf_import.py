@@ -416,3 +416,36 @@ def test_decode_tensor_matches_tensorflow(dtype, shape, seed, single):
         got = got.numpy()
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
+
+
+def _v1_cond_graph(tf):
+    """A TF1-style tf.cond (Switch/Merge, as TF 1.x wrote it) on a placeholder_with_default flag."""
+    from tensorflow.python.ops import control_flow_util
+
+    v1 = tf.compat.v1
+    old, control_flow_util.ENABLE_CONTROL_FLOW_V2 = control_flow_util.ENABLE_CONTROL_FLOW_V2, False
+    try:
+        x = v1.placeholder(tf.float32, [None, 3], name="x")
+        training = v1.placeholder_with_default(False, [], name="training")
+        v = v1.get_variable("v", initializer=np.array([1.0, 2.0, 3.0], np.float32), use_resource=False)
+        y = tf.cond(training, lambda: tf.nn.relu(x * 10.0 + v), lambda: x - tf.constant(0.5) * v)
+        tf.identity(y, name="y")
+        tf.identity(tf.cond(training, lambda: tf.reduce_sum(x), lambda: tf.constant(-1.0)), name="z")
+    finally:
+        control_flow_util.ENABLE_CONTROL_FLOW_V2 = old
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_tf1_cond_switch_merge(tmp_path, training):
+    feed = {"x:0": X[:2, :3], "training:0": training}
+    made = build_tf_graph(tmp_path, _v1_cond_graph, ["y:0", "z:0"], feed)
+    graph = import_meta_graph(made.meta)
+    assert {"Switch", "Merge"} <= {n.op for n in graph.meta_graph_def.graph_def.node}
+    graph.restore(made.ckpt)
+    for ours, theirs in zip(graph.run(["y:0", "z:0"], feed), made.expected, strict=True):
+        assert_same(ours, theirs)
+    untaken = "cond/Relu:0" if not training else "cond/sub:0"
+    with pytest.raises(GraphImportError, match=f"fetched tensor {untaken} has no value: it is in a tf.cond"):
+        graph.run(untaken, feed)
+    with pytest.raises(GraphImportError, match=r"to_module: node 'cond/\S+' \(Switch\) is TF1 control flow"):
+        graph.to_module(inputs=["x:0"], outputs="y:0")

@@ -101,6 +101,11 @@ class _Builder:
         if step.kind == "read":
             self.env[(step.name, 0)] = self.variable(step.variable)
             return
+        if step.kind == "cond":
+            raise GraphImportError(
+                f"to_module: node {step.name!r} ({step.op}) is TF1 control flow (tf.cond); modules support "
+                "graphs without it (graph.run handles it)"
+            )
         if step.kind != "call":
             raise GraphImportError(
                 f"to_module: node {step.name!r} ({step.op}) changes variable {step.variable!r}; a module is "

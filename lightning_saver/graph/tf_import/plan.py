@@ -18,6 +18,7 @@ import torch
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
+from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
 from lightning_saver.graph.tf_import.variables import (
@@ -70,6 +71,7 @@ class Step:
     inputs: tuple[Ref, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     variable: str | None = None
+    controls: tuple[Ref, ...] = ()  # only filled in plans with tf.cond (dead inputs propagate)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Plan:
     fetches: list[Ref]
     feeds: frozenset[Ref]
     store: VariableStore
+    conditional: bool = False  # holds Switch/Merge: run with dead-tensor rules (cond.py)
 
     def __post_init__(self) -> None:
         # after step i, drop the intermediates nobody reads later, so big batches reuse memory
@@ -118,6 +121,8 @@ class Plan:
             for ref, variable in self._reads:
                 value = values.get(variable)
                 env[ref] = self.store.read(variable) if value is None else value
+        if self.conditional:
+            return execute_with_deadness(self._fast_steps, env, self.fetches)
         i = 0
         try:
             for i, (name, func, inputs, kwargs, drops) in enumerate(self._fast):  # noqa: B007
@@ -143,6 +148,10 @@ class Plan:
         return [env[r] for r in self.fetches]
 
 
+def _no_converter(*args: Any) -> Any:
+    raise GraphImportError("Switch/Merge run only inside a conditional plan")
+
+
 def _foldable(index: GraphIndex, op: str) -> bool:
     if op in ("NoOp", "Placeholder", "Assert"):
         return False
@@ -160,6 +169,7 @@ class _Compiler:
         self.alias: dict[Ref, Ref] = {}
         self.order = execution_order(index, dict.fromkeys(r[0] for r in fetches), set(feeds))
         self.in_plan = set(self.order)
+        self.conditional = any(index.nodes[n].op in SWITCH_OPS for n in self.order)
 
     def where(self, name: str) -> str:
         consumers = self.index.describe_consumers(name, self.in_plan)
@@ -184,9 +194,16 @@ class _Compiler:
         node = self.index.nodes[name]
         op = node.op
         refs = [self.alias.get(r, r) for r in self.index.inputs[name]]
+        controls: tuple[Ref, ...] = ()
+        if self.conditional:
+            controls = tuple(self.alias.get((c, 0), (c, 0)) for c in self.index.controls[name])
         if op in VARIABLE_OPS:
             return
-        if op in _ALIASES and len(refs) == 1:
+        if op in SWITCH_OPS or op in MERGE_OPS:
+            self.read_variables(refs)
+            self.steps.append(Step(name, op, "cond", _no_converter, tuple(refs), {}, None, controls))
+            return
+        if op in _ALIASES and len(refs) == 1 and not controls:
             load_converters().lookup(op, self.where(name))
             self.alias[(name, 0)] = refs[0]
             return
@@ -200,7 +217,7 @@ class _Compiler:
             variable = self.variable_of(refs[0], name)
             self.read_variables(refs[1:])
             func = partial(self.store.assign, variable, mode=ASSIGN_OPS[op])
-            self.steps.append(Step(name, op, "assign", func, tuple(refs[1:]), {}, variable))
+            self.steps.append(Step(name, op, "assign", func, tuple(refs[1:]), {}, variable, controls))
             return
         if op in _INITIALIZED_OPS:
             variable = self.variable_of(refs[0], name)
@@ -208,11 +225,11 @@ class _Compiler:
             return
         func = load_converters().lookup(op, self.where(name))
         kwargs = bind_attrs(func, decode_attrs(node))
-        if _foldable(self.index, op) and all(r in self.consts for r in refs):
+        if _foldable(self.index, op) and all(r in self.consts for r in refs) and not controls:
             self.fold(name, func, refs, kwargs)
             return
         self.read_variables(refs)
-        self.steps.append(Step(name, op, "call", func, tuple(refs), kwargs))
+        self.steps.append(Step(name, op, "call", func, tuple(refs), kwargs, None, controls))
 
     def fold(self, name: str, func: Callable[..., Any], refs: list[Ref], kwargs: dict[str, Any]) -> None:
         try:
@@ -232,7 +249,7 @@ class _Compiler:
             self.add(name)
         fetches = [self.alias.get(r, r) for r in self.fetches]
         self.read_variables(fetches)
-        return Plan(self.steps, self.consts, fetches, self.feeds, self.store)
+        return Plan(self.steps, self.consts, fetches, self.feeds, self.store, self.conditional)
 
 
 def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref]) -> Plan:

@@ -1,0 +1,71 @@
+"""TF1 conditionals (``tf.cond`` as ``Switch``/``Merge``), run with TensorFlow's dead-tensor rules.
+
+``Switch(data, pred)`` forwards ``data`` to output 1 when ``pred`` is true, else to output 0; the
+other output is *dead*. A node with a dead data or control input is dead itself (so the untaken
+branch, whose constants hang off the branch pivot by control edges, never runs), except ``Merge``,
+which forwards its first live input and that input's index. Plans without ``Switch`` never pay
+for this: they use the plain loop in ``plan.py``. Loops (``Enter``/``NextIteration``) are cycles
+and stay unsupported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.importer import Ref, ref_name
+
+SWITCH_OPS = frozenset({"Switch", "RefSwitch"})
+MERGE_OPS = frozenset({"Merge", "RefMerge"})
+
+
+def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[Ref]) -> list[Any]:
+    """Run ``steps`` (plan.Step) on ``env`` with dead-tensor propagation; return the fetched values.
+
+    Raises:
+        GraphImportError: a fetched tensor is dead (its branch was not taken).
+    """
+    dead_refs: set[Ref] = set()
+    dead_nodes: set[str] = set()
+
+    def is_dead(ref: Ref) -> bool:
+        return ref in dead_refs or ref[0] in dead_nodes
+
+    for step in steps:
+        name = step.name
+        if step.op in MERGE_OPS:
+            live = [(k, ref) for k, ref in enumerate(step.inputs) if not is_dead(ref)]
+            if not live or any(is_dead(c) for c in step.controls):
+                dead_nodes.add(name)
+            else:
+                env[(name, 0)] = env[live[0][1]]
+                env[(name, 1)] = torch.tensor(live[0][0], dtype=torch.int32)
+            continue
+        if any(is_dead(r) for r in step.inputs) or any(is_dead(c) for c in step.controls):
+            dead_nodes.add(name)
+            continue
+        if step.op in SWITCH_OPS:
+            data, pred = (env[r] for r in step.inputs)
+            taken = 1 if bool(torch.as_tensor(pred)) else 0
+            env[(name, taken)] = data
+            dead_refs.add((name, 1 - taken))
+            continue
+        try:
+            out = step.func(*[env[r] for r in step.inputs], **step.kwargs)
+        except Exception as err:
+            if hasattr(err, "add_note"):
+                err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
+            raise
+        if type(out) is tuple or type(out) is list:
+            for k, value in enumerate(out):
+                env[(name, k)] = value
+        else:
+            env[(name, 0)] = out
+    dead = [ref for ref in fetches if is_dead(ref)]
+    if dead:
+        raise GraphImportError(
+            f"fetched tensor {ref_name(dead[0])} has no value: it is in a tf.cond branch that was not taken"
+        )
+    return [env[ref] for ref in fetches]
