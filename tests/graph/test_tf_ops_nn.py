@@ -507,3 +507,44 @@ def test_conv3d_backprop_input_v2(volume, kernel, stride, padding, data_format):
     else:
         got = ours("Conv3DBackpropInputV2", [sizes, filt, grad], attrs).numpy()
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-5)
+
+
+def _keras_conv1d(layers):
+    inp = tf.keras.Input((20, 3))
+    x = layers.Conv1D(4, 3, padding="causal", dilation_rate=2)(inp)  # ExpandDims / Conv2D / Squeeze
+    x = layers.MaxPooling1D()(x)
+    x = layers.UpSampling1D()(x)
+    x = layers.Conv1DTranspose(4, 3, strides=2)(x)
+    return inp, layers.GlobalMaxPooling1D()(x), rand(2, 20, 3)
+
+
+def _keras_3d(layers):
+    inp = tf.keras.Input((6, 6, 6, 2))
+    x = layers.Conv3D(4, 3, padding="same")(inp)
+    x = layers.MaxPooling3D()(x)
+    x = layers.Conv3DTranspose(2, 3, strides=2, padding="same")(x)  # Conv3DBackpropInputV2
+    return inp, layers.AveragePooling3D(2, padding="same")(x), rand(2, 6, 6, 6, 2)
+
+
+def _keras_causal_attention(layers):
+    inp = tf.keras.Input((10, 8))
+    x = layers.MultiHeadAttention(2, 4)(inp, inp, use_causal_mask=True)  # MatrixBandPart
+    return inp, layers.LayerNormalization()(x), rand(3, 10, 8)
+
+
+@pytest.mark.parametrize("build", [_keras_conv1d, _keras_3d, _keras_causal_attention],
+                         ids=["conv1d", "3d", "causal_attention"])
+def test_frozen_keras_models_import(build):
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from lightning_saver import import_meta_graph
+
+    tf.keras.utils.set_random_seed(3)
+    inp, out, data = build(tf.keras.layers)
+    model = tf.keras.Model(inp, out)
+    spec = tf.TensorSpec((None, *data.shape[1:]), name="inputs")
+    frozen = convert_variables_to_constants_v2(tf.function(lambda t: model(t, training=False))
+                                               .get_concrete_function(spec))
+    graph = import_meta_graph(frozen.graph.as_graph_def().SerializeToString())
+    got = graph.run(frozen.outputs[0].name, feed_dict={frozen.inputs[0].name: data})
+    np.testing.assert_allclose(got, frozen(tf.constant(data))[0].numpy(), atol=1e-5, rtol=1e-5)
