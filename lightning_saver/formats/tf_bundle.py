@@ -25,7 +25,7 @@ from lightning_saver.errors import (
     FormatVersionError,
     StateMismatchError,
 )
-from lightning_saver.formats import sstable, tf_bundle_writer, tf_dtypes, tf_tensor_codec
+from lightning_saver.formats import sstable, tf_bundle_writer, tf_dtypes, tf_slices, tf_tensor_codec
 from lightning_saver.formats.tf_bundle_writer import data_path
 from lightning_saver.formats.tf_shard import ShardReader
 from lightning_saver.formats.tf_wire import (
@@ -42,6 +42,7 @@ __all__ = [
     "read_index",
     "read_metadata",
     "read_entries",
+    "BundleIndex",
     "resolve_prefix",
     "data_path",
 ]
@@ -93,8 +94,18 @@ def _latest_from_state(state: str) -> str | None:
     return None
 
 
-def read_entries(path: str | os.PathLike[str]) -> tuple[str, BundleHeader, dict[str, BundleEntry]]:
-    """The prefix, header and every entry of a bundle's index, in name order.
+class BundleIndex(NamedTuple):
+    """A parsed index: the resolved prefix, the header, tensor entries by name (in name order), and
+    for each partitioned variable the entries of its slices (in key order)."""
+
+    prefix: str
+    header: BundleHeader
+    entries: dict[str, BundleEntry]
+    parts: dict[str, list[BundleEntry]]
+
+
+def read_entries(path: str | os.PathLike[str]) -> BundleIndex:
+    """The prefix, header and every entry of a bundle's index.
 
     Raises:
         CheckpointNotFoundError: no such checkpoint.
@@ -116,13 +127,20 @@ def read_entries(path: str | os.PathLike[str]) -> tuple[str, BundleHeader, dict[
         raise CorruptCheckpointError(f"{index_file}: bundle header: {err}") from None
     _check_header(header, index_file)
     entries: dict[str, BundleEntry] = {}
+    parts: dict[str, list[BundleEntry]] = {}
     for key, value in items[1:]:
-        name = key.decode("utf-8", errors="surrogateescape")
         try:
-            entries[name] = decode_entry(value)
+            sliced = tf_slices.slice_key_name(key)
+            name = key.decode("utf-8", errors="surrogateescape") if sliced is None else sliced
+            entry = decode_entry(value)
         except CorruptCheckpointError as err:
-            raise CorruptCheckpointError(f"{index_file}: entry for tensor {name!r}: {err}") from None
-    return prefix, header, entries
+            shown = key[:80].decode("utf-8", errors="backslashreplace")
+            raise CorruptCheckpointError(f"{index_file}: entry for tensor {shown!r}: {err}") from None
+        if sliced is None:
+            entries[name] = entry
+        else:
+            parts.setdefault(name, []).append(entry)
+    return BundleIndex(prefix, header, entries, parts)
 
 
 def _check_header(header: BundleHeader, index_file: str) -> None:
@@ -138,8 +156,9 @@ def _check_header(header: BundleHeader, index_file: str) -> None:
         raise CorruptCheckpointError(f"{index_file}: header says {header.num_shards} data shards")
 
 
-def _info(entry: BundleEntry) -> TensorInfo:
-    return TensorInfo(tf_dtypes.dtype_name(entry.dtype), entry.shape, entry.size)
+def _info(entry: BundleEntry, parts: list[BundleEntry]) -> TensorInfo:
+    nbytes = sum(p.size for p in parts) if entry.slices else entry.size
+    return TensorInfo(tf_dtypes.dtype_name(entry.dtype), entry.shape, nbytes)
 
 
 def read_index(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
@@ -149,13 +168,13 @@ def read_index(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
         >>> read_index("model.ckpt")["dense/kernel"]
         TensorInfo(dtype='float32', shape=(784, 10), nbytes=31360)
     """
-    _, _, entries = read_entries(path)
-    return {name: _info(entry) for name, entry in entries.items()}
+    index = read_entries(path)
+    return {name: _info(entry, index.parts.get(name, [])) for name, entry in index.entries.items()}
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The bundle header as strings: ``format``, ``num_shards``, ``version``, ``min_consumer``."""
-    _, header, _ = read_entries(path)
+    header = read_entries(path).header
     return {
         "format": "tensorflow-v2-checkpoint",
         "num_shards": str(header.num_shards),
@@ -165,11 +184,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _check_entry(name: str, entry: BundleEntry, header: BundleHeader, where: str) -> None:
-    if entry.num_slices:
-        raise CorruptCheckpointError(
-            f"{where}: tensor {name!r} is a partitioned variable ({entry.num_slices} slices), "
-            "which this reader does not support; re-save it unpartitioned"
-        )
     if entry.unknown_rank or any(d < 0 for d in entry.shape):
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has an invalid shape {entry.shape}")
     if not 0 <= entry.shard_id < header.num_shards or entry.offset < 0 or entry.size < 0:
@@ -177,8 +191,8 @@ def _check_entry(name: str, entry: BundleEntry, header: BundleHeader, where: str
             f"{where}: tensor {name!r} points at shard {entry.shard_id} of {header.num_shards}, "
             f"offset {entry.offset}, size {entry.size}"
         )
-    if tf_dtypes.base_dtype(entry.dtype) == tf_dtypes.DT_STRING:
-        return
+    if entry.slices or tf_dtypes.base_dtype(entry.dtype) == tf_dtypes.DT_STRING:
+        return  # a partitioned variable's checks are in tf_slices.assemble; strings in their decoder
     try:
         itemsize = tf_dtypes.to_numpy(entry.dtype).itemsize
     except ValueError as err:
@@ -227,12 +241,16 @@ def load_file(
     """
     if framework not in ("torch", "numpy"):
         raise ValueError(f"framework must be 'torch' or 'numpy', got {framework!r}")
-    prefix, header, entries = read_entries(path)
+    index = read_entries(path)
+    prefix, header, entries = index.prefix, index.header, index.entries
     wanted = list(entries) if names is None else _check_names(list(names), entries, prefix)
     out: dict[str, Any] = {}
     by_shard: dict[int, list[str]] = {}
     for name in wanted:
-        by_shard.setdefault(entries[name].shard_id, []).append(name)
+        if entries[name].slices:
+            out[name] = _read_partitioned(index, name, framework=framework, verify=verify, mmap=mmap)
+        else:
+            by_shard.setdefault(entries[name].shard_id, []).append(name)
     for shard_id, shard_names in sorted(by_shard.items()):
         for name in shard_names:
             _check_entry(name, entries[name], header, prefix + ".index")
@@ -244,6 +262,36 @@ def load_file(
                 buf = reader.read(name, entries[name], verify=verify)
                 out[name] = _decode(buf, name, entries[name], shard, framework, verify)
     return {name: out[name] for name in wanted}
+
+
+def _read_partitioned(index: BundleIndex, name: str, *, framework: str, verify: bool, mmap: bool) -> Any:
+    entry, parts = index.entries[name], index.parts.get(name, [])
+    where = index.prefix + ".index"
+    _check_entry(name, entry, index.header, where)
+    shards = []
+    for part in parts:
+        _check_entry(name, part, index.header, where)
+        shard = data_path(index.prefix, part.shard_id, index.header.num_shards)
+        if not os.path.exists(shard):
+            raise CheckpointNotFoundError(f"{shard} is missing; the checkpoint {index.prefix} is incomplete")
+        if part.offset + part.size > os.path.getsize(shard):  # before assemble allocates the whole
+            raise CorruptCheckpointError(f"{shard}: a slice of tensor {name!r} lies past the end of the file")
+        shards.append(shard)
+    paths = {id(part): shard for part, shard in zip(parts, shards, strict=True)}
+
+    def read(part: BundleEntry) -> np.ndarray:
+        with ShardReader(paths[id(part)], mmap=mmap) as reader:
+            return reader.read(name, part, verify=verify)
+
+    try:
+        full = tf_slices.assemble(name, entry, parts, read)
+    except CorruptCheckpointError as err:
+        if str(err).startswith(index.prefix):
+            raise
+        raise CorruptCheckpointError(f"{where}: {err}") from None
+    if framework == "numpy":
+        return full
+    return tf_tensor_codec.bytes_to_torch(full.reshape(-1).view(np.uint8), entry.dtype, entry.shape)
 
 
 def _check_names(names: list[str], entries: Mapping[str, BundleEntry], prefix: str) -> list[str]:

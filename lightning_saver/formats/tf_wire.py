@@ -57,7 +57,8 @@ class BundleEntry:
     offset: int = 0
     size: int = 0
     crc32c: int = 0  # masked
-    num_slices: int = 0  # partitioned variables: we read the count only
+    # partitioned variables: one (start, length) per dimension for each slice; length -1 = all of it
+    slices: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
     unknown_rank: bool = False
 
 
@@ -171,6 +172,26 @@ def _encode_shape(shape: tuple[int, ...]) -> bytes:
     return b"".join(_len_field(2, _int_field(1, dim)) for dim in shape)
 
 
+def _decode_slice(buf: bytes) -> tuple[tuple[int, int], ...]:
+    # TensorSliceProto { repeated Extent extent = 1; }  Extent { int64 start = 1; int64 length = 2; }
+    extents: list[tuple[int, int]] = []
+    for number, wire, value in _fields(buf):
+        if number != 1:
+            continue
+        if len(extents) >= _MAX_DIMS:
+            raise CorruptCheckpointError(f"tensor slice has more than {_MAX_DIMS} dimensions")
+        start, length = 0, -1
+        for enum, ewire, evalue in _fields(_payload(number, wire, value, "TensorSliceProto")):
+            if enum in (1, 2):
+                _want(enum, ewire, _VARINT, evalue, "TensorSliceProto.Extent")
+                if enum == 1:
+                    start = _signed64(int(evalue))
+                else:
+                    length = _signed64(int(evalue))
+        extents.append((start, length))
+    return tuple(extents)
+
+
 def encode_entry(entry: BundleEntry) -> bytes:
     """Serialize a BundleEntryProto (no slices: we never write partitioned variables)."""
     return (
@@ -210,8 +231,7 @@ def decode_entry(buf: bytes | memoryview) -> BundleEntry:
             _want(number, wire, _FIXED32, value, "BundleEntryProto")
             entry.crc32c = int(value)
         elif number == 7:
-            _want(number, wire, _LEN, value, "BundleEntryProto")
-            entry.num_slices += 1
+            entry.slices.append(_decode_slice(_payload(number, wire, value, "BundleEntryProto")))
         elif number in (1, 3, 4, 5):
             _want(number, wire, _VARINT, value, "BundleEntryProto")
             name = {1: "dtype", 3: "shard_id", 4: "offset", 5: "size"}[number]

@@ -138,13 +138,19 @@ def test_fuzz_mutated_golden_index(tmp_path, edits, cut):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    values=st.lists(st.binary(max_size=40), min_size=1, max_size=5),
+    entries=st.dictionaries(
+        st.one_of(st.binary(min_size=1, max_size=12), st.binary(max_size=12).map(lambda b: b"\x00" + b)),
+        st.binary(max_size=40),
+        min_size=1,
+        max_size=5,
+    ),
     header=st.binary(max_size=20),
     data=st.binary(max_size=64),
 )
-def test_fuzz_entries_behind_valid_checksums(tmp_path, values, header, data):
-    # block crcs are right here, so the protobuf, shape, dtype, offset and string parsers are what is fuzzed
-    items = [(b"", header)] + [(f"t{i}".encode(), v) for i, v in enumerate(values)]
+def test_fuzz_entries_behind_valid_checksums(tmp_path, entries, header, data):
+    # block crcs are right here, so the protobuf, shape, dtype, offset, slice-key and string parsers
+    # are what is fuzzed
+    items = [(b"", header)] + sorted(entries.items())
     (tmp_path / "e.index").write_bytes(sstable.build_table(items))
     (tmp_path / "e.data-00000-of-00001").write_bytes(data)
     _load_all(tmp_path / "e")
@@ -166,3 +172,38 @@ def test_fuzz_well_formed_but_wrong_entries(tmp_path_factory, dims, dtype, offse
     (tmp / "w.index").write_bytes(sstable.build_table([(b"", header), (b"x", entry)]))
     (tmp / "w.data-00000-of-00001").write_bytes(strings + struct.pack("<I", 0))
     _load_all(tmp / "w")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dims=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    slices=st.lists(st.lists(st.tuples(st.integers(-2, 8), st.integers(-2, 8)), max_size=3), max_size=3),
+    parts=st.lists(st.lists(st.integers(-1, 7), max_size=3), max_size=3),
+    dtype=st.sampled_from([1, 2, 7, 10, 20]),
+)
+def test_fuzz_partitioned_entries(tmp_path_factory, dims, slices, parts, dtype):
+    # a partitioned variable whose slice list and slice entries disagree in every way
+    tmp = tmp_path_factory.mktemp("p")
+    full = b"\x08" + bytes([dtype]) + _shape_field(dims)
+    for extents in slices:
+        body = b"".join(_len_field(1, _varint_field(1, s) + _varint_field(2, n)) for s, n in extents)
+        full += _len_field(7, body)
+    items = [(b"", tf_wire.encode_header(tf_wire.BundleHeader())), (b"v", full)]
+    for i, shape in enumerate(parts):
+        entry = tf_wire.BundleEntry(dtype, tuple(shape), 0, 0, 4 * max(1, abs(sum(shape))), 1)
+        items.append((b"\x00v\x00\x01\x01" + bytes([len(shape), 0x80 + i]), tf_wire.encode_entry(entry)))
+    (tmp / "p.index").write_bytes(sstable.build_table(sorted(items)))
+    (tmp / "p.data-00000-of-00001").write_bytes(bytes(64))
+    _load_all(tmp / "p")
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return tf_wire.encode_varint(number << 3) + tf_wire.encode_varint(value)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return tf_wire.encode_varint(number << 3 | 2) + tf_wire.encode_varint(len(payload)) + payload
+
+
+def _shape_field(dims: list[int]) -> bytes:
+    return _len_field(2, b"".join(_len_field(2, _varint_field(1, d)) for d in dims))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_saver.errors import CheckpointNotFoundError
+from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError
+from lightning_saver.formats import sstable
 from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
 
 tf = pytest.importorskip("tensorflow")
@@ -136,3 +137,39 @@ def test_we_write_multi_shard_tf_reads_it(tmp_path):
     write_checkpoint(prefix, {"w0": tensors["w0"]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data-00000-of-00001", "m.index"]
     assert tf.train.load_checkpoint(prefix).get_tensor("w0").tobytes() == tensors["w0"].tobytes()
+
+
+@pytest.mark.parametrize("use_resource", [False, True], ids=["ref", "resource"])
+def test_tf1_partitioned_variables(tmp_path, use_resource):
+    graph = tf.Graph()
+    with graph.as_default():
+        emb = v1.get_variable(
+            "emb", [10, 4], partitioner=v1.fixed_size_partitioner(3), use_resource=use_resource
+        )
+        wide = v1.get_variable("wide", [3, 70], dtype=tf.float64, use_resource=use_resource,
+                               partitioner=v1.fixed_size_partitioner(2, axis=1))  # fmt: skip
+        saver = v1.train.Saver()
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            prefix = saver.save(sess, str(tmp_path / "part"))
+            full = sess.run({"emb": tf.concat(list(emb), 0), "wide": tf.concat(list(wide), 1)})
+    reader = tf.train.load_checkpoint(prefix)
+    got = read_checkpoint(prefix)
+    assert set(got) == {"emb", "wide"}
+    for name, value in full.items():
+        assert got[name].dtype == value.dtype and got[name].tobytes() == value.tobytes()
+        assert got[name].tobytes() == reader.get_tensor(name).tobytes()
+    assert list_checkpoint(prefix)["wide"] == ("float64", (3, 70), 3 * 70 * 8)
+    assert read_checkpoint(prefix, names=["emb"], framework="torch", mmap=True)["emb"].shape == (10, 4)
+    # drop one slice's entry from TF's index: the variable can no longer be assembled
+    items = sstable.read_table((tmp_path / "part.index").read_bytes())
+    kept = [
+        (k, v) for k, v in items if not k.startswith(b"\x00emb\x00\x01") or k.endswith(b"\x80\x84\x80\x84")
+    ]
+    (tmp_path / "cut.index").write_bytes(sstable.build_table(kept))
+    (tmp_path / "cut.data-00000-of-00001").write_bytes((tmp_path / "part.data-00000-of-00001").read_bytes())
+    with pytest.raises(
+        CorruptCheckpointError, match=r"cut\.index: tensor 'emb' lists 3 slices but 1 are stored"
+    ):
+        read_checkpoint(tmp_path / "cut", names=["emb"])
+    assert read_checkpoint(tmp_path / "cut", names=["wide"])["wide"].shape == (3, 70)
