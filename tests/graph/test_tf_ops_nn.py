@@ -548,3 +548,34 @@ def test_frozen_keras_models_import(build):
     graph = import_meta_graph(frozen.graph.as_graph_def().SerializeToString())
     got = graph.run(frozen.outputs[0].name, feed_dict={frozen.inputs[0].name: data})
     np.testing.assert_allclose(got, frozen(tf.constant(data))[0].numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("is_training", [True, False])
+def test_fused_batch_norm_v3_on_volumes(is_training):
+    x = rand(2, 3, 4, 2, 3)
+    params = [rand(3), rand(3), rand(3), RNG.random(3).astype(np.float32) + 0.5]
+    attrs = {"is_training": is_training, "data_format": "NDHWC", "epsilon": 1e-3}
+    expected = tf.raw_ops.FusedBatchNormV3(x=x, scale=params[0], offset=params[1], mean=params[2],
+                                           variance=params[3], **attrs)
+    got = ours("FusedBatchNormV3", [x, *params], attrs)
+    for g, e in zip(got[:3], expected[:3], strict=True):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5, rtol=1e-5)
+    first = ours("FusedBatchNormV3", [np.moveaxis(x, -1, 1), *params], {**attrs, "data_format": "NCDHW"})
+    np.testing.assert_allclose(np.moveaxis(first[0].numpy(), 1, -1), expected[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_conv2d_and_pools_keep_their_dtype(dtype):
+    image, filt = rand(1, 6, 5, 2).astype(dtype), rand(3, 3, 2, 3).astype(dtype)
+    tol = 1e-9 if dtype == np.float64 else 2e-2
+    conv = {"strides": [1, 2, 2, 1], "padding": "SAME"}
+    # tf.constant: a raw op given numpy falls back to its attr's default dtype (MaxPool: float32)
+    cases = [("Conv2D", {"input": image, "filter": filt}, [image, filt], conv),
+             ("MaxPool", {"input": image}, [image], POOL_ATTRS),
+             ("AvgPool", {"value": image}, [image], POOL_ATTRS)]
+    for op, tf_args, inputs, attrs in cases:
+        tf_args = {k: tf.constant(v) for k, v in tf_args.items()}
+        expected = getattr(tf.raw_ops, op)(**tf_args, **attrs).numpy()
+        got = ours(op, inputs, attrs).numpy()
+        assert got.dtype == expected.dtype == dtype
+        np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), atol=tol, rtol=tol)
