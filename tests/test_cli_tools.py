@@ -137,3 +137,17 @@ def test_read_checkpoint_after_convert_keeps_dtypes(tmp_path):
     assert main(["convert", str(src), str(tmp_path / "m")]) == 0
     got = read_checkpoint(tmp_path / "m", framework="torch")
     assert got["h"].dtype == torch.bfloat16 and got["i"].dtype == torch.int64
+
+
+def test_inspect_and_convert_a_saver_directory(tmp_path, capsys):
+    from lightning_saver.saving.saver import CheckpointSaver
+
+    CheckpointSaver(max_to_keep=2).save(
+        {"w": torch.ones(2, 3)}, tmp_path / "ck" / "variable_file", global_step=5
+    )
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    assert "variable_file_5.safetensors (safetensors)" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "tf" / "model")]) == 0
+    assert (
+        tf.train.load_checkpoint(str(tmp_path / "tf" / "model")).get_tensor("w").tolist() == [[1.0] * 3] * 2
+    )
