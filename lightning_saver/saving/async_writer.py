@@ -263,23 +263,26 @@ class AsyncWriter:
         blocks, loose, total = _layout(tensors)
         pinned = _wants_pinned(blocks)
         arena = self._take_arena(total, pinned)
-        out = _copy_into(arena.tensor, blocks, pinned)
+        out = _copy_into(arena, blocks, pinned)
+        del arena  # from now on only the snapshot's tensors keep the arena busy
         out.update(loose)
         return _in_order(tensors, out)
 
-    def _take_arena(self, nbytes: int, pinned: bool) -> _Arena:
+    def _take_arena(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """A view of a free (or new) arena; holding the view marks the arena busy for other threads."""
         if getattr(torch._C, "_storage_Use_Count", None) is None:
-            return _Arena(nbytes, pinned)  # this torch cannot tell when an arena is free: never pool
+            return _Arena(nbytes, pinned).tensor  # this torch cannot tell when an arena is free: no pool
         with self._cond:
             for arena in self._arenas:
                 if arena.pinned == pinned and arena.tensor.numel() >= nbytes and arena.is_free():
+                    claim = arena.tensor[:]
                     self._arenas = [a for a in self._arenas if a is arena or not a.is_free()]
-                    return arena
+                    return claim
             # drop idle arenas that are too small or the wrong kind, so memory stays one snapshot
             self._arenas = [a for a in self._arenas if not a.is_free()]
             arena = _Arena(nbytes, pinned)
             self._arenas.append(arena)
-            return arena
+            return arena.tensor[:]
 
     # --- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Callable[[], object]) -> None:
@@ -301,6 +304,8 @@ class AsyncWriter:
     def _acquire_slot(self) -> None:
         with self._cond:
             self._wait_for_slot()
+            if self._closed:
+                raise RuntimeError("AsyncWriter.snapshot: the writer is closed; create a new one")
 
     def _wait_for_slot(self) -> None:
         self._check_not_worker("submit")

@@ -428,3 +428,26 @@ def test_snapshot_resolves_lazy_conjugate_and_negative_views():
     assert torch.equal(frozen["conj"], z.conj()) and torch.equal(frozen["neg"], z.conj().imag)
     assert not frozen["conj"].is_conj()
     assert torch.equal(frozen["z"], z)
+
+
+def test_concurrent_snapshots_never_share_an_arena():
+    writer = AsyncWriter(max_in_flight=4)
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+    results: list[dict[str, torch.Tensor]] = []
+    lock = threading.Lock()
+
+    def take(i: int) -> None:
+        frozen = writer.snapshot({"w": state["w"] + i})
+        with lock:
+            results.append(frozen)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r["w"].data_ptr() for r in results}) == 4
+    assert sorted(float(r["w"][0]) for r in results) == [0.0, 1.0, 2.0, 3.0]
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.snapshot(state)
