@@ -449,3 +449,38 @@ def test_tf1_cond_switch_merge(tmp_path, training):
         graph.run(untaken, feed)
     with pytest.raises(GraphImportError, match=r"to_module: node 'cond/\S+' \(Switch\) is TF1 control flow"):
         graph.to_module(inputs=["x:0"], outputs="y:0")
+
+
+def _v2_functional_graph(tf):
+    """TF2-style graph ops: tf.cond as If (branches in the function library), a tf.function call."""
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 3], name="x")
+    training = v1.placeholder_with_default(False, [], name="training")
+    v = v1.get_variable("v", initializer=np.array([1.0, 2.0, 3.0], np.float32), use_resource=True)
+    y = tf.cond(training, lambda: tf.nn.relu(x * 10.0 + v), lambda: x - tf.constant(0.5) * v)
+    tf.identity(y, name="y")
+    mean, var = tf.function(lambda a: tf.nn.moments(a * 2.0, axes=[1]))(x)
+    tf.identity(mean + var, name="called")
+    det = tf.cond(training, lambda: tf.linalg.det(tf.reshape(x[0, 0], [1, 1])), lambda: tf.constant(0.0))
+    tf.identity(det, name="unsupported")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_tf2_functional_if_and_partitioned_call(tmp_path, training):
+    feed = {"x:0": X[:2, :3], "training:0": training}
+    made = build_tf_graph(tmp_path, _v2_functional_graph, ["y:0", "called:0"], feed)
+    graph = import_meta_graph(made.meta)
+    ops = {n.op for n in graph.meta_graph_def.graph_def.node}
+    assert "If" in ops or "StatelessIf" in ops
+    assert ops & {"PartitionedCall", "StatefulPartitionedCall"}
+    graph.restore(made.ckpt)
+    for ours, theirs in zip(graph.run(["y:0", "called:0"], feed), made.expected, strict=True):
+        assert_same(ours, theirs)
+    if training:
+        message = r"no converter for op 'MatrixDeterminant' at node '\S+', which is fetched(.|\n)*cond"
+        with pytest.raises(UnsupportedOpError, match=message):
+            graph.run("unsupported:0", feed)
+    else:
+        assert graph.run("unsupported:0", feed) == 0.0  # the untaken branch is never compiled
+    with pytest.raises(GraphImportError, match=r"to_module: node '\S+' \(\w*If\) calls a graph function"):
+        graph.to_module(inputs=["x:0"], outputs="y:0")

@@ -101,6 +101,11 @@ class _Builder:
         if step.kind == "read":
             self.env[(step.name, 0)] = self.variable(step.variable)
             return
+        if step.kind == "function":
+            raise GraphImportError(
+                f"to_module: node {step.name!r} ({step.op}) calls a graph function; modules support graphs "
+                "without functional ops (graph.run handles them; freezing the model inlines them)"
+            )
         if step.kind == "cond":
             raise GraphImportError(
                 f"to_module: node {step.name!r} ({step.op}) is TF1 control flow (tf.cond); modules support "

@@ -19,6 +19,7 @@ import torch
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
 from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
+from lightning_saver.graph.tf_import.functions import FUNCTION_OPS, function_op
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
 from lightning_saver.graph.tf_import.variables import (
@@ -198,6 +199,11 @@ class _Compiler:
         if self.conditional:
             controls = tuple(self.alias.get((c, 0), (c, 0)) for c in self.index.controls[name])
         if op in VARIABLE_OPS:
+            return
+        if op in FUNCTION_OPS:
+            self.read_variables(refs)
+            func = function_op(self.index, node)
+            self.steps.append(Step(name, op, "function", func, tuple(refs), {}, None, controls))
             return
         if op in SWITCH_OPS or op in MERGE_OPS:
             self.read_variables(refs)
