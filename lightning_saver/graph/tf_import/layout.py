@@ -124,24 +124,26 @@ def pad_spatial(x: torch.Tensor, pads: Pads, value: float = 0.0) -> torch.Tensor
     return F.pad(x, flat, value=value)
 
 
-def ceil_mode_pads(
+def torch_pool_padding(
     sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Pads
-) -> tuple[int, ...] | None:
-    """Symmetric torch pooling padding that, with ``ceil_mode=True``, reproduces ``pads``; else None.
+) -> tuple[tuple[int, ...], bool] | None:
+    """Symmetric torch pooling ``padding`` and ``ceil_mode`` that reproduce TF's ``pads``, else None.
 
-    torch pools pad implicitly (-inf for max, excluded from an average's divisor) and in ceil mode
-    let the last window hang past the end, which is TF's extra SAME pixel after; this avoids
-    copying the input into a padded tensor.
+    torch pools pad implicitly (-inf for max, excluded from an average's divisor with
+    ``count_include_pad=False``). Symmetric pads map directly; in ceil mode torch lets the last
+    window hang past the end, which is TF's extra SAME pixel after. Either way the input is not
+    copied into a padded tensor.
     """
-    result = []
+    befores = tuple(before for before, _ in pads)
+    if any(before > k // 2 for before, k in zip(befores, kernel, strict=True)):
+        return None
+    if all(before == after for before, after in pads):
+        return befores, False
     for size, k, s, (before, after) in zip(sizes, kernel, strides, pads, strict=True):
-        if before > k // 2 or after < before:
-            return None
         tf_out = (size + before + after - k) // s + 1
         torch_out = -(-(size + 2 * before - k) // s) + 1
         if (torch_out - 1) * s >= size + before:
             torch_out -= 1
-        if torch_out != tf_out:
+        if after < before or torch_out != tf_out:
             return None
-        result.append(before)
-    return tuple(result)
+    return befores, True

@@ -17,7 +17,6 @@ from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import import ops_image, ops_norm  # noqa: F401  register their ops
 from lightning_saver.graph.tf_import.layout import (
     Pads,
-    ceil_mode_pads,
     check_data_format,
     from_nchw,
     pad_spatial,
@@ -25,6 +24,7 @@ from lightning_saver.graph.tf_import.layout import (
     spatial_pads,
     symmetric,
     to_nchw,
+    torch_pool_padding,
 )
 from lightning_saver.graph.tf_import.table import TF_OPS
 
@@ -215,9 +215,9 @@ def max_pool(
 
 def _max_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
     pool = _MAX_POOL[len(kernel)]
-    torch_pad = ceil_mode_pads(x.shape[2:], kernel, stride, pads)
-    if torch_pad is not None:
-        return pool(x, kernel, stride, torch_pad, ceil_mode=True)
+    torch_args = torch_pool_padding(x.shape[2:], kernel, stride, pads)
+    if torch_args is not None:
+        return pool(x, kernel, stride, torch_args[0], ceil_mode=torch_args[1])
     # padded cells never win a max, whatever the sign of the data
     return pool(pad_spatial(x, pads, value=float("-inf")), kernel, stride)
 
@@ -252,9 +252,9 @@ def avg_pool(
 def _avg_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
     """TF's average: the divisor counts only the real (unpadded) cells of each window."""
     pool = _AVG_POOL[len(kernel)]
-    torch_pad = ceil_mode_pads(x.shape[2:], kernel, stride, pads)
-    if torch_pad is not None:
-        return pool(x, kernel, stride, torch_pad, ceil_mode=True, count_include_pad=False)
+    torch_args = torch_pool_padding(x.shape[2:], kernel, stride, pads)
+    if torch_args is not None:
+        return pool(x, kernel, stride, torch_args[0], ceil_mode=torch_args[1], count_include_pad=False)
     total = pool(pad_spatial(x, pads), kernel, stride, divisor_override=1)
     ones = x.new_ones((1, 1) + tuple(x.shape[2:]))
     return total / pool(pad_spatial(ones, pads), kernel, stride, divisor_override=1)
