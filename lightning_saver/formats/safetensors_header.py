@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import google_crc32c
 import torch
 
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
@@ -62,6 +63,7 @@ class Header:
     metadata: dict[str, str]
     info: dict[str, Any] = field(default_factory=dict)
     data_start: int = 0
+    header_crc32c: str = ""  # CRC-32C of the first data_start bytes (what the state file records)
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -193,4 +195,5 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         tensors = {
             n: TensorInfo(t.dtype, t.shape, t.nbytes, t.offset, crcs.get(n)) for n, t in tensors.items()
         }
-    return Header(path, tensors, metadata, info, data_start)
+    header_crc = f"{google_crc32c.value(struct.pack('<Q', len(raw)) + raw):08x}"
+    return Header(path, tensors, metadata, info, data_start, header_crc)

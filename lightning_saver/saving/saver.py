@@ -342,12 +342,23 @@ def latest_checkpoint(
             continue
         if verify:
             try:
-                safetensors_io.verify_file(path)
+                _verify_record(path, record)
             except (CorruptCheckpointError, FormatVersionError, OSError) as exc:
                 log.warning("skipping corrupt checkpoint %s: %s", path, exc)
                 continue
         return path
     return None
+
+
+def _verify_record(path: str, record: rotation.Record) -> None:
+    """Every tensor's checksum, and the header against the checksum the state file recorded."""
+    header = safetensors_io.verify_file(path)
+    expected = record.checksum
+    if expected and expected.startswith("crc32c:") and expected != f"crc32c:{header.header_crc32c}":
+        raise CorruptCheckpointError(
+            f"{path}: its header changed after it was saved (state file records {expected}, the file has "
+            f"crc32c:{header.header_crc32c})"
+        )
 
 
 def _newest_first(directory: str) -> Iterator[rotation.Record]:

@@ -162,3 +162,18 @@ def test_disk_full_mid_write_removes_the_temp_and_says_what_was_needed(tmp_path)
         commit.atomic_write(target, write, nbytes=4096)
     assert err.value.errno == errno.ENOSPC and err.value.needed_bytes == 4096
     assert os.listdir(tmp_path) == []
+
+
+def test_latest_checkpoint_verify_catches_a_changed_header_via_the_state_file(tmp_path, caplog):
+    saver = Saver(max_to_keep=3)
+    for step in (1, 2):
+        saver.save({"w": torch.full((8,), float(step))}, str(tmp_path / "m"), global_step=step)
+    newest = tmp_path / "m_2.safetensors"
+    raw = newest.read_bytes()
+    forged = raw.replace(b'\\"global_step\\": 2', b'\\"global_step\\": 7')  # same length, valid JSON
+    assert forged != raw
+    newest.write_bytes(forged)
+    lightning_saver.load(newest)  # every tensor checksum still holds
+    with caplog.at_level(logging.WARNING, logger="lightning_saver"):
+        assert latest_checkpoint(tmp_path, verify=True) == str(tmp_path / "m_1.safetensors")
+    assert "m_2.safetensors: its header changed after it was saved" in caplog.text
