@@ -482,5 +482,11 @@ def test_tf2_functional_if_and_partitioned_call(tmp_path, training):
             graph.run("unsupported:0", feed)
     else:
         assert graph.run("unsupported:0", feed) == 0.0  # the untaken branch is never compiled
+        # the flag left at its default is a constant: the module inlines the branch and the call
+        module = graph.to_module(inputs=["x:0"], outputs=["y:0", "called:0"])
+        assert not any(n.op == "call_function" and "If" in str(n.target) for n in module.graph.nodes)
+        assert set(dict(module.named_parameters())) == {"v"}
+        for ours, theirs in zip(module(torch.from_numpy(feed["x:0"])), made.expected, strict=True):
+            assert_same(ours.detach().numpy(), theirs)
     with pytest.raises(GraphImportError, match=r"to_module: node '\S+' \(\w*If\) calls a graph function"):
-        graph.to_module(inputs=["x:0"], outputs="y:0")
+        graph.to_module(inputs=["x:0", "training:0"], outputs="y:0")

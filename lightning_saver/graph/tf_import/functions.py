@@ -17,6 +17,7 @@ from tensorboard.compat.proto import graph_pb2, meta_graph_pb2, node_def_pb2
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, parse_tensor_name
+from lightning_saver.graph.tf_import.variables import VariableStore
 
 FUNCTION_OPS = frozenset({"If", "StatelessIf", "PartitionedCall", "StatefulPartitionedCall"})
 # output arg names of multi-output ops whose OpDefs a function body's graph may lack
@@ -80,19 +81,22 @@ class CompiledFunction:
         self.index = GraphIndex(meta_graph_pb2.MetaGraphDef(graph_def=graph))
         self.index.op_defs = op_defs
         self.index.library = library
+        self.store = VariableStore({}, lambda name: None)
         self._plan: Any = None
 
-    def __call__(self, *inputs: Any) -> tuple[Any, ...]:
+    def plan(self) -> Any:
+        """The compiled body (arguments fed, outputs fetched), made on first use."""
         if self._plan is None:
             from lightning_saver.graph.tf_import.plan import compile_plan
-            from lightning_saver.graph.tf_import.variables import VariableStore
 
-            store = VariableStore({}, lambda name: None)
             feeds: list[Ref] = [(a, 0) for a in self.args]
-            self._plan = compile_plan(self.index, store, self.outputs, feeds)
+            self._plan = compile_plan(self.index, self.store, self.outputs, feeds)
             if any(step.kind == "assign" for step in self._plan.steps):
                 raise GraphImportError(f"function {self.name!r} assigns a variable, which is not supported")
-        return tuple(self._plan.execute({(a, 0): v for a, v in zip(self.args, inputs, strict=True)}))
+        return self._plan
+
+    def __call__(self, *inputs: Any) -> tuple[Any, ...]:
+        return tuple(self.plan().execute({(a, 0): v for a, v in zip(self.args, inputs, strict=True)}))
 
 
 class FunctionLibrary:
@@ -117,11 +121,18 @@ def _truth(value: Any) -> bool:
     return bool(tensor) if tensor.numel() == 1 else tensor.numel() > 0
 
 
-def function_op(index: GraphIndex, node: Any) -> Callable[..., Any]:
-    """The callable running functional op ``node``: an If picks a branch, a call runs ``f``."""
+def function_op(index: GraphIndex, node: Any, cond: Any = None) -> Callable[..., Any]:
+    """The callable running functional op ``node``: an If picks a branch, a call runs ``f``.
+
+    With a constant ``cond`` an If is resolved now to its branch's ``CompiledFunction``, called
+    without the condition (so ``to_module`` can inline it).
+    """
     library = getattr(index, "library", None)
     if library is None:
         library = index.library = FunctionLibrary(index.meta, index.op_defs)
+    if node.op in ("If", "StatelessIf") and cond is not None:
+        branch = "then_branch" if _truth(cond) else "else_branch"
+        return library.get(node.attr[branch].func.name, node.name)
     if node.op in ("If", "StatelessIf"):
         then_fn = library.get(node.attr["then_branch"].func.name, node.name)
         else_fn = library.get(node.attr["else_branch"].func.name, node.name)

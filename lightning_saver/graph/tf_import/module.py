@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.functions import CompiledFunction
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, ref_name
 from lightning_saver.graph.tf_import.plan import Plan
 from lightning_saver.graph.tf_import.variables import VariableStore, param_name
@@ -38,10 +39,11 @@ def _single_output(index: GraphIndex, op: str) -> bool:
 
 
 class _Builder:
-    def __init__(self, plan: Plan, index: GraphIndex, store: VariableStore) -> None:
-        self.plan, self.index, self.store = plan, index, store
-        self.root = nn.Module()
-        self.graph = fx.Graph()
+    def __init__(self, plan: Plan, index: GraphIndex, store: VariableStore, parent: _Builder | None = None,
+                 prefix: str = "") -> None:
+        self.plan, self.index, self.store, self.prefix = plan, index, store, prefix
+        self.root = parent.root if parent else nn.Module()
+        self.graph = parent.graph if parent else fx.Graph()
         self.env: dict[Ref, fx.Node] = {}
         self.calls: dict[str, fx.Node] = {}
         self.single: dict[str, bool] = {}
@@ -74,7 +76,7 @@ class _Builder:
                 f"to_module: tensor {ref_name(ref)} is a constant of type {type(value).__name__} "
                 "(strings are not supported in modules)"
             )
-        target = "const:" + param_name(ref_name(ref))
+        target = "const:" + self.prefix + param_name(ref_name(ref))
         if not hasattr(self.root, target):
             self.root.register_buffer(target, value, persistent=False)
         return self.graph.get_attr(target)
@@ -101,6 +103,9 @@ class _Builder:
         if step.kind == "read":
             self.env[(step.name, 0)] = self.variable(step.variable)
             return
+        if step.kind == "function" and isinstance(step.func, CompiledFunction):
+            self.inline(step, step.func)
+            return
         if step.kind == "function":
             raise GraphImportError(
                 f"to_module: node {step.name!r} ({step.op}) calls a graph function; modules support graphs "
@@ -119,6 +124,16 @@ class _Builder:
         args = tuple(self.value(r) for r in step.inputs)
         self.calls[step.name] = self.graph.call_function(step.func, args, dict(step.kwargs))
         self.single[step.name] = _single_output(self.index, step.op)
+
+    def inline(self, step: Any, function: CompiledFunction) -> None:
+        """A function call (or an If whose condition is constant) becomes the function's own nodes."""
+        args = [self.value(r) for r in step.inputs]
+        sub = _Builder(function.plan(), function.index, function.store, self, f"{function.name}/")
+        sub.env = {(a, 0): node for a, node in zip(function.args, args, strict=True)}
+        for inner in sub.plan.steps:
+            sub.step(inner)
+        for k, ref in enumerate(sub.plan.fetches):
+            self.env[(step.name, k)] = sub.value(ref)
 
     def build(self, inputs: list[Ref], single: bool) -> fx.GraphModule:
         used: set[str] = set()

@@ -201,8 +201,12 @@ class _Compiler:
         if op in VARIABLE_OPS:
             return
         if op in FUNCTION_OPS:
+            if op in ("If", "StatelessIf") and refs and refs[0] in self.consts:
+                # a constant condition (a training flag left at its default) picks the branch now
+                func, refs = function_op(self.index, node, self.consts[refs[0]]), refs[1:]
+            else:
+                func = function_op(self.index, node)
             self.read_variables(refs)
-            func = function_op(self.index, node)
             self.steps.append(Step(name, op, "function", func, tuple(refs), {}, None, controls))
             return
         if op in SWITCH_OPS or op in MERGE_OPS:
