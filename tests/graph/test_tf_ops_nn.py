@@ -579,3 +579,20 @@ def test_conv2d_and_pools_keep_their_dtype(dtype):
         got = ours(op, inputs, attrs).numpy()
         assert got.dtype == expected.dtype == dtype
         np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), atol=tol, rtol=tol)
+
+
+@settings(max_examples=50, deadline=None)
+@given(h=st.integers(1, 10), w=st.integers(1, 10), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
+       padding=st.sampled_from(["SAME", "VALID", "EXPLICIT"]), pads=st.lists(st.integers(0, 2), min_size=4,
+                                                                               max_size=4))
+def test_conv2d_property(h, w, kh, kw, sh, sw, dh, dw, padding, pads):
+    """Random sizes, kernels, strides, dilations and paddings (symmetric or not) against TF."""
+    explicit = [0, 0, *pads, 0, 0] if padding == "EXPLICIT" else []
+    padded_h, padded_w = h + sum(pads[:2]) * bool(explicit), w + sum(pads[2:]) * bool(explicit)
+    assume(padding == "SAME" or ((kh - 1) * dh < padded_h and (kw - 1) * dw < padded_w))
+    attrs = {"strides": [1, sh, sw, 1], "dilations": [1, dh, dw, 1], "padding": padding,
+             "explicit_paddings": explicit}
+    image, filt = rand(1, h, w, 2), rand(kh, kw, 2, 3)
+    expected = tf.raw_ops.Conv2D(input=image, filter=filt, **attrs).numpy()
+    np.testing.assert_allclose(ours("Conv2D", [image, filt], attrs).numpy(), expected, atol=1e-4, rtol=1e-5)
