@@ -82,6 +82,7 @@ class CompiledFunction:
         self.index.op_defs = op_defs
         self.index.library = library
         self.store = VariableStore({}, lambda name: None)
+        self.callers: list[str] = []
         self._plan: Any = None
 
     def plan(self) -> Any:
@@ -90,7 +91,8 @@ class CompiledFunction:
             from lightning_saver.graph.tf_import.plan import compile_plan
 
             feeds: list[Ref] = [(a, 0) for a in self.args]
-            self._plan = compile_plan(self.index, self.store, self.outputs, feeds)
+            context = f" in function {self.name!r} (called by {', '.join(map(repr, self.callers))})"
+            self._plan = compile_plan(self.index, self.store, self.outputs, feeds, context)
             if any(step.kind == "assign" for step in self._plan.steps):
                 raise GraphImportError(f"function {self.name!r} assigns a variable, which is not supported")
         return self._plan
@@ -113,6 +115,8 @@ class FunctionLibrary:
             if name not in self.defs:
                 raise GraphImportError(f"node {needed_by!r} calls function {name!r}, which the graph lacks")
             compiled = self._compiled[name] = CompiledFunction(self.defs[name], self)
+        if needed_by not in compiled.callers:
+            compiled.callers.append(needed_by)
         return compiled
 
 

@@ -163,8 +163,10 @@ def _foldable(index: GraphIndex, op: str) -> bool:
 
 
 class _Compiler:
-    def __init__(self, index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: frozenset[Ref]):
+    def __init__(self, index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: frozenset[Ref],
+                 context: str = ""):
         self.index, self.store, self.fetches, self.feeds = index, store, fetches, feeds
+        self.context = context
         self.steps: list[Step] = []
         self.consts: dict[Ref, Any] = {}
         self.alias: dict[Ref, Ref] = {}
@@ -175,8 +177,8 @@ class _Compiler:
     def where(self, name: str) -> str:
         consumers = self.index.describe_consumers(name, self.in_plan)
         if consumers == "nothing else in the graph":
-            return f"at node {name!r}, which is fetched"
-        return f"at node {name!r}, which feeds {consumers}"
+            return f"at node {name!r}{self.context}, which is fetched"
+        return f"at node {name!r}{self.context}, which feeds {consumers}"
 
     def variable_of(self, ref: Ref, name: str) -> str:
         variable = resolve_variable(self.index, ref)
@@ -262,11 +264,14 @@ class _Compiler:
         return Plan(self.steps, self.consts, fetches, self.feeds, self.store, self.conditional)
 
 
-def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref]) -> Plan:
+def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref],
+                 context: str = "") -> Plan:
     """The plan computing ``fetches`` from ``feeds``; see the module docstring.
+
+    ``context`` is added after node names in errors, e.g. `` in function 'cond_true_8'``.
 
     Raises:
         UnsupportedOpError: an op on the path has no converter (names the node and its consumers).
         GraphImportError: an unfed placeholder, a cycle, a missing node.
     """
-    return _Compiler(index, store, list(fetches), frozenset(feeds)).compile()
+    return _Compiler(index, store, list(fetches), frozenset(feeds), context).compile()
