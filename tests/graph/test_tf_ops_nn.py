@@ -584,8 +584,8 @@ def test_conv2d_and_pools_keep_their_dtype(dtype):
 @settings(max_examples=50, deadline=None)
 @given(h=st.integers(1, 10), w=st.integers(1, 10), kh=st.integers(1, 4), kw=st.integers(1, 4),
        sh=st.integers(1, 3), sw=st.integers(1, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
-       padding=st.sampled_from(["SAME", "VALID", "EXPLICIT"]), pads=st.lists(st.integers(0, 2), min_size=4,
-                                                                               max_size=4))
+       padding=st.sampled_from(["SAME", "VALID", "EXPLICIT"]),
+       pads=st.lists(st.integers(0, 2), min_size=4, max_size=4))
 def test_conv2d_property(h, w, kh, kw, sh, sw, dh, dw, padding, pads):
     """Random sizes, kernels, strides, dilations and paddings (symmetric or not) against TF."""
     explicit = [0, 0, *pads, 0, 0] if padding == "EXPLICIT" else []
