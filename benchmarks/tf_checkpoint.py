@@ -1,8 +1,9 @@
 """How fast do we read and write TF V2 checkpoints, next to TensorFlow's own reader and savers?
 
 One process, one set of float32 tensors (about 1 GiB in 16 tensors; ``--quick``: 8 MiB), interleaved:
-every repetition runs every method once, in the same order, and the table reports the median, so
-drift on a shared machine hits every method alike.
+every repetition runs every write method once, then every read method once, each group starting one
+method later than in the previous repetition (position in the sequence mattered on a shared machine:
+whoever follows a big write pays for its writeback), and the table reports the median per method.
 
 Writes (the rows marked "+ fsync" buy the same durability: our writer always fsyncs; for TF's savers
 we fsync their files right after they return):
@@ -126,9 +127,12 @@ def run(size_mib: int, reps: int, directory: str) -> dict[str, float]:
         "read one tensor: TF": lambda: tf_side.read_one(theirs, one),
     }
     samples: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(reps):
-        for name, fn in methods.items():
-            samples[name].append(_timed(fn))
+    writes = [name for name in methods if name.startswith("write")]
+    reads = [name for name in methods if not name.startswith("write")]
+    for rep in range(reps):
+        for group in (writes, reads):
+            for name in group[rep % len(group) :] + group[: rep % len(group)]:
+                samples[name].append(_timed(methods[name]))
     for prefix in (ours, theirs):
         if read_checkpoint(prefix, names=[one])[one].tobytes() != tensors[one].tobytes():
             raise SystemExit(f"{prefix} did not read back bit-exact")
