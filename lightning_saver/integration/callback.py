@@ -110,6 +110,7 @@ class Saver(CheckpointSaver, Checkpoint):
         self._pending_rng: list[dict[str, Any]] | None = None
         self.mode = mode
         self._scores: dict[str, float] = {}  # path -> monitored value, for best_model_path
+        self.blocked_seconds = 0.0  # total time the training loop spent in save_trainer
         resume.install()
 
     # ------------------------------------------------------------------ Lightning state
@@ -204,6 +205,7 @@ class Saver(CheckpointSaver, Checkpoint):
         """
         if trainer.fast_dev_run or trainer.sanity_checking:
             return None
+        start = time.perf_counter()
         step = trainer.global_step
         self.last_saved_step = step
         self._time_at_save = self._elapsed()
@@ -221,17 +223,18 @@ class Saver(CheckpointSaver, Checkpoint):
                 tensors, metadata = encoded.tensors, encoded.metadata
             else:
                 tensors, metadata = weights, None
-            path = self._save_logged(trainer, tensors, metadata, step)
+            path = self._save_logged(trainer, tensors, metadata, step, start)
         trainer.strategy.barrier("Saver.save_trainer")
+        self.blocked_seconds += time.perf_counter() - start
         return path
 
     def _save_logged(self, trainer: pl.Trainer, tensors: Any, metadata: dict[str, str] | None,
-                     step: int) -> str:
+                     step: int, start: float) -> str:
         assert self.dirpath is not None  # set in setup()
         metric = _metric(trainer, self.monitor)
-        start = time.perf_counter()
         path = self.save(tensors, os.path.join(self.dirpath, self.filename), global_step=step,
                          metadata=metadata, metric=metric)
+        # blocked: from collecting the state to the return of save() (a snapshot, when async)
         blocked = time.perf_counter() - start
         if metric is not None:
             self._scores[path] = metric

@@ -21,4 +21,7 @@ def test_quick_benchmark_prints_table_and_json(capsys, tmp_path):
     assert summary["benchmark"] == "lightning_overhead" and summary["quick"]
     assert set(summary["seconds"]) == {"none", "ModelCheckpoint", "Saver sync", "Saver async"}
     assert all(s > 0 for s in summary["seconds"].values())
+    blocked = summary["blocked_in_saves_seconds"]
+    assert blocked["none"] == 0
+    assert all(blocked[s] > 0 for s in ("ModelCheckpoint", "Saver sync", "Saver async"))
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up its checkpoints
