@@ -490,3 +490,40 @@ def test_tf2_functional_if_and_partitioned_call(tmp_path, training):
             assert_same(ours.detach().numpy(), theirs)
     with pytest.raises(GraphImportError, match=r"to_module: node '\S+' \(\w*If\) calls a graph function"):
         graph.to_module(inputs=["x:0", "training:0"], outputs="y:0")
+
+
+def test_conv_batch_norm_fusion_matches_tensorflow(tmp_path):
+    def build(tf):
+        v1 = tf.compat.v1
+        x = v1.placeholder(tf.float32, [None, 9, 9, 3], name="x")
+
+        def bn(h, name):
+            c = h.shape[-1]
+            init = v1.random_uniform_initializer(0.2, 1.5, seed=len(name))
+            params = [v1.get_variable(f"{name}/{p}", [c], initializer=init) for p in ("g", "b", "m", "v")]
+            return v1.nn.fused_batch_norm(h, *params, epsilon=1e-3, is_training=False)
+
+        k1 = v1.get_variable("k1", [3, 3, 3, 4], initializer=v1.glorot_uniform_initializer(seed=1))
+        h = tf.nn.relu(bn(tf.nn.conv2d(x, k1, 2, "SAME"), "bn1")[0])                 # fused
+        k2 = v1.get_variable("k2", [3, 3, 4, 2], initializer=v1.glorot_uniform_initializer(seed=2))
+        d = tf.nn.depthwise_conv2d(h, k2, [1, 1, 1, 1], "VALID")
+        y2, mean2, _ = bn(d, "bn2")                                                    # fused
+        tf.identity(tf.nn.relu6(y2), name="fused")
+        k3 = v1.get_variable("k3", [1, 1, 8, 8], initializer=v1.glorot_uniform_initializer(seed=3))
+        c3 = tf.nn.conv2d(y2, k3, 1, "SAME")
+        tf.identity(bn(c3, "bn3")[0] + c3, name="shared_conv")                         # not fused: c3 reused
+        y4, mean4, _ = bn(tf.nn.conv2d(y2, k3, 1, "SAME"), "bn4")
+        tf.identity(y4, name="y4")
+        tf.identity(mean4, name="mean4")                                               # not fused: mean used
+
+    fetches = ["fused:0", "shared_conv:0", "y4:0", "mean4:0"]
+    x = RNG.normal(size=(2, 9, 9, 3)).astype(np.float32)
+    made = build_tf_graph(tmp_path, build, fetches, {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    for ours, theirs in zip(graph.run(fetches, {"x:0": x}), made.expected, strict=True):
+        assert_same(ours, theirs, rtol=1e-5, atol=1e-5)
+    fused = [s.op for s in graph.plan([("fused", 0)], frozenset({("x", 0)}))._fast_steps if "+" in s.op]
+    assert fused == ["Conv2D+FusedBatchNormV3", "DepthwiseConv2dNative+FusedBatchNormV3"]
+    rest = [s.op for s in graph.plan([("shared_conv", 0), ("mean4", 0)], frozenset({("x", 0)}))._fast_steps]
+    assert rest.count("Conv2D") == 2 and rest.count("FusedBatchNormV3") == 2  # bn3 and bn4 stay apart

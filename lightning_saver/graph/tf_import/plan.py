@@ -20,6 +20,7 @@ from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
 from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
 from lightning_saver.graph.tf_import.functions import FUNCTION_OPS, function_op
+from lightning_saver.graph.tf_import.fuse import fuse_conv_batch_norm
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
 from lightning_saver.graph.tf_import.variables import (
@@ -87,23 +88,24 @@ class Plan:
     conditional: bool = False  # holds Switch/Merge: run with dead-tensor rules (cond.py)
 
     def __post_init__(self) -> None:
+        steps = self.steps if self.conditional else fuse_conv_batch_norm(self.steps, self.fetches, Step)
         # after step i, drop the intermediates nobody reads later, so big batches reuse memory
         last_use: dict[Ref, int] = {}
-        for i, step in enumerate(self.steps):
+        for i, step in enumerate(steps):
             for ref in step.inputs:
                 if ref not in self.consts and ref not in self.feeds:
                     last_use[ref] = i
         for ref in self.fetches:
             last_use.pop(ref, None)
-        drops: list[list[Ref]] = [[] for _ in self.steps]
+        drops: list[list[Ref]] = [[] for _ in steps]
         for ref, i in last_use.items():
             drops[i].append(ref)
-        produced = {s.name for s in self.steps if s.kind == "call"}
+        produced = {s.name for s in steps if s.kind == "call"}
         # without assignments, a variable reads the same all along: read each once, up front
-        pure = not any(s.kind == "assign" for s in self.steps)
-        self._reads = list({(s.name, 0): s.variable for s in self.steps if pure and s.kind == "read"}.items())
+        pure = not any(s.kind == "assign" for s in steps)
+        self._reads = list({(s.name, 0): s.variable for s in steps if pure and s.kind == "read"}.items())
         self._fast, self._fast_steps = [], []
-        for i, (s, drop) in enumerate(zip(self.steps, drops, strict=True)):
+        for i, (s, drop) in enumerate(zip(steps, drops, strict=True)):
             if pure and s.kind == "read":
                 continue
             func = s.func
