@@ -41,6 +41,8 @@ NUMERIC = [
     np.bool_,
     np.complex64,
     np.complex128,
+    ml_dtypes.float8_e5m2,
+    ml_dtypes.float8_e4m3fn,
 ]
 SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (2, 1, 3, 2)]
 
