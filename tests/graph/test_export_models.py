@@ -190,3 +190,10 @@ def _check_event_file_holds_graph(log_dir: str) -> None:
     ops = {node.op for node in graph.node}
     assert {"Conv2D", "MaxPool", "AvgPool", "VariableV2", "SaveV2"} - {"MaxPool"} <= ops
     assert any(node.name == "x" and node.op == "Placeholder" for node in graph.node)
+    # and TensorBoard's own loader (what `tensorboard --logdir` runs) finds the graph
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(log_dir)
+    accumulator.Reload()
+    assert accumulator.Tags()["graph"] is True
+    assert len(accumulator.Graph().node) == len(graph.node)

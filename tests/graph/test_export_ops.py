@@ -94,6 +94,7 @@ def _cases() -> dict[str, Case]:
         "layer_norm_2d": Case(module(nn.LayerNorm([8, 8], elementwise_affine=False)), (img,)),
         "group_norm": Case(module(nn.GroupNorm(2, 4)), (img,)),
         "group_norm_1d": Case(module(nn.GroupNorm(4, 4)), (seq,)),
+        "instance_norm": Case(module(nn.InstanceNorm2d(4, affine=True)), (img,), 1e-4),
         "embedding": Case(module(nn.Embedding(10, 3)), (tok,)),
         # activations
         "relu": Case(module(nn.ReLU()), (img,)),
@@ -106,6 +107,9 @@ def _cases() -> dict[str, Case]:
         "sigmoid": Case(module(nn.Sigmoid()), (img,)),
         "tanh": Case(module(nn.Tanh()), (img,)),
         "leaky_relu": Case(module(nn.LeakyReLU(0.1)), (img,)),
+        "elu": Case(module(nn.ELU(alpha=0.7)), (img,)),
+        "softplus_log1p": Case(module(nn.Softplus()), (img,)),
+        "mish": Case(module(nn.Mish()), (img,)),
         "softmax_last": Case(module(nn.Softmax(dim=-1)), (seq,)),
         "softmax_dim1": Case(module(nn.Softmax(dim=1)), (img,)),
         "log_softmax": Case(module(nn.LogSoftmax(dim=1)), (vec,)),
@@ -121,6 +125,10 @@ def _cases() -> dict[str, Case]:
         "adaptive_avg_1": Case(module(nn.AdaptiveAvgPool2d(1)), (img,)),
         "adaptive_avg_2x4": Case(module(nn.AdaptiveAvgPool2d((2, 4))), (img,)),
         "max_pool1d": Case(module(nn.MaxPool1d(2)), (seq,)),
+        "upsample_nearest": Case(module(nn.Upsample(scale_factor=2, mode="nearest")), (img,)),
+        "upsample_bilinear": Case(module(nn.Upsample(scale_factor=2, mode="bilinear")), (img,)),
+        "upsample_bilinear_corners": Case(module(nn.Upsample(size=(5, 11), mode="bilinear",
+                                                             align_corners=True)), (img,)),
         "dropout_eval": Case(module(nn.Dropout(0.5)), (img,)),
         # tensor ops
         "flatten": Case(module(nn.Flatten()), (img,)),

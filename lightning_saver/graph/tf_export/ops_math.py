@@ -108,7 +108,7 @@ for _aten_op, _tf_op in (
     (aten.tanh.default, "Tanh"), (aten.sigmoid.default, "Sigmoid"), (aten.erf.default, "Erf"),
     (aten.reciprocal.default, "Reciprocal"), (aten.floor.default, "Floor"), (aten.ceil.default, "Ceil"),
     (aten.sin.default, "Sin"), (aten.cos.default, "Cos"), (aten.sign.default, "Sign"),
-    (aten.round.default, "Round"),
+    (aten.round.default, "Round"), (aten.log1p.default, "Log1p"), (aten.expm1.default, "Expm1"),
     (aten.relu.default, "Relu"), (aten.logical_not.default, "LogicalNot"),
 ):
     TF_EXPORT.register(_aten_op)(_unary(_tf_op))
@@ -179,6 +179,15 @@ def leaky_relu(cx: Ctx, x: TfTensor, negative_slope: float = 0.01) -> TfTensor:
     g = cx.g
     negative = g.op("Mul", g.op("Minimum", x, g.scalar(0.0, x.dtype)), g.scalar(negative_slope, x.dtype))
     return g.op("AddV2", g.op("Relu", x), negative)
+
+
+@TF_EXPORT.register(aten.elu.default)
+def elu(cx: Ctx, x: TfTensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> TfTensor:
+    g, dt = cx.g, x.dtype
+    expm1 = g.op("Expm1", g.op("Mul", x, g.scalar(input_scale, dt)))
+    negative = g.op("Mul", expm1, g.scalar(alpha * scale, dt))
+    positive = g.op("Mul", x, g.scalar(scale, dt)) if scale != 1 else x
+    return g.op("SelectV2", g.op("Greater", x, g.scalar(0.0, dt)), positive, negative)
 
 
 def _softmax_like(tf_op: str) -> Any:

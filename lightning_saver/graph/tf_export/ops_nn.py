@@ -212,6 +212,22 @@ def adaptive_avg_pool2d(cx: Ctx, x: TfTensor, output_size: Sequence[int]) -> TfT
     return to_nchw(g, y)
 
 
+@TF_EXPORT.register(aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec)
+def upsample2d(cx: Ctx, x: TfTensor, output_size: Sequence[int] | None, *rest: Any) -> TfTensor:
+    g = cx.g
+    bilinear = cx.node.target is aten.upsample_bilinear2d.vec
+    align_corners = bool(rest[0]) if bilinear else False
+    out_hw = cx.shape[2:] if cx.shape is not None else (None, None)
+    if any(d is None for d in out_hw):
+        raise UnsupportedOpError("TensorFlow export: upsampling needs static output sizes")
+    # torch's "nearest" picks floor(dst * in / out), TF's default; torch's bilinear without
+    # align_corners samples at half-pixel centers, TF's half_pixel_centers
+    attrs = {"align_corners": True} if align_corners else ({"half_pixel_centers": True} if bilinear else {})
+    op = "ResizeBilinear" if bilinear else "ResizeNearestNeighbor"
+    y = g.op(op, to_nhwc(g, x), g.const(np.asarray(out_hw, np.int32)), **attrs)
+    return to_nchw(g, g.cast(y, x.dtype))
+
+
 # --- normalization ---------------------------------------------------------------------------
 
 
@@ -242,6 +258,20 @@ def _normalize(g: GraphBuilder, x: TfTensor, reduce_axes: list[int], eps: float)
     variance = g.op("Mean", g.op("SquaredDifference", x, mean), reduce_axes, keep_dims=True)
     rstd = g.op("Rsqrt", g.op("AddV2", variance, g.scalar(eps, x.dtype)))
     return g.op("Mul", g.op("Sub", x, mean), rstd), mean, rstd
+
+
+@TF_EXPORT.register(aten._native_batch_norm_legit.no_stats)
+def batch_norm_batch_stats(cx: Ctx, x: TfTensor, weight: TfTensor | None, bias: TfTensor | None,
+                           training: bool, momentum: float, eps: float) -> list[Any]:
+    # normalizes with the batch's own statistics: what InstanceNorm lowers to
+    g = cx.g
+    rank = x.rank or 0
+    y, mean, rstd = _normalize(g, x, [0, *range(2, rank)], eps)
+    if weight is not None:
+        y = g.op("Mul", y, _per_channel(g, weight, rank))
+    if bias is not None:
+        y = g.op("AddV2", y, _per_channel(g, bias, rank))
+    return [y, mean, rstd]
 
 
 @TF_EXPORT.register(aten.native_layer_norm.default)
