@@ -79,6 +79,23 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
     args = tuple(args)
     out = os.fspath(path)
     tmp = f"{out}.tmp-{os.getpid()}"
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"export_onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    try:
+        _export(model, args, tmp, dynamic_batch, exporter, opset_version)
+        if check:
+            import onnx
+
+            onnx.checker.check_model(tmp, full_check=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):  # a failed export leaves nothing behind
+            os.remove(tmp)
+    return out
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], tmp: str, dynamic_batch: bool, exporter: str,
+            opset_version: int | None) -> None:
     output_names = [f"output_{i}" for i in range(_output_count(model, args))]
     if exporter == "dynamo":
         captured = capture(model, args, dynamic_batch=dynamic_batch, decompose=False)
@@ -90,7 +107,7 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
                 raise CaptureError(f"torch.onnx could not convert {type(model).__name__}: "
                                    f"{str(error).strip().splitlines()[0]}") from error
             program.save(tmp)
-    elif exporter == "torchscript":
+    else:
         names = _argument_names(model, len(args))
         axes = {name: {0: "batch"} for name, a in zip(names, args, strict=True)
                 if dynamic_batch and _batched(a)}
@@ -98,14 +115,6 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
         with eval_mode(model), _quiet():
             torch.onnx.export(model, args, tmp, dynamo=False, input_names=names, output_names=output_names,
                               dynamic_axes=axes, opset_version=opset_version)
-    else:
-        raise ValueError(f"export_onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-    if check:
-        import onnx
-
-        onnx.checker.check_model(tmp, full_check=True)
-    os.replace(tmp, out)
-    return out
 
 
 def _batched(value: Any) -> bool:

@@ -117,3 +117,18 @@ def other_batch(args: Sequence[Any], batch: int = 3, seed: int = 1) -> tuple[Any
         else:
             out.append(a)
     return tuple(out)
+
+
+def assert_attrs_tf_knows_and_not_default(graph_def: Any) -> None:
+    """Every attr on every node is in TF's OpDef for that op, and none equals its default."""
+    tf_module()
+    from tensorflow.python.framework import op_def_registry
+
+    for node in graph_def.node:
+        registered = {a.name: a for a in op_def_registry.get(node.op).attr}
+        for name, value in node.attr.items():
+            assert name in registered, f"{node.name}: {node.op} has no attr {name}"
+            default = registered[name]
+            theirs = type(value).FromString(default.default_value.SerializeToString())
+            assert not (default.HasField("default_value") and theirs == value), \
+                f"{node.name}: attr {name} written at its default"

@@ -19,9 +19,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from export_check import assert_close, check_tf, other_batch, run_onnx, run_tf, torch_outputs
+from export_check import (
+    assert_attrs_tf_knows_and_not_default,
+    assert_close,
+    check_tf,
+    other_batch,
+    run_onnx,
+    run_tf,
+    torch_outputs,
+)
 from torch import nn
 
+from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.graph.onnx_export import export_onnx
 from lightning_saver.graph.tf_export import export_meta_graph
 
@@ -76,6 +85,7 @@ def _cases() -> dict[str, Case]:
         # layers
         "linear": Case(module(nn.Linear(6, 3)), (vec,)),
         "linear_3d_nobias": Case(module(nn.Linear(10, 5, bias=False)), (seq,)),
+        "linear_float64": Case(module(nn.Linear(6, 3).double()), (vec.double(),), 1e-10),
         "conv2d": Case(module(nn.Conv2d(4, 6, 3)), (img,)),
         "conv2d_stride_pad": Case(module(nn.Conv2d(4, 6, 3, stride=2, padding=1)), (img,)),
         "conv2d_dilation_rect": Case(module(nn.Conv2d(4, 5, (3, 1), padding=(2, 0), dilation=2)), (img,)),
@@ -210,7 +220,7 @@ def _split(flat: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[np.ndarray]]]:
+def peers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """All cases exported once per format and run once per peer, at another batch size than captured."""
     model = AllCases().eval()
     args = tuple(a for case in CASES.values() for a in case.args)
@@ -225,7 +235,7 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), run_args, strict=True)}
-    return {"TensorFlow": _split(tf_flat), "ONNX Runtime": _split(session.run(None, feeds))}
+    return {"TensorFlow": _split(tf_flat), "ONNX Runtime": _split(session.run(None, feeds)), "meta": meta}
 
 
 def _read_meta(path: str) -> Any:
@@ -236,11 +246,29 @@ def _read_meta(path: str) -> Any:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_converter(name: str, peers: dict[str, dict[str, list[np.ndarray]]]) -> None:
+def test_converter(name: str, peers: dict[str, Any]) -> None:
     case = CASES[name]
     expected = torch_outputs(case.model, other_batch(case.args))
-    for peer, results in peers.items():
+    for peer in ("TensorFlow", "ONNX Runtime"):
+        results = peers[peer]
         assert_close(results[name], expected, atol=case.atol, rtol=1e-5, what=f"{peer} {name}")
+
+
+def test_every_op_of_every_case_has_only_attrs_tf_knows_none_at_default(peers: dict[str, Any]) -> None:
+    meta = _read_meta(peers["meta"])
+    assert_attrs_tf_knows_and_not_default(meta.graph_def)
+    used = {node.op for node in meta.graph_def.node}
+    assert {op.name for op in meta.meta_info_def.stripped_op_list.op} == used
+
+
+@pytest.mark.parametrize("layer, message", [
+    (nn.ConvTranspose2d(4, 4, 3, groups=2), "ConvTranspose with groups > 1"),
+    (nn.AdaptiveAvgPool2d(3), "only output sizes that divide the input"),
+    (nn.MaxPool2d(2, return_indices=True), "indices"),
+])
+def test_unsupported_attributes_say_what(tmp_path, layer: nn.Module, message: str) -> None:
+    with pytest.raises(UnsupportedOpError, match=message):
+        export_meta_graph(module(layer), (_randn(2, 4, 8, 8),), tmp_path / "m.meta")
 
 
 def test_one_converter_alone_with_variables_restored(tmp_path) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_check import check_tf, other_batch, run_tf, tf_module, torch_outputs
+from export_check import (
+    assert_attrs_tf_knows_and_not_default,
+    check_tf,
+    other_batch,
+    run_tf,
+    tf_module,
+    torch_outputs,
+)
 from tensorboard.compat.proto import meta_graph_pb2, saver_pb2
 from torch import nn
 
@@ -84,16 +91,7 @@ def test_signature_saver_def_and_op_list(mlp_export: tuple[MLP, str]) -> None:
 
 
 def test_no_attr_left_at_its_default_and_every_attr_known_to_tensorflow(mlp_export: tuple[MLP, str]) -> None:
-    tf_module()
-    from tensorflow.python.framework import op_def_registry
-
-    for node in _meta(mlp_export[1]).graph_def.node:
-        registered = {a.name: a for a in op_def_registry.get(node.op).attr}
-        for name, value in node.attr.items():
-            assert name in registered, f"{node.name}: {node.op} has no attr {name}"
-            default = registered[name]
-            assert not (default.HasField("default_value") and default.default_value == value), \
-                f"{node.name}: attr {name} written at its default"
+    assert_attrs_tf_knows_and_not_default(_meta(mlp_export[1]).graph_def)
 
 
 @pytest.mark.parametrize("op", known_ops())
