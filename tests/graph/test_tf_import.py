@@ -527,3 +527,11 @@ def test_conv_batch_norm_fusion_matches_tensorflow(tmp_path):
     assert fused == ["Conv2D+FusedBatchNormV3", "DepthwiseConv2dNative+FusedBatchNormV3"]
     rest = [s.op for s in graph.plan([("shared_conv", 0), ("mean4", 0)], frozenset({("x", 0)}))._fast_steps]
     assert rest.count("Conv2D") == 2 and rest.count("FusedBatchNormV3") == 2  # bn3 and bn4 stay apart
+    # the folded filters follow the variables: train the (unfused) module's parameters in place
+    module = graph.to_module(inputs="x:0", outputs="fused:0")
+    with torch.no_grad():
+        module.get_parameter("bn1/g").mul_(3.0)
+        module.get_parameter("k2").add_(0.25)
+        expected = module(torch.from_numpy(x)).numpy()
+    assert not np.allclose(expected, made.expected[0], atol=1e-3)
+    np.testing.assert_allclose(graph.run("fused:0", {"x:0": x}), expected, rtol=1e-5, atol=1e-5)

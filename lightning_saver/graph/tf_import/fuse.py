@@ -25,15 +25,27 @@ def _fused(conv: Any, norm: Any) -> Callable[..., torch.Tensor]:
     epsilon = float(norm.kwargs.get("epsilon", 1e-4))
     channels_first = str(norm.kwargs.get("data_format", "NHWC")).startswith("NC")
 
+    cache: dict[str, Any] = {"key": None}
+
+    def folded(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        # the variables rarely change between calls: reuse the folded filter while every
+        # parameter is the same tensor at the same version (in-place updates bump _version)
+        key = tuple((id(t), t._version) for t in params)
+        if cache["key"] != key:
+            filter, scale, offset, mean, variance = params
+            a = scale * torch.rsqrt(variance + epsilon)
+            weight = filter * (a.reshape(filter.shape[2], filter.shape[3]) if depthwise else a)
+            bias = offset - mean * a
+            cache.update(key=key, value=(weight, bias.reshape(-1, 1, 1) if channels_first else bias),
+                         params=params)  # holding the params keeps their ids from being reused
+        return cache["value"]
+
     def conv_batch_norm(x: Any, filter: Any, scale: Any, offset: Any, mean: Any, variance: Any) -> Any:
         if not all(t.dtype == torch.float32 for t in (x, filter, scale, offset, mean, variance)):
             y = conv.func(x, filter, **conv.kwargs)
             return norm.func(y, scale, offset, mean, variance, **norm.kwargs)[0]
-        a = scale * torch.rsqrt(variance + epsilon)
-        weight = filter * (a.reshape(filter.shape[2], filter.shape[3]) if depthwise else a)
-        y = conv.func(x, weight, **conv.kwargs)
-        bias = offset - mean * a
-        y = y.add_(bias.reshape(-1, 1, 1) if channels_first else bias)
+        weight, bias = folded((filter, scale, offset, mean, variance))
+        y = conv.func(x, weight, **conv.kwargs).add_(bias)
         # y may be a layout view of the conv's private buffer; nothing else holds that buffer, so
         # hand it on as a plain tensor and a following activation can still run in place
         return y.detach()
