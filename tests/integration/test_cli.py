@@ -21,7 +21,9 @@ def small_config(tmp_path: Path, name: str) -> tuple[str, Path]:
     trainer.update(default_root_dir=str(root), max_epochs=2, limit_val_batches=2, enable_progress_bar=False,
                    enable_model_summary=False, logger=False)
     saver = trainer["callbacks"][0]["init_args"]
-    saver.update(dirpath=str(root / "checkpoints"), async_save=True)
+    # the export at train end is the export area's to test; here it would only cost time
+    saver.update(dirpath=str(root / "checkpoints"), async_save=True, export_onnx=False,
+                 export_meta_graph=False)
     config["model"]["init_args"]["hidden"] = 32
     config["data"]["init_args"].update(batch_size=32, limit=400)
     path = tmp_path / f"{name}.yaml"
