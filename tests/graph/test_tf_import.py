@@ -535,3 +535,26 @@ def test_conv_batch_norm_fusion_matches_tensorflow(tmp_path):
         expected = module(torch.from_numpy(x)).numpy()
     assert not np.allclose(expected, made.expected[0], atol=1e-3)
     np.testing.assert_allclose(graph.run("fused:0", {"x:0": x}), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_to_module_defaults_to_the_serving_signature(tmp_path):
+    tf = tf_module()
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as g:
+        x = v1.placeholder(tf.float32, [None, 4], name="x")
+        w = tf.constant(RNG.normal(size=(4, 3)).astype(np.float32))
+        logits = tf.matmul(x, w, name="logits")
+        probs = tf.nn.softmax(logits, name="probs")
+        meta = v1.train.export_meta_graph(graph=g)
+        info = v1.saved_model.utils.build_tensor_info
+        meta.signature_def["serving_default"].CopyFrom(v1.saved_model.signature_def_utils.build_signature_def(
+            inputs={"x": info(x)}, outputs={"output_10": info(logits), "output_2": info(probs)}))
+        with v1.Session() as sess:
+            expected = sess.run([probs, logits], {x: X})
+    graph = import_meta_graph(meta.SerializeToString())
+    assert graph.signature() == (["x:0"], ["probs:0", "logits:0"])
+    got = graph.to_module()(torch.from_numpy(X))
+    for ours, theirs in zip(got, expected, strict=True):
+        assert_same(ours.numpy(), theirs)
+    with pytest.raises(GraphImportError, match=r"no signature 'train' \(it has \['serving_default'\]\)"):
+        graph.signature("train")

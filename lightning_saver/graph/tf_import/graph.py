@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -231,10 +232,45 @@ class ImportedGraph:
 
         return restore_variables(self._store, path, strict=strict)
 
-    def to_module(self, inputs: Any = (), outputs: Any = ()) -> torch.fx.GraphModule:
-        """A ``torch.fx.GraphModule`` computing ``outputs`` from ``inputs``; see ``module.py``."""
+    def signature(self, key: str = "serving_default") -> tuple[list[str], list[str]]:
+        """The (input, output) tensor names of a ``signature_def``, ordered by their keys.
+
+        Raises:
+            GraphImportError: the MetaGraph has no such signature (names the ones it has).
+        """
+        signatures = self.meta_graph_def.signature_def
+        if key not in signatures:
+            if len(signatures) == 1 and key == "serving_default":
+                key = next(iter(signatures))
+            else:
+                raise GraphImportError(
+                    f"the MetaGraph has no signature {key!r} (it has {sorted(signatures) or 'none'}); "
+                    "pass inputs=[...] and outputs=[...] tensor names"
+                )
+        sig = signatures[key]
+
+        def natural(name: str) -> list[Any]:  # output_2 before output_10
+            return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+        return ([sig.inputs[k].name for k in sorted(sig.inputs, key=natural)],
+                [sig.outputs[k].name for k in sorted(sig.outputs, key=natural)])
+
+    def to_module(self, inputs: Any = None, outputs: Any = None) -> torch.fx.GraphModule:
+        """A ``torch.fx.GraphModule`` computing ``outputs`` from ``inputs``; see ``module.py``.
+
+        Without ``inputs``/``outputs`` the ``serving_default`` signature gives them (outputs then
+        come back as a tuple in the order of the signature's output keys).
+
+        Example::
+
+            module = graph.to_module(inputs=["x:0"], outputs="logits:0")   # module(x) -> logits
+        """
         from lightning_saver.graph.tf_import.module import build_module
 
+        if inputs is None or outputs is None:
+            sig_inputs, sig_outputs = self.signature()
+            inputs = sig_inputs if inputs is None else inputs
+            outputs = sig_outputs if outputs is None else outputs
         in_refs = [self._ref(i) for i in ([inputs] if isinstance(inputs, (str, Tensor)) else inputs)]
         single = isinstance(outputs, (str, Tensor))
         out_refs = [self._ref(o) for o in ([outputs] if single else outputs)]
