@@ -45,9 +45,28 @@ _IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Tanh": torch.tanh_,
     "Sigmoid": torch.sigmoid_,
 }
-# references to an intermediate while its consumer runs: env, the argument list, the parameter,
-# getrefcount's own argument; one more means someone else holds it
-_PRIVATE_REFS = 4
+
+
+def _count_refs(x: torch.Tensor, **kwargs: Any) -> int:
+    return sys.getrefcount(x)
+
+
+def _calibrate() -> int:
+    """References to an intermediate while its consumer runs (env, argument list, parameter, ...).
+
+    Measured through the same call shape as ``execute`` uses, because what ``getrefcount`` sees
+    differs between Python versions; -1 (never in place) when a second holder is not visible.
+    """
+    env = {("a", 0): torch.empty(1)}
+    inputs = (("a", 0),)
+    private = _count_refs(*[env[r] for r in inputs])
+    held = env[("a", 0)]
+    shared = _count_refs(*[env[r] for r in inputs])
+    del held
+    return private if shared > private else -1
+
+
+_PRIVATE_REFS = _calibrate()
 
 
 def _in_place(op: str, fallback: Callable[..., Any]) -> Callable[..., Any]:
