@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -66,3 +67,10 @@ def test_export_options_write_onnx_and_meta_graph_once_at_train_end(tmp_path):
     written = set(os.listdir(tmp_path))
     assert {"graph.onnx", "graph.meta", "graph.index"} <= written
     assert f"model_{STEPS_PER_EPOCH}.safetensors" in written
+
+
+def test_train_time_interval_saves_when_the_time_has_passed(tmp_path):
+    saver = Saver(dirpath=str(tmp_path), max_to_keep=None, train_time_interval=timedelta(0),
+                  save_on_train_end=False)
+    trainer(tmp_path, [saver], max_steps=3, limit_val_batches=0).fit(model(0), data())
+    assert files(tmp_path) == ["model_1.safetensors", "model_2.safetensors", "model_3.safetensors"]
