@@ -117,6 +117,8 @@ def _cases() -> dict[str, Case]:
         "sigmoid": Case(module(nn.Sigmoid()), (img,)),
         "tanh": Case(module(nn.Tanh()), (img,)),
         "leaky_relu": Case(module(nn.LeakyReLU(0.1)), (img,)),
+        "selu_celu_glu_softsign": Case(fn(lambda x: (F.selu(x), F.celu(x, 0.5), F.glu(x, 1), F.softsign(x))),
+                                       (img,)),
         "elu": Case(module(nn.ELU(alpha=0.7)), (img,)),
         "softplus_log1p": Case(module(nn.Softplus()), (img,)),
         "mish": Case(module(nn.Mish()), (img,)),
@@ -157,6 +159,12 @@ def _cases() -> dict[str, Case]:
         "expand": Case(fn(lambda x: x[:, :, None].expand(-1, -1, 3)), (vec,)),
         "repeat": Case(fn(lambda x: x.repeat(1, 2, 1)), (seq,)),
         "pad": Case(fn(lambda x: F.pad(x, (1, 2, 0, 1), value=0.5)), (img,)),
+        "pad_reflect_replicate": Case(fn(lambda x: (F.pad(x, (1, 1, 2, 2), mode="reflect"),
+                                                    F.pad(x, (2, 0, 1, 1), mode="replicate"))), (img,)),
+        "pixel_shuffle_flip": Case(fn(lambda x: (F.pixel_shuffle(x, 2), torch.flip(x, [1, 3]))), (img,)),
+        "masked_fill_tril": Case(fn(lambda x: (x.masked_fill(x > 0.3, -1.0), torch.tril(x))), (img,)),
+        "interpolate_nearest": Case(fn(lambda x: F.interpolate(x, scale_factor=2.0)), (img,)),
+        "einsum": Case(fn(lambda x, y: torch.einsum("bchw,bcw->bch", x, y)), (img, _randn(2, 4, 8, seed=8))),
         # matmul and attention
         "matmul_3d": Case(fn(lambda x, y: x @ y), (seq, _randn(2, 10, 3, seed=5))),
         "matmul_4d": Case(fn(lambda x, y: torch.matmul(x, y.transpose(-1, -2))),
@@ -171,6 +179,11 @@ def _cases() -> dict[str, Case]:
         "argmax": Case(fn(lambda x: x.argmax(dim=-1)), (seq,)),
         "var_std": Case(fn(lambda x: (x.var(dim=-1), x.std(dim=1, keepdim=True))), (seq,)),
         "prod_cumsum": Case(fn(lambda x: (x.prod(dim=-1), x.cumsum(dim=1))), (vec,)),
+        "max_min_all": Case(fn(lambda x: (x.max(), x.min())), (vec,)),
+        "norms_normalize": Case(fn(lambda x: (F.normalize(x, dim=1), x.norm(dim=-1), x.norm(p=1, dim=1),
+                                              x.norm(p=float("inf"), dim=-1))), (seq,)),
+        "topk": Case(fn(lambda x: (x.topk(3, dim=-1), x.topk(2, dim=1, largest=False).values)), (seq,)),
+        "log2": Case(fn(lambda x: torch.log2(x.abs() + 1)), (img,)),
         # elementwise math and residuals
         "arith_scalars": Case(fn(lambda x: (2 - x) * 3 + x / 4 - 1), (img,)),
         "arith_broadcast": Case(fn(lambda x, y: x * y + x - y / (y.abs() + 1)),
@@ -274,6 +287,12 @@ def test_unsupported_attributes_say_what(tmp_path, layer: nn.Module, message: st
 def test_one_converter_alone_with_variables_restored(tmp_path) -> None:
     case = CASES["conv2d_groups"]
     check_tf(tmp_path, case.model, case.args, atol=case.atol, run_args=other_batch(case.args, 5))
+
+
+def test_cumprod_in_tensorflow(tmp_path) -> None:
+    # TensorFlow only: PyTorch's ONNX exporter has no translation for cumprod (prims.prod)
+    model = fn(lambda x: x.cumprod(dim=1))
+    check_tf(tmp_path, model, (_randn(2, 6),), atol=1e-5, rtol=1e-5, run_args=(_randn(4, 6, seed=2),))
 
 
 def test_onnx_runner_sees_inputs_by_name(tmp_path) -> None:

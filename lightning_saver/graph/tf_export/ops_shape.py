@@ -69,6 +69,11 @@ def identity(cx: Ctx, x: TfTensor, *_: Any, **__: Any) -> TfTensor:
     return x  # a copy changes nothing in a dataflow graph; dropout is the identity in eval
 
 
+@TF_EXPORT.register(aten.flip.default)
+def flip(cx: Ctx, x: TfTensor, dims: Sequence[int]) -> TfTensor:
+    return cx.g.op("ReverseV2", x, axes(list(dims), x.rank))
+
+
 @TF_EXPORT.register(aten.unsqueeze.default)
 def unsqueeze(cx: Ctx, x: TfTensor, dim: int) -> TfTensor:
     dim = dim % ((x.rank or 0) + 1) if dim < 0 else dim
