@@ -203,7 +203,7 @@ class Saver(CheckpointSaver, Checkpoint):
         ``at_epoch_end`` says whether the loops stand at an epoch boundary, which decides when a
         resume restores the RNG states.
         """
-        if trainer.fast_dev_run or trainer.sanity_checking:
+        if getattr(trainer, "fast_dev_run", False) or trainer.sanity_checking:
             return None
         start = time.perf_counter()
         step = trainer.global_step
