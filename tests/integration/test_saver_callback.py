@@ -29,16 +29,15 @@ def test_saver_replaces_the_default_model_checkpoint(tmp_path):
 def test_best_by_monitor_is_kept_and_used_by_ckpt_path_best(tmp_path, caplog):
     saver = Saver(dirpath=str(tmp_path), max_to_keep=1, monitor="val_loss", mode="min", save_top_k=1)
     m = model(0, lr=0.5)  # a learning rate that makes validation loss jump around
+    t = trainer(tmp_path, [saver], max_epochs=4)
     with caplog.at_level(logging.INFO, logger="pytorch_lightning.lightning_saver"):
-        trainer(tmp_path, [saver], max_epochs=4).fit(m, data())
+        t.fit(m, data())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saver: ")]
     assert len(lines) == 4 and all("MB) step" in line and "caller blocked" in line for line in lines)
     newest = f"model_{4 * STEPS_PER_EPOCH}.safetensors"
     best = os.path.basename(saver.best_model_path)
     assert set(files(tmp_path)) == {newest, best}
-    fresh = model(3, lr=0.5)
-    t = trainer(tmp_path, [Saver(dirpath=str(tmp_path))])
-    t.validate(fresh, data(), ckpt_path=saver.best_model_path, verbose=False)
+    t.validate(m, data(), ckpt_path="best", verbose=False)
     assert t.ckpt_path == saver.best_model_path
 
 
