@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Any
 
@@ -26,7 +27,8 @@ def detect(path: str) -> tuple[str, str]:
     Raises:
         CheckpointNotFoundError: nothing readable at ``path``.
     """
-    if os.path.isfile(path) and not path.endswith(".index") and _looks_like_safetensors(path):
+    tf_file = path.endswith(".index") or re.search(r"\.data-\d{5}-of-\d{5}$", path)
+    if os.path.isfile(path) and not tf_file and _looks_like_safetensors(path):
         return SAFETENSORS, path
     try:
         return TF, tf_bundle.resolve_prefix(path)

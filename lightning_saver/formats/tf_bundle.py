@@ -13,6 +13,7 @@ The verbs match :mod:`lightning_saver.formats.safetensors_io`: :func:`save_file`
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,6 +48,7 @@ __all__ = [
     "data_path",
 ]
 
+_DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _BUNDLE_VERSION = 1  # kTensorBundleVersion: the newest layout this reader knows
 _MAX_INDEX_BYTES = 1 << 31
 
@@ -60,7 +62,8 @@ class TensorInfo(NamedTuple):
 
 
 def resolve_prefix(path: str | os.PathLike[str]) -> str:
-    """Accept a prefix, its ``.index`` file, or a directory with a TF ``checkpoint`` state file.
+    """Accept a prefix, its ``.index`` or a ``.data-*`` file, or a directory with a TF ``checkpoint``
+    state file; return the prefix.
 
     Raises:
         CheckpointNotFoundError: no ``.index`` file for the path.
@@ -68,6 +71,9 @@ def resolve_prefix(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path)
     if text.endswith(".index") and not os.path.exists(text + ".index"):
         text = text[: -len(".index")]
+    data_file = _DATA_SUFFIX.search(text)
+    if data_file and not os.path.exists(text + ".index"):
+        text = text[: data_file.start()]
     if os.path.isdir(text):
         state = os.path.join(text, "checkpoint")
         latest = _latest_from_state(state) if os.path.exists(state) else None

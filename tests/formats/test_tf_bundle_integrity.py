@@ -81,6 +81,7 @@ def test_missing_files(tmp_path):
 def test_prefix_index_and_unknown_name(tmp_path):
     prefix, tensors = _write(tmp_path)
     assert list(read_checkpoint(prefix + ".index")) == sorted(tensors)
+    assert list(read_checkpoint(prefix + ".data-00000-of-00001")) == sorted(tensors)
     with pytest.raises(StateMismatchError, match=r"'missing' \(the checkpoint has 3: a/kernel"):
         read_checkpoint(prefix, names=["missing"])
     with pytest.raises(ValueError, match="framework must be 'torch' or 'numpy'"):
