@@ -223,6 +223,8 @@ class _Encoder:
             return {"$tensor": self.add_tensor(value, path)}
         if type(value) is tuple:
             return {"$tuple": [self.encode(v, (*path, i)) for i, v in enumerate(value)]}
+        if type(value) is torch.Size:
+            return {"$size": list(value)}
         if type(value) is list:
             return [self.encode(v, (*path, i)) for i, v in enumerate(value)]
         if isinstance(value, dict):
@@ -259,11 +261,15 @@ class _Encoder:
             return self._array(value, path)
         if self.allow_pickle:
             return {"$pickle": [_type(value), _b64(pickle.dumps(value))]}
+        hint = ""
+        if path and path[0] == "hyper_parameters":
+            hint = " (or leave it out of the checkpoint: self.save_hyperparameters(ignore=[...]))"
         raise EncodingError(
             f"cannot encode the value at {_format_path(path)} of type {_type(value)} without pickle. "
             "Supported: None, bool, int, float, str, bytes, list, tuple, dict, set, tensors, torch.dtype, "
-            "torch.device, pathlib paths, enums, numpy numbers and arrays. Convert it to one of these "
-            "(e.g. in state_dict()), or pass allow_pickle=True if you accept that loading it runs code."
+            "torch.device, torch.Size, pathlib paths, enums, numpy numbers and arrays. Convert it to one "
+            f"of these (e.g. in state_dict()){hint}, or pass allow_pickle=True if you accept that loading "
+            "it runs code."
         )
 
     def _array(self, value: np.ndarray, path: tuple[Any, ...]) -> Any:
@@ -302,6 +308,8 @@ class _Decoder:
     def _tagged(self, tag: str, body: Any, path: tuple[Any, ...]) -> Any:
         if tag == "$tuple":
             return tuple(self.decode(v, (*path, i)) for i, v in enumerate(body))
+        if tag == "$size":
+            return torch.Size(body)
         if tag == "$dict":
             return {self.decode(k, path): self.decode(v, (*path, k)) for k, v in body}
         if tag == "$float":

@@ -77,6 +77,7 @@ leaves = st.one_of(
     st.sampled_from([torch.float16, torch.int8, torch.bfloat16, torch.device("cpu")]),
     st.sampled_from([http.HTTPStatus.OK, re.RegexFlag.IGNORECASE]),
     st.text(max_size=6).map(pathlib.PurePosixPath),
+    st.lists(st.integers(0, 9), max_size=3).map(torch.Size),
 )
 keys = st.one_of(
     st.text(max_size=6), st.integers(-5, 5), st.sampled_from(["$tuple", "$x", "a/b", "state_dict"])
@@ -146,6 +147,12 @@ def test_unencodable_value_names_key_path_and_type():
     state = {"callbacks": {"MyCallback": {"stats": [1, Opaque()]}}}
     with pytest.raises(EncodingError, match=r"state\['callbacks'\]\['MyCallback'\]\['stats'\]\[1\].*Opaque"):
         encode_state(state)
+
+
+def test_module_in_hyper_parameters_gets_a_hint():
+    with pytest.raises(EncodingError, match=r"state\['hyper_parameters'\]\['backbone'\] of type "
+                       r"torch\.nn\.modules\.linear\.Linear.*save_hyperparameters\(ignore="):
+        encode_state({"hyper_parameters": {"backbone": torch.nn.Linear(1, 1)}})
 
 
 def test_pickle_escape_needs_opt_in_on_both_sides():
