@@ -60,3 +60,13 @@ def test_cli_resume_from_last_and_validate(tmp_path):
     latest = checkpoints / f"model_{2 * STEPS_PER_EPOCH}.safetensors"
     cli = cli_main(["validate", "--config", config, "--ckpt_path", str(latest)])
     assert 0.0 <= float(cli.trainer.callback_metrics["val_acc"]) <= 1.0
+
+
+def test_console_command_routes_fit_to_lightning_cli(capsys):
+    from lightning_saver.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--ckpt_path" in out and "--trainer.callbacks" in out
