@@ -184,6 +184,8 @@ def test_placeholder_with_default_stop_gradient_and_feeding_inner_tensors(tmp_pa
     assert_same(graph.run("y:0"), made.expected[0])
     assert_same(graph.run("y:0", {"x:0": X[:, :2]}), X[:, :2] * 3 + 1)
     assert_same(graph.run("y:0", {"hidden:0": np.zeros((1, 2), np.float32)}), np.ones((1, 2), np.float32))
+    fed = np.full((1, 2), 7.0, np.float32)
+    assert_same(graph.run("hidden:0", {"hidden:0": fed}), fed)  # a fed tensor is fetched as fed
     module = graph.to_module(inputs=["x:0"], outputs="frozen:0")
     x = torch.ones(2, 2, requires_grad=True)
     assert not module(x).requires_grad
@@ -558,3 +560,41 @@ def test_to_module_defaults_to_the_serving_signature(tmp_path):
         assert_same(ours.numpy(), theirs)
     with pytest.raises(GraphImportError, match=r"no signature 'train' \(it has \['serving_default'\]\)"):
         graph.signature("train")
+
+
+_UNARY = ["relu", "tanh", "sigmoid", "identity", "stop_gradient", "relu6", "negative"]
+_BINARY = ["add", "multiply", "subtract", "maximum"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_random_graphs_match_tensorflow(tmp_path_factory, data):
+    """Random DAGs of element-wise ops, random fetches and an optional fed intermediate: pruning,
+    ordering, aliasing, folding, dropping and in-place activations against session.run."""
+    size = data.draw(st.integers(2, 9))
+    plan = []
+    for i in range(size):
+        if data.draw(st.booleans()):
+            plan.append((data.draw(st.sampled_from(_UNARY)), data.draw(st.integers(-2, i - 1))))
+        else:
+            plan.append((data.draw(st.sampled_from(_BINARY)), data.draw(st.integers(-2, i - 1)),
+                         data.draw(st.integers(-2, i - 1))))
+    fetched = sorted(set(data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=3))))
+    fed = data.draw(st.one_of(st.none(), st.integers(0, size - 1)))
+
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [2, 3], name="x")
+        nodes = {-2: x, -1: tf.constant(np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(2, 3))}
+        for i, (op, *args) in enumerate(plan):
+            fn = getattr(tf.nn, op, None) or getattr(tf.math, op, None) or getattr(tf, op)
+            nodes[i] = tf.identity(fn(*[nodes[a] for a in args]), name=f"n{i}")
+
+    feed = {"x:0": X[:2, :3]}
+    if fed is not None:
+        feed[f"n{fed}:0"] = np.full((2, 3), 0.5, np.float32)
+    fetches = [f"n{i}:0" for i in fetched]
+    made = build_tf_graph(tmp_path_factory.mktemp("random"), build, fetches, feed, save=False)
+    graph = import_meta_graph(made.meta)
+    for _ in range(2):  # a second run reuses the cached plan
+        for ours, theirs in zip(graph.run(fetches, feed), made.expected, strict=True):
+            assert_same(ours, theirs, rtol=1e-6, atol=1e-6)

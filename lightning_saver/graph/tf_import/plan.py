@@ -191,7 +191,9 @@ class _Compiler:
         self.steps: list[Step] = []
         self.consts: dict[Ref, Any] = {}
         self.alias: dict[Ref, Ref] = {}
-        self.order = execution_order(index, dict.fromkeys(r[0] for r in fetches), set(feeds))
+        # a fetched tensor that is also fed comes back as fed, as in session.run
+        targets = dict.fromkeys(r[0] for r in fetches if r not in feeds)
+        self.order = execution_order(index, targets, set(feeds))
         self.in_plan = set(self.order)
         self.conditional = any(index.nodes[n].op in SWITCH_OPS for n in self.order)
 
@@ -280,7 +282,7 @@ class _Compiler:
     def compile(self) -> Plan:
         for name in self.order:
             self.add(name)
-        fetches = [self.alias.get(r, r) for r in self.fetches]
+        fetches = [r if r in self.feeds else self.alias.get(r, r) for r in self.fetches]
         self.read_variables(fetches)
         return Plan(self.steps, self.consts, fetches, self.feeds, self.store, self.conditional)
 
