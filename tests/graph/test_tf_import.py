@@ -598,3 +598,7 @@ def test_random_graphs_match_tensorflow(tmp_path_factory, data):
     for _ in range(2):  # a second run reuses the cached plan
         for ours, theirs in zip(graph.run(fetches, feed), made.expected, strict=True):
             assert_same(ours, theirs, rtol=1e-6, atol=1e-6)
+    module = graph.to_module(inputs=list(feed), outputs=fetches)
+    outputs = module(*[torch.from_numpy(v) for v in feed.values()])
+    for ours, theirs in zip(outputs, made.expected, strict=True):
+        assert_same(ours.numpy(), theirs, rtol=1e-6, atol=1e-6)
