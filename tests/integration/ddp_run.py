@@ -1,7 +1,8 @@
 """Run by test_ddp.py as a script: a 2-process DDP fit on CPU (gloo), or its resume.
 
 Lightning's launcher starts rank 1 by re-running this script; each rank writes a small JSON report.
-Usage: python ddp_run.py ROOT TAG MAX_EPOCHS [CKPT_PATH]
+Usage: python ddp_run.py ROOT fit      (3 epochs uninterrupted into full/, then 2 epochs into ckpt/)
+       python ddp_run.py ROOT resume   (from "last" of ckpt/ to 3 epochs, in new processes)
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from lightning_saver.demo import DigitsClassifier, DigitsDataModule
 warnings.filterwarnings("ignore")
 
 
-def main(root: Path, tag: str, max_epochs: int, ckpt_path: str | None) -> None:
+def main(root: Path, tag: str, max_epochs: int, ckpt_path: str | None, directory: str = "ckpt") -> None:
     pl.seed_everything(0, verbose=False)
     model = DigitsClassifier(hidden=32, lr_step=1)
-    saver = Saver(dirpath=str(root / "ckpt"), max_to_keep=2)
+    saver = Saver(dirpath=str(root / directory), max_to_keep=2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=max_epochs, default_root_dir=str(root),
         callbacks=[saver], logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -42,4 +43,10 @@ def main(root: Path, tag: str, max_epochs: int, ckpt_path: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    root = Path(sys.argv[1])
+    if sys.argv[2] == "fit":
+        # two Trainers in the same processes: Lightning launches rank 1 only once
+        main(root, "full", 3, None, directory="full")
+        main(root, "fit", 2, None)
+    else:
+        main(root, "resume", 3, "last")
