@@ -136,6 +136,7 @@ class Saver(CheckpointSaver, Checkpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_saved_step = state_dict.get("last_saved_step")
         self._train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self._time_at_save = self._train_seconds  # the resumed-from checkpoint was the last save
         self._timer_start = time.monotonic()
 
     # ------------------------------------------------------------------ hooks
