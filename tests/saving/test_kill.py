@@ -10,6 +10,7 @@ step count.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -21,11 +22,16 @@ import time
 from pathlib import Path
 
 import torch
-from kill_child import step_of, tensors_for
 
 from lightning_saver.saving.saver import latest_checkpoint, load
 
 HERE = Path(__file__).resolve().parent
+# the child script is loaded by path: it must not depend on how pytest sets up sys.path
+_spec = importlib.util.spec_from_file_location("_kill_child", HERE / "kill_child.py")
+assert _spec is not None and _spec.loader is not None
+kill_child = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill_child)
+step_of, tensors_for = kill_child.step_of, kill_child.tensors_for
 ROOT = HERE.parents[1]
 KEEP = 3
 ROUNDS = 36
