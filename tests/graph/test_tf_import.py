@@ -375,8 +375,11 @@ def test_in_place_activations_never_touch_live_tensors(tmp_path):
         tf.identity(h + 1.0, name="b")
         tf.nn.relu6(tf.sigmoid(tf.tanh(h * 3.0)) * 8.0 - 2.0, name="chain")
         tf.identity(tf.nn.relu(h - 0.5, name="fetched_too"), name="c")
+        # StopGradient of the feed is an alias torch cannot flag as a view (detach): never in place
+        tf.identity(tf.nn.relu(tf.stop_gradient(x)), name="d")
+        tf.identity(tf.nn.sigmoid(tf.stop_gradient(h)) + x, name="e")
 
-    fetches = ["a:0", "b:0", "chain:0", "c:0", "fetched_too:0"]
+    fetches = ["a:0", "b:0", "chain:0", "c:0", "fetched_too:0", "d:0", "e:0"]
     made = build_tf_graph(tmp_path, build, fetches, {"x:0": X[:2, :3].repeat(2, 1)}, save=False)
     graph = import_meta_graph(made.meta)
     for _ in range(2):

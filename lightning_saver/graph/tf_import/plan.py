@@ -48,7 +48,8 @@ _IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _count_refs(x: torch.Tensor, **kwargs: Any) -> int:
-    return sys.getrefcount(x)
+    refs = sys.getrefcount(x)  # the same statement as in _in_place's run
+    return refs
 
 
 def _calibrate() -> int:
@@ -67,14 +68,31 @@ def _calibrate() -> int:
 
 
 _PRIVATE_REFS = _calibrate()
+# tensors holding a storage: a private intermediate's is held by itself (and the probe's handle);
+# more means an alias the Python refcount cannot see (a detach(), a view's base)
+_storage_users = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _storage_baseline() -> int:
+    probe = torch.empty(1)  # alive while counted, exactly as an intermediate is in _private
+    return _storage_users(probe.untyped_storage()._cdata) if _storage_users else -1
+
+
+_PRIVATE_STORAGE = _storage_baseline()
+
+
+def _private(x: Any, refs: int) -> bool:
+    """``x`` (seen ``refs`` times from the consumer's frame) is an intermediate nobody else can see."""
+    return (refs <= _PRIVATE_REFS and type(x) is torch.Tensor and x.is_floating_point()
+            and not x._is_view() and _storage_users(x.untyped_storage()._cdata) <= _PRIVATE_STORAGE)
 
 
 def _in_place(op: str, fallback: Callable[..., Any]) -> Callable[..., Any]:
     mutate = _IN_PLACE[op]
 
     def run(x: torch.Tensor, **kwargs: Any) -> Any:
-        if type(x) is torch.Tensor and not x._is_view() and sys.getrefcount(x) <= _PRIVATE_REFS \
-                and x.is_floating_point():
+        refs = sys.getrefcount(x)  # the same frame shape and statement as _count_refs
+        if _private(x, refs):
             return mutate(x)
         return fallback(x, **kwargs)
 
