@@ -1,6 +1,6 @@
 """TensorFlow import converters: activations, softmax and the softmax cross-entropy losses.
 
-Registered when :mod:`ops_math` is imported; converters follow the contract in
+Registered by :func:`table.load_converters`; converters follow the contract in
 :mod:`lightning_saver.graph.tf_import.table`. Softmax ops work on the last axis, as TF's do.
 Example::
 

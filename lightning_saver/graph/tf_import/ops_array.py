@@ -1,6 +1,6 @@
 """TensorFlow import converters: Cast, Select, OneHot, gathers, Range, Fill and the *Like ops.
 
-Registered when :mod:`ops_math` is imported; converters follow the contract in
+Registered by :func:`table.load_converters`; converters follow the contract in
 :mod:`lightning_saver.graph.tf_import.table`. Example::
 
     table.call("GatherV2", [params, torch.tensor([2, 0]), torch.tensor(1)], {"batch_dims": 0})

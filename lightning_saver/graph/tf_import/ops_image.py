@@ -3,8 +3,8 @@
 Images are NHWC. TF has three coordinate rules: half-pixel centers (TF2 / Keras), align_corners,
 and the legacy TF1 default ``src = dst * in / out``. All bilinear ones and two nearest ones map
 onto torch's own kernels, which run on the channels-last view directly; nearest with
-align_corners (C ``roundf``) gathers rows and columns here. Registered by an explicit import from
-:mod:`ops_nn`. Example::
+align_corners (C ``roundf``) gathers rows and columns here. Registered by
+:func:`table.load_converters`. Example::
 
     y = table.call("ResizeBilinear", [images, torch.tensor([64, 64])], {"half_pixel_centers": True})
 """

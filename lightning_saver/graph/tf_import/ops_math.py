@@ -4,7 +4,7 @@ Every converter follows the contract in :mod:`lightning_saver.graph.tf_import.ta
 positional, attrs keyword-only with TF's defaults. Broadcasting is numpy's, like TF's, and the
 dtype of the inputs is kept (TF gives both operands the same dtype, so torch's promotion never
 widens: int32 stays int32). Activations, softmax and the array helpers (Cast, Select, Gather, ...)
-live in :mod:`ops_activation` and :mod:`ops_array`, which this module imports (so they register).
+live in :mod:`ops_activation` and :mod:`ops_array`.
 Example::
 
     table.call("FloorMod", [torch.tensor([7, -7]), torch.tensor([-3, 3])], {})  # tensor([-2, 2])
@@ -16,8 +16,6 @@ from functools import reduce
 
 import torch
 
-# importing these registers the activations and array helpers, which belong with the math ops
-from lightning_saver.graph.tf_import import ops_activation, ops_array  # noqa: F401
 from lightning_saver.graph.tf_import.table import TF_OPS
 
 Tensor = torch.Tensor

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saver.errors import GraphImportError
-from lightning_saver.graph.tf_import import ops_image, ops_norm  # noqa: F401  register their ops
 from lightning_saver.graph.tf_import.layout import (
     Pads,
     check_data_format,

@@ -3,7 +3,7 @@
 TF's CPU kernel semantics: ``epsilon`` defaults to 1e-4; in training the batch statistics
 normalise, output 1/2 are the (exponentially averaged) mean and the Bessel-corrected variance and
 outputs 3/4 the batch mean and biased variance; in inference ``mean``/``variance`` are used.
-Registered by an explicit import from :mod:`ops_nn`. Example::
+Registered by :func:`table.load_converters`. Example::
 
     y, *_ = table.call("FusedBatchNormV3", [x, scale, offset, mean, var], {"is_training": False})
 """

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saver.errors import GraphImportError
-from lightning_saver.graph.tf_import import ops_space  # noqa: F401  registers the space/depth/batch ops
 from lightning_saver.graph.tf_import.table import TF_OPS
 
 

@@ -2,7 +2,7 @@
 
 Keras emits SpaceToBatchND / BatchToSpaceND around dilated depthwise and separable convolutions,
 and DepthToSpace for sub-pixel upsampling. All are reshapes and permutes, so they stay
-differentiable. Registered by an explicit import from :mod:`ops_shape`. Example::
+differentiable. Registered by :func:`table.load_converters`. Example::
 
     y = table.call("SpaceToBatchND", [x, torch.tensor([2, 2]), torch.zeros(2, 2, dtype=torch.int32)], {})
 """

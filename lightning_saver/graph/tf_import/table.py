@@ -29,14 +29,23 @@ TF_OPS = OpTable("TensorFlow import")
 
 
 def load_converters() -> OpTable:
-    """Import every converter module once (explicit imports register them) and return the table."""
+    """Import every converter module once (explicit imports register them) and return the table.
+
+    This list is the one place that says which modules register converters; a new ``ops_*``
+    module must be added here.
+    """
     from lightning_saver.graph.tf_import import (  # noqa: F401
+        ops_activation,
+        ops_array,
         ops_core,
+        ops_image,
         ops_math,
         ops_nn,
+        ops_norm,
         ops_random,
         ops_reduce,
         ops_shape,
+        ops_space,
     )
 
     return TF_OPS
