@@ -3,7 +3,8 @@
 An async save is two steps: ``snapshot`` copies the tensors into CPU memory that the training loop
 cannot touch, then ``submit`` hands a job that writes that copy to a background thread. Jobs run one
 after another in submission order, so the commit protocol (data file, state file, then rotation)
-keeps its order across saves.
+keeps its order across saves. The snapshot and its reusable arenas live in
+:mod:`lightning_saver.saving.snapshot_arena` (``snapshot`` is re-exported here).
 
 Interface the saver relies on:
 
@@ -28,192 +29,20 @@ Example::
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
+
+from lightning_saver.saving.snapshot_arena import Arena, snapshot, snapshot_into, take_arena
 
 __all__ = ["AsyncWriter", "snapshot"]
 
 logger = logging.getLogger(__name__)
-
-_ALIGN = 64  # every block starts on a cache line, which also satisfies every dtype's alignment
-_SPAN_ALIGN = 16  # largest itemsize (complex128): span starts keep every member's offset aligned
-
-
-@dataclass
-class _Block:
-    """One contiguous region of the arena: a lone tensor, or overlapping views of one storage."""
-
-    members: list[tuple[str, torch.Tensor]]
-    src_start: int  # byte offset in the source storage (span blocks only)
-    nbytes: int
-    span: bool  # copy raw storage bytes so that the members keep aliasing each other
-    offset: int = 0  # byte offset in the arena, set by _layout
-
-
-def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
-    size = t.element_size()
-    start = int(t.storage_offset()) * size
-    last = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride(), strict=True))
-    return start, start + (last + 1) * size
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides: list[int] = []
-    acc = 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(strides))
-
-
-def _layout(tensors: Mapping[str, torch.Tensor]) -> tuple[list[_Block], dict[str, torch.Tensor], int]:
-    """Plan the arena: blocks in first-seen order, the tensors copied on their own, total bytes.
-
-    Tensors whose byte ranges overlap in one storage (tied weights, views) land in one span block,
-    so the copies alias exactly like the originals. Disjoint tensors are copied densely.
-    """
-    by_storage: dict[tuple[str, int], list[tuple[int, int, str, torch.Tensor]]] = {}
-    loose: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        t = tensor.detach().resolve_conj().resolve_neg()  # lazy conj/neg bits: copy what they mean
-        if t.layout != torch.strided:
-            loose[name] = t.to("cpu", copy=True)  # sparse and friends: no storage to share
-            continue
-        if t.numel() == 0:
-            by_storage[("empty", id(t))] = [(0, 0, name, t)]
-            continue
-        start, end = _byte_extent(t)
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        by_storage.setdefault(key, []).append((start, end, name, t))
-    blocks: list[_Block] = []
-    for members in by_storage.values():
-        members.sort(key=lambda m: m[0])
-        cluster = [members[0]]
-        cluster_end = members[0][1]
-        for m in members[1:]:
-            if m[0] < cluster_end:
-                cluster.append(m)
-                cluster_end = max(cluster_end, m[1])
-                continue
-            blocks.append(_block(cluster, cluster_end))
-            cluster, cluster_end = [m], m[1]
-        blocks.append(_block(cluster, cluster_end))
-    total = 0
-    for b in blocks:
-        b.offset = total
-        total += -(-b.nbytes // _ALIGN) * _ALIGN
-    return blocks, loose, max(total, _ALIGN)
-
-
-def _block(cluster: list[tuple[int, int, str, torch.Tensor]], end: int) -> _Block:
-    named = [(name, t) for _, _, name, t in cluster]
-    if len(cluster) == 1:
-        t = cluster[0][3]
-        return _Block(named, 0, t.numel() * t.element_size(), span=False)
-    start = cluster[0][0] // _SPAN_ALIGN * _SPAN_ALIGN
-    return _Block(named, start, end - start, span=True)
-
-
-def _memmove(dst: int, src: int, nbytes: int) -> None:
-    # one plain memcpy, GIL released: under CPU contention torch's multi-threaded copy_ waits at its
-    # thread barrier (a 32-tensor 8 MiB state took 0.8 s instead of 1 ms on a busy 2-core machine)
-    if nbytes:
-        ctypes.memmove(dst, src, nbytes)
-
-
-def _copy_into(arena: torch.Tensor, blocks: list[_Block], pinned: bool) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    base_ptr = arena.data_ptr()
-    for b in blocks:
-        if b.span:
-            src_t = b.members[0][1]
-            if src_t.device.type == "cpu":
-                _memmove(base_ptr + b.offset, src_t.untyped_storage().data_ptr() + b.src_start, b.nbytes)
-            else:
-                src = torch.empty(0, dtype=torch.uint8, device=src_t.device)
-                src.set_(src_t.untyped_storage(), b.src_start, (b.nbytes,), (1,))
-                arena[b.offset : b.offset + b.nbytes].copy_(src, non_blocking=pinned)
-        for name, t in b.members:
-            typed = arena.view(t.dtype)
-            size = t.element_size()
-            if b.span:
-                base = (b.offset + t.storage_offset() * size - b.src_start) // size
-                out[name] = typed.as_strided(t.shape, t.stride(), base)
-                continue
-            dst = typed.as_strided(t.shape, _contiguous_strides(t.shape), b.offset // size)
-            if t.device.type == "cpu" and t.is_contiguous():
-                _memmove(base_ptr + b.offset, t.data_ptr(), b.nbytes)
-            else:
-                dst.copy_(t, non_blocking=pinned)
-            out[name] = dst
-    if pinned:
-        torch.cuda.synchronize()  # non_blocking device->host copies must land before we hand them out
-    return out
-
-
-def _wants_pinned(blocks: list[_Block]) -> bool:
-    on_gpu = any(t.is_cuda for b in blocks for _, t in b.members)
-    return on_gpu and torch.cuda.is_available()
-
-
-def _alloc(nbytes: int, pinned: bool) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-
-
-def _in_order(tensors: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: out[name] for name in tensors}
-
-
-def snapshot(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy ``tensors`` to fresh CPU memory that later in-place updates cannot affect.
-
-    Tensors that share memory (tied weights, views) share memory in the copy too, so a saver that
-    detects ties sees the same ties. Non-contiguous lone tensors come back contiguous.
-
-    Args:
-        tensors: name -> tensor, on any device.
-
-    Returns:
-        name -> CPU tensor, in the same order.
-
-    Example::
-
-        frozen = snapshot(model.state_dict())
-        model.weight.data.add_(1.0)          # ``frozen["weight"]`` keeps the old values
-    """
-    blocks, loose, total = _layout(tensors)
-    pinned = _wants_pinned(blocks)
-    out = _copy_into(_alloc(total, pinned), blocks, pinned)
-    out.update(loose)
-    return _in_order(tensors, out)
-
-
-def _use_count(t: torch.Tensor) -> int | None:
-    counter = getattr(torch._C, "_storage_Use_Count", None)
-    if counter is None:
-        return None
-    return int(counter(t.untyped_storage()._cdata))
-
-
-class _Arena:
-    """A reusable snapshot buffer; free when no tensor but our own handle points into it."""
-
-    def __init__(self, nbytes: int, pinned: bool) -> None:
-        self.tensor = _alloc(nbytes, pinned)
-        self.pinned = pinned
-        self.idle_count = _use_count(self.tensor)
-
-    def is_free(self) -> bool:
-        return self.idle_count is not None and _use_count(self.tensor) == self.idle_count
-
 
 _LIVE: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 
@@ -244,7 +73,7 @@ class AsyncWriter:
         self._pending = 0
         self._errors: deque[BaseException] = deque()
         self._thread: threading.Thread | None = None
-        self._arenas: list[_Arena] = []
+        self._arenas: list[Arena] = []
         self._closed = False
         _LIVE.add(self)
 
@@ -260,29 +89,11 @@ class AsyncWriter:
             Exception: the error of an earlier job that nobody has seen yet.
         """
         self._acquire_slot()
-        blocks, loose, total = _layout(tensors)
-        pinned = _wants_pinned(blocks)
-        arena = self._take_arena(total, pinned)
-        out = _copy_into(arena, blocks, pinned)
-        del arena  # from now on only the snapshot's tensors keep the arena busy
-        out.update(loose)
-        return _in_order(tensors, out)
+        return snapshot_into(tensors, self._take_arena)
 
     def _take_arena(self, nbytes: int, pinned: bool) -> torch.Tensor:
-        """A view of a free (or new) arena; holding the view marks the arena busy for other threads."""
-        if getattr(torch._C, "_storage_Use_Count", None) is None:
-            return _Arena(nbytes, pinned).tensor  # this torch cannot tell when an arena is free: no pool
         with self._cond:
-            for arena in self._arenas:
-                if arena.pinned == pinned and arena.tensor.numel() >= nbytes and arena.is_free():
-                    claim = arena.tensor[:]
-                    self._arenas = [a for a in self._arenas if a is arena or not a.is_free()]
-                    return claim
-            # drop idle arenas that are too small or the wrong kind, so memory stays one snapshot
-            self._arenas = [a for a in self._arenas if not a.is_free()]
-            arena = _Arena(nbytes, pinned)
-            self._arenas.append(arena)
-            return arena.tensor[:]
+            return take_arena(self._arenas, nbytes, pinned)
 
     # --- jobs ------------------------------------------------------------------------------------
     def submit(self, job: Callable[[], object]) -> None:
