@@ -1,8 +1,10 @@
 """How long does exporting a ResNet-18-sized model take, and how fast do the exports run?
 
-Exports a ResNet-18 (defined here, random weights, no download) to a TF MetaGraph and to ONNX, then
-times one batch's forward pass in torch, in TensorFlow (import_meta_graph + Saver.restore, then
-session.run) and in ONNX Runtime, with the same thread count everywhere, checking the outputs agree.
+Exports a ResNet-18 (defined here, random weights, no download) to a TF MetaGraph (with variables,
+and frozen) and to ONNX, then times one batch's forward pass in torch, in TensorFlow
+(import_meta_graph + Saver.restore, then session.run) and in ONNX Runtime, with the same thread
+count everywhere (torch timed first, before the others start their thread pools), and checks the
+outputs agree.
 Prints a table, then one JSON line.
 
     python benchmarks/export.py            # 8 x 3 x 224 x 224
@@ -63,7 +65,7 @@ class ResNet18(nn.Module):
         return self.head(self.layers(self.stem(images)))
 
 
-def _median_time(fn: Any, repeats: int) -> float:
+def _median_seconds(fn: Any, repeats: int) -> float:
     fn()  # warm up
     times = []
     for _ in range(repeats):
@@ -73,7 +75,7 @@ def _median_time(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _tf_runner(meta: str, threads: int) -> tuple[Any, Any]:
+def _tf_runner(meta: str, threads: int, restore: bool = True) -> tuple[Any, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -82,7 +84,8 @@ def _tf_runner(meta: str, threads: int) -> tuple[Any, Any]:
     with graph.as_default():
         saver = tf.compat.v1.train.import_meta_graph(meta)
         session = tf.compat.v1.Session(graph=graph, config=config)
-        saver.restore(session, meta[: -len(".meta")])
+        if restore:
+            saver.restore(session, meta[: -len(".meta")])
     return session, lambda batch: session.run("output_0:0", {"images:0": batch})
 
 
@@ -91,6 +94,8 @@ def _ort_runner(path: str, threads: int) -> Any:
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # idle ORT threads would otherwise spin and slow the runtimes timed after it on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return lambda batch: session.run(None, {"images": batch})[0]
 
@@ -115,21 +120,24 @@ def main() -> None:
     start = time.perf_counter()
     meta = export_meta_graph(model, (example,), os.path.join(folder, "resnet.meta"))
     tf_export_s = time.perf_counter() - start
+    frozen = export_meta_graph(model, (example,), os.path.join(folder, "frozen.meta"), freeze=True)
     start = time.perf_counter()
     onnx_path = export_onnx(model, (example,), os.path.join(folder, "resnet.onnx"))
     onnx_export_s = time.perf_counter() - start
 
+    # torch first, before TF and ORT start their thread pools: their idle threads would slow it
     with torch.no_grad():
         expected = model(images).numpy()
-        torch_s = _median_time(lambda: model(images), repeats)
-    session, tf_run = _tf_runner(meta, args.threads)
-    ort_run = _ort_runner(onnx_path, args.threads)
+        torch_s = _median_seconds(lambda: model(images), repeats)
     batch_np = images.numpy()
-    diffs = {"tensorflow": float(np.abs(tf_run(batch_np) - expected).max()),
-             "onnxruntime": float(np.abs(ort_run(batch_np) - expected).max())}
-    tf_s = _median_time(lambda: tf_run(batch_np), repeats)
-    ort_s = _median_time(lambda: ort_run(batch_np), repeats)
+    session, tf_run = _tf_runner(meta, args.threads)
+    frozen_session, frozen_run = _tf_runner(frozen, args.threads, restore=False)
+    ort_run = _ort_runner(onnx_path, args.threads)
+    runners = {"tensorflow": tf_run, "tensorflow_frozen": frozen_run, "onnxruntime": ort_run}
+    diffs = {name: float(np.abs(run(batch_np) - expected).max()) for name, run in runners.items()}
+    tf_s, frozen_s, ort_s = (_median_seconds(lambda r=run: r(batch_np), repeats) for run in runners.values())
     session.close()
+    frozen_session.close()
 
     params = sum(p.numel() for p in model.parameters())
     name = "ResNet-10 (quick)" if args.quick else "ResNet-18"
@@ -140,12 +148,15 @@ def main() -> None:
     print(f"{'export ONNX (dynamo)':<28}{onnx_export_s:>10.3f}")
     print(f"{'forward torch':<28}{torch_s:>10.4f}{1.0:>10.2f}")
     print(f"{'forward TensorFlow':<28}{tf_s:>10.4f}{tf_s / torch_s:>10.2f}{diffs['tensorflow']:>12.2e}")
+    print(f"{'forward TensorFlow frozen':<28}{frozen_s:>10.4f}{frozen_s / torch_s:>10.2f}"
+          f"{diffs['tensorflow_frozen']:>12.2e}")
     print(f"{'forward ONNX Runtime':<28}{ort_s:>10.4f}{ort_s / torch_s:>10.2f}{diffs['onnxruntime']:>12.2e}")
     print(json.dumps({
         "benchmark": "export", "quick": args.quick, "params": params, "batch": batch, "image": size,
         "threads": args.threads, "export_tf_s": round(tf_export_s, 3),
         "export_onnx_s": round(onnx_export_s, 3), "forward_torch_s": round(torch_s, 5),
-        "forward_tf_s": round(tf_s, 5), "forward_ort_s": round(ort_s, 5),
+        "forward_tf_s": round(tf_s, 5), "forward_tf_frozen_s": round(frozen_s, 5),
+        "forward_ort_s": round(ort_s, 5), "tf_frozen_vs_torch": round(frozen_s / torch_s, 3),
         "tf_vs_torch": round(tf_s / torch_s, 3), "ort_vs_torch": round(ort_s / torch_s, 3),
         "max_abs_diff": diffs,
     }))

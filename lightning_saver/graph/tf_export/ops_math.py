@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.formats import tf_dtypes
-from lightning_saver.graph.tf_export.builder import TfTensor
+from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor
 from lightning_saver.graph.tf_export.table import TF_EXPORT, Ctx
 
 aten = torch.ops.aten
@@ -45,12 +45,28 @@ def _common_dtype(*values: Any) -> int:
     return tensors[0].dtype
 
 
+def sunk(g: GraphBuilder, inputs: Sequence[TfTensor], make: Callable[..., TfTensor]) -> TfTensor:
+    """``make(*inputs)`` for an elementwise op, computed below a pending layout transpose.
+
+    A conv's NHWC result comes back to NCHW through a Transpose; when every input is that kind of
+    transpose (same perm) or a scalar, the op runs on the NHWC sources and the transpose moves after
+    it, so the next conv's NCHW -> NHWC transpose cancels and conv -> BN -> ReLU -> conv stays NHWC.
+    """
+    perms = {t.transposed_from[1] for t in inputs if t.transposed_from is not None}
+    if len(perms) == 1 and all(t.transposed_from is not None or t.rank == 0 for t in inputs):
+        perm = perms.pop()
+        sources = [t.transposed_from[0] if t.transposed_from is not None else t for t in inputs]
+        return g.transpose(make(*sources), perm)
+    return make(*inputs)
+
+
 def _binary(tf_op: str, swap: bool = False) -> Any:
     def convert(cx: Ctx, x: Any, y: Any, alpha: Any = 1) -> TfTensor:
         a, b = operand(cx, x, cx.dtype), operand(cx, y, cx.dtype)
         if alpha != 1:
             b = cx.g.op("Mul", b, cx.g.scalar(alpha, cx.dtype))
-        return cx.g.op(tf_op, *((b, a) if swap else (a, b)))
+        pair = [b, a] if swap else [a, b]
+        return sunk(cx.g, pair, lambda p, q: cx.g.op(tf_op, p, q))
 
     convert.__name__ = f"binary_{tf_op}"
     return convert
@@ -95,7 +111,7 @@ def pow_scalar(cx: Ctx, x: TfTensor, exponent: float) -> TfTensor:
 
 def _unary(tf_op: str) -> Any:
     def convert(cx: Ctx, x: TfTensor) -> TfTensor:
-        return cx.g.op(tf_op, operand(cx, x, cx.dtype))
+        return sunk(cx.g, [operand(cx, x, cx.dtype)], lambda v: cx.g.op(tf_op, v))
 
     convert.__name__ = f"unary_{tf_op}"
     return convert
@@ -115,6 +131,12 @@ for _aten_op, _tf_op in (
 
 def _clamp(cx: Ctx, x: TfTensor, low: Any, high: Any) -> TfTensor:
     x = operand(cx, x, cx.dtype)
+    if isinstance(low, TfTensor) or isinstance(high, TfTensor):
+        return _clamp_here(cx, x, low, high)
+    return sunk(cx.g, [x], lambda v: _clamp_here(cx, v, low, high))
+
+
+def _clamp_here(cx: Ctx, x: TfTensor, low: Any, high: Any) -> TfTensor:
     if isinstance(low, int | float) and low == 0 and high is None:
         return cx.g.op("Relu", x)
     if isinstance(low, int | float) and low == 0 and isinstance(high, int | float) and high == 6:

@@ -249,6 +249,10 @@ def batch_norm(cx: Ctx, x: TfTensor, weight: TfTensor | None, bias: TfTensor | N
     rank = x.rank or 4
     shape = (None,) if running_mean.shape is None else running_mean.shape
     scale, shift = (TfTensor(t.ref, t.dtype, shape) for t in (scale, shift))
+    if x.transposed_from is not None and x.transposed_from[1] == (0, 3, 1, 2):
+        # a conv's output still in NHWC: channels are last, the vectors broadcast as they are
+        source = x.transposed_from[0]
+        return [to_nchw(g, g.op("AddV2", g.op("Mul", source, scale), shift)), None, None]
     y = g.op("AddV2", g.op("Mul", x, _per_channel(g, scale, rank)), _per_channel(g, shift, rank))
     return [y, None, None]
 
