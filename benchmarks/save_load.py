@@ -47,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_saver.formats.durable import fsync_path  # noqa: E402
 from lightning_saver.saving.saver import CheckpointSaver  # noqa: E402
 
 # --- peak memory -------------------------------------------------------------------------------
@@ -100,14 +101,6 @@ def make_model(size_mib: float) -> nn.Module:
     return model
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def raw_write(state: dict[str, torch.Tensor], path: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -124,7 +117,7 @@ def safetensors_save(state: dict[str, torch.Tensor], path: str) -> None:
     import safetensors.torch
 
     safetensors.torch.save_file(state, path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def torch_save(state: dict[str, torch.Tensor], path: str) -> None:
@@ -138,7 +131,7 @@ def lightning_save(state: dict[str, torch.Tensor], path: str) -> None:
     from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
     TorchCheckpointIO().save_checkpoint({"state_dict": state}, path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def torch_restore(model: nn.Module, path: str) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_saver.formats.durable import fsync_path  # noqa: E402
 from lightning_saver.tf import read_checkpoint, write_checkpoint  # noqa: E402
 
 N_TENSORS = 16
@@ -45,11 +46,7 @@ N_TENSORS = 16
 
 def _fsync_prefix(prefix: str) -> None:
     for path in glob.glob(prefix + ".*"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def _timed(fn: Callable[[], object]) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from lightning_saver.errors import DiskFullError
 from lightning_saver.formats import sstable
+from lightning_saver.formats.durable import fsync_path
 from lightning_saver.formats.tf_tensor_codec import Encoded
 from lightning_saver.formats.tf_wire import BundleEntry, BundleHeader, encode_entry, encode_header
 
@@ -36,14 +37,6 @@ def plan_shards(sizes: list[int], max_shard_bytes: int | None) -> list[int]:
         shards.append(shard)
         used += size
     return shards
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_data(path: str, items: list[tuple[str, Encoded]], shard: int) -> list[tuple[bytes, bytes]]:
@@ -89,7 +82,7 @@ def write_bundle(
             os.fsync(f.fileno())
         for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
-        _fsync_dir(os.path.dirname(prefix) or ".")
+        fsync_path(os.path.dirname(prefix) or ".")
     except BaseException as err:
         for temp in temps:
             if os.path.exists(temp):
