@@ -598,10 +598,12 @@ def test_random_graphs_match_tensorflow(tmp_path_factory, data):
     fetches = [f"n{i}:0" for i in fetched]
     made = build_tf_graph(tmp_path_factory.mktemp("random"), build, fetches, feed, save=False)
     graph = import_meta_graph(made.meta)
+    # tolerance: chained tanh/sigmoid differ by a few ulp between Eigen and torch; a wrongly mutated
+    # tensor is off by far more
     for _ in range(2):  # a second run reuses the cached plan
         for ours, theirs in zip(graph.run(fetches, feed), made.expected, strict=True):
-            assert_same(ours, theirs, rtol=1e-6, atol=1e-6)
+            assert_same(ours, theirs, rtol=1e-5, atol=1e-5)
     module = graph.to_module(inputs=list(feed), outputs=fetches)
     outputs = module(*[torch.from_numpy(v) for v in feed.values()])
     for ours, theirs in zip(outputs, made.expected, strict=True):
-        assert_same(ours.numpy(), theirs, rtol=1e-6, atol=1e-6)
+        assert_same(ours.numpy(), theirs, rtol=1e-5, atol=1e-5)
