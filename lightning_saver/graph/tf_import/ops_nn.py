@@ -8,7 +8,7 @@ padding come from :mod:`lightning_saver.graph.tf_import.layout`. Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +65,18 @@ def _conv(
     return from_nchw(y, data_format, op)
 
 
-def _channels(x: torch.Tensor, data_format: str, op: str) -> int:
-    return int(x.shape[1] if check_data_format(data_format, op) else x.shape[-1])
+def _grouped_weight(
+    op: str, x: torch.Tensor, filter: torch.Tensor, data_format: str
+) -> tuple[torch.Tensor, int]:
+    """A TF filter (spatial..., in, out) as torch's (out, in, spatial...) weight, and the group count."""
+    in_channels = int(x.shape[1] if check_data_format(data_format, op) else x.shape[-1])
+    per_group = filter.shape[-2]
+    if in_channels % per_group:
+        raise GraphImportError(
+            f"{op}: input has {in_channels} channels, not a multiple of the filter's {per_group}"
+        )
+    spatial = range(filter.dim() - 2)
+    return filter.permute(filter.dim() - 1, filter.dim() - 2, *spatial), in_channels // per_group
 
 
 @TF_OPS.register("Conv2D")
@@ -80,13 +90,7 @@ def conv2d(
     data_format: str = "NHWC",
     dilations: Sequence[int] = _ONES,
 ) -> torch.Tensor:
-    in_channels = _channels(input, data_format, "Conv2D")
-    if in_channels % filter.shape[2]:
-        raise GraphImportError(
-            f"Conv2D: input has {in_channels} channels, not a multiple of the filter's {filter.shape[2]}"
-        )
-    weight = filter.permute(3, 2, 0, 1)  # HWIO -> OIHW
-    groups = in_channels // filter.shape[2]
+    weight, groups = _grouped_weight("Conv2D", input, filter, data_format)  # HWIO -> OIHW
     return _conv("Conv2D", input, weight, groups, strides, padding, explicit_paddings, data_format, dilations)
 
 
@@ -180,21 +184,27 @@ def _backprop_input(
     return from_nchw(pad_spatial(y, crop), data_format, op)
 
 
-def _pool_pads(
+_PoolFn = Callable[[torch.Tensor, tuple[int, ...], tuple[int, ...], Pads], torch.Tensor]
+
+
+def _pool(
     op: str,
-    x: torch.Tensor,
+    pool: _PoolFn,
+    input: torch.Tensor,
     ksize: Sequence[int],
     strides: Sequence[int],
     padding: str,
     explicit_paddings: Sequence[int],
     data_format: str,
-) -> tuple[tuple[int, ...], tuple[int, ...], Pads]:
+) -> torch.Tensor:
+    """A 2-D/3-D pooling with TF's attrs: layout and padding resolved here, ``pool`` on NC* data."""
+    x = to_nchw(input, data_format, op)
     kernel = spatial_attr(ksize, data_format, "ksize", op)
     stride = spatial_attr(strides, data_format, "strides", op)
     pads = spatial_pads(
         x.shape[2:], kernel, stride, (1,) * len(kernel), padding, explicit_paddings, data_format, op
     )
-    return kernel, stride, pads
+    return from_nchw(pool(x, kernel, stride, pads), data_format, op)
 
 
 @TF_OPS.register("MaxPool")
@@ -207,9 +217,7 @@ def max_pool(
     explicit_paddings: Sequence[int] = (),
     data_format: str = "NHWC",
 ) -> torch.Tensor:
-    x = to_nchw(input, data_format, "MaxPool")
-    kernel, stride, pads = _pool_pads("MaxPool", x, ksize, strides, padding, explicit_paddings, data_format)
-    return from_nchw(_max_pool(x, kernel, stride, pads), data_format, "MaxPool")
+    return _pool("MaxPool", _max_pool, input, ksize, strides, padding, explicit_paddings, data_format)
 
 
 def _max_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
@@ -243,9 +251,7 @@ def avg_pool(
     padding: str,
     data_format: str = "NHWC",
 ) -> torch.Tensor:
-    x = to_nchw(value, data_format, "AvgPool")
-    kernel, stride, pads = _pool_pads("AvgPool", x, ksize, strides, padding, (), data_format)
-    return from_nchw(_avg_pool(x, kernel, stride, pads), data_format, "AvgPool")
+    return _pool("AvgPool", _avg_pool, value, ksize, strides, padding, (), data_format)
 
 
 def _avg_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
@@ -269,13 +275,7 @@ def conv3d(
     data_format: str = "NDHWC",
     dilations: Sequence[int] = (1, 1, 1, 1, 1),
 ) -> torch.Tensor:
-    in_channels = _channels(input, data_format, "Conv3D")
-    if in_channels % filter.shape[3]:
-        raise GraphImportError(
-            f"Conv3D: input has {in_channels} channels, not a multiple of the filter's {filter.shape[3]}"
-        )
-    weight = filter.permute(4, 3, 0, 1, 2)  # DHWIO -> OIDHW
-    groups = in_channels // filter.shape[3]
+    weight, groups = _grouped_weight("Conv3D", input, filter, data_format)  # DHWIO -> OIDHW
     return _conv("Conv3D", input, weight, groups, strides, padding, (), data_format, dilations)
 
 
@@ -288,9 +288,7 @@ def max_pool3d(
     padding: str,
     data_format: str = "NDHWC",
 ) -> torch.Tensor:
-    x = to_nchw(input, data_format, "MaxPool3D")
-    kernel, stride, pads = _pool_pads("MaxPool3D", x, ksize, strides, padding, (), data_format)
-    return from_nchw(_max_pool(x, kernel, stride, pads), data_format, "MaxPool3D")
+    return _pool("MaxPool3D", _max_pool, input, ksize, strides, padding, (), data_format)
 
 
 @TF_OPS.register("AvgPool3D")
@@ -302,6 +300,4 @@ def avg_pool3d(
     padding: str,
     data_format: str = "NDHWC",
 ) -> torch.Tensor:
-    x = to_nchw(input, data_format, "AvgPool3D")
-    kernel, stride, pads = _pool_pads("AvgPool3D", x, ksize, strides, padding, (), data_format)
-    return from_nchw(_avg_pool(x, kernel, stride, pads), data_format, "AvgPool3D")
+    return _pool("AvgPool3D", _avg_pool, input, ksize, strides, padding, (), data_format)
