@@ -50,7 +50,10 @@ def convert(program: torch.export.ExportedProgram, g: GraphBuilder, store: Varia
             converter = table.lookup(node.target)
             args = torch.fx.node.map_arg(node.args, env.__getitem__)
             kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
-            out = converter(Ctx(g, node), *args, **kwargs)
+            try:
+                out = converter(Ctx(g, node), *args, **kwargs)
+            except UnsupportedOpError as error:  # say where in the model the attribute came from
+                raise UnsupportedOpError(f"{error} (op {node.target} {describe_node(node)})") from None
             env[node] = _with_meta(out, node.meta.get("val"))
         elif node.op == "output":
             g.scope = ""
