@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import reduce
 
 import torch
@@ -25,28 +26,73 @@ def _is_float(x: Tensor) -> bool:
     return x.is_floating_point() or x.is_complex()
 
 
+# ---- ops that are exactly one torch function (same broadcasting, same dtype rules) -------------
+
+_UNARY: tuple[tuple[tuple[str, ...], str, Callable[[Tensor], Tensor]], ...] = (
+    (("Neg",), "neg", torch.neg),
+    (("Abs",), "abs_", torch.abs),
+    (("Exp",), "exp", torch.exp),
+    (("Expm1",), "expm1", torch.expm1),
+    (("Log",), "log", torch.log),
+    (("Log1p",), "log1p", torch.log1p),
+    (("Sqrt",), "sqrt", torch.sqrt),
+    (("Rsqrt",), "rsqrt", torch.rsqrt),
+    (("Erf",), "erf", torch.erf),
+    (("Erfc",), "erfc", torch.erfc),
+    (("Tanh",), "tanh", torch.tanh),
+    (("Sigmoid",), "sigmoid", torch.sigmoid),
+    (("Floor",), "floor", torch.floor),
+    (("Ceil",), "ceil", torch.ceil),
+    (("Sin",), "sin", torch.sin),
+    (("Cos",), "cos", torch.cos),
+    (("IsNan",), "is_nan", torch.isnan),
+    (("IsInf",), "is_inf", torch.isinf),
+    (("IsFinite",), "is_finite", torch.isfinite),
+    (("LogicalNot",), "logical_not", torch.logical_not),
+)
+_BINARY: tuple[tuple[tuple[str, ...], str, Callable[[Tensor, Tensor], Tensor]], ...] = (
+    (("Add", "AddV2"), "add", torch.add),
+    (("Sub",), "sub", torch.sub),
+    (("Mul",), "mul", torch.mul),
+    (("Atan2",), "atan2", torch.atan2),
+    (("Less",), "less", torch.lt),
+    (("LessEqual",), "less_equal", torch.le),
+    (("Greater",), "greater", torch.gt),
+    (("GreaterEqual",), "greater_equal", torch.ge),
+    (("LogicalAnd",), "logical_and", torch.logical_and),
+    (("LogicalOr",), "logical_or", torch.logical_or),
+)
+
+
+def _unary(name: str, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    def convert(x: Tensor) -> Tensor:
+        return fn(x)
+
+    convert.__name__ = convert.__qualname__ = name
+    return convert
+
+
+def _binary(name: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    def convert(x: Tensor, y: Tensor) -> Tensor:
+        return fn(x, y)
+
+    convert.__name__ = convert.__qualname__ = name
+    return convert
+
+
+for _keys, _name, _fn in _UNARY:
+    TF_OPS.register(*_keys)(_unary(_name, _fn))
+for _keys, _name, _binary_fn in _BINARY:
+    TF_OPS.register(*_keys)(_binary(_name, _binary_fn))
+
+
 # ---- binary arithmetic -------------------------------------------------------------------------
-
-
-@TF_OPS.register("Add", "AddV2")
-def add(x: Tensor, y: Tensor) -> Tensor:
-    return torch.add(x, y)
 
 
 @TF_OPS.register("AddN")
 def add_n(*inputs: Tensor) -> Tensor:
     """Sum of same-shaped tensors (AddN does not broadcast in TF either)."""
     return reduce(torch.add, inputs)
-
-
-@TF_OPS.register("Sub")
-def sub(x: Tensor, y: Tensor) -> Tensor:
-    return torch.sub(x, y)
-
-
-@TF_OPS.register("Mul")
-def mul(x: Tensor, y: Tensor) -> Tensor:
-    return torch.mul(x, y)
 
 
 @TF_OPS.register("RealDiv")
@@ -141,11 +187,6 @@ def squared_difference(x: Tensor, y: Tensor) -> Tensor:
     return diff * diff.conj() if diff.is_complex() else diff * diff
 
 
-@TF_OPS.register("Atan2")
-def atan2(y: Tensor, x: Tensor) -> Tensor:
-    return torch.atan2(y, x)
-
-
 @TF_OPS.register("Xlogy")
 def xlogy(x: Tensor, y: Tensor) -> Tensor:
     """``x * log(y)``, and ``x`` itself (a signed zero) wherever ``x == 0``, even for a NaN ``y``."""
@@ -163,52 +204,12 @@ def clip_by_value(t: Tensor, clip_value_min: Tensor, clip_value_max: Tensor) -> 
 # ---- unary math --------------------------------------------------------------------------------
 
 
-@TF_OPS.register("Neg")
-def neg(x: Tensor) -> Tensor:
-    return torch.neg(x)
-
-
-@TF_OPS.register("Abs")
-def abs_(x: Tensor) -> Tensor:
-    return torch.abs(x)
-
-
 @TF_OPS.register("Sign")
 def sign(x: Tensor) -> Tensor:
     """-1, 0 or 1; TF keeps NaN as NaN where torch would give 0."""
     if x.is_floating_point():
         return torch.where(torch.isnan(x), x, torch.sign(x))
     return torch.sign(x)
-
-
-@TF_OPS.register("Exp")
-def exp(x: Tensor) -> Tensor:
-    return torch.exp(x)
-
-
-@TF_OPS.register("Expm1")
-def expm1(x: Tensor) -> Tensor:
-    return torch.expm1(x)
-
-
-@TF_OPS.register("Log")
-def log(x: Tensor) -> Tensor:
-    return torch.log(x)
-
-
-@TF_OPS.register("Log1p")
-def log1p(x: Tensor) -> Tensor:
-    return torch.log1p(x)
-
-
-@TF_OPS.register("Sqrt")
-def sqrt(x: Tensor) -> Tensor:
-    return torch.sqrt(x)
-
-
-@TF_OPS.register("Rsqrt")
-def rsqrt(x: Tensor) -> Tensor:
-    return torch.rsqrt(x)
 
 
 @TF_OPS.register("Square")
@@ -224,65 +225,10 @@ def reciprocal(x: Tensor) -> Tensor:
     return torch.div(torch.ones_like(x), x, rounding_mode="trunc")
 
 
-@TF_OPS.register("Erf")
-def erf(x: Tensor) -> Tensor:
-    return torch.erf(x)
-
-
-@TF_OPS.register("Erfc")
-def erfc(x: Tensor) -> Tensor:
-    return torch.erfc(x)
-
-
-@TF_OPS.register("Tanh")
-def tanh(x: Tensor) -> Tensor:
-    return torch.tanh(x)
-
-
-@TF_OPS.register("Sigmoid")
-def sigmoid(x: Tensor) -> Tensor:
-    return torch.sigmoid(x)
-
-
-@TF_OPS.register("Floor")
-def floor(x: Tensor) -> Tensor:
-    return torch.floor(x)
-
-
-@TF_OPS.register("Ceil")
-def ceil(x: Tensor) -> Tensor:
-    return torch.ceil(x)
-
-
 @TF_OPS.register("Round", "Rint")
 def round_(x: Tensor) -> Tensor:
     """Half to even, like TF (and torch)."""
     return torch.round(x) if x.is_floating_point() else x
-
-
-@TF_OPS.register("Sin")
-def sin(x: Tensor) -> Tensor:
-    return torch.sin(x)
-
-
-@TF_OPS.register("Cos")
-def cos(x: Tensor) -> Tensor:
-    return torch.cos(x)
-
-
-@TF_OPS.register("IsNan")
-def is_nan(x: Tensor) -> Tensor:
-    return torch.isnan(x)
-
-
-@TF_OPS.register("IsInf")
-def is_inf(x: Tensor) -> Tensor:
-    return torch.isinf(x)
-
-
-@TF_OPS.register("IsFinite")
-def is_finite(x: Tensor) -> Tensor:
-    return torch.isfinite(x)
 
 
 # ---- comparisons and logic ---------------------------------------------------------------------
@@ -310,41 +256,6 @@ def not_equal(x: Tensor, y: Tensor, *, incompatible_shape_error: bool = True) ->
     if not incompatible_shape_error and not _broadcastable(x, y):
         return torch.tensor(True, device=x.device)
     return torch.ne(x, y)
-
-
-@TF_OPS.register("Less")
-def less(x: Tensor, y: Tensor) -> Tensor:
-    return torch.lt(x, y)
-
-
-@TF_OPS.register("LessEqual")
-def less_equal(x: Tensor, y: Tensor) -> Tensor:
-    return torch.le(x, y)
-
-
-@TF_OPS.register("Greater")
-def greater(x: Tensor, y: Tensor) -> Tensor:
-    return torch.gt(x, y)
-
-
-@TF_OPS.register("GreaterEqual")
-def greater_equal(x: Tensor, y: Tensor) -> Tensor:
-    return torch.ge(x, y)
-
-
-@TF_OPS.register("LogicalAnd")
-def logical_and(x: Tensor, y: Tensor) -> Tensor:
-    return torch.logical_and(x, y)
-
-
-@TF_OPS.register("LogicalOr")
-def logical_or(x: Tensor, y: Tensor) -> Tensor:
-    return torch.logical_or(x, y)
-
-
-@TF_OPS.register("LogicalNot")
-def logical_not(x: Tensor) -> Tensor:
-    return torch.logical_not(x)
 
 
 # ---- matrices ----------------------------------------------------------------------------------
