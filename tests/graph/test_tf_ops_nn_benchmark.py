@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-
-from tf_graphs import tf_module
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tf_import_nn_ops.py"
+from bench_smoke import run_quick
 
 
 def test_quick_benchmark_prints_table_and_json(capsys):
-    tf_module()
-    spec = importlib.util.spec_from_file_location("bench_tf_import_nn_ops", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--quick"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines, summary = run_quick("tf_import_nn_ops.py", capsys)
     assert lines[0].split()[:3] == ["case", "TF", "ms"]
-    summary = json.loads(lines[-1])
     assert summary["benchmark"] == "tf_import_nn_ops" and summary["quick"]
     cases = [r["case"] for r in summary["rows"]]
     assert len(cases) == len(set(cases)) == len(lines) - 2
