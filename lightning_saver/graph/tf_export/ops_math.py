@@ -149,17 +149,17 @@ def _clamp_here(cx: Ctx, x: TfTensor, low: Any, high: Any) -> TfTensor:
 
 
 @TF_EXPORT.register(aten.clamp.default, aten.clamp.Tensor)
-def clamp(cx: Ctx, x: TfTensor, min: Any = None, max: Any = None) -> TfTensor:  # noqa: A002
+def clamp(cx: Ctx, x: TfTensor, min: Any = None, max: Any = None) -> TfTensor:
     return _clamp(cx, x, min, max)
 
 
 @TF_EXPORT.register(aten.clamp_min.default)
-def clamp_min(cx: Ctx, x: TfTensor, min: Any) -> TfTensor:  # noqa: A002
+def clamp_min(cx: Ctx, x: TfTensor, min: Any) -> TfTensor:
     return _clamp(cx, x, min, None)
 
 
 @TF_EXPORT.register(aten.clamp_max.default)
-def clamp_max(cx: Ctx, x: TfTensor, max: Any) -> TfTensor:  # noqa: A002
+def clamp_max(cx: Ctx, x: TfTensor, max: Any) -> TfTensor:
     return _clamp(cx, x, None, max)
 
 

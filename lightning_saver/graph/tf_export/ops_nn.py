@@ -17,7 +17,7 @@ import torch
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.formats import tf_dtypes
 from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor
-from lightning_saver.graph.tf_export.ops_shape import dim_size, split_with_sizes  # noqa: F401
+from lightning_saver.graph.tf_export.ops_shape import dim_size
 from lightning_saver.graph.tf_export.table import TF_EXPORT, Ctx
 
 aten = torch.ops.aten

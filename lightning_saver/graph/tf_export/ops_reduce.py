@@ -101,7 +101,7 @@ def cumprod(cx: Ctx, x: TfTensor, dim: int, *, dtype: Any = None) -> TfTensor:
 
 
 @TF_EXPORT.register(aten.linalg_vector_norm.default)
-def vector_norm(cx: Ctx, x: TfTensor, ord: float = 2, dim: Any = None, keepdim: bool = False, *,  # noqa: A002
+def vector_norm(cx: Ctx, x: TfTensor, ord: float = 2, dim: Any = None, keepdim: bool = False, *,
                 dtype: Any = None) -> TfTensor:
     g = cx.g
     reduce_axes = axes(dim, x.rank)
@@ -115,7 +115,7 @@ def vector_norm(cx: Ctx, x: TfTensor, ord: float = 2, dim: Any = None, keepdim: 
 
 
 @TF_EXPORT.register(aten.topk.default)
-def topk(cx: Ctx, x: TfTensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True  # noqa: A002
+def topk(cx: Ctx, x: TfTensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
          ) -> list[TfTensor]:
     g = cx.g
     rank = x.rank or 1
