@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from tf_peer import tf_save
 
 from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
 
@@ -71,20 +72,10 @@ def _same(ours: np.ndarray, theirs: np.ndarray) -> None:
         assert ours.tobytes() == theirs.tobytes()
 
 
-def _tf_save(prefix: str, tensors: dict[str, np.ndarray]) -> None:
-    names = list(tensors)
-    tf.raw_ops.SaveV2(
-        prefix=prefix,
-        tensor_names=names,
-        shape_and_slices=[""] * len(names),
-        tensors=[tf.constant(tensors[n]) for n in names],
-    )
-
-
 def test_tf_writes_every_dtype_we_read_bit_exact(tmp_path):
     tensors = _all_tensors()
     prefix = str(tmp_path / "model.ckpt")
-    _tf_save(prefix, tensors)
+    tf_save(tf, prefix, tensors)
     got = read_checkpoint(prefix)
     assert list(got) == sorted(tensors)
     for name, value in tensors.items():
@@ -106,7 +97,7 @@ def test_we_write_every_dtype_tf_reads_bit_exact(tmp_path):
 
 def test_we_write_byte_identical_files_to_tf(tmp_path):
     tensors = _all_tensors()
-    _tf_save(str(tmp_path / "theirs"), tensors)
+    tf_save(tf, str(tmp_path / "theirs"), tensors)
     write_checkpoint(str(tmp_path / "ours"), tensors)
     for suffix in (".index", ".data-00000-of-00001"):
         assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
@@ -138,7 +129,7 @@ def test_torch_tensors_in_tf_reads_them(tmp_path):
 def test_list_checkpoint_matches_tf_shape_and_dtype_maps(tmp_path):
     tensors = _all_tensors()
     prefix = str(tmp_path / "m")
-    _tf_save(prefix, tensors)
+    tf_save(tf, prefix, tensors)
     reader = tf.train.load_checkpoint(prefix)
     shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
     info = list_checkpoint(prefix)
@@ -151,7 +142,7 @@ def test_byte_identical_when_the_index_spans_several_blocks(tmp_path):
     # > 256 KiB of entries: several data blocks, index separators and restart points as TF makes them
     names = [f"{i:05d}/" + RNG.bytes(24).hex() for i in range(7000)]  # random names defeat prefix compression
     tensors = {name: np.array(i, np.int32) for i, name in enumerate(names)}
-    _tf_save(str(tmp_path / "theirs"), tensors)
+    tf_save(tf, str(tmp_path / "theirs"), tensors)
     write_checkpoint(str(tmp_path / "ours"), tensors)
     theirs = (tmp_path / "theirs.index").read_bytes()
     assert len(theirs) > 1.5 * 262144

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tf_peer import tf_save
 
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError
 from lightning_saver.formats import sstable
@@ -90,13 +91,7 @@ def _tf_multi_shard(prefix: str, shards: list[dict[str, np.ndarray]]) -> None:
     parts = []
     for i, tensors in enumerate(shards):
         part = tf.raw_ops.ShardedFilename(basename=prefix + "_temp/part", shard=i, num_shards=len(shards))
-        names = list(tensors)
-        tf.raw_ops.SaveV2(
-            prefix=part,
-            tensor_names=names,
-            shape_and_slices=[""] * len(names),
-            tensors=[tf.constant(tensors[n]) for n in names],
-        )
+        tf_save(tf, part, tensors)
         parts.append(part)
     tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts, destination_prefix=prefix, delete_old_dirs=True)
 
