@@ -85,7 +85,7 @@ def test_signature_saver_def_and_op_list(mlp_export: tuple[MLP, str]) -> None:
     assert [d.size for d in signature.inputs["features"].tensor_shape.dim] == [-1, 4]
     assert signature.outputs["output_0"].name == "output_0:0"
     assert meta.saver_def.version == saver_pb2.SaverDef.V2
-    assert list(meta.meta_info_def.tags) == ["serve"]
+    assert list(meta.meta_info_def.tags) == ["serve"] and meta.meta_info_def.stripped_default_attrs
     used = {node.op for node in meta.graph_def.node}
     assert {op.name for op in meta.meta_info_def.stripped_op_list.op} == used
 

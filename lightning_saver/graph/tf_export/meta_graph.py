@@ -30,6 +30,7 @@ def build_meta_graph(g: GraphBuilder, inputs: dict[str, TfTensor], outputs: list
                           if wanted is None or v.trainable)
     info = meta.meta_info_def
     info.tags.extend(tags)
+    info.stripped_default_attrs = True  # true: no node carries an attr at its default (see op_defs.py)
     info.stripped_op_list.op.extend(op_def(op) for op in sorted(g.ops_used))
     meta.graph_def.CopyFrom(g.graph)
     signature = meta.signature_def[SERVING_KEY]
