@@ -269,7 +269,7 @@ def test_converter(name: str, peers: dict[str, Any]) -> None:
 
 
 # cases whose TF ops our importer (graph/tf_import) does not convert yet
-IMPORTER_GAPS = {"topk"}  # TopKV2
+IMPORTER_GAPS: set[str] = set()
 
 
 def test_round_trip_through_our_importer(peers: dict[str, Any]) -> None:

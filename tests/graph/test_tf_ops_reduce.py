@@ -141,3 +141,22 @@ def test_scans(op: str, dtype: type, axis: int, exclusive: bool, reverse: bool) 
     got = table.call(op, [torch.from_numpy(x), torch.from_numpy(axis_np)], attrs).numpy()
     assert got.dtype == expected.dtype and got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 6)])
+def test_top_k_v2_matches_tensorflow_ties_included(shape: tuple, dtype: type, k: int) -> None:
+    # few distinct values, so ties are common: TF returns the lower index first
+    x = np.random.default_rng(5).integers(0, 3, shape).astype(dtype)
+    want_v, want_i = tf.raw_ops.TopKV2(input=x, k=np.int32(k), sorted=True)
+    inputs = [torch.from_numpy(x), torch.tensor(k, dtype=torch.int32)]
+    got_v, got_i = table.call("TopKV2", inputs, {"sorted": True})
+    np.testing.assert_array_equal(got_v.numpy(), want_v.numpy())
+    np.testing.assert_array_equal(got_i.numpy(), want_i.numpy())
+    assert got_i.dtype == torch.int32
+
+
+def test_top_k_v2_refuses_k_larger_than_the_axis() -> None:
+    with pytest.raises(ValueError, match=r"TopKV2: k=4 must lie in \[0, 3\]"):
+        table.call("TopKV2", [torch.zeros(2, 3), torch.tensor(4)], {})

@@ -168,3 +168,22 @@ def cumsum(x: Tensor, axis: Tensor, *, exclusive: bool = False, reverse: bool = 
 def cumprod(x: Tensor, axis: Tensor, *, exclusive: bool = False, reverse: bool = False) -> Tensor:
     """Running products along ``axis``; ``exclusive`` leaves each element out of its own product."""
     return _scan("Cumprod", x, axis, exclusive, reverse, product=True)
+
+
+@TF_OPS.register("TopKV2", "TopK")
+def top_k(
+    input: Tensor, k: Tensor | None = None, *, sorted: bool = True,
+    index_type: torch.dtype = torch.int32, **attrs: object,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of the last axis and their indices; ties go to the lower index, as in TF.
+
+    TopK (v1) carries ``k`` as an attr instead of an input.
+    """
+    count = int(k.item()) if k is not None else int(attrs["k"])  # type: ignore[call-overload]
+    if not 0 <= count <= input.shape[-1]:
+        raise ValueError(
+            f"TopKV2: k={count} must lie in [0, {input.shape[-1]}] for an input of shape {list(input.shape)}"
+        )
+    # a stable descending sort keeps equal values in index order; torch.topk does not promise that
+    values, indices = torch.sort(input, dim=-1, descending=True, stable=True)
+    return values[..., :count], indices[..., :count].to(index_type)
