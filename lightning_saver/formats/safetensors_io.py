@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -97,14 +100,92 @@ def _crc_region(fd: int, header: Header, name: str) -> int:
     return crc
 
 
-def _fill(fd: int, header: Header, name: str, target: torch.Tensor, crc: checksum.CrcPipeline | None) -> None:
-    info = header.tensors[name]
-    address = target.data_ptr()
-    for start in range(0, info.nbytes, CHUNK):
-        size = min(CHUNK, info.nbytes - start)
-        _read_exact(fd, header.data_start + info.offset + start, address + start, size, header.path)
-        if crc is not None:
-            crc.add(name, address + start, size, total=info.nbytes)  # overlaps the next read
+_READ_CHUNK = 1 << 20  # read, then checksum while the chunk is still in this core's cache
+_SPLIT_MIN = 8 << 20  # below this, a second thread costs more than it saves
+_PAGE = 4096
+
+
+@dataclass(frozen=True)
+class _Piece:
+    name: str
+    offset: int  # in the file
+    address: int
+    nbytes: int
+
+    def cut(self, at: int) -> tuple[_Piece, _Piece]:
+        rest = self.nbytes - at
+        return (
+            _Piece(self.name, self.offset, self.address, at),
+            _Piece(self.name, self.offset + at, self.address + at, rest),
+        )
+
+
+def _halve(pieces: list[_Piece]) -> tuple[list[_Piece], list[_Piece]]:
+    """Split file-ordered pieces into two runs of about equal bytes, cutting one tensor if needed."""
+    total = sum(p.nbytes for p in pieces)
+    if total < _SPLIT_MIN:
+        return pieces, []
+    first: list[_Piece] = []
+    second: list[_Piece] = []
+    left = total // 2
+    for piece in pieces:
+        if left >= piece.nbytes:
+            first.append(piece)
+            left -= piece.nbytes
+            continue
+        at = left - left % _PAGE
+        left = 0
+        if at == 0:
+            second.append(piece)
+            continue
+        head, tail = piece.cut(at)
+        first.append(head)
+        second.append(tail)
+    return first, second
+
+
+def _read_pieces(fd: int, path: str, pieces: list[_Piece], verify: bool, crcs: list[int]) -> None:
+    for piece in pieces:
+        crc = 0
+        for start in range(0, piece.nbytes, _READ_CHUNK):
+            size = min(_READ_CHUNK, piece.nbytes - start)
+            _read_exact(fd, piece.offset + start, piece.address + start, size, path)
+            if verify:
+                crc = checksum.extend_address(crc, piece.address + start, size)
+        crcs.append(crc)
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - the caller's error is the one being raised
+        pass
+
+
+def _read_parallel(fd: int, path: str, pieces: list[_Piece], verify: bool) -> dict[str, int]:
+    """Read pieces into memory, half on the helper thread; name -> CRC-32C (0 when not verifying).
+
+    Each thread reads a chunk and checksums it while it is hot in its own cache; the tensor cut
+    between the halves gets its CRC from the two partial ones (:func:`checksum.combine`).
+    """
+    first, second = _halve(pieces)
+    crcs: tuple[list[int], list[int]] = ([], [])
+    future = checksum.run_beside(partial(_read_pieces, fd, path, second, verify, crcs[1])) if second else None
+    try:
+        _read_pieces(fd, path, first, verify, crcs[0])
+        if second and future is None:  # no thread could be started
+            _read_pieces(fd, path, second, verify, crcs[1])
+    except BaseException:
+        if future is not None:
+            _wait_quietly(future)  # it writes into the targets: never return while it runs
+        raise
+    if future is not None:
+        future.result()
+    computed: dict[str, int] = {}
+    for piece, crc in zip(first + second, crcs[0] + crcs[1], strict=True):
+        head = computed.get(piece.name)
+        computed[piece.name] = crc if head is None else checksum.combine(head, crc, piece.nbytes)
+    return computed
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -117,41 +198,47 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _piece(header: Header, name: str, target: torch.Tensor) -> _Piece:
+    info = header.tensors[name]
+    return _Piece(name, header.data_start + info.offset, target.data_ptr(), info.nbytes)
+
+
 def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bool = True) -> None:
     """Copy the named tensors' bytes from the file straight into ``targets`` (same dtype and shape).
 
-    Contiguous CPU targets are filled in place with no intermediate buffer; others via one temporary.
+    Contiguous CPU targets are filled in place with no intermediate buffer, two threads each reading
+    and checksumming about half of the bytes; others go one by one via a temporary.
     Tied keys (aliases) whose owner is also a target are only checksummed, not read twice.
     """
     aliases = header.aliases
-    crc = checksum.CrcPipeline() if verify else None
-    try:
-        with open(header.path, "rb", buffering=0) as f:
-            fd = f.fileno()
-            for name in sorted(targets, key=lambda n: header.tensors[n].offset):
-                target = targets[name]
-                if aliases.get(name) in targets and _same_memory(targets[aliases[name]], target):
-                    if verify:
-                        _check_crc(header, name, _crc_region(fd, header, name))
-                    continue
-                if target.device.type == "cpu" and target.is_contiguous():
-                    _fill(fd, header, name, target, crc)
-                    continue
-                tmp = torch.empty(target.shape, dtype=target.dtype)
-                _fill(fd, header, name, tmp, crc)
-                if crc is not None:
-                    crc.wait()  # before tmp is freed
-                with torch.no_grad():
-                    target.copy_(tmp)
-        computed = crc.results() if crc is not None else {}
-    finally:
-        if crc is not None:
-            crc.drain()
-    for name, value in computed.items():
-        _check_crc(header, name, value)
-    for name in targets:  # empty tensors never reach the pipeline
-        if verify and name not in computed and header.tensors[name].nbytes == 0:
-            _check_crc(header, name, 0)
+    in_place: list[_Piece] = []
+    others: list[str] = []
+    for name in sorted(targets, key=lambda n: header.tensors[n].offset):
+        target = targets[name]
+        if aliases.get(name) in targets and _same_memory(targets[aliases[name]], target):
+            others.append(name)
+        elif target.device.type == "cpu" and target.is_contiguous():
+            in_place.append(_piece(header, name, target))
+        else:
+            others.append(name)
+    with open(header.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        computed = _read_parallel(fd, header.path, in_place, verify)
+        for name in others:
+            target = targets[name]
+            if aliases.get(name) in targets and _same_memory(targets[aliases[name]], target):
+                if verify:
+                    _check_crc(header, name, _crc_region(fd, header, name))
+                continue
+            tmp = torch.empty(target.shape, dtype=target.dtype)
+            crcs: list[int] = []
+            _read_pieces(fd, header.path, [_piece(header, name, tmp)], verify, crcs)
+            computed[name] = crcs[0]
+            with torch.no_grad():
+                target.copy_(tmp)
+    if verify:
+        for name, value in computed.items():
+            _check_crc(header, name, value)
 
 
 def load_file(

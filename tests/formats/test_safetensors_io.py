@@ -282,3 +282,37 @@ def test_any_tensors_round_trip_through_us_and_the_peer(tensors):
                 owner = next(n for n in tensors if tensors[n] is tensors[k])
                 assert ours[k] is ours[owner]
         sio.verify_file(path)
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_one_tensor_read_by_two_threads_reports_a_changed_byte_anywhere(tmp_path, where):
+    # 24 MiB: read_into cuts it between the caller and the helper thread and combines the two CRCs
+    tensors = {"small": torch.rand(100), "huge": torch.rand(6 << 20)}
+    path = tmp_path / "one.safetensors"
+    sio.save_file(tensors, path)
+    out = sio.load_file(path)
+    assert torch.equal(out["huge"], tensors["huge"]) and torch.equal(out["small"], tensors["small"])
+    header = sio.read_header(path)
+    info = header.tensors["huge"]
+    raw = bytearray(path.read_bytes())
+    raw[header.data_start + info.offset + int(info.nbytes * where)] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match=r"one\.safetensors: checksum mismatch in tensor 'huge'"):
+        sio.load_file(path)
+    assert torch.equal(sio.load_file(path, verify=False)["small"], tensors["small"])
+
+
+def test_tensors_split_between_threads_keep_their_own_checksums(tmp_path):
+    tensors = {f"t{i}": torch.rand(1 << 20) * i for i in range(5)}  # 4 MiB each; the cut falls in t2
+    path = tmp_path / "five.safetensors"
+    sio.save_file(tensors, path)
+    targets = {name: torch.empty_like(t) for name, t in tensors.items()}
+    sio.read_into(sio.read_header(path), targets)
+    assert all(torch.equal(targets[n], tensors[n]) for n in tensors)
+    header = sio.read_header(path)
+    info = header.tensors["t3"]
+    raw = bytearray(path.read_bytes())
+    raw[header.data_start + info.offset + info.nbytes - 1] ^= 0x80
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="checksum mismatch in tensor 't3'"):
+        sio.read_into(sio.read_header(path), targets)
