@@ -148,3 +148,26 @@ def test_byte_identical_when_the_index_spans_several_blocks(tmp_path):
     assert len(theirs) > 1.5 * 262144
     assert (tmp_path / "ours.index").read_bytes() == theirs
     assert read_checkpoint(tmp_path / "theirs", names=[names[-1]])[names[-1]] == 6999
+
+
+def test_big_checkpoint_read_on_threads_in_chunks_matches_tf(tmp_path):
+    # over 16 MiB in several tensors: read on two threads, 1 MiB chunks, sizes off the chunk grid
+    tensors = {
+        "a/kernel": RNG.standard_normal((1000, 1311)).astype(np.float32),
+        "b/bias": RNG.standard_normal(7).astype(np.float64),
+        "c/kernel": RNG.standard_normal((3, 1_000_003)).astype(np.float32),
+        "d/names": np.array([b"x", b"yz"], dtype=object),
+        "e/kernel": RNG.integers(0, 255, 2_500_001, dtype=np.uint8),
+    }
+    prefix = str(tmp_path / "big")
+    tf_save(tf, prefix, tensors)
+    ours = read_checkpoint(prefix)
+    theirs = tf.train.load_checkpoint(prefix)
+    assert list(ours) == sorted(tensors)
+    for name in tensors:
+        expected = theirs.get_tensor(name)
+        assert ours[name].dtype == expected.dtype and ours[name].shape == expected.shape
+        if name == "d/names":
+            assert list(ours[name]) == list(expected)
+        else:
+            assert ours[name].tobytes() == expected.tobytes()

@@ -206,3 +206,25 @@ def test_mmap_reads_are_verified_writable_and_never_reach_the_file(tmp_path):
 def test_mmap_of_an_empty_data_file(tmp_path):
     prefix = write_checkpoint(tmp_path / "e", {"nothing": np.zeros((0, 4), np.float32)})
     assert read_checkpoint(prefix, mmap=True)["nothing"].shape == (0, 4)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_threaded_chunked_reads_check_every_chunk(tmp_path, monkeypatch, verify):
+    monkeypatch.setattr(tf_bundle, "_PARALLEL_BYTES", 0)  # take the two-thread path at this small size
+    tensors = {f"t{i}": np.full(300_000 + i, i, np.float32) for i in range(4)}
+    prefix = write_checkpoint(tmp_path / "ck", tensors)
+    data = prefix + ".data-00000-of-00001"
+    assert all(np.array_equal(v, tensors[k]) for k, v in read_checkpoint(prefix).items())
+    offset = 2 * 4 * 300_000 + 4 + (1 << 20) + 17  # t2, second 1 MiB chunk
+    _flip(data, offset)
+    if verify:
+        with pytest.raises(
+            CorruptCheckpointError,
+            match=rf"ck\.data-00000-of-00001: checksum mismatch for tensor 't2' \(offset {2 * 1_200_000 + 4}",
+        ):
+            read_checkpoint(prefix)
+    else:
+        got = read_checkpoint(prefix, verify=False)
+        at = offset - 2_400_004
+        assert got["t2"].view(np.uint8)[at] != tensors["t2"].view(np.uint8)[at]
+        assert np.array_equal(got["t3"], tensors["t3"])
