@@ -22,7 +22,7 @@ CRC-32C there (``verify=True``), so a changed byte is reported with the tensor's
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -101,8 +101,8 @@ def _crc_region(fd: int, header: Header, name: str) -> int:
 
 
 _READ_CHUNK = 1 << 20  # read, then checksum while the chunk is still in this core's cache
-_SPLIT_MIN = 8 << 20  # below this, a second thread costs more than it saves
-_PAGE = 4096
+_UNIT = 8 << 20  # the share one thread takes at a time; a tensor's unit CRCs are joined by combine
+_SPLIT_MIN = 2 * _UNIT  # below this, a second thread costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -112,47 +112,31 @@ class _Piece:
     address: int
     nbytes: int
 
-    def cut(self, at: int) -> tuple[_Piece, _Piece]:
-        rest = self.nbytes - at
-        return (
-            _Piece(self.name, self.offset, self.address, at),
-            _Piece(self.name, self.offset + at, self.address + at, rest),
-        )
+
+def _units(pieces: list[_Piece]) -> list[_Piece]:
+    """Cut pieces into units of at most ``_UNIT`` bytes, in file order (an empty piece stays one unit)."""
+    out: list[_Piece] = []
+    for p in pieces:
+        starts = range(0, p.nbytes, _UNIT) if p.nbytes else range(1)
+        out += [_Piece(p.name, p.offset + s, p.address + s, min(_UNIT, p.nbytes - s)) for s in starts]
+    return out
 
 
-def _halve(pieces: list[_Piece]) -> tuple[list[_Piece], list[_Piece]]:
-    """Split file-ordered pieces into two runs of about equal bytes, cutting one tensor if needed."""
-    total = sum(p.nbytes for p in pieces)
-    if total < _SPLIT_MIN:
-        return pieces, []
-    first: list[_Piece] = []
-    second: list[_Piece] = []
-    left = total // 2
-    for piece in pieces:
-        if left >= piece.nbytes:
-            first.append(piece)
-            left -= piece.nbytes
-            continue
-        at = left - left % _PAGE
-        left = 0
-        if at == 0:
-            second.append(piece)
-            continue
-        head, tail = piece.cut(at)
-        first.append(head)
-        second.append(tail)
-    return first, second
+def _read_unit(fd: int, path: str, unit: _Piece, verify: bool) -> int:
+    crc = 0
+    for start in range(0, unit.nbytes, _READ_CHUNK):
+        size = min(_READ_CHUNK, unit.nbytes - start)
+        _read_exact(fd, unit.offset + start, unit.address + start, size, path)
+        if verify:
+            crc = checksum.extend_address(crc, unit.address + start, size)
+    return crc
 
 
-def _read_pieces(fd: int, path: str, pieces: list[_Piece], verify: bool, crcs: list[int]) -> None:
-    for piece in pieces:
-        crc = 0
-        for start in range(0, piece.nbytes, _READ_CHUNK):
-            size = min(_READ_CHUNK, piece.nbytes - start)
-            _read_exact(fd, piece.offset + start, piece.address + start, size, path)
-            if verify:
-                crc = checksum.extend_address(crc, piece.address + start, size)
-        crcs.append(crc)
+def _read_units(
+    fd: int, path: str, units: list[_Piece], todo: Iterator[int], verify: bool, crcs: list[int]
+) -> None:
+    for i in todo:  # shared by both threads: whichever is free (the other core may be busy) takes the next
+        crcs[i] = _read_unit(fd, path, units[i], verify)
 
 
 def _wait_quietly(future: Future[None]) -> None:
@@ -163,18 +147,20 @@ def _wait_quietly(future: Future[None]) -> None:
 
 
 def _read_parallel(fd: int, path: str, pieces: list[_Piece], verify: bool) -> dict[str, int]:
-    """Read pieces into memory, half on the helper thread; name -> CRC-32C (0 when not verifying).
+    """Read pieces into memory on this thread and the helper; name -> CRC-32C (0 when not verifying).
 
-    Each thread reads a chunk and checksums it while it is hot in its own cache; the tensor cut
-    between the halves gets its CRC from the two partial ones (:func:`checksum.combine`).
+    Each thread reads a chunk and checksums it while it is hot in its own cache. Units of one
+    tensor may run on either thread; their CRCs are joined in file order by :func:`checksum.combine`.
     """
-    first, second = _halve(pieces)
-    crcs: tuple[list[int], list[int]] = ([], [])
-    future = checksum.run_beside(partial(_read_pieces, fd, path, second, verify, crcs[1])) if second else None
+    units = _units(pieces)
+    crcs = [0] * len(units)
+    todo = iter(range(len(units)))  # next() on a range iterator is atomic under the GIL
+    total = sum(p.nbytes for p in pieces)
+    future = None
+    if total >= _SPLIT_MIN:
+        future = checksum.run_beside(partial(_read_units, fd, path, units, todo, verify, crcs))
     try:
-        _read_pieces(fd, path, first, verify, crcs[0])
-        if second and future is None:  # no thread could be started
-            _read_pieces(fd, path, second, verify, crcs[1])
+        _read_units(fd, path, units, todo, verify, crcs)
     except BaseException:
         if future is not None:
             _wait_quietly(future)  # it writes into the targets: never return while it runs
@@ -182,9 +168,9 @@ def _read_parallel(fd: int, path: str, pieces: list[_Piece], verify: bool) -> di
     if future is not None:
         future.result()
     computed: dict[str, int] = {}
-    for piece, crc in zip(first + second, crcs[0] + crcs[1], strict=True):
-        head = computed.get(piece.name)
-        computed[piece.name] = crc if head is None else checksum.combine(head, crc, piece.nbytes)
+    for unit, crc in zip(units, crcs, strict=True):
+        head = computed.get(unit.name)
+        computed[unit.name] = crc if head is None else checksum.combine(head, crc, unit.nbytes)
     return computed
 
 
@@ -206,8 +192,8 @@ def _piece(header: Header, name: str, target: torch.Tensor) -> _Piece:
 def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bool = True) -> None:
     """Copy the named tensors' bytes from the file straight into ``targets`` (same dtype and shape).
 
-    Contiguous CPU targets are filled in place with no intermediate buffer, two threads each reading
-    and checksumming about half of the bytes; others go one by one via a temporary.
+    Contiguous CPU targets are filled in place with no intermediate buffer, by two threads sharing
+    the reading and checksumming; others go one by one via a temporary.
     Tied keys (aliases) whose owner is also a target are only checksummed, not read twice.
     """
     aliases = header.aliases
@@ -231,9 +217,7 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bo
                     _check_crc(header, name, _crc_region(fd, header, name))
                 continue
             tmp = torch.empty(target.shape, dtype=target.dtype)
-            crcs: list[int] = []
-            _read_pieces(fd, header.path, [_piece(header, name, tmp)], verify, crcs)
-            computed[name] = crcs[0]
+            computed[name] = _read_unit(fd, header.path, _piece(header, name, tmp), verify)
             with torch.no_grad():
                 target.copy_(tmp)
     if verify:
