@@ -7,15 +7,14 @@ offset, how many bytes, and their masked CRC-32C. Data shards are raw tensor byt
 
 The verbs match :mod:`lightning_saver.formats.safetensors_io`: :func:`save_file`, :func:`load_file`,
 :func:`read_index`, :func:`read_metadata`. Reading is lazy: only the requested tensors' bytes are read
-(one seek + one read each), and each is checked against its stored crc.
+(positioned reads of 1 MiB chunks), and each is checked against its stored crc.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,8 +51,6 @@ __all__ = [
 _DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _BUNDLE_VERSION = 1  # kTensorBundleVersion: the newest layout this reader knows
 _MAX_INDEX_BYTES = 1 << 31
-_PARALLEL_BYTES = 16 << 20  # below this, starting threads costs more than it saves
-_READ_THREADS = 2
 
 
 class TensorInfo(NamedTuple):
@@ -266,36 +263,11 @@ def load_file(
         shard = data_path(prefix, shard_id, header.num_shards)
         if not os.path.exists(shard):
             raise CheckpointNotFoundError(f"{shard} is missing; the checkpoint {prefix} is incomplete")
-        ordered = sorted(shard_names, key=lambda n: entries[n].offset)
         with ShardReader(shard, mmap=mmap) as reader:
-            for name, buf in zip(ordered, _read_all(reader, ordered, entries, verify, mmap), strict=True):
+            for name in sorted(shard_names, key=lambda n: entries[n].offset):
+                buf = reader.read(name, entries[name], verify=verify)
                 out[name] = _decode(buf, name, entries[name], shard, framework, verify)
     return {name: out[name] for name in wanted}
-
-
-def _read_all(
-    reader: ShardReader, names: list[str], entries: Mapping[str, BundleEntry], verify: bool, mmap: bool
-) -> Iterator[np.ndarray]:
-    """Each tensor's bytes, in the order of ``names``; big fresh reads run on two threads.
-
-    Filling fresh memory is bound by page faults and the copy out of the page cache, both in the
-    kernel with the GIL released, so a second core nearly halves it (measured on 2 cores: 1 GiB in
-    0.4-0.7 s instead of 0.9-1.3 s). The first error in offset order is raised; later reads are
-    cancelled.
-    """
-    total = sum(entries[n].size for n in names)
-    if mmap or len(names) < 2 or total < _PARALLEL_BYTES:
-        for name in names:
-            yield reader.read(name, entries[name], verify=verify)
-        return
-    with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="tf-bundle-read") as pool:
-        futures = [pool.submit(reader.read, n, entries[n], verify=verify) for n in names]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
 
 
 def _read_partitioned(index: BundleIndex, name: str, *, framework: str, verify: bool, mmap: bool) -> Any:

@@ -150,8 +150,8 @@ def test_byte_identical_when_the_index_spans_several_blocks(tmp_path):
     assert read_checkpoint(tmp_path / "theirs", names=[names[-1]])[names[-1]] == 6999
 
 
-def test_big_checkpoint_read_on_threads_in_chunks_matches_tf(tmp_path):
-    # over 16 MiB in several tensors: read on two threads, 1 MiB chunks, sizes off the chunk grid
+def test_big_checkpoint_read_in_chunks_matches_tf(tmp_path):
+    # tensors over and under the 4 MiB prefaulted-buffer size, read in 1 MiB chunks off the chunk grid
     tensors = {
         "a/kernel": RNG.standard_normal((1000, 1311)).astype(np.float32),
         "b/bias": RNG.standard_normal(7).astype(np.float64),

@@ -209,8 +209,7 @@ def test_mmap_of_an_empty_data_file(tmp_path):
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_threaded_chunked_reads_check_every_chunk(tmp_path, monkeypatch, verify):
-    monkeypatch.setattr(tf_bundle, "_PARALLEL_BYTES", 0)  # take the two-thread path at this small size
+def test_chunked_reads_check_every_chunk(tmp_path, verify):
     tensors = {f"t{i}": np.full(300_000 + i, i, np.float32) for i in range(4)}
     prefix = write_checkpoint(tmp_path / "ck", tensors)
     data = prefix + ".data-00000-of-00001"
