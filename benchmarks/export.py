@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timing import median_seconds
 from torch import nn
 
 from lightning_saver.graph.onnx_export import export_onnx
@@ -63,16 +63,6 @@ class ResNet18(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(images)))
-
-
-def _median_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _tf_runner(meta: str, threads: int, restore: bool = True) -> tuple[Any, Any]:
@@ -128,14 +118,14 @@ def main() -> None:
     # torch first, before TF and ORT start their thread pools: their idle threads would slow it
     with torch.no_grad():
         expected = model(images).numpy()
-        torch_s = _median_seconds(lambda: model(images), repeats)
+        torch_s = median_seconds(lambda: model(images), repeats)
     batch_np = images.numpy()
     session, tf_run = _tf_runner(meta, args.threads)
     frozen_session, frozen_run = _tf_runner(frozen, args.threads, restore=False)
     ort_run = _ort_runner(onnx_path, args.threads)
     runners = {"tensorflow": tf_run, "tensorflow_frozen": frozen_run, "onnxruntime": ort_run}
     diffs = {name: float(np.abs(run(batch_np) - expected).max()) for name, run in runners.items()}
-    tf_s, frozen_s, ort_s = (_median_seconds(lambda r=run: r(batch_np), repeats) for run in runners.values())
+    tf_s, frozen_s, ort_s = (median_seconds(lambda r=run: r(batch_np), repeats) for run in runners.values())
     session.close()
     frozen_session.close()
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from timing import median_seconds
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -63,20 +62,6 @@ def build_cnn(tf: Any, size: int) -> None:
     tf.nn.softmax(_dense(tf, h, 10, "out"), name="probs")
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, min_time: float) -> float:
-    fn()
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 50 * repeats:
-            break
-    return statistics.median(times)
-
-
 def bench_model(tf: Any, name: str, build: Callable[[Any, int], None], size: int, shape: tuple[int, ...],
                 batches: list[int], repeats: int, min_time: float, directory: str) -> list[dict[str, Any]]:
     from lightning_saver import import_meta_graph
@@ -108,9 +93,10 @@ def bench_model(tf: Any, name: str, build: Callable[[Any, int], None], size: int
             with torch.no_grad():
                 return module(xt)
 
-        t_tf = _median_time(lambda x=x: sess.run("probs:0", {"x:0": x}), repeats, min_time)
-        t_run = _median_time(lambda x=x: ours.run("probs:0", {"x:0": x}), repeats, min_time)
-        t_mod = _median_time(run_module, repeats, min_time)
+        timing = {"min_time": min_time, "warmup": 2}
+        t_tf = median_seconds(lambda x=x: sess.run("probs:0", {"x:0": x}), repeats, **timing)
+        t_run = median_seconds(lambda x=x: ours.run("probs:0", {"x:0": x}), repeats, **timing)
+        t_mod = median_seconds(run_module, repeats, **timing)
         rows.append({"model": name, "batch": batch, "tf_ms": t_tf * 1e3, "run_ms": t_run * 1e3,
                      "module_ms": t_mod * 1e3, "run_ratio": t_run / t_tf, "module_ratio": t_mod / t_tf})
     sess.close()

@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from timing import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -93,16 +92,6 @@ def _cases(n: int, size: int, channels: int) -> list[Case]:
     ]
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _ours(op: str, inputs: list[Any], attrs: dict[str, Any]) -> Callable[[], Any]:
     def run() -> Any:
         with torch.no_grad():
@@ -130,7 +119,7 @@ def _bench(tf: Any, case: Case, repeats: int) -> dict[str, Any]:
 
     ours = _ours(op, torch_inputs, attrs)
     np.testing.assert_allclose(ours().numpy(), run_tf().numpy(), rtol=1e-3, atol=1e-3)
-    t_tf, t_ours = _median_time(run_tf, repeats), _median_time(ours, repeats)
+    t_tf, t_ours = median_seconds(run_tf, repeats), median_seconds(ours, repeats)
     return {"case": label, "tf_ms": t_tf * 1e3, "ours_ms": t_ours * 1e3, "ratio": t_ours / t_tf}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ def run_quick(script: str, capsys: Any) -> tuple[list[str], dict[str, Any]]:
     """Run ``benchmarks/<script> --quick``; return its stdout lines and its final JSON line, parsed."""
     tf_module()  # skips the test where TensorFlow is missing
     path = BENCHMARKS / script
+    # as when run as a script, its folder comes first on sys.path (for benchmarks/timing.py)
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
