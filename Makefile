@@ -14,11 +14,11 @@ $(VENV)/.stamp-base:
 	$(PIP) install --upgrade pip
 	touch $@
 
-$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml $(CONSTRAINTS)
+$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[demo]'
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml $(CONSTRAINTS)
+$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[test,demo]'
 	touch $@ $(VENV)/.stamp-demo
 
@@ -44,4 +44,4 @@ bench: $(VENV)/.stamp-test
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build lightning_saver/formats/*.so

@@ -21,13 +21,17 @@ CRC-32C there (``verify=True``), so a changed byte is reported with the tensor's
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 from lightning_saver.errors import CorruptCheckpointError, StateMismatchError
@@ -47,6 +51,12 @@ from lightning_saver.formats.safetensors_writer import (
     save_file,
     write_to_fd,
 )
+
+_copy_crc: ModuleType | None
+try:  # optional C extension (setup.py): copy and CRC-32C in one pass
+    from lightning_saver.formats import _copy_crc
+except ImportError:  # not compiled here: pread + google-crc32c, the same results
+    _copy_crc = None
 
 __all__ = [
     "FORMAT_VERSION", "RESERVED_KEY", "TensorInfo", "Header", "WriteResult",
@@ -103,6 +113,7 @@ def _crc_region(fd: int, header: Header, name: str) -> int:
 _READ_CHUNK = 1 << 20  # read, then checksum while the chunk is still in this core's cache
 _UNIT = 8 << 20  # the share one thread takes at a time; a tensor's unit CRCs are joined by combine
 _SPLIT_MIN = 2 * _UNIT  # below this, a second thread costs more than it saves
+_NONTEMPORAL_MIN = 64 << 20  # reads this large stream past the cache (it could not hold them anyway)
 
 
 @dataclass(frozen=True)
@@ -132,11 +143,47 @@ def _read_unit(fd: int, path: str, unit: _Piece, verify: bool) -> int:
     return crc
 
 
+def _copy_mapped(base: int, nontemporal: bool, unit: _Piece) -> int:
+    """Copy a unit out of the mapped file and checksum it in the same pass (the C extension)."""
+    assert _copy_crc is not None
+    return int(_copy_crc.copy_crc32c(unit.address, base + unit.offset, unit.nbytes, 0, nontemporal))
+
+
+@contextmanager
+def _mapped(fd: int, path: str, units: list[_Piece]) -> Iterator[int | None]:
+    """The address of the whole file mapped read-only, or None where the one-pass copy is unavailable.
+
+    The file's size is checked first: touching a mapped page past the end would kill the process
+    (SIGBUS) instead of raising. Our checkpoint files are never shortened in place (a save writes a
+    new file and renames it), so the size cannot change under the mapping.
+    """
+    end = max((u.offset + u.nbytes for u in units), default=0)
+    if _copy_crc is None or not _copy_crc.AVAILABLE or end == 0:
+        yield None
+        return
+    size = os.fstat(fd).st_size
+    if size < end:
+        raise CorruptCheckpointError(
+            f"{path}: the file is truncated: tensor data runs to byte {end}, the file has {size}"
+        )
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # a file system without mmap: read with pread instead
+        yield None
+        return
+    view = np.frombuffer(mm, dtype=np.uint8)
+    try:
+        yield int(view.ctypes.data)
+    finally:
+        del view  # the mapping cannot close while an exported buffer lives
+        mm.close()
+
+
 def _read_units(
-    fd: int, path: str, units: list[_Piece], todo: Iterator[int], verify: bool, crcs: list[int]
+    read: Callable[[_Piece], int], units: list[_Piece], todo: Iterator[int], crcs: list[int]
 ) -> None:
     for i in todo:  # shared by both threads: whichever is free (the other core may be busy) takes the next
-        crcs[i] = _read_unit(fd, path, units[i], verify)
+        crcs[i] = read(units[i])
 
 
 def _wait_quietly(future: Future[None]) -> None:
@@ -149,24 +196,32 @@ def _wait_quietly(future: Future[None]) -> None:
 def _read_parallel(fd: int, path: str, pieces: list[_Piece], verify: bool) -> dict[str, int]:
     """Read pieces into memory on this thread and the helper; name -> CRC-32C (0 when not verifying).
 
-    Each thread reads a chunk and checksums it while it is hot in its own cache. Units of one
-    tensor may run on either thread; their CRCs are joined in file order by :func:`checksum.combine`.
+    With the C extension, both threads copy from the mapped file and checksum in the same pass (the
+    CRC comes free with the copy, so it is computed even when not verifying); stores bypass the
+    cache when the whole read is much larger than it. Without it, each thread reads a chunk with
+    pread and checksums it while it is hot in its own cache. Units of one tensor may run on either
+    thread; their CRCs are joined in file order by :func:`checksum.combine`.
     """
     units = _units(pieces)
     crcs = [0] * len(units)
     todo = iter(range(len(units)))  # next() on a range iterator is atomic under the GIL
     total = sum(p.nbytes for p in pieces)
-    future = None
-    if total >= _SPLIT_MIN:
-        future = checksum.run_beside(partial(_read_units, fd, path, units, todo, verify, crcs))
-    try:
-        _read_units(fd, path, units, todo, verify, crcs)
-    except BaseException:
+    with _mapped(fd, path, units) as base:
+        if base is None:
+            read: Callable[[_Piece], int] = partial(_read_unit, fd, path, verify=verify)
+        else:
+            read = partial(_copy_mapped, base, total >= _NONTEMPORAL_MIN)
+        future = None
+        if total >= _SPLIT_MIN:
+            future = checksum.run_beside(partial(_read_units, read, units, todo, crcs))
+        try:
+            _read_units(read, units, todo, crcs)
+        except BaseException:
+            if future is not None:
+                _wait_quietly(future)  # it writes into the targets: never return while it runs
+            raise
         if future is not None:
-            _wait_quietly(future)  # it writes into the targets: never return while it runs
-        raise
-    if future is not None:
-        future.result()
+            future.result()
     computed: dict[str, int] = {}
     for unit, crc in zip(units, crcs, strict=True):
         head = computed.get(unit.name)
