@@ -14,11 +14,12 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from lightning_saver.formats import memcopy
 
 __all__ = ["Arena", "snapshot", "snapshot_into", "take_arena"]
 
@@ -101,21 +102,19 @@ def _block(cluster: list[tuple[int, int, str, torch.Tensor]], end: int) -> _Bloc
     return _Block(named, start, end - start, span=True)
 
 
-def _memmove(dst: int, src: int, nbytes: int) -> None:
-    # one plain memcpy, GIL released: under CPU contention torch's multi-threaded copy_ waits at its
-    # thread barrier (a 32-tensor 8 MiB state took 0.8 s instead of 1 ms on a busy 2-core machine)
-    if nbytes:
-        ctypes.memmove(dst, src, nbytes)
-
-
 def _copy_into(arena: torch.Tensor, blocks: list[_Block], pinned: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     base_ptr = arena.data_ptr()
+    # CPU copies are plain memory copies with the GIL released, shared by two threads when large:
+    # under CPU contention torch's multi-threaded copy_ waits at its thread barrier (a 32-tensor
+    # 8 MiB state took 0.8 s instead of 1 ms on a busy 2-core machine)
+    cpu_copies: list[tuple[int, int, int]] = []
     for b in blocks:
         if b.span:
             src_t = b.members[0][1]
             if src_t.device.type == "cpu":
-                _memmove(base_ptr + b.offset, src_t.untyped_storage().data_ptr() + b.src_start, b.nbytes)
+                source = src_t.untyped_storage().data_ptr() + b.src_start
+                cpu_copies.append((base_ptr + b.offset, source, b.nbytes))
             else:
                 src = torch.empty(0, dtype=torch.uint8, device=src_t.device)
                 src.set_(src_t.untyped_storage(), b.src_start, (b.nbytes,), (1,))
@@ -129,10 +128,11 @@ def _copy_into(arena: torch.Tensor, blocks: list[_Block], pinned: bool) -> dict[
                 continue
             dst = typed.as_strided(t.shape, _contiguous_strides(t.shape), b.offset // size)
             if t.device.type == "cpu" and t.is_contiguous():
-                _memmove(base_ptr + b.offset, t.data_ptr(), b.nbytes)
+                cpu_copies.append((base_ptr + b.offset, t.data_ptr(), b.nbytes))
             else:
                 dst.copy_(t, non_blocking=pinned)
             out[name] = dst
+    memcopy.copy_regions(cpu_copies)
     if pinned:
         torch.cuda.synchronize()  # non_blocking device->host copies must land before we hand them out
     return out

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_saver.errors import CorruptCheckpointError
+from lightning_saver.formats import memcopy
 from lightning_saver.formats import safetensors_io as sio
 
-native = sio._copy_crc
+native = memcopy._copy_crc
 needs_native = pytest.mark.skipif(
     native is None or not native.AVAILABLE, reason="the C extension is not built or the CPU lacks SSE4.2"
 )
@@ -70,8 +71,8 @@ def reader(request, monkeypatch):
     monkeypatch.setattr(sio, "_UNIT", 64 << 10)
     monkeypatch.setattr(sio, "_SPLIT_MIN", 128 << 10)
     if request.param == "pread":
-        monkeypatch.setattr(sio, "_copy_crc", None)
-    elif native is None or not native.AVAILABLE:
+        monkeypatch.setattr(sio, "_ONE_PASS", False)
+    elif not memcopy.ONE_PASS:
         pytest.skip("the C extension is not built here")
     else:
         monkeypatch.setattr(sio, "_NONTEMPORAL_MIN", 0 if "streaming" in request.param else 1 << 62)
@@ -100,7 +101,8 @@ def test_every_read_path_loads_exactly_and_names_a_changed_tensor(tmp_path, read
     raw = bytearray(path.read_bytes())
     raw[header.data_start + info.offset + info.nbytes * 2 // 3] ^= 0x10
     path.write_bytes(bytes(raw))
-    with pytest.raises(CorruptCheckpointError, match=rf"m\.safetensors: checksum mismatch in tensor '{tensor}'"):
+    msg = rf"m\.safetensors: checksum mismatch in tensor '{tensor}'"
+    with pytest.raises(CorruptCheckpointError, match=msg):
         sio.load_file(path)
     targets = {k: torch.empty_like(v) for k, v in tensors.items()}
     sio.read_into(sio.read_header(path), targets, verify=False)
@@ -118,3 +120,26 @@ def test_a_file_cut_short_after_its_header_was_read_is_refused(tmp_path, reader)
     targets = {k: torch.empty_like(v) for k, v in tensors.items()}
     with pytest.raises(CorruptCheckpointError, match=r"cut\.safetensors: the file is truncated"):
         sio.read_into(header, targets)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 50_000), min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_copy_regions_copies_every_region_exactly(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    sources = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+    targets = [torch.zeros(n + 8, dtype=torch.uint8) for n in sizes]  # 8 guard bytes after each
+    regions = [(t.data_ptr(), s.data_ptr(), s.numel()) for s, t in zip(sources, targets, strict=True)]
+    with pytest.MonkeyPatch.context() as mp:  # small pieces, shared by both threads
+        mp.setattr(memcopy, "PIECE", 4096 + 8)
+        mp.setattr(memcopy, "TWO_THREADS_MIN", 0)
+        memcopy.copy_regions(regions)
+    for s, t in zip(sources, targets, strict=True):
+        assert torch.equal(t[: s.numel()], s) and not t[s.numel():].any()
+
+
+def test_copy_crc32c_without_the_extension_gives_the_same_answer(monkeypatch):
+    data = torch.randint(0, 256, (100_003,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(memcopy, "_copy_crc", None)
+    out = torch.empty_like(data)
+    crc = memcopy.copy_crc32c(out.data_ptr(), data.data_ptr(), data.numel(), crc=7)
+    assert torch.equal(out, data) and crc == google_crc32c.extend(7, data.numpy().tobytes())

@@ -286,8 +286,8 @@ def test_any_tensors_round_trip_through_us_and_the_peer(tensors):
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
 def test_one_tensor_read_by_two_threads_reports_a_changed_byte_anywhere(tmp_path, where):
-    # 24 MiB: read_into cuts it between the caller and the helper thread and combines the two CRCs
-    tensors = {"small": torch.rand(100), "huge": torch.rand(6 << 20)}
+    # 40 MiB: read_into cuts it between the caller and the helper thread and combines the CRCs
+    tensors = {"small": torch.rand(100), "huge": torch.rand(10 << 20)}
     path = tmp_path / "one.safetensors"
     sio.save_file(tensors, path)
     out = sio.load_file(path)
@@ -303,7 +303,7 @@ def test_one_tensor_read_by_two_threads_reports_a_changed_byte_anywhere(tmp_path
 
 
 def test_tensors_split_between_threads_keep_their_own_checksums(tmp_path):
-    tensors = {f"t{i}": torch.rand(1 << 20) * i for i in range(5)}  # 4 MiB each; the cut falls in t2
+    tensors = {f"t{i}": torch.rand(2 << 20) * i for i in range(5)}  # 8 MiB each, shared by two threads
     path = tmp_path / "five.safetensors"
     sio.save_file(tensors, path)
     targets = {name: torch.empty_like(t) for name, t in tensors.items()}

@@ -1,0 +1,81 @@
+"""Memory copies: with their CRC-32C in the same pass, and large batches shared by both cores.
+
+:func:`copy_crc32c` uses the optional C extension ``_copy_crc`` (see ``setup.py``), which copies
+and checksums in one pass, with streaming stores for copies larger than the cache; without it,
+memmove and then google-crc32c. :func:`copy_regions` is plain memmove (ctypes releases the GIL),
+split between this thread and the helper thread when the batch is large: measured on 1 GiB, the
+one-pass copy with streaming stores was no faster than glibc's memmove here (0.087 vs 0.086 s).
+
+Example::
+
+    copy_regions([(dst.data_ptr(), src.data_ptr(), nbytes)])     # dst and src: CPU memory
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+
+from lightning_saver.formats import checksum
+
+_copy_crc: ModuleType | None
+try:  # optional C extension (setup.py)
+    from lightning_saver.formats import _copy_crc
+except ImportError:  # not compiled here: memmove and google-crc32c give the same results, slower
+    _copy_crc = None
+
+__all__ = ["ONE_PASS", "copy_crc32c", "copy_regions"]
+
+# True where copy + CRC-32C run in one pass in C (x86-64 with SSE4.2, extension compiled).
+ONE_PASS = _copy_crc is not None and bool(_copy_crc.AVAILABLE)
+
+PIECE = 8 << 20  # what one thread takes at a time
+TWO_THREADS_MIN = 32 << 20  # below this, handing half to the helper thread costs more than it saves
+STREAMING_MIN = 64 << 20  # reads this large bypass the cache with streaming stores (safetensors_io)
+
+
+def copy_crc32c(dst: int, src: int, nbytes: int, *, crc: int = 0, nontemporal: bool = False) -> int:
+    """Copy ``nbytes`` from address ``src`` to ``dst`` and return ``crc`` extended with them (CRC-32C).
+
+    The caller keeps both regions alive and disjoint. Without the C extension: memmove, then
+    google-crc32c on the copy.
+    """
+    if _copy_crc is not None and _copy_crc.AVAILABLE:
+        return int(_copy_crc.copy_crc32c(dst, src, nbytes, crc, nontemporal))
+    if nbytes:
+        ctypes.memmove(dst, src, nbytes)
+    return checksum.extend_address(crc, dst, nbytes)
+
+
+def _pieces(regions: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    return [(d + s, r + s, min(PIECE, n - s)) for d, r, n in regions for s in range(0, n, PIECE)]
+
+
+def _copy_some(
+    copy: Callable[[int, int, int], object], pieces: list[tuple[int, int, int]], todo: Iterator[int]
+) -> None:
+    for i in todo:  # shared by both threads; next() on a range iterator is atomic under the GIL
+        copy(*pieces[i])
+
+
+def copy_regions(regions: Sequence[tuple[int, int, int]]) -> None:
+    """Copy each ``(dst, src, nbytes)`` of CPU memory; large totals are split between two threads.
+
+    Returns once every byte is in place (also when the helper thread cannot start: then inline).
+    """
+    total = sum(n for _, _, n in regions)
+    if total < TWO_THREADS_MIN:
+        for dst, src, nbytes in regions:
+            if nbytes:
+                ctypes.memmove(dst, src, nbytes)
+        return
+    copy: Callable[[int, int, int], object] = ctypes.memmove  # glibc's, at memory speed; no CRC wanted
+    pieces = _pieces(regions)
+    todo = iter(range(len(pieces)))
+    future = checksum.run_beside(lambda: _copy_some(copy, pieces, todo))
+    try:
+        _copy_some(copy, pieces, todo)
+    finally:
+        if future is not None:
+            future.result()  # it writes into the destination: never return while it runs
