@@ -165,15 +165,29 @@ class Runner:
         self.buffer = {k: torch.empty_like(v) for k, v in self.state.items()}
         self.async_ = CheckpointSaver(max_to_keep=None, async_save=True)
         self.times: dict[str, list[float]] = {}
+        self.by_rep: dict[str, dict[int, float]] = {}  # name -> rep -> seconds, for paired ratios
         self.peaks: dict[str, list[float]] = {}
+        self.rep = 0
 
     def record(self, name: str, seconds: float, peak: float | None) -> None:
         self.times.setdefault(name, []).append(seconds)
+        self.by_rep.setdefault(name, {})[self.rep] = seconds
         if peak is not None:
             self.peaks.setdefault(name, []).append(peak)
 
     def timed(self, name: str, fn: Callable[[], object]) -> None:
         self.record(name, *measure(fn))
+
+    def paired_ratio(self, name: str, base: str) -> float | None:
+        """Median over repetitions of this method's time over ``base``'s time in the same repetition.
+
+        Each repetition runs every method within a few seconds, so a slow spell of the shared disk
+        or memory hits both sides of a pair; the median of the pairs is steadier than the ratio
+        of the two medians when the machine's speed swings by several times between repetitions.
+        """
+        mine, theirs = self.by_rep.get(name, {}), self.by_rep.get(base, {})
+        pairs = [mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0]
+        return statistics.median(pairs) if pairs else None
 
     def clean(self) -> None:
         for p in self.work.iterdir():
@@ -181,6 +195,7 @@ class Runner:
                 p.unlink()
 
     def save_round(self, rep: int) -> None:
+        self.rep = rep
         w, s = self.work, self.state
         methods: list[Method] = [
             ("raw write + fsync", lambda: raw_write(s, str(w / "raw.bin"))),
@@ -217,6 +232,7 @@ class Runner:
         self.record(name + " total", total, peak)
 
     def restore_round(self, paths: dict[str, str], rep: int) -> None:
+        self.rep = rep
         m = self.model
         methods: list[Method] = [
             ("Saver.restore (verify)", lambda: self.sync.restore(m, paths["ours"])),
@@ -239,21 +255,40 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+RAW, TORCH_MMAP = "raw write + fsync", "torch.load(mmap) + load_state_dict"
+
+
+def _pair_base(name: str) -> str:
+    """What a row is paired with, per repetition: the disk for saves, torch.load(mmap) for restores."""
+    return TORCH_MMAP if "restore" in name or name.startswith("safetensors load") else RAW
+
+
 def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
     times = {k: _median(r.times[k]) for k in ROWS if k in r.times}
     fastest = {k: min(r.times[k]) for k in times}
     peaks = {k: _median(v) for k, v in r.peaks.items()}
-    raw = times["raw write + fsync"]
+    paired = {k: r.paired_ratio(k, _pair_base(k)) for k in times}
+    raw = times[RAW]
     print(f"\nsave/load benchmark: {size_gib:.3f} GiB fp32, median of {reps} interleaved reps "
           f"({datetime.date.today().isoformat()}, torch {torch.__version__}, {os.cpu_count()} CPUs)")
-    print(f"{'method':44s} {'median s':>9s} {'x raw':>7s} {'GiB/s':>7s} {'min s':>8s} {'peak MiB':>9s}")
+    print("paired: median over reps of (this row / raw write) in the same rep; restores: / torch.load(mmap)")
+    print(f"{'method':44s} {'median s':>9s} {'x raw':>7s} {'paired':>7s} {'GiB/s':>7s} {'min s':>8s} "
+          f"{'peak MiB':>9s}")
     for name, sec in times.items():
         peak = f"{peaks[name]:9.0f}" if name in peaks else f"{'n/a':>9s}"
-        print(f"{name:44s} {sec:9.3f} {sec / raw:7.2f} {size_gib / sec:7.2f} {fastest[name]:8.3f} {peak}")
+        pair = f"{paired[name]:7.2f}" if paired[name] is not None else f"{'':>7s}"
+        speed = size_gib / sec
+        print(f"{name:44s} {sec:9.3f} {sec / raw:7.2f} {pair} {speed:7.2f} {fastest[name]:8.3f} {peak}")
     sync = times["Saver.save (sync)"]
-    blocking = times.get("Saver.save (async) blocking", times["Saver.save (async) first blocking"])
+    blocking_row = "Saver.save (async) blocking"
+    if blocking_row not in times:
+        blocking_row = "Saver.save (async) first blocking"
+    blocking = times[blocking_row]
     restore = times["Saver.restore (verify)"]
-    peer = times["torch.load(mmap) + load_state_dict"]
+    peer = times[TORCH_MMAP]
+    sync_paired = paired["Saver.save (sync)"] or float("inf")
+    blocking_paired = r.paired_ratio(blocking_row, "Saver.save (sync)") or float("inf")
+    restore_paired = paired["Saver.restore (verify)"] or float("inf")
     result: dict[str, object] = {
         "benchmark": "save_load",
         "size_gib": round(size_gib, 4),
@@ -261,13 +296,18 @@ def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
         "median_s": {k: round(v, 4) for k, v in times.items()},
         "min_s": {k: round(v, 4) for k, v in fastest.items()},
         "ratio_vs_raw_write": {k: round(v / raw, 3) for k, v in times.items()},
+        "paired_ratio": {k: round(v, 3) for k, v in paired.items() if v is not None},
         "peak_extra_mib": {k: round(v, 1) for k, v in peaks.items()},
-        "targets": {
+        "targets": {  # on the medians, as the issue asks; then on the paired ratios
             "sync_save_le_1.15x_raw": sync <= 1.15 * raw,
             "async_blocking_le_10pct_sync": blocking <= 0.10 * sync,
             "verified_restore_le_torch_mmap": restore <= peer,
+            "paired_sync_save_le_1.15x_raw": sync_paired <= 1.15,
+            "paired_async_blocking_le_10pct_sync": blocking_paired <= 0.10,
+            "paired_verified_restore_le_torch_mmap": restore_paired <= 1.0,
         },
         "async_blocking_over_sync": round(blocking / sync, 3),
+        "async_blocking_over_sync_paired": round(blocking_paired, 3),
         "verified_restore_over_torch_mmap": round(restore / peer, 3),
     }
     return result

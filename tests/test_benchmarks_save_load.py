@@ -25,6 +25,8 @@ def test_save_load_benchmark_quick_run(tmp_path):
         assert result["median_s"][row] > 0, row
         assert any(line.startswith(row) for line in lines), f"{row} missing from the table"
     assert result["ratio_vs_raw_write"]["raw write + fsync"] == 1.0
-    assert set(result["targets"]) == {"sync_save_le_1.15x_raw", "async_blocking_le_10pct_sync",
-                                      "verified_restore_le_torch_mmap"}
+    targets = {"sync_save_le_1.15x_raw", "async_blocking_le_10pct_sync", "verified_restore_le_torch_mmap"}
+    assert set(result["targets"]) == targets | {"paired_" + t for t in targets}
+    assert result["paired_ratio"]["raw write + fsync"] == 1.0
+    assert result["paired_ratio"]["torch.load(mmap) + load_state_dict"] == 1.0
     assert list(tmp_path.iterdir()) == []  # its scratch directory is gone
