@@ -256,11 +256,12 @@ def _median(xs: list[float]) -> float:
 
 
 RAW, TORCH_MMAP = "raw write + fsync", "torch.load(mmap) + load_state_dict"
+RESTORE_ROWS = ROWS[ROWS.index("Saver.restore (verify)"):]
 
 
 def _pair_base(name: str) -> str:
     """What a row is paired with, per repetition: the disk for saves, torch.load(mmap) for restores."""
-    return TORCH_MMAP if "restore" in name or name.startswith("safetensors load") else RAW
+    return TORCH_MMAP if name in RESTORE_ROWS else RAW
 
 
 def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
