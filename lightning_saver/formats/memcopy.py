@@ -30,7 +30,8 @@ __all__ = ["ONE_PASS", "copy_crc32c", "copy_regions"]
 # True where copy + CRC-32C run in one pass in C (x86-64 with SSE4.2, extension compiled).
 ONE_PASS = _copy_crc is not None and bool(_copy_crc.AVAILABLE)
 
-PIECE = 8 << 20  # what one thread takes at a time
+PIECE = 8 << 20  # the least one thread takes at a time
+BIG_PIECE = 32 << 20  # the most: pieces this large make glibc's memmove use streaming stores
 TWO_THREADS_MIN = 32 << 20  # below this, handing half to the helper thread costs more than it saves
 STREAMING_MIN = 64 << 20  # reads this large bypass the cache with streaming stores (safetensors_io)
 
@@ -48,8 +49,8 @@ def copy_crc32c(dst: int, src: int, nbytes: int, *, crc: int = 0, nontemporal: b
     return checksum.extend_address(crc, dst, nbytes)
 
 
-def _pieces(regions: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    return [(d + s, r + s, min(PIECE, n - s)) for d, r, n in regions for s in range(0, n, PIECE)]
+def _pieces(regions: Sequence[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:
+    return [(d + s, r + s, min(size, n - s)) for d, r, n in regions for s in range(0, n, size)]
 
 
 def _copy_some(
@@ -71,7 +72,10 @@ def copy_regions(regions: Sequence[tuple[int, int, int]]) -> None:
                 ctypes.memmove(dst, src, nbytes)
         return
     copy: Callable[[int, int, int], object] = ctypes.memmove  # glibc's, at memory speed; no CRC wanted
-    pieces = _pieces(regions)
+    # at least 16 pieces, so the two threads end together; large ones where the total allows, as
+    # glibc's memmove bypasses the cache above a size threshold: 1 GiB took 0.064 s in 32 MiB
+    # pieces and 0.084 s in 8 MiB pieces (15 reps, two threads)
+    pieces = _pieces(regions, min(BIG_PIECE, max(PIECE, total // 16)))
     todo = iter(range(len(pieces)))
     future = checksum.run_beside(lambda: _copy_some(copy, pieces, todo))
     try:

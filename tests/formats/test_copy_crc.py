@@ -131,6 +131,7 @@ def test_copy_regions_copies_every_region_exactly(sizes, seed):
     regions = [(t.data_ptr(), s.data_ptr(), s.numel()) for s, t in zip(sources, targets, strict=True)]
     with pytest.MonkeyPatch.context() as mp:  # small pieces, shared by both threads
         mp.setattr(memcopy, "PIECE", 4096 + 8)
+        mp.setattr(memcopy, "BIG_PIECE", 3 * (4096 + 8))
         mp.setattr(memcopy, "TWO_THREADS_MIN", 0)
         memcopy.copy_regions(regions)
     for s, t in zip(sources, targets, strict=True):
