@@ -14,8 +14,9 @@ Saves (each fsyncs its file, so every row buys the same durability):
   Saver async     time ``save()`` blocks the caller, and the time until ``wait()`` returns; the saver
                   is reused across repetitions, as in training (its first save, which allocates the
                   snapshot arena, is reported on its own row)
-  memcpy floor    copying the weights into an already allocated CPU buffer (one memcpy per tensor):
-                  the least any snapshot must block, to compare the async blocking time with
+  memcpy floor    copying the weights into an already allocated CPU buffer, one memcpy per tensor on
+                  one thread: the least a one-thread snapshot must block (the Saver's snapshot
+                  shares the copy between both cores, so it can come in under this row)
 Restores (page cache warm for all, the files were just written):
   Saver.restore (checksums verified, and with verify=False), torch.load(mmap=True) + load_state_dict,
   safetensors.torch.load_file + load_state_dict.
