@@ -151,8 +151,7 @@ PyMODINIT_FUNC PyInit__copy_crc(void) {
     if (cpu_ok) build_tables();
     available = cpu_ok;
 #endif
-    if (PyModule_AddIntConstant(m, "LANE", LANE) < 0 ||
-        PyModule_AddObject(m, "AVAILABLE", PyBool_FromLong(available)) < 0) {
+    if (PyModule_AddObject(m, "AVAILABLE", PyBool_FromLong(available)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

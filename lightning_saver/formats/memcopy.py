@@ -1,7 +1,7 @@
 """Memory copies: with their CRC-32C in the same pass, and large batches shared by both cores.
 
 :func:`copy_crc32c` uses the optional C extension ``_copy_crc`` (see ``setup.py``), which copies
-and checksums in one pass, with streaming stores for copies larger than the cache; without it,
+and checksums in one pass (streaming stores on request, for copies larger than the cache); without it,
 memmove and then google-crc32c. :func:`copy_regions` is plain memmove (ctypes releases the GIL),
 split between this thread and the helper thread when the batch is large: measured on 1 GiB, the
 one-pass copy with streaming stores was no faster than glibc's memmove here (0.087 vs 0.086 s).
@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 from lightning_saver.formats import checksum
@@ -33,7 +33,6 @@ ONE_PASS = _copy_crc is not None and bool(_copy_crc.AVAILABLE)
 PIECE = 8 << 20  # the least one thread takes at a time
 BIG_PIECE = 32 << 20  # the most: pieces this large make glibc's memmove use streaming stores
 TWO_THREADS_MIN = 32 << 20  # below this, handing half to the helper thread costs more than it saves
-STREAMING_MIN = 64 << 20  # reads this large bypass the cache with streaming stores (safetensors_io)
 
 
 def copy_crc32c(dst: int, src: int, nbytes: int, *, crc: int = 0, nontemporal: bool = False) -> int:
@@ -53,11 +52,9 @@ def _pieces(regions: Sequence[tuple[int, int, int]], size: int) -> list[tuple[in
     return [(d + s, r + s, min(size, n - s)) for d, r, n in regions for s in range(0, n, size)]
 
 
-def _copy_some(
-    copy: Callable[[int, int, int], object], pieces: list[tuple[int, int, int]], todo: Iterator[int]
-) -> None:
+def _copy_some(pieces: Sequence[tuple[int, int, int]], todo: Iterator[int]) -> None:
     for i in todo:  # shared by both threads; next() on a range iterator is atomic under the GIL
-        copy(*pieces[i])
+        ctypes.memmove(*pieces[i])  # glibc's, at memory speed, GIL released
 
 
 def copy_regions(regions: Sequence[tuple[int, int, int]]) -> None:
@@ -67,19 +64,16 @@ def copy_regions(regions: Sequence[tuple[int, int, int]]) -> None:
     """
     total = sum(n for _, _, n in regions)
     if total < TWO_THREADS_MIN:
-        for dst, src, nbytes in regions:
-            if nbytes:
-                ctypes.memmove(dst, src, nbytes)
+        _copy_some(regions, iter(range(len(regions))))
         return
-    copy: Callable[[int, int, int], object] = ctypes.memmove  # glibc's, at memory speed; no CRC wanted
     # at least 16 pieces, so the two threads end together; large ones where the total allows, as
     # glibc's memmove bypasses the cache above a size threshold: 1 GiB took 0.064 s in 32 MiB
     # pieces and 0.084 s in 8 MiB pieces (15 reps, two threads)
     pieces = _pieces(regions, min(BIG_PIECE, max(PIECE, total // 16)))
     todo = iter(range(len(pieces)))
-    future = checksum.run_beside(lambda: _copy_some(copy, pieces, todo))
+    future = checksum.run_beside(lambda: _copy_some(pieces, todo))
     try:
-        _copy_some(copy, pieces, todo)
+        _copy_some(pieces, todo)
     finally:
         if future is not None:
             future.result()  # it writes into the destination: never return while it runs

@@ -112,7 +112,7 @@ def _crc_region(fd: int, header: Header, name: str) -> int:
 _READ_CHUNK = 1 << 20  # read, then checksum while the chunk is still in this core's cache
 _UNIT = 8 << 20  # the share one thread takes at a time; a tensor's unit CRCs are joined by combine
 _SPLIT_MIN = 2 * _UNIT  # below this, a second thread costs more than it saves
-_NONTEMPORAL_MIN = memcopy.STREAMING_MIN  # reads this large stream past the cache
+_NONTEMPORAL_MIN = 64 << 20  # one-pass reads this large use streaming stores (the cache cannot hold them)
 
 
 @dataclass(frozen=True)
