@@ -14,7 +14,7 @@ Example::
 
     store = storage_for("s3://bucket/run/ckpts", storage_options={"endpoint_url": url})
     store.write_atomic(store.join(d, "m_95.safetensors"), lambda sink: write_stream(tensors, sink))
-    names = store.list(d)                        # plain names, no temporaries
+    names = store.listdir(d)                       # plain names, no temporaries
     head = store.read_range(path, 0, 8)          # ranged read (one HTTP range request remotely)
     store.delete(path)                           # a missing file is not an error
 """
@@ -85,7 +85,7 @@ class Storage(Protocol):
         """Bytes in the object; ``CheckpointNotFoundError`` naming ``path`` when missing."""
         ...
 
-    def list(self, directory: str) -> list[str]:
+    def listdir(self, directory: str) -> list[str]:
         """Names (not paths) of the committed objects directly in ``directory``; [] when missing.
 
         Never lists our own in-progress temporaries."""
