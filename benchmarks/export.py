@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from timing import median_seconds
+from timing import machine, median_seconds
 from torch import nn
 
 from lightning_saver.graph.onnx_export import export_onnx
@@ -142,6 +142,7 @@ def main() -> None:
           f"{diffs['tensorflow_frozen']:>12.2e}")
     print(f"{'forward ONNX Runtime':<28}{ort_s:>10.4f}{ort_s / torch_s:>10.2f}{diffs['onnxruntime']:>12.2e}")
     print(json.dumps({
+        "machine": machine(),
         "benchmark": "export", "quick": args.quick, "params": params, "batch": batch, "image": size,
         "threads": args.threads, "export_tf_s": round(tf_export_s, 3),
         "export_onnx_s": round(onnx_export_s, 3), "forward_torch_s": round(torch_s, 5),

@@ -40,6 +40,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py
+
+from timing import machine  # noqa: E402
 
 from lightning_saver import Saver  # noqa: E402
 
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "blocked_share_of_none": {s: round(b / base, 5) for s, b in in_saves.items()},
         "target_async_ratio": 1.02, "async_within_target": medians["Saver async"] / base <= 1.02,
     }
+    summary["machine"] = machine()
     print(json.dumps(summary))
     return 0
 

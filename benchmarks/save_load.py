@@ -1,15 +1,19 @@
 """How fast does the Saver save and restore, next to the disk's limit, torch.save, safetensors and Lightning?
 
 Everything runs in one process on one model (about 1 GiB of fp32 weights; ``--quick``: 4 MiB),
-interleaved: every repetition runs every method once, each repetition starting one method later
-(a method that frees a lot of memory slows the one after it), and the table reports the median
-over repetitions, so drift of a shared machine hits every method alike.
+interleaved: every repetition runs every method once, in an order shuffled anew for each repetition
+(a method that frees a lot of memory slows the one after it; ``--seed`` fixes the shuffles), and the
+table reports the median over repetitions, so drift of a shared machine hits every method alike.
+Every write creates a new file (a name of its own per method and repetition): overwriting one file
+in place measured 1.3-2.4x faster than a new file on some file systems, which would favour
+whichever writer happened to do it. The Savers rotate as in training (``max_to_keep=2``): from the
+third save on, each drops a checkpoint, so the sync row includes what the delete costs its caller.
 
 Saves (each fsyncs its file, so every row buys the same durability):
-  raw write       the same tensor bytes written straight from memory with os.write, then fsync
+  raw write       the same tensor bytes written straight from memory to a new file, then fsync
   Saver sync      ``Saver(async_save=False).save`` (checksums, temp file, rename, state file)
   safetensors     ``safetensors.torch.save_file`` + fsync
-  torch.save      ``torch.save`` into an open file + fsync
+  torch.save      ``torch.save`` into a newly created file + fsync
   Lightning       ``TorchCheckpointIO.save_checkpoint`` (torch.save into BytesIO, then a file) + fsync
   Saver async     time ``save()`` blocks the caller, and the time until ``wait()`` returns; the saver
                   is reused across repetitions, as in training (its first save, which allocates the
@@ -35,6 +39,7 @@ import ctypes
 import datetime
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -47,6 +52,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py
+
+from timing import machine  # noqa: E402
 
 from lightning_saver.formats.durable import fsync_path  # noqa: E402
 from lightning_saver.saving.saver import CheckpointSaver  # noqa: E402
@@ -158,13 +166,17 @@ ROWS = [  # table order
 
 
 class Runner:
-    def __init__(self, work: Path, model: nn.Module) -> None:
+    def __init__(self, work: Path, model: nn.Module, seed: int) -> None:
         self.work = work
         self.model = model
         self.state = model.state_dict()
-        self.sync = CheckpointSaver(max_to_keep=None)  # rotation off: files are removed untimed
+        # rotation on, as in training: from the third save on, each save drops a checkpoint
+        self.sync = CheckpointSaver(max_to_keep=2)
         self.buffer = {k: torch.empty_like(v) for k, v in self.state.items()}
-        self.async_ = CheckpointSaver(max_to_keep=None, async_save=True)
+        self.async_ = CheckpointSaver(max_to_keep=2, async_save=True)
+        self.shuffler = random.Random(seed)
+        import lightning_fabric.plugins.io.torch_io  # noqa: F401  imported here, untimed (seconds)
+        import safetensors.torch  # noqa: F401
         self.times: dict[str, list[float]] = {}
         self.by_rep: dict[str, dict[int, float]] = {}  # name -> rep -> seconds, for paired ratios
         self.peaks: dict[str, list[float]] = {}
@@ -191,23 +203,24 @@ class Runner:
         return statistics.median(pairs) if pairs else None
 
     def clean(self) -> None:
+        """Remove what the other writers wrote (untimed); the Savers' files are theirs to rotate."""
         for p in self.work.iterdir():
-            if p.is_file():
+            if p.is_file() and not p.name.startswith(("sync_", "async_", "lightning_saver_state", ".")):
                 p.unlink()
 
     def save_round(self, rep: int) -> None:
         self.rep = rep
         w, s = self.work, self.state
         methods: list[Method] = [
-            ("raw write + fsync", lambda: raw_write(s, str(w / "raw.bin"))),
+            ("raw write + fsync", lambda: raw_write(s, str(w / f"raw_{rep}.bin"))),
             ("Saver.save (sync)", lambda: self.sync.save(self.model, str(w / "sync"), global_step=rep)),
-            ("safetensors save_file + fsync", lambda: safetensors_save(s, str(w / "st.safetensors"))),
-            ("torch.save + fsync", lambda: torch_save(s, str(w / "t.pt"))),
-            ("Lightning TorchCheckpointIO + fsync", lambda: lightning_save(s, str(w / "l.ckpt"))),
+            ("safetensors save_file + fsync", lambda: safetensors_save(s, str(w / f"st_{rep}.safetensors"))),
+            ("torch.save + fsync", lambda: torch_save(s, str(w / f"t_{rep}.pt"))),
+            ("Lightning TorchCheckpointIO + fsync", lambda: lightning_save(s, str(w / f"l_{rep}.ckpt"))),
             ("async", lambda: self.async_round(rep)),
             ("memcpy into a reused buffer (async floor)", self.copy_to_buffer),
         ]
-        for name, fn in _rotated(methods, rep):
+        for name, fn in self.shuffled(methods):
             if name == "async":
                 fn()
             else:
@@ -241,15 +254,15 @@ class Runner:
             ("torch.load(mmap) + load_state_dict", lambda: torch_restore(m, paths["torch"])),
             ("safetensors load_file + load_state_dict", lambda: safetensors_restore(m, paths["st"])),
         ]
-        for name, fn in _rotated(methods, rep):
+        for name, fn in self.shuffled(methods):
             self.timed(name, fn)
 
-
-def _rotated(methods: list[Method], rep: int) -> list[Method]:
-    # each repetition starts one method later: what a heavy method leaves behind (freed memory,
-    # writeback) slows whatever follows it, and must not always hit the same method
-    k = rep % len(methods)
-    return methods[k:] + methods[:k]
+    def shuffled(self, methods: list[Method]) -> list[Method]:
+        # a new order in every repetition: what a heavy method leaves behind (freed memory,
+        # writeback) slows whatever follows it, and must not always hit the same method
+        order = list(methods)
+        self.shuffler.shuffle(order)
+        return order
 
 
 def _median(xs: list[float]) -> float:
@@ -295,6 +308,7 @@ def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
         "benchmark": "save_load",
         "size_gib": round(size_gib, 4),
         "reps": reps,
+        "machine": machine(),
         "median_s": {k: round(v, 4) for k, v in times.items()},
         "min_s": {k: round(v, 4) for k, v in fastest.items()},
         "ratio_vs_raw_write": {k: round(v / raw, 3) for k, v in times.items()},
@@ -321,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=float, default=None, help="weights to save (default 1024)")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir in the cwd)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-repetition shuffles")
     args = parser.parse_args(argv)
     size = args.size_mib if args.size_mib is not None else (4 if args.quick else 1024)
     reps = args.reps if args.reps is not None else (3 if args.quick else 5)
@@ -329,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     # default: next to the repo, on the same disk users save to (not a tmpfs /tmp)
     work = Path(tempfile.mkdtemp(prefix=".bench_save_load_", dir=args.dir or os.getcwd()))
     try:
-        runner = Runner(work, model)
+        runner = Runner(work, model, args.seed)
         for rep in range(reps):
             runner.save_round(rep)
         paths = {"ours": runner.sync.save(model, str(work / "restore"), global_step=0),

@@ -37,6 +37,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py
+
+from timing import machine  # noqa: E402
 
 from lightning_saver.formats.durable import fsync_path  # noqa: E402
 from lightning_saver.tf import read_checkpoint, write_checkpoint  # noqa: E402
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(size, reps, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+    result["machine"] = machine()
     print(json.dumps(result))
     return 0
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from timing import median_seconds
+from timing import machine, median_seconds
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -137,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "worst_run_ratio": round(max(r["run_ratio"] for r in rows), 3),
     }
+    summary["machine"] = machine()
     print(json.dumps(summary))
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from timing import median_seconds
+from timing import machine, median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "geomean_ratio": round(float(np.exp(np.mean(np.log(ratios)))), 3),
         "worst_ratio": round(max(ratios), 3),
     }
+    summary["machine"] = machine()
     print(json.dumps(summary))
     return 0
 

@@ -24,3 +24,20 @@ def median_seconds(fn: Callable[[], Any], repeats: int, *, min_time: float = 0.0
         if len(times) >= 50 * repeats:
             break
     return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    """Where a number was measured, for every benchmark's JSON line: numbers from different machines
+    must never be mixed. CPU model, kernel, logical CPUs, and the load averages at the time."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "kernel": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
+            "loadavg": load}

@@ -29,7 +29,7 @@ from torch import nn
 from lightning_saver.errors import CorruptCheckpointError, FormatVersionError
 from lightning_saver.formats import safetensors_io
 from lightning_saver.formats.safetensors_header import read_header
-from lightning_saver.saving import commit, names, rotation, state_file
+from lightning_saver.saving import commit, deleter, names, rotation, state_file
 from lightning_saver.saving.loading import RestoreResult, restore_into
 from lightning_saver.saving.names import Series
 
@@ -261,26 +261,29 @@ class CheckpointSaver:
 
     @staticmethod
     def _delete(path: str) -> None:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("could not delete old checkpoint %s: %s", path, exc)
+        # the name goes now, the blocks in the background: unlinking 1 GiB took 0.15 s in save()
+        deleter.discard(path)
 
     def protect(self, path: str | os.PathLike[str]) -> None:
         """Never let rotation delete ``path`` (e.g. the checkpoint this run resumed from)."""
         self._protected.add(os.path.abspath(os.fspath(path)))
 
     def wait(self) -> None:
-        """Block until every pending async save is durable; re-raise a background error."""
-        if self._writer is not None:
-            self._writer.wait()
+        """Block until every pending async save is durable and rotation's deletions are done;
+        re-raise a background error."""
+        try:
+            if self._writer is not None:
+                self._writer.wait()
+        finally:
+            deleter.wait()
 
     def close(self) -> None:
         """Wait for pending saves and stop the background writer."""
-        if self._writer is not None:
-            self._writer.close()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            deleter.wait()
 
     # ------------------------------------------------------------ restoring
 

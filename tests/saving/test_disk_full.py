@@ -39,6 +39,7 @@ CHILD = textwrap.dedent(
         small = CheckpointSaver(max_to_keep=2)
         for step in (1, 2, 3):
             small.save({"w": torch.full((1000,), float(step))}, prefix, global_step=step)
+        small.wait()  # rotation's unlinks run in the background: let them finish before the listing
         before = listing(directory)
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         if mode == "rlimit":
