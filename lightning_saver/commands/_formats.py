@@ -28,8 +28,10 @@ def detect(path: str) -> tuple[str, str]:
         CheckpointNotFoundError: nothing readable at ``path``.
     """
     tf_file = path.endswith(".index") or re.search(r"\.data-\d{5}-of-\d{5}$", path)
-    if os.path.isfile(path) and not tf_file and _looks_like_safetensors(path):
-        return SAFETENSORS, path
+    if os.path.isfile(path) and not tf_file and (
+        _looks_like_safetensors(path) or not os.path.exists(path + ".index")
+    ):
+        return SAFETENSORS, path  # any other file is read as safetensors: its reader says what is wrong
     try:
         return TF, tf_bundle.resolve_prefix(path)
     except CheckpointNotFoundError:

@@ -118,12 +118,13 @@ def _parse_entry(path: str, name: str, entry: Any) -> TensorInfo:
             path,
             f"tensor {name!r} has dtype {dtype!r}, which this torch cannot hold (known: {', '.join(DTYPES)})",
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    # bool is an int to Python, and a dimension of 2**70 is no tensor torch can hold
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
         raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
+        and all(type(o) is int for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -143,16 +144,46 @@ def _parse_info(path: str, metadata: dict[str, str]) -> dict[str, Any]:
         return {}
     try:
         info = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _corrupt(path, f"__metadata__[{RESERVED_KEY!r}] is not JSON") from None
-    if not isinstance(info, dict) or not isinstance(info.get("format_version"), int):
-        raise _corrupt(path, f"__metadata__[{RESERVED_KEY!r}] has no integer format_version")
-    if info["format_version"] > FORMAT_VERSION:
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if type(version) is not int or version < 1:
+        raise _corrupt(path, f"__metadata__[{RESERVED_KEY!r}] has no valid format_version ({version!r})")
+    if version > FORMAT_VERSION:
         raise FormatVersionError(
-            f"{path} was written with lightning_saver format version {info['format_version']}, but this "
+            f"{path} was written with lightning_saver format version {version}, but this "
             f"version reads up to {FORMAT_VERSION}; upgrade lightning_saver to load it"
         )
     return info
+
+
+def _checksums(path: str, info: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """Our files carry a CRC-32C for every tensor: a missing or malformed entry is damage, not a pass."""
+    section = info.get("checksum")
+    crcs = section.get("tensors") if isinstance(section, dict) else None
+    if not isinstance(crcs, dict):
+        raise _corrupt(path, "our metadata has no checksum table (edited or damaged file)")
+    for name in tensors:
+        crc = crcs.get(name)
+        if not (isinstance(crc, str) and len(crc) == 8 and all(c in "0123456789abcdef" for c in crc)):
+            found = "no checksum" if crc is None else f"checksum {str(crc)[:40]!r}"
+            raise _corrupt(path, f"tensor {name!r} has {found}; every tensor of our files has an 8-digit "
+                                 "crc32c (edited or damaged file)")
+    return crcs
+
+
+def _check_aliases(path: str, info: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """An alias (tied key) names another tensor of its dtype and shape; the bytes are compared on read."""
+    aliases = info.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise _corrupt(path, f"aliases is not a name -> name map: {str(aliases)[:120]}")
+    for alias, owner in aliases.items():
+        a, o = tensors.get(alias), tensors.get(owner) if isinstance(owner, str) else None
+        if a is None or o is None or alias == owner:
+            raise _corrupt(path, f"alias {alias!r} -> {str(owner)[:80]!r} does not name two of its tensors")
+        if (a.dtype, a.shape) != (o.dtype, o.shape):
+            raise _corrupt(path, f"alias {alias!r} ({a.dtype} {list(a.shape)}) cannot share the tensor of "
+                                 f"{owner!r} ({o.dtype} {list(o.shape)})")
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -167,7 +198,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     raw, size = _read_raw(path)
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise _corrupt(path, "the header is not UTF-8 JSON") from None
     if not isinstance(doc, dict):
         raise _corrupt(path, "the header is not a JSON object")
@@ -190,8 +221,9 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     if data_start + end < size:
         raise _corrupt(path, f"{size - data_start - end} unexpected bytes after the tensor data")
     info = _parse_info(path, metadata)
-    crcs = info.get("checksum", {}).get("tensors", {}) if info else {}
-    if crcs:
+    if info:
+        crcs = _checksums(path, info, tensors)
+        _check_aliases(path, info, tensors)
         tensors = {
             n: TensorInfo(t.dtype, t.shape, t.nbytes, t.offset, crcs.get(n)) for n, t in tensors.items()
         }

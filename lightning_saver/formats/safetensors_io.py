@@ -244,13 +244,51 @@ def _piece(header: Header, name: str, target: torch.Tensor) -> _Piece:
     return _Piece(name, header.data_start + info.offset, target.data_ptr(), info.nbytes)
 
 
+def _check_targets(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
+    """Each target must be a tensor of the file's dtype and shape: the bytes are copied into its memory."""
+    bad: list[str] = []
+    for name, target in targets.items():
+        info = header.tensors.get(name)
+        if info is None:
+            bad.append(f"{name!r} is not in the file")
+        elif not isinstance(target, torch.Tensor):
+            bad.append(f"{name!r}: the target is a {type(target).__name__}, not a tensor")
+        elif (target.dtype, tuple(target.shape)) != (info.torch_dtype, info.shape):
+            bad.append(f"{name!r}: the file holds {info.dtype} {list(info.shape)}, the target is "
+                       f"{target.dtype} {list(target.shape)}")
+    if bad:
+        raise StateMismatchError(f"{header.path}: cannot read into the given targets: " + "; ".join(bad[:10]))
+
+
+def _check_alias_bytes(fd: int, header: Header, name: str, owner: torch.Tensor) -> None:
+    """An alias is returned as its owner's tensor only when its own bytes in the file are the same."""
+    info = header.tensors[name]
+    source = owner.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    scratch = torch.empty(min(info.nbytes, CHUNK), dtype=torch.uint8)
+    for start in range(0, info.nbytes, CHUNK):
+        size = min(CHUNK, info.nbytes - start)
+        _read_exact(fd, header.data_start + info.offset + start, scratch.data_ptr(), size, header.path)
+        if not torch.equal(scratch[:size], source[start : start + size]):
+            raise CorruptCheckpointError(
+                f"{header.path}: tensor {name!r} is recorded as an alias of {header.aliases[name]!r}, but "
+                "its bytes differ (edited or damaged file)"
+            )
+
+
 def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bool = True) -> None:
     """Copy the named tensors' bytes from the file straight into ``targets`` (same dtype and shape).
 
     Contiguous CPU targets are filled in place with no intermediate buffer, by two threads sharing
     the reading and checksumming; others go one by one via a temporary.
-    Tied keys (aliases) whose owner is also a target are only checksummed, not read twice.
+    Tied keys (aliases) whose owner is also a target are not read twice: their bytes in the file
+    are compared with the owner's (and checksummed when ``verify``).
+
+    Raises:
+        StateMismatchError: a target is not in the file, or differs from it in dtype or shape
+            (nothing is read).
+        CorruptCheckpointError: a checksum differs, or an alias's bytes differ from its owner's.
     """
+    _check_targets(header, targets)
     aliases = header.aliases
     in_place: list[_Piece] = []
     others: list[str] = []
@@ -265,16 +303,20 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bo
     with open(header.path, "rb", buffering=0) as f:
         fd = f.fileno()
         computed = _read_parallel(fd, header.path, in_place, verify)
+        tied = []
         for name in others:
             target = targets[name]
             if aliases.get(name) in targets and _same_memory(targets[aliases[name]], target):
-                if verify:
-                    _check_crc(header, name, _crc_region(fd, header, name))
+                tied.append(name)
                 continue
             tmp = torch.empty(target.shape, dtype=target.dtype)
             computed[name] = _read_unit(fd, header.path, _piece(header, name, tmp), verify)
             with torch.no_grad():
                 target.copy_(tmp)
+        for name in tied:  # after every owner is read
+            _check_alias_bytes(fd, header, name, targets[name])
+            if verify:
+                _check_crc(header, name, _crc_region(fd, header, name))
     if verify:
         for name, value in computed.items():
             _check_crc(header, name, value)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import importlib
 import json
 import math
 import pathlib
@@ -41,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_saver.errors import EncodingError, FormatVersionError
+from lightning_saver.errors import CorruptCheckpointError, EncodingError, FormatVersionError
+from lightning_saver.formats.state_decoder import PATH_TYPES, decode_document
 
 __all__ = [
     "STATE_KEY",
@@ -58,10 +58,7 @@ STATE_VERSION = 1
 RESERVED_PREFIX = "__state__/"
 # numpy arrays up to this size go into the JSON; larger ones become tensors
 _INLINE_ARRAY_BYTES = 1 << 16
-_PATH_TYPES = {cls.__name__: cls for cls in (
-    pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath,
-    pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath,
-)}
+_PATH_TYPES = PATH_TYPES
 
 
 @dataclass
@@ -135,26 +132,27 @@ def decode_state(
     Raises:
         FormatVersionError: the state was written by a newer lightning_saver.
         EncodingError: the state holds pickled values and ``allow_pickle`` is False.
-        KeyError: the state refers to a tensor the file does not hold.
+        CorruptCheckpointError: the state is malformed, or refers to a tensor the file does not hold
+            (names ``source`` and the key path). Decoding never imports a module and never allocates
+            more than the file's bytes justify (see ``state_decoder``).
     """
     if STATE_KEY not in metadata:
-        raise KeyError(f"{source}: no training state in the header (metadata key {STATE_KEY!r} missing)")
-    document = json.loads(metadata[STATE_KEY])
-    version = document.get("version")
-    if not isinstance(version, int) or version > STATE_VERSION:
+        raise CorruptCheckpointError(
+            f"{source}: no training state in the header (metadata key {STATE_KEY!r} missing)"
+        )
+    try:
+        document = json.loads(metadata[STATE_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{source}: the training state is not valid JSON ({exc})") from None
+    version = document.get("version") if isinstance(document, dict) else None
+    if type(version) is not int or version < 1:
+        raise CorruptCheckpointError(f"{source}: the training state has no valid version ({version!r})")
+    if version > STATE_VERSION:
         raise FormatVersionError(
             f"{source}: training state format version {version!r} is newer than the {STATE_VERSION} this "
             "lightning_saver reads; upgrade lightning_saver to load it"
         )
-    decoder = _Decoder(tensors, allow_pickle, source)
-    out: dict[str, Any] = {}
-    # top-level values are read one by one, so a top-level key never looks like a tag
-    for key, value in document["state"].items():
-        if isinstance(value, dict) and set(value) == {"$weights"}:
-            out[key] = {name: decoder.tensor(name, (key, name)) for name in value["$weights"]}
-        else:
-            out[key] = decoder.decode(value, (key,))
-    return out
+    return decode_document(document, tensors, allow_pickle=allow_pickle, source=source)
 
 
 def _type(value: Any) -> str:
@@ -280,96 +278,3 @@ class _Encoder:
         else:
             spec["tensor"] = self.add_tensor(torch.from_numpy(np.ascontiguousarray(value)), path)
         return {"$ndarray": spec}
-
-
-class _Decoder:
-    def __init__(self, tensors: Mapping[str, torch.Tensor], allow_pickle: bool, source: str) -> None:
-        self.tensors = tensors
-        self.allow_pickle = allow_pickle
-        self.source = source
-
-    def tensor(self, name: str, path: tuple[Any, ...]) -> torch.Tensor:
-        if name not in self.tensors:
-            raise KeyError(f"{self.source}: the state at {_format_path(path)} refers to tensor {name!r}, "
-                           "which the file does not hold (damaged or edited file)")
-        return self.tensors[name]
-
-    def decode(self, value: Any, path: tuple[Any, ...]) -> Any:
-        if isinstance(value, list):
-            return [self.decode(v, (*path, i)) for i, v in enumerate(value)]
-        if not isinstance(value, dict):
-            return value
-        if len(value) == 1:
-            (tag, body), = value.items()
-            if tag.startswith("$"):
-                return self._tagged(tag, body, path)
-        return {k: self.decode(v, (*path, k)) for k, v in value.items()}
-
-    def _tagged(self, tag: str, body: Any, path: tuple[Any, ...]) -> Any:
-        if tag == "$tuple":
-            return tuple(self.decode(v, (*path, i)) for i, v in enumerate(body))
-        if tag == "$size":
-            return torch.Size(body)
-        if tag == "$dict":
-            return {self.decode(k, path): self.decode(v, (*path, k)) for k, v in body}
-        if tag == "$float":
-            return float(body)
-        if tag == "$tensor":
-            return self.tensor(body, path)
-        if tag == "$dtype":
-            return _dtype(body)
-        if tag == "$device":
-            return torch.device(body)
-        if tag == "$path":
-            return _PATH_TYPES[body[0]](body[1])
-        if tag == "$bytes":
-            return base64.b64decode(body)
-        if tag in ("$set", "$frozenset"):
-            items = [self.decode(v, path) for v in body]
-            return set(items) if tag == "$set" else frozenset(items)
-        if tag == "$enum":
-            return _enum_member(*body, where=f"{self.source} at {_format_path(path)}")
-        if tag == "$npscalar":
-            return np.frombuffer(base64.b64decode(body[1]), dtype=np.dtype(body[0]))[0]
-        if tag == "$ndarray":
-            return self._array(body, path)
-        if tag == "$pickle":
-            return self._unpickle(body, path)
-        raise ValueError(f"{self.source}: unknown tag {tag!r} at {_format_path(path)}; written by a newer "
-                         "lightning_saver? Upgrade to load it")
-
-    def _array(self, spec: dict[str, Any], path: tuple[Any, ...]) -> np.ndarray:
-        dtype = np.dtype(spec["dtype"])
-        if "data" in spec:
-            flat = np.frombuffer(base64.b64decode(spec["data"]), dtype=dtype).copy()
-        else:
-            flat = self.tensor(spec["tensor"], path).numpy().astype(dtype, copy=True)
-        return flat.reshape(spec["shape"])
-
-    def _unpickle(self, body: list[str], path: tuple[Any, ...]) -> Any:
-        if not self.allow_pickle:
-            raise EncodingError(
-                f"{self.source}: the value at {_format_path(path)} (type {body[0]}) was stored pickled; "
-                "unpickling runs code from the file, so it is refused. Pass allow_pickle=True only if you "
-                "trust this file"
-            )
-        return pickle.loads(base64.b64decode(body[1]))  # noqa: S301 - explicit opt-in above
-
-
-def _dtype(name: str) -> torch.dtype:
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r} in a training state")
-    return value
-
-
-def _enum_member(module: str, qualname: str, name: str, *, where: str) -> enum.Enum:
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{where}: enum {module}.{qualname} cannot be imported ({exc})") from exc
-    if not (isinstance(obj, type) and issubclass(obj, enum.Enum)):
-        raise ValueError(f"{where}: {module}.{qualname} is not an enum class")
-    return obj[name]

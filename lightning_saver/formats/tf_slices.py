@@ -100,6 +100,14 @@ def assemble(
         total += math.prod(lengths) * dtype.itemsize
     if total != math.prod(entry.shape) * dtype.itemsize:  # also bounds the allocation below
         raise CorruptCheckpointError(f"tensor {name!r}: its slices do not cover shape {entry.shape} exactly")
+    # equal volumes are not enough: a slice listed twice would leave a hole of uninitialised memory.
+    # Disjoint slices of the right total volume tile the tensor exactly.
+    covered = np.zeros(entry.shape, dtype=np.bool_)
+    for region in regions:
+        if covered[region].any():
+            starts = [r.start for r in region]
+            raise CorruptCheckpointError(f"tensor {name!r}: the slice at {starts} overlaps another slice")
+        covered[region] = True
     full = np.empty(entry.shape, dtype=dtype)
     for region, part in zip(regions, parts, strict=True):
         full[region] = read(part).view(dtype).reshape(part.shape)

@@ -15,6 +15,7 @@ from typing import Any
 
 from pytorch_lightning.cli import LightningCLI
 
+from lightning_saver.errors import CorruptCheckpointError
 from lightning_saver.integration.checkpoint_io import is_safetensors_file, load_state
 
 
@@ -32,12 +33,26 @@ class SaverCLI(LightningCLI):
         if not hparams:
             return
         if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            class_path = _imported_class_path(hparams.pop("_class_path"), ckpt_path)
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing the hyper-parameters stored in {ckpt_path} failed!\n")
             raise
+
+
+def _imported_class_path(class_path: Any, ckpt_path: str) -> str:
+    """``class_path`` if it names a class of an already imported module: a file never makes us import."""
+    module, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
+    found = vars(sys.modules[module]).get(name) if module in sys.modules else None
+    if not isinstance(found, type):
+        raise CorruptCheckpointError(
+            f"{ckpt_path}: hyper_parameters._class_path {str(class_path)[:200]!r} is not a class of an "
+            "imported module; reading a checkpoint never imports a module it names. Give the model "
+            "class in the config (model.class_path) instead"
+        )
+    return class_path
 
 
 def cli_main(argv: Sequence[str] | None = None) -> SaverCLI:
