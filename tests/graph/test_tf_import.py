@@ -452,8 +452,15 @@ def test_tf1_cond_switch_merge(tmp_path, training):
     untaken = "cond/Relu:0" if not training else "cond/sub:0"
     with pytest.raises(GraphImportError, match=f"fetched tensor {untaken} has no value: it is in a tf.cond"):
         graph.run(untaken, feed)
-    with pytest.raises(GraphImportError, match=r"to_module: node 'cond/\S+' \(Switch\) is TF1 control flow"):
-        graph.to_module(inputs=["x:0"], outputs="y:0")
+    x = torch.from_numpy(feed["x:0"])
+    # the flag left out of the inputs keeps its default (False): the cond is folded away
+    folded = graph.to_module(inputs=["x:0"], outputs="y:0")
+    assert not any(isinstance(m, torch.nn.Module) and "Region" in type(m).__name__ for m in folded.modules())
+    assert_same(folded(x).detach().numpy(), graph.run("y:0", {"x:0": feed["x:0"]}))
+    # the flag as an input: the Switch is decided at run time, inside the module
+    module = graph.to_module(inputs=["x:0", "training:0"], outputs=["y:0", "z:0"])
+    for ours, theirs in zip(module(x, torch.tensor(training)), made.expected, strict=True):
+        assert_same(ours.detach().numpy(), theirs)
 
 
 def _v2_functional_graph(tf):
@@ -493,8 +500,10 @@ def test_tf2_functional_if_and_partitioned_call(tmp_path, training):
         assert set(dict(module.named_parameters())) == {"v"}
         for ours, theirs in zip(module(torch.from_numpy(feed["x:0"])), made.expected, strict=True):
             assert_same(ours.detach().numpy(), theirs)
-    with pytest.raises(GraphImportError, match=r"to_module: node '\S+' \(\w*If\) calls a graph function"):
-        graph.to_module(inputs=["x:0", "training:0"], outputs="y:0")
+    # the flag as an input: the module picks the branch when it runs
+    module = graph.to_module(inputs=["x:0", "training:0"], outputs="y:0")
+    assert_same(module(torch.from_numpy(feed["x:0"]), torch.tensor(training)).detach().numpy(),
+                made.expected[0])
 
 
 def test_conv_batch_norm_fusion_matches_tensorflow(tmp_path):

@@ -15,6 +15,7 @@ from tensorboard.compat.proto import graph_pb2, meta_graph_pb2
 
 from lightning_saver.errors import CheckpointNotFoundError, GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_shape
+from lightning_saver.graph.tf_import.frames import ENTER_OPS, FrameLoop, collapse_frames
 
 Ref = tuple[str, int]  # (node name, output index)
 
@@ -93,18 +94,25 @@ def ref_name(ref: Ref) -> str:
 class GraphIndex:
     """The nodes of a GraphDef by name, their inputs, consumers and OpDefs."""
 
-    def __init__(self, meta: Any) -> None:
+    def __init__(self, meta: Any, op_defs: dict[str, Any] | None = None) -> None:
         self.meta = meta
         self.nodes: dict[str, Any] = {}
-        for node in meta.graph_def.node:
+        graph_nodes = list(meta.graph_def.node)
+        # TF1 while_loop frames become one node each (frames.py), so the graph has no cycles
+        self.loops: dict[str, FrameLoop] = {}
+        if any(node.op in ENTER_OPS for node in graph_nodes):
+            graph_nodes, self.loops = collapse_frames(graph_nodes)
+        for node in graph_nodes:
             if node.name in self.nodes:
                 raise GraphImportError(f"the graph holds two nodes named {node.name!r}")
             self.nodes[node.name] = node
-        self.op_defs = {op.name: op for op in meta.meta_info_def.stripped_op_list.op}
+        if op_defs is None:
+            op_defs = {op.name: op for op in meta.meta_info_def.stripped_op_list.op}
+        self.op_defs = op_defs
         self.inputs: dict[str, list[Ref]] = {}
         self.controls: dict[str, list[str]] = {}
         self.consumers: dict[str, list[tuple[str, int]]] = {name: [] for name in self.nodes}
-        for node in meta.graph_def.node:
+        for node in graph_nodes:
             data, control = [], []
             for position, text in enumerate(node.input):
                 ref = parse_tensor_name(text)
@@ -160,7 +168,7 @@ def execution_order(index: GraphIndex, targets: Iterable[str], fed: set[Ref]) ->
     A fed tensor cuts the graph: its producer is not visited through it.
 
     Raises:
-        GraphImportError: a missing input node, or a cycle (TF1 ``while_loop`` control flow).
+        GraphImportError: a missing input node, or a cycle (TF1 loops were cut out by ``frames.py``).
     """
     state: dict[str, int] = {}  # 1 visiting, 2 done
     order: list[str] = []
@@ -177,8 +185,8 @@ def execution_order(index: GraphIndex, targets: Iterable[str], fed: set[Ref]) ->
                 continue
             if state.get(name) == 1:
                 raise GraphImportError(
-                    f"node {name!r} ({index.nodes[name].op}) is part of a cycle; TF1 control flow "
-                    "(while_loop, cond with Switch/Merge) is not supported"
+                    f"node {name!r} ({index.nodes[name].op}) is part of a cycle that is not a TF1 "
+                    "while_loop frame (Enter ... NextIteration)"
                 )
             state[name] = 1
             stack.append((name, True))
@@ -188,8 +196,8 @@ def execution_order(index: GraphIndex, targets: Iterable[str], fed: set[Ref]) ->
                 if state.get(dep) != 2:
                     if state.get(dep) == 1:
                         raise GraphImportError(
-                            f"node {dep!r} ({index.nodes[dep].op}) is part of a cycle through {name!r}; "
-                            "TF1 control flow (while_loop, cond with Switch/Merge) is not supported"
+                            f"node {dep!r} ({index.nodes[dep].op}) is part of a cycle through {name!r} "
+                            "that is not a TF1 while_loop frame (Enter ... NextIteration)"
                         )
                     stack.append((dep, False))
     return order

@@ -17,9 +17,16 @@ import torch
 from torch import fx, nn
 
 from lightning_saver.errors import GraphImportError
-from lightning_saver.graph.tf_import.functions import CompiledFunction
+from lightning_saver.graph.tf_import.cond import SWITCH_OPS, execute_with_deadness
+from lightning_saver.graph.tf_import.functions import (
+    Branches,
+    CompiledFunction,
+    WhileLoop,
+    pick_branch,
+    truth,
+)
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, ref_name
-from lightning_saver.graph.tf_import.plan import Plan
+from lightning_saver.graph.tf_import.plan import Plan, Step
 from lightning_saver.graph.tf_import.variables import VariableStore, param_name
 
 
@@ -106,16 +113,17 @@ class _Builder:
         if step.kind == "function" and isinstance(step.func, CompiledFunction):
             self.inline(step, step.func)
             return
+        if step.kind == "function" and isinstance(step.func, (WhileLoop, Branches)):
+            self.control_flow(step, step.func)
+            return
         if step.kind == "function":
             raise GraphImportError(
                 f"to_module: node {step.name!r} ({step.op}) calls a graph function; modules support graphs "
                 "without functional ops (graph.run handles them; freezing the model inlines them)"
             )
-        if step.kind == "cond":
-            raise GraphImportError(
-                f"to_module: node {step.name!r} ({step.op}) is TF1 control flow (tf.cond); modules support "
-                "graphs without it (graph.run handles it)"
-            )
+        if step.kind == "region":
+            self.add_child(step, step.func, "cond_region")
+            return
         if step.kind != "call":
             raise GraphImportError(
                 f"to_module: node {step.name!r} ({step.op}) changes variable {step.variable!r}; a module is "
@@ -130,18 +138,43 @@ class _Builder:
         args = [self.value(r) for r in step.inputs]
         sub = _Builder(function.plan(), function.index, function.store, self, f"{function.name}/")
         sub.env = {(a, 0): node for a, node in zip(function.args, args, strict=True)}
-        for inner in sub.plan.steps:
+        steps, fetches = _with_region(sub.plan.steps, sub.plan.fetches)
+        for inner in steps:
             sub.step(inner)
-        for k, ref in enumerate(sub.plan.fetches):
+        for k, ref in enumerate(fetches):
             self.env[(step.name, k)] = sub.value(ref)
+
+    def subgraph(self, function: CompiledFunction) -> fx.GraphModule:
+        """A function body as a GraphModule of its own (its arguments are its inputs)."""
+        sub = _Builder(function.plan(), function.index, function.store)
+        return sub.build([(a, 0) for a in function.args], single=False)
+
+    def control_flow(self, step: Any, func: WhileLoop | Branches) -> None:
+        """A loop or a branch on a tensor becomes a submodule whose forward is Python control flow."""
+        if isinstance(func, WhileLoop):
+            child: nn.Module = LoopModule(self.subgraph(func.cond), self.subgraph(func.body), func.n_vars)
+        else:
+            child = BranchModule([self.subgraph(b) for b in func.branches], func.kind)
+        self.add_child(step, child, "loop" if isinstance(func, WhileLoop) else "branch")
+
+    def add_child(self, step: Any, child: nn.Module, base: str) -> None:
+        target, k = base, 0
+        while hasattr(self.root, target):
+            k += 1
+            target = f"{base}_{k}"
+        self.root.add_module(target, child)
+        args = tuple(self.value(r) for r in step.inputs)
+        self.calls[step.name] = self.graph.call_module(target, args)
+        self.single[step.name] = False
 
     def build(self, inputs: list[Ref], single: bool) -> fx.GraphModule:
         used: set[str] = set()
         for ref in inputs:
             self.placeholder(ref, used)
-        for step in self.plan.steps:
+        steps, fetches = _with_region(self.plan.steps, self.plan.fetches)
+        for step in steps:
             self.step(step)
-        outs = [self.value(r) for r in self.plan.fetches]
+        outs = [self.value(r) for r in fetches]
         self.graph.output(outs[0] if single else tuple(outs))
         module = fx.GraphModule(self.root, self.graph, class_name="ImportedTFGraph")
         module.tf_inputs = [ref_name(r) for r in inputs]
@@ -158,3 +191,70 @@ def build_module(plan: Plan, index: GraphIndex, store: VariableStore, inputs: li
     """
     return _Builder(plan, index, store).build(inputs, single)
 
+
+
+class LoopModule(nn.Module):
+    """A ``while_loop``: ``cond`` and ``body`` are GraphModules; ``forward`` is the Python loop.
+
+    Inputs are the loop variables then the invariants (tensors the loop only reads, e.g. weights),
+    so autograd follows every iteration back to the parameters of the enclosing module.
+    """
+
+    def __init__(self, cond: fx.GraphModule, body: fx.GraphModule, n_vars: int) -> None:
+        super().__init__()
+        self.cond, self.body, self.n_vars = cond, body, n_vars
+
+    def forward(self, *inputs: Any) -> tuple[Any, ...]:
+        values, invariants = inputs[:self.n_vars], inputs[self.n_vars:]
+        while truth(self.cond(*values, *invariants)[0]):
+            values = self.body(*values, *invariants)
+        return tuple(values)
+
+
+class BranchModule(nn.Module):
+    """``If`` (branches then, else) or ``Case`` on a tensor: ``forward`` runs the branch picked."""
+
+    def __init__(self, branches: list[fx.GraphModule], kind: str) -> None:
+        super().__init__()
+        self.branches, self.kind = nn.ModuleList(branches), kind
+
+    def forward(self, selector: Any, *inputs: Any) -> tuple[Any, ...]:
+        return self.branches[pick_branch(self.kind, selector, len(self.branches))](*inputs)
+
+
+class RegionModule(nn.Module):
+    """The steps after a ``tf.cond`` decided at run time (TF1 ``Switch``), run with TF's dead-tensor
+    rules (``cond.py``): ``forward`` takes the tensors the steps read and returns the fetched ones."""
+
+    def __init__(self, steps: list[Any], inputs: list[Ref], outputs: list[Ref]) -> None:
+        super().__init__()
+        self.steps, self.inputs, self.outputs = steps, inputs, outputs
+
+    def forward(self, *values: Any) -> tuple[Any, ...]:
+        env = dict(zip(self.inputs, values, strict=True))
+        return tuple(execute_with_deadness(self.steps, env, self.outputs))
+
+
+def _with_region(steps: list[Any], fetches: list[Ref]) -> tuple[list[Any], list[Ref]]:
+    """``steps`` with everything downstream of a run-time Switch gathered into one region step,
+    and where the fetches are then read from."""
+    inside: set[str] = set()
+    for step in steps:
+        if step.op in SWITCH_OPS or any(r[0] in inside for r in step.inputs + step.controls):
+            inside.add(step.name)
+    if not inside:
+        return steps, fetches
+    region = [s for s in steps if s.name in inside]
+    for s in region:
+        if s.kind not in ("call", "cond", "function"):
+            raise GraphImportError(
+                f"to_module: node {s.name!r} ({s.op}) changes variable {s.variable!r} inside a tf.cond; a "
+                "module is a pure function of its inputs"
+            )
+    reads = list(dict.fromkeys(r for s in region for r in s.inputs if r[0] not in inside))
+    outputs = [r for r in fetches if r[0] in inside]
+    name = region[0].name + "/cond_region"
+    step = Step(name, "Switch", "region", RegionModule(region, reads, outputs), tuple(reads))
+    rest = [s for s in steps if s.name not in inside]
+    remap = {r: (name, k) for k, r in enumerate(outputs)}
+    return [*rest, step], [remap.get(r, r) for r in fetches]

@@ -19,9 +19,11 @@ import torch
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
 from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
-from lightning_saver.graph.tf_import.functions import FUNCTION_OPS, function_op
+from lightning_saver.graph.tf_import.frames import INTERIOR_OP
+from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op, pick_branch
 from lightning_saver.graph.tf_import.fuse import fuse_conv_batch_norm
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
+from lightning_saver.graph.tf_import.ops_list import LIST_OPS
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
 from lightning_saver.graph.tf_import.variables import (
     ASSIGN_OPS,
@@ -193,7 +195,7 @@ def _no_converter(*args: Any) -> Any:
 
 
 def _foldable(index: GraphIndex, op: str) -> bool:
-    if op in ("NoOp", "Placeholder", "Assert"):
+    if op in ("NoOp", "Placeholder", "Assert") or op in LIST_OPS:
         return False
     op_def = index.op_defs.get(op)
     if op_def is not None:
@@ -213,7 +215,12 @@ class _Compiler:
         targets = dict.fromkeys(r[0] for r in fetches if r not in feeds)
         self.order = execution_order(index, targets, set(feeds))
         self.in_plan = set(self.order)
-        self.conditional = any(index.nodes[n].op in SWITCH_OPS for n in self.order)
+        # tf.cond bookkeeping: a Switch on a constant predicate (a flag left at its default) is
+        # decided now; nodes of the untaken branch are dead and never become steps. Nodes after a
+        # Switch decided at run time may be dead then, and carry control inputs to check.
+        self.dead_refs: set[Ref] = set()
+        self.dead_nodes: set[str] = set()
+        self.maybe_dead: set[str] = set()
 
     def where(self, name: str) -> str:
         consumers = self.index.describe_consumers(name, self.in_plan)
@@ -234,17 +241,54 @@ class _Compiler:
                 read = partial(self.store.read, ref[0])
                 self.steps.append(Step(ref[0], node.op, "read", read, (), {}, ref[0]))
 
+    def is_dead(self, ref: Ref) -> bool:
+        return ref in self.dead_refs or ref[0] in self.dead_nodes
+
+    def decide_cond(self, name: str, op: str, raw: list[Ref], refs: list[Ref]) -> bool:
+        """Fold a Switch on a constant predicate, a Merge with one live input, or a dead node."""
+        if op in MERGE_OPS:
+            live = [(k, ref) for k, ref in enumerate(refs) if not self.is_dead(raw[k])]
+            if not live or any(c in self.dead_nodes for c in self.index.controls[name]):
+                self.dead_nodes.add(name)
+                return True
+            if len(live) == 1 and not self.maybe_dead & {r[0] for r in raw}:
+                self.alias[(name, 0)] = live[0][1]
+                self.consts[(name, 1)] = torch.tensor(live[0][0], dtype=torch.int32)
+                return True
+            return False
+        if any(self.is_dead(r) for r in raw) or any(c in self.dead_nodes for c in self.index.controls[name]):
+            self.dead_nodes.add(name)
+            return True
+        if op in SWITCH_OPS and refs[1] in self.consts and raw[0][0] not in self.maybe_dead:
+            taken = pick_branch("if", self.consts[refs[1]], 2) ^ 1  # true -> output 1
+            self.alias[(name, taken)] = refs[0]
+            self.dead_refs.add((name, 1 - taken))
+            return True
+        return False
+
     def add(self, name: str) -> None:
         node = self.index.nodes[name]
         op = node.op
-        refs = [self.alias.get(r, r) for r in self.index.inputs[name]]
-        controls: tuple[Ref, ...] = ()
-        if self.conditional:
-            controls = tuple(self.alias.get((c, 0), (c, 0)) for c in self.index.controls[name])
+        raw = self.index.inputs[name]
+        refs = [self.alias.get(r, r) for r in raw]
+        if self.dead_refs or self.dead_nodes or op in SWITCH_OPS:
+            if self.decide_cond(name, op, raw, refs):
+                return
+        if op in SWITCH_OPS or any(r[0] in self.maybe_dead for r in raw) or \
+                any(c in self.maybe_dead for c in self.index.controls[name]):
+            self.maybe_dead.add(name)
+        controls = tuple(self.alias.get((c, 0), (c, 0)) for c in self.index.controls[name]
+                         if c in self.maybe_dead)
         if op in VARIABLE_OPS:
             return
-        if op in FUNCTION_OPS:
-            if op in ("If", "StatelessIf") and refs and refs[0] in self.consts:
+        if op == INTERIOR_OP:
+            frame = node.attr["frame_name"].s.decode()
+            raise GraphImportError(
+                f"node {name!r}{self.context} is inside the TF1 while_loop frame {frame!r}; only the loop's "
+                "Exit tensors can be fetched or fed from outside it"
+            )
+        if op in FUNCTION_OPS or name in self.index.loops:
+            if (op in IF_OPS or op in CASE_OPS) and refs and refs[0] in self.consts:
                 # a constant condition (a training flag left at its default) picks the branch now
                 func, refs = function_op(self.index, node, self.consts[refs[0]]), refs[1:]
             else:
@@ -253,6 +297,8 @@ class _Compiler:
             self.steps.append(Step(name, op, "function", func, tuple(refs), {}, None, controls))
             return
         if op in SWITCH_OPS or op in MERGE_OPS:
+            if op in MERGE_OPS:  # inputs from branches decided now never run
+                refs = [ref for ref, r in zip(refs, raw, strict=True) if not self.is_dead(r)]
             self.read_variables(refs)
             self.steps.append(Step(name, op, "cond", _no_converter, tuple(refs), {}, None, controls))
             return
@@ -260,6 +306,8 @@ class _Compiler:
             load_converters().lookup(op, self.where(name))
             self.alias[(name, 0)] = refs[0]
             return
+        if op == "Placeholder" and (name, 0) in self.feeds:
+            return  # reached through a control input (loop constants hang off the loop variables)
         if op == "Placeholder":
             consumers = self.index.describe_consumers(name, self.in_plan)
             raise GraphImportError(
@@ -300,9 +348,14 @@ class _Compiler:
     def compile(self) -> Plan:
         for name in self.order:
             self.add(name)
+        dead = [r for r in self.fetches if r not in self.feeds and self.is_dead(r)]
+        if dead:
+            raise GraphImportError(f"fetched tensor {ref_name(dead[0])} has no value: it is in a tf.cond "
+                                   "branch that was not taken")
         fetches = [r if r in self.feeds else self.alias.get(r, r) for r in self.fetches]
         self.read_variables(fetches)
-        return Plan(self.steps, self.consts, fetches, self.feeds, self.store, self.conditional)
+        conditional = any(step.op in SWITCH_OPS for step in self.steps)
+        return Plan(self.steps, self.consts, fetches, self.feeds, self.store, conditional)
 
 
 def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref],

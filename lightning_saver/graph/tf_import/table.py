@@ -39,6 +39,7 @@ def load_converters() -> OpTable:
         ops_array,
         ops_core,
         ops_image,
+        ops_list,
         ops_math,
         ops_nn,
         ops_norm,
