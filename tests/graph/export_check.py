@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 
 from lightning_saver.graph.onnx_export import export_onnx
@@ -27,7 +26,9 @@ from lightning_saver.graph.tf_export import checkpoint_prefix, export_meta_graph
 
 def tf_module() -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return pytest.importorskip("tensorflow")
+    import tensorflow
+
+    return tensorflow
 
 
 def torch_outputs(model: torch.nn.Module, args: Sequence[Any]) -> list[np.ndarray]:
@@ -42,17 +43,81 @@ def torch_outputs(model: torch.nn.Module, args: Sequence[Any]) -> list[np.ndarra
 def run_tf(meta_path: str | Path, feeds: dict[str, np.ndarray], n_outputs: int, *,
            restore: bool = True) -> list[np.ndarray]:
     """import_meta_graph + Saver.restore + session.run of output_0..n-1, in a fresh tf.Graph."""
+    return run_tf_many(meta_path, [feeds], n_outputs, restore=restore)[0]
+
+
+def run_tf_many(meta_path: str | Path, feed_sets: Sequence[dict[str, np.ndarray]], n_outputs: int, *,
+                restore: bool = True, optimize: bool = True, groups: Sequence[int] = (),
+                fused: set[str] | None = None) -> list[list[np.ndarray]]:
+    """One session, one run per feed set. ``optimize=False`` turns grappler off for this session (the
+    oneDNN rewrites are off only when TF_ENABLE_ONEDNN_OPTS=0 was set before TensorFlow was imported:
+    ``run_tf_plain`` runs in such a process).
+
+    ``groups``: output counts of independent parts (test cases side by side in one model), fetched by
+    separate ``session.run`` calls. TensorFlow optimises the subgraph each run needs, and its rewrites
+    give up on a whole graph when one part defeats their shape inference: a run per part sees the
+    rewrites that part alone would get. ``fused``, when given, collects the ops TensorFlow actually ran
+    (its partition graphs, after every rewrite), as ``"op"`` and ``"op:fused_op"`` for fused kernels.
+    """
     tf = tf_module()
     graph = tf.Graph()
+    config = tf.compat.v1.ConfigProto()
+    if not optimize:
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
     with graph.as_default():
         saver = tf.compat.v1.train.import_meta_graph(str(meta_path))
-        with tf.compat.v1.Session(graph=graph) as session:
+        with tf.compat.v1.Session(graph=graph, config=config) as session:
             prefix = checkpoint_prefix(str(meta_path))
             if restore and os.path.exists(prefix + ".index"):
                 assert saver is not None, "import_meta_graph returned no Saver"
                 saver.restore(session, prefix)
-            fetches = [f"output_{i}:0" for i in range(n_outputs)]
-            return session.run(fetches, {f"{k}:0": v for k, v in feeds.items()})
+            bounds = np.cumsum([0, *(groups or [n_outputs])])
+            parts = [[f"output_{i}:0" for i in range(a, b)]
+                     for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            results = []
+            for feeds in feed_sets:
+                named = {f"{k}:0": v for k, v in feeds.items()}
+                results.append([out for fetches in parts for out in _run(tf, session, fetches, named, fused)])
+                fused = None  # the graphs are the same for every feed set
+            return results
+
+
+def _run(tf: Any, session: Any, fetches: list[str], feeds: dict[str, Any], ran: set[str] | None) -> list[Any]:
+    if ran is None:
+        return session.run(fetches, feeds)
+    meta = tf.compat.v1.RunMetadata()
+    options = tf.compat.v1.RunOptions(output_partition_graphs=True)
+    out = session.run(fetches, feeds, options=options, run_metadata=meta)
+    for graph in meta.partition_graphs:
+        for node in graph.node:
+            ran.add(node.op)
+            ran.update(f"{node.op}:{op.decode()}" for op in node.attr["fused_ops"].list.s)
+    return out
+
+
+def run_tf_plain(meta_path: str | Path, feed_sets: Sequence[dict[str, np.ndarray]], n_outputs: int, *,
+                 restore: bool = True, groups: Sequence[int] = ()) -> list[list[np.ndarray]]:
+    """``run_tf_many`` with TensorFlow's optimisations off: a child process that sets
+    TF_ENABLE_ONEDNN_OPTS=0 before importing TensorFlow, and disables grappler in its session."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "feeds.npz"
+        np.savez(inputs, **{f"{i}/{k}": v for i, feeds in enumerate(feed_sets) for k, v in feeds.items()})
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        args = [sys.executable, __file__, str(meta_path), str(inputs), str(n_outputs), str(int(restore)),
+                ",".join(map(str, groups))]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with np.load(Path(folder) / "outputs.npz") as out:
+            return [[out[f"{i}/{k}"] for k in range(n_outputs)] for i in range(len(feed_sets))]
+
+
+def small_variance(args: Sequence[Any], scale: float = 1e-2) -> tuple[Any, ...]:
+    """Floating inputs scaled down (variance 1e-4): where an epsilon or a fused rewrite shows."""
+    return tuple(a * scale if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def run_onnx(path: str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -132,3 +197,24 @@ def assert_attrs_tf_knows_and_not_default(graph_def: Any) -> None:
             theirs = type(value).FromString(default.default_value.SerializeToString())
             assert not (default.HasField("default_value") and theirs == value), \
                 f"{node.name}: attr {name} written at its default"
+
+
+def _main(meta: str, inputs: str, n_outputs: str, restore: str, groups: str) -> None:
+    """Child side of ``run_tf_plain``: feeds ``<set>/<name>`` in, ``<set>/<output>`` out."""
+    with np.load(inputs) as data:
+        sets: dict[int, dict[str, np.ndarray]] = {}
+        for key in data.files:
+            index, name = key.split("/", 1)
+            sets.setdefault(int(index), {})[name] = data[key]
+    feed_sets = [sets[i] for i in sorted(sets)]
+    results = run_tf_many(meta, feed_sets, int(n_outputs), restore=bool(int(restore)), optimize=False,
+                          groups=[int(n) for n in groups.split(",") if n])
+    np.savez(Path(inputs).with_name("outputs.npz"),
+             **{f"{i}/{k}": np.asarray(v) for i, outs in enumerate(results) for k, v in enumerate(outs)})
+
+
+if __name__ == "__main__":
+    import sys
+
+    assert os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0", "run through run_tf_plain"
+    _main(*sys.argv[1:6])

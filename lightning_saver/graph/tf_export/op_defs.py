@@ -58,6 +58,7 @@ _ROWS: tuple[tuple[str, ...], ...] = (
     ("Tanh", "x: T", "y: T", "T: type"),
     ("Sigmoid", "x: T", "y: T", "T: type"),
     ("Erf", "x: T", "y: T", "T: type"),
+    ("Erfc", "x: T", "y: T", "T: type"),
     ("Relu", "features: T", "activations: T", "T: type"),
     ("Relu6", "features: T", "activations: T", "T: type"),
     ("Softmax", "logits: T", "softmax: T", "T: type"),

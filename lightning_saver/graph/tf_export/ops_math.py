@@ -34,6 +34,23 @@ def axes(dims: Any, rank: int | None) -> list[int]:
     return [d % rank if rank is not None and d < 0 else d for d in items]
 
 
+def mean(g: GraphBuilder, x: TfTensor, reduce_axes: list[int], keep_dims: bool) -> TfTensor:
+    """The mean over ``reduce_axes`` as ``Sum * (1 / n)`` when the reduced sizes are static.
+
+    TensorFlow's oneDNN remapper matches ``Rsqrt(AddV2(Mean(Square(x - Mean(x))), eps))`` (and the
+    ``SquaredDifference`` form) followed by an affine, and rewrites it into ``_MklLayerNorm`` or
+    ``_MklFusedInstanceNorm`` **without the epsilon** (its kernel then uses 1e-3): a silent error
+    once weight and bias are variables. Every such pattern needs ``Mean`` ops, so our means are a
+    ``Sum`` times a constant (the same value to an ulp), which no rewrite pattern expects.
+    """
+    sizes = [None if x.shape is None else x.shape[a] for a in reduce_axes]
+    floating = x.dtype in (tf_dtypes.DT_FLOAT, tf_dtypes.DT_DOUBLE)
+    if not floating or not all(isinstance(s, int) and s > 0 for s in sizes):
+        return g.op("Mean", x, reduce_axes, keep_dims=keep_dims)
+    total = g.op("Sum", x, reduce_axes, keep_dims=keep_dims)
+    return g.op("Mul", total, g.scalar(1.0 / float(math.prod(sizes)), x.dtype))  # type: ignore[arg-type]
+
+
 def _common_dtype(*values: Any) -> int:
     tensors = [v for v in values if isinstance(v, TfTensor)]
     float_types = (tf_dtypes.DT_FLOAT, tf_dtypes.DT_DOUBLE, tf_dtypes.DT_HALF)
@@ -170,13 +187,21 @@ def hardtanh(cx: Ctx, x: TfTensor, min_val: float = -1.0, max_val: float = 1.0) 
 
 @TF_EXPORT.register(aten.gelu.default)
 def gelu(cx: Ctx, x: TfTensor, *, approximate: str = "none") -> TfTensor:
+    """GELU in a form TensorFlow's oneDNN remapper leaves alone.
+
+    The textbook ``0.5 x (1 + erf(x / sqrt 2))`` after a MatMul + BiasAdd is rewritten into
+    ``_FusedMatMul`` with a GELU about 2e-4 off (and the tanh form likewise). The same function as
+    ``x * 0.5 erfc(-x / sqrt 2)`` (and ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`` for tanh,
+    since 1 + tanh(z) = 2 sigmoid(2z)) has no Erf/Tanh for the rewrite to match, and is as exact.
+    """
     g, dt = cx.g, cx.dtype
-    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    if approximate == "tanh":
         inner = g.op("AddV2", x, g.op("Mul", g.op("Mul", g.op("Square", x), x), g.scalar(0.044715, dt)))
-        t = g.op("Tanh", g.op("Mul", inner, g.scalar(math.sqrt(2.0 / math.pi), dt)))
-    else:  # 0.5 x (1 + erf(x / sqrt 2))
-        t = g.op("Erf", g.op("Mul", x, g.scalar(1.0 / math.sqrt(2.0), dt)))
-    return g.op("Mul", g.op("Mul", x, g.scalar(0.5, dt)), g.op("AddV2", t, g.scalar(1.0, dt)))
+        doubled = g.op("Mul", inner, g.scalar(2.0 * math.sqrt(2.0 / math.pi), dt))
+        return g.op("Mul", x, g.op("Sigmoid", doubled))
+    erfc = g.op("Erfc", g.op("Mul", x, g.scalar(-1.0 / math.sqrt(2.0), dt)))
+    half_erfc = g.op("Mul", erfc, g.scalar(0.5, dt))
+    return g.op("Mul", x, half_erfc)
 
 
 @TF_EXPORT.register(aten.silu.default)

@@ -17,6 +17,7 @@ import torch
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.formats import tf_dtypes
 from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor
+from lightning_saver.graph.tf_export.ops_math import mean
 from lightning_saver.graph.tf_export.ops_shape import dim_size
 from lightning_saver.graph.tf_export.table import TF_EXPORT, Ctx
 
@@ -258,10 +259,16 @@ def batch_norm(cx: Ctx, x: TfTensor, weight: TfTensor | None, bias: TfTensor | N
 
 
 def _normalize(g: GraphBuilder, x: TfTensor, reduce_axes: list[int], eps: float) -> tuple[TfTensor, ...]:
-    mean = g.op("Mean", x, reduce_axes, keep_dims=True)
-    variance = g.op("Mean", g.op("SquaredDifference", x, mean), reduce_axes, keep_dims=True)
+    """(x - mean) * rsqrt(var + eps) over ``reduce_axes``; also returns mean and rstd.
+
+    Means are ``ops_math.mean`` (a Sum times 1/n): TensorFlow's oneDNN layer/instance-norm rewrite
+    needs ``Mean`` ops to match, and it drops our epsilon when it does.
+    """
+    mu = mean(g, x, reduce_axes, keep_dims=True)
+    centered = g.op("Sub", x, mu)
+    variance = mean(g, g.op("Square", centered), reduce_axes, keep_dims=True)
     rstd = g.op("Rsqrt", g.op("AddV2", variance, g.scalar(eps, x.dtype)))
-    return g.op("Mul", g.op("Sub", x, mean), rstd), mean, rstd
+    return g.op("Mul", centered, rstd), mu, rstd
 
 
 @TF_EXPORT.register(aten._native_batch_norm_legit.no_stats)

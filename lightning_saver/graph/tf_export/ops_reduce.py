@@ -11,7 +11,7 @@ import torch
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.formats import tf_dtypes
 from lightning_saver.graph.tf_export.builder import TfTensor
-from lightning_saver.graph.tf_export.ops_math import axes, operand
+from lightning_saver.graph.tf_export.ops_math import axes, mean, operand
 from lightning_saver.graph.tf_export.table import TF_EXPORT, Ctx
 
 aten = torch.ops.aten
@@ -33,7 +33,14 @@ def _reduce(tf_op: str, input_dtype: int | None = None) -> Any:
 TF_EXPORT.register(aten.sum.dim_IntList, aten.sum.default)(_reduce("Sum"))
 TF_EXPORT.register(aten.max.default)(_reduce("Max"))
 TF_EXPORT.register(aten.min.default)(_reduce("Min"))
-TF_EXPORT.register(aten.mean.dim, aten.mean.default)(_reduce("Mean"))
+
+
+@TF_EXPORT.register(aten.mean.dim, aten.mean.default)
+def mean_(cx: Ctx, x: TfTensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> TfTensor:
+    x = operand(cx, x, cx.dtype)
+    return mean(cx.g, x, axes(dim, x.rank), keepdim)
+
+
 TF_EXPORT.register(aten.amax.default)(_reduce("Max"))
 TF_EXPORT.register(aten.amin.default)(_reduce("Min"))
 TF_EXPORT.register(aten.prod.dim_int, aten.prod.default)(_reduce("Prod"))
@@ -84,9 +91,10 @@ def var(cx: Ctx, x: TfTensor, dim: Any = None, *, correction: float = 1, keepdim
     if any(s is None for s in sizes):
         raise UnsupportedOpError("TensorFlow export: var over a dynamic dimension is not supported")
     n = int(np.prod(sizes))
-    mean = g.op("Mean", x, reduce_axes, keep_dims=True)
-    out = g.op("Mean", g.op("SquaredDifference", x, mean), reduce_axes, keep_dims=keepdim)
-    return g.op("Mul", out, g.scalar(n / max(n - correction, 1), cx.dtype)) if correction else out
+    # sums, not Means: see ops_math.mean (TensorFlow's oneDNN layer-norm rewrite matches Means)
+    centered = g.op("Sub", x, mean(g, x, reduce_axes, keep_dims=True))
+    total = g.op("Sum", g.op("Square", centered), reduce_axes, keep_dims=keepdim)
+    return g.op("Mul", total, g.scalar(1.0 / max(n - correction, 1), cx.dtype))
 
 
 @TF_EXPORT.register(aten.cumsum.default)
