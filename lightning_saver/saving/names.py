@@ -8,6 +8,13 @@ Sample names (``save_path`` argument -> file written)::
     ckpts/model.st                 step 7     -> ckpts/model_7.st
     ckpts/run.v2/model_3           step 10    -> ckpts/run.v2/model_3_10.safetensors
 
+A sharded checkpoint (a *set*, ``sharded.py``) of step 95 written by 2 processes is three files,
+named like TensorFlow's ``.data-00000-of-00002`` shards so that ``ls`` shows the step on each::
+
+    ckpts/model_95-00000-of-00002.safetensors      rank 0's pieces (plain safetensors)
+    ckpts/model_95-00001-of-00002.safetensors      rank 1's pieces
+    ckpts/model_95.safetensors.index.json          the index: the set's name, written last
+
 A *series* is a directory plus a prefix plus an extension (``ckpts``, ``variable_file``,
 ``.safetensors``); rotation works per series. Temporary files of the commit protocol are hidden
 names in the same directory, ``.<final name>.<pid>.<token>.tmp``, so scans and users ignore them.
@@ -27,6 +34,12 @@ __all__ = [
     "checkpoint_path",
     "temp_name",
     "parse_temp_name",
+    "INDEX_SUFFIX",
+    "set_index_name",
+    "shard_name",
+    "is_set_index",
+    "set_stem",
+    "parse_shard_name",
 ]
 
 DEFAULT_EXT = ".safetensors"
@@ -126,3 +139,40 @@ def parse_temp_name(name: str) -> tuple[str, int] | None:
     """``(final name, pid)`` for one of our temporary files, ``None`` for anything else."""
     match = _TEMP.match(name)
     return (match["final"], int(match["pid"])) if match else None
+
+
+INDEX_SUFFIX = ".index.json"
+
+
+def set_index_name(series: Series, step: int | None) -> str:
+    """The index file of a set: ``model_95.safetensors.index.json`` (the name the state file records)."""
+    return series.name(step) + INDEX_SUFFIX
+
+
+def shard_name(series: Series, step: int | None, rank: int, world: int) -> str:
+    """One rank's shard of a set: ``model_95-00000-of-00002.safetensors`` (ranks count from 0)."""
+    stem = series.name(step)[: -len(series.ext)]
+    return f"{stem}-{rank:05d}-of-{world:05d}{series.ext}"
+
+
+def is_set_index(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a set's index (by name; the file is not opened)."""
+    return os.fspath(path).endswith(INDEX_SUFFIX)
+
+
+def set_stem(index_name: str) -> str:
+    """``model_95.safetensors.index.json`` -> ``model_95.safetensors``."""
+    return index_name[: -len(INDEX_SUFFIX)] if index_name.endswith(INDEX_SUFFIX) else index_name
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<rank>\d{5})-of-(?P<world>\d{5})(?P<ext>\.[^.]+)$")
+
+
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+    """``(set stem, rank, world)`` for a shard name: ``model_95-00001-of-00002.safetensors`` ->
+    ``("model_95.safetensors", 1, 2)``; ``None`` for any other name. The stem + ``INDEX_SUFFIX``
+    is the set's index."""
+    match = _SHARD.match(name)
+    if not match:
+        return None
+    return match["stem"] + match["ext"], int(match["rank"]), int(match["world"])

@@ -55,9 +55,9 @@ def _tensors_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
 def _resolve(path: str | os.PathLike[str]) -> str:
     path = os.fspath(path)
     if not os.path.exists(path) and not os.path.splitext(path)[1]:
-        with_ext = path + names.DEFAULT_EXT
-        if os.path.exists(with_ext):
-            return with_ext
+        for with_ext in (path + names.DEFAULT_EXT, path + names.DEFAULT_EXT + names.INDEX_SUFFIX):
+            if os.path.exists(with_ext):
+                return with_ext
     return path
 
 
@@ -154,6 +154,8 @@ class CheckpointSaver:
         info: dict[str, Any] = {"global_step": step, "wall_time": time.time()}
         if metric is not None:
             info["metric"] = float(metric)
+        if _sharded(tensors):
+            return self._save_set(tensors, series, info, metadata)
         nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=info)  # validates early
         if series.directory:
             os.makedirs(series.directory, exist_ok=True)
@@ -203,6 +205,12 @@ class CheckpointSaver:
                 size=result.nbytes,
                 checksum=f"crc32c:{result.checksum}",
             )
+            self._record(series, current, record)
+
+    def _record(self, series: Series, current: state_file.SeriesState, record: rotation.Record) -> None:
+        """Record a durable checkpoint in the state file, then delete what rotation drops."""
+        with self._lock:
+            directory = series.directory
             decision = rotation.plan(
                 rotation.record_save(current.checkpoints, record),
                 self._policy,
@@ -259,8 +267,30 @@ class CheckpointSaver:
         here = os.path.abspath(directory or ".")
         return {os.path.basename(p) for p in self._protected if os.path.dirname(p) == here}
 
+    def _save_set(self, tensors: Mapping[str, torch.Tensor], series: Series, info: dict[str, Any],
+                  metadata: Mapping[str, str] | None) -> str:
+        """A sharded save (``sharded.py``), called on every rank; rank 0 records the committed set."""
+        from lightning_saver.saving import sharded
+
+        if series.directory:
+            os.makedirs(series.directory, exist_ok=True)
+        return sharded.save_set(tensors, series, info["global_step"], info=info, metadata=metadata,
+                                on_commit=partial(self._record_set, series, info))
+
+    def _record_set(self, series: Series, info: dict[str, Any], committed: Any) -> None:
+        current = self._series_state(series)
+        record = rotation.Record(os.path.basename(committed.index_path), info["global_step"],
+                                 info["wall_time"], info.get("metric"), size=committed.nbytes,
+                                 checksum=committed.checksum)
+        self._record(series, current, record)
+
     @staticmethod
     def _delete(path: str) -> None:
+        if names.is_set_index(path):
+            from lightning_saver.saving import sharded
+
+            sharded.delete_set(path, discard=deleter.discard)
+            return
         # the name goes now, the blocks in the background: unlinking 1 GiB took 0.15 s in save()
         deleter.discard(path)
 
@@ -310,14 +340,28 @@ class CheckpointSaver:
             CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, StateMismatchError.
         """
         self.wait()
-        header = read_header(_resolve(save_path))
+        path = _resolve(save_path)
+        if names.is_set_index(path):
+            from lightning_saver.saving import sharded
+
+            missing, unexpected = sharded.restore_set(model, path, strict=strict,
+                                                      verify=self.verify if verify is None else verify)
+            return RestoreResult(missing, unexpected)
+        header = read_header(path)
         return restore_into(model, header, strict=strict, verify=self.verify if verify is None else verify)
+
+
+def _sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """DTensors are saved as a set (one file per rank); anything else as one file."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors.values())
 
 
 def _matches_prefix(name: str, prefix: str | None) -> bool:
     if prefix is None:
         return True
-    stem = os.path.splitext(name)[0]
+    stem = os.path.splitext(names.set_stem(name))[0]
     return stem == prefix or (stem.startswith(prefix + "_") and stem[len(prefix) + 1 :].isdigit())
 
 
@@ -355,6 +399,11 @@ def latest_checkpoint(
 
 def _verify_record(path: str, record: rotation.Record) -> None:
     """Every tensor's checksum, and the header against the checksum the state file recorded."""
+    if names.is_set_index(path):
+        from lightning_saver.saving import sharded
+
+        sharded.verify_set(path)
+        return
     header = safetensors_io.verify_file(path)
     expected = record.checksum
     if expected and expected.startswith("crc32c:") and expected != f"crc32c:{header.header_crc32c}":

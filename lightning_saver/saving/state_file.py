@@ -35,8 +35,9 @@ from typing import Any
 
 from lightning_saver.errors import LightningSaverError
 from lightning_saver.formats.safetensors_header import read_header
+from lightning_saver.formats.shard_index import parse_index
 from lightning_saver.saving import commit
-from lightning_saver.saving.names import Series, parse_temp_name
+from lightning_saver.saving.names import Series, is_set_index, parse_temp_name, set_stem
 from lightning_saver.saving.rotation import Record
 
 __all__ = [
@@ -143,6 +144,12 @@ def save_state(directory: str, state: DirectoryState) -> None:
     commit.atomic_write_bytes(os.path.join(directory, STATE_NAME), "\n".join(lines).encode("utf-8"))
 
 
+def _set_info(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        index = parse_index(path, f.read())
+    return {"global_step": index.global_step, "wall_time": index.wall_time, **index.info}
+
+
 def scan_checkpoints(directory: str, series: Series | None = None) -> list[Record]:
     """Records for the checkpoints lightning_saver wrote in ``directory`` (headers only), oldest first.
 
@@ -156,16 +163,16 @@ def scan_checkpoints(directory: str, series: Series | None = None) -> list[Recor
     for name in entries:
         if name == STATE_NAME or name.startswith(".") or parse_temp_name(name) is not None:
             continue
-        if series is not None and series.parse(name) is None and name != series.name(None):
+        stem = set_stem(name)  # a sharded set is named by its index
+        if series is not None and series.parse(stem) is None and stem != series.name(None):
             continue
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             continue
         try:
-            header = read_header(path)
+            info = _set_info(path) if is_set_index(name) else read_header(path).info
         except (LightningSaverError, OSError):
             continue
-        info = header.info
         if not info or not isinstance(info.get("wall_time"), (int, float)):
             continue
         step = info.get("global_step")

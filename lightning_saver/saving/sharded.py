@@ -1,0 +1,334 @@
+"""Sharded checkpoints (*sets*): save on every rank, commit across ranks, restore with resharding.
+
+A set of step 95 written by 2 processes (names built in ``names.py``)::
+
+    ckpts/model_95-00000-of-00002.safetensors    rank 0's pieces, plain safetensors
+    ckpts/model_95-00001-of-00002.safetensors    rank 1's pieces
+    ckpts/model_95.safetensors.index.json        written last by rank 0: the set exists from here on
+
+The commit protocol across ranks: every rank writes and fsyncs its shard (temp name, rename); DCP
+gathers every rank's outcome on rank 0; only when all succeeded does rank 0 write the index and
+then the state file (``on_commit``); the outcome is broadcast, so a failure on any rank fails
+``save`` on every rank, and each rank removes its own shard. Shards without an index are leftovers
+of a killed save; rank 0 removes them before the next save of the series writes anything.
+
+Resharding is DCP's: its load planner intersects the saved pieces with the shards the restoring
+process holds (any world size, or a plain unsharded module), and :class:`SetReader` serves the
+reads.
+
+Example (on every rank of a ``torch.distributed`` job whose parameters are DTensors)::
+
+    saver.save(model, "ckpts/model", global_step=95)          # -> 'ckpts/model_95.safetensors.index.json'
+    saver.restore(model, latest_checkpoint("ckpts"))           # same or another world size
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.tensor import DTensor
+
+from lightning_saver.errors import CheckpointNotFoundError, LightningSaverError, StateMismatchError
+from lightning_saver.formats import safetensors_io
+from lightning_saver.formats.safetensors_header import DTYPE_NAMES, read_header
+from lightning_saver.formats.shard_index import ShardIndex, parse_index
+from lightning_saver.saving import commit, names
+from lightning_saver.saving.dcp_storage import Committed, SetReader, SetWriter, _check_piece
+from lightning_saver.saving.names import Series
+
+__all__ = [
+    "has_dtensors",
+    "save_set",
+    "read_index",
+    "restore_set",
+    "load_set",
+    "verify_set",
+    "delete_set",
+    "remove_orphans",
+    "set_files",
+]
+
+log = logging.getLogger("lightning_saver")
+
+
+def has_dtensors(tensors: Mapping[str, Any]) -> bool:
+    """Whether any value is a DTensor (then ``save`` writes a set)."""
+    return any(isinstance(t, DTensor) for t in tensors.values())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world(group: Any) -> int:
+    return dist.get_world_size(group) if _distributed() else 1
+
+
+def save_set(
+    tensors: Mapping[str, torch.Tensor],
+    series: Series,
+    step: int | None,
+    *,
+    info: dict[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    on_commit: Callable[[Committed], None] | None = None,
+    process_group: Any = None,
+) -> str:
+    """Write ``tensors`` (DTensors and plain tensors) as one set; call on every rank.
+
+    Returns:
+        The index path (the set's name), e.g. ``"ckpts/model_95.safetensors.index.json"``.
+
+    Raises:
+        DiskFullError / OSError: a rank could not write its shard; raised on every rank, naming the
+            failing rank and its file. Nothing of this set is left; earlier sets are untouched.
+    """
+    index_path = os.path.join(series.directory, names.set_index_name(series, step))
+    writer = SetWriter(series, step, info=info, metadata=dict(metadata or {}), on_commit=on_commit,
+                       before_write=lambda world: _before_write(series, step))
+    try:
+        dcp.save(dict(tensors), storage_writer=writer, planner=DefaultSavePlanner(),
+                 process_group=process_group, no_dist=not _distributed())
+    except CheckpointException as exc:
+        if writer.written:
+            _remove(writer.written)
+        raise _translate(exc, f"sharded save of {index_path}", _world(process_group)) from None
+    except BaseException:
+        if writer.written:
+            _remove(writer.written)
+        raise
+    return index_path
+
+
+def _before_write(series: Series, step: int | None) -> None:
+    """Rank 0, before any rank writes: un-commit a set of the same step, remove leftovers."""
+    index = os.path.join(series.directory, names.set_index_name(series, step))
+    if os.path.exists(index):
+        log.warning("replacing the existing sharded checkpoint %s", index)
+        _remove(index)
+    for temp in commit.remove_stale_temps(series.directory):
+        log.info("removed leftover temporary file %s", temp)
+    for path in remove_orphans(series.directory):
+        log.info("removed a shard of an uncommitted set: %s", path)
+
+
+def _translate(exc: CheckpointException, what: str, world: int) -> BaseException:
+    """One error of the failing rank's type, naming the rank (its message names the file)."""
+    failures = sorted(exc.failures.items())
+    rank, (err, _trace) = failures[0]
+    text = f"{what} failed on rank {rank} of {world}"
+    if len(failures) > 1:
+        text += f" (and on ranks {[r for r, _ in failures[1:]]})"
+    text += f": {getattr(err, 'strerror', None) or err}"
+    try:
+        if isinstance(err, OSError):
+            new: BaseException = type(err)(err.errno or errno.EIO, text, err.filename)
+        else:
+            new = type(err)(text)
+    except Exception:
+        new = LightningSaverError(text)
+    new.__cause__ = err
+    return new
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_index(path: str | os.PathLike[str]) -> ShardIndex:
+    """Parse a set's index.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        CorruptCheckpointError / FormatVersionError: not a valid index.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"sharded checkpoint index {path!r} does not exist") from None
+    return parse_index(path, data)
+
+
+def _mismatches(path: str, index: ShardIndex, targets: Mapping[str, torch.Tensor],
+                strict: bool) -> tuple[list[str], list[str]]:
+    missing = [k for k in targets if k not in index.tensors]
+    unexpected = [k for k in index.tensors if k not in targets]
+    lines = []
+    if strict:
+        lines += [f"  missing in the checkpoint: {k!r}" for k in missing]
+        lines += [f"  unexpected in the checkpoint: {k!r}" for k in unexpected]
+    for k, t in targets.items():
+        entry = index.tensors.get(k)
+        if entry is None:
+            continue
+        found = (DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        if found != (entry.dtype, entry.shape):
+            lines.append(f"  {k!r}: the checkpoint has {entry.dtype}{list(entry.shape)}, the target "
+                         f"{found[0]}{list(found[1])}")
+    if lines:
+        raise StateMismatchError(f"sharded checkpoint {path} does not fit the target "
+                                 f"({len(lines)} problem(s)):\n" + "\n".join(lines[:30]))
+    return missing, unexpected
+
+
+def _load(path: str, index: ShardIndex, targets: dict[str, torch.Tensor], *, verify: bool,
+          collective: bool) -> None:
+    reader = SetReader(os.path.dirname(path), index, verify=verify)
+    try:
+        dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=not (collective and _distributed()))
+    except CheckpointException as exc:
+        raise _translate(exc, f"restore from {path}", _world(None)) from None
+
+
+def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = True,
+                verify: bool = True) -> tuple[list[str], list[str]]:
+    """Load a set into ``target``: a module (sharded with DTensors, or plain) or a mapping of tensors.
+
+    A module with DTensor parameters must be restored on every rank (the load is collective); a
+    plain module or mapping gets the full tensors, gathered from every shard, in this process alone.
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``.
+    """
+    path = os.fspath(path)
+    index = read_index(path)
+    if isinstance(target, nn.Module):
+        sharded = any(isinstance(p, DTensor) for p in target.parameters())
+        state: dict[str, Any]
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            state = get_model_state_dict(target)
+        else:
+            state = target.state_dict()
+        result = _mismatches(path, index, state, strict)
+        common = {k: v for k, v in state.items() if k in index.tensors}
+        _load(path, index, common, verify=verify, collective=sharded)
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(target, common, options=StateDictOptions(strict=False))
+        else:
+            target.load_state_dict(common, strict=False)
+        return result
+    if isinstance(target, MutableMapping):
+        if not target:
+            target.update(load_set(path, verify=verify))
+            return [], []
+        result = _mismatches(path, index, target, strict)
+        common = {k: v for k, v in target.items() if k in index.tensors}
+        _load(path, index, common, verify=verify, collective=has_dtensors(common))
+        return result
+    raise TypeError(f"restore target must be an nn.Module or a mutable mapping of tensors, "
+                    f"found {type(target).__name__}")
+
+
+def load_set(path: str | os.PathLike[str], *, names_: list[str] | None = None,
+             verify: bool = True) -> dict[str, torch.Tensor]:
+    """Full (gathered) CPU tensors of a set, in this process alone.
+
+    Example:
+        >>> load_set("ckpts/model_95.safetensors.index.json")["layer.weight"].shape
+        torch.Size([8, 4])
+    """
+    from lightning_saver.formats.safetensors_header import DTYPES
+
+    path = os.fspath(path)
+    index = read_index(path)
+    wanted = list(index.tensors) if names_ is None else names_
+    missing = [n for n in wanted if n not in index.tensors]
+    if missing:
+        raise StateMismatchError(f"{path}: no tensor named {', '.join(map(repr, missing[:10]))}")
+    out = {n: torch.empty(index.tensors[n].shape, dtype=DTYPES[index.tensors[n].dtype]) for n in wanted}
+    _load(path, index, out, verify=verify, collective=False)
+    return out
+
+
+def verify_set(path: str | os.PathLike[str]) -> ShardIndex:
+    """Check that every shard is the one the index was committed with, and every piece's CRC-32C.
+
+    Raises:
+        CheckpointNotFoundError: the index or a shard is missing (named).
+        CorruptCheckpointError: a shard differs from the index, or a checksum differs.
+    """
+    path = os.fspath(path)
+    index = read_index(path)
+    directory = os.path.dirname(path)
+    headers = {}
+    for i, name in enumerate(index.files):
+        headers[i] = read_header(os.path.join(directory, name))
+    for fqn, entry in index.tensors.items():
+        for piece in entry.pieces:
+            _check_piece(headers[piece.file], fqn, piece, entry)
+    for header in headers.values():
+        safetensors_io.verify_file(header.path)
+    return index
+
+
+def _ours(path: str) -> bool:
+    """A shard written by lightning_saver (never delete another tool's ``-0000N-of-0000M`` file)."""
+    try:
+        return isinstance(read_header(path).info.get("shard"), dict)
+    except (LightningSaverError, OSError):
+        return False
+
+
+def set_files(index_path: str) -> list[str]:
+    """The shard paths of the set named by ``index_path`` found beside it (read from the listing)."""
+    directory, name = os.path.split(index_path)
+    stem = names.set_stem(name)
+    try:
+        entries = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        parsed = names.parse_shard_name(entry)
+        if parsed is not None and parsed[0] == stem and _ours(os.path.join(directory, entry)):
+            out.append(os.path.join(directory, entry))
+    return sorted(out)
+
+
+def delete_set(index_path: str, *, discard: Callable[[str], None] | None = None) -> None:
+    """Delete a set: the index first (un-committing it), then its shards (through ``discard``,
+    e.g. the saver's background deleter, when given)."""
+    shards = set_files(index_path)
+    _remove(index_path)
+    for shard in shards:
+        (discard or _remove)(shard)
+
+
+def remove_orphans(directory: str) -> list[str]:
+    """Delete shards whose set has no index (a save killed before its commit); return them."""
+    try:
+        entries = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return []
+    present = set(entries)
+    removed = []
+    for entry in entries:
+        parsed = names.parse_shard_name(entry)
+        path = os.path.join(directory, entry)
+        if parsed is not None and parsed[0] + names.INDEX_SUFFIX not in present and _ours(path):
+            _remove(path)
+            removed.append(path)
+    return removed
