@@ -167,7 +167,7 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     return parse_index(path, data)
 
 
-def _mismatches(path: str, index: ShardIndex, targets: Mapping[str, torch.Tensor],
+def _mismatches(path: str, index: ShardIndex, targets: Mapping[str, Any],
                 strict: bool) -> tuple[list[str], list[str]]:
     missing = [k for k in targets if k not in index.tensors]
     unexpected = [k for k in index.tensors if k not in targets]
@@ -189,7 +189,7 @@ def _mismatches(path: str, index: ShardIndex, targets: Mapping[str, torch.Tensor
     return missing, unexpected
 
 
-def _load(path: str, index: ShardIndex, targets: dict[str, torch.Tensor], *, verify: bool,
+def _load(path: str, index: ShardIndex, targets: dict[str, Any], *, verify: bool,
           collective: bool) -> None:
     reader = SetReader(os.path.dirname(path), index, verify=verify)
     try:
