@@ -14,6 +14,9 @@ __all__ = [
     "FormatVersionError",
     "EncodingError",
     "DiskFullError",
+    "StorageError",
+    "BackendNotInstalledError",
+    "CheckpointLockedError",
     "UnsupportedOpError",
     "CaptureError",
     "GraphImportError",
@@ -46,6 +49,18 @@ class EncodingError(LightningSaverError, TypeError):
 
 class DiskFullError(LightningSaverError, OSError):
     """The file system ran out of space while writing a checkpoint."""
+
+
+class StorageError(LightningSaverError, OSError):
+    """A store (local or remote) failed: the URL, the operation and the last cause are named."""
+
+
+class BackendNotInstalledError(LightningSaverError, ImportError):
+    """A URL's fsspec backend (``s3fs``, ``gcsfs``, ``adlfs``...) is not installed; names the package."""
+
+
+class CheckpointLockedError(LightningSaverError, RuntimeError):
+    """Another saver holds the lock of the same directory and prefix."""
 
 
 class UnsupportedOpError(LightningSaverError, NotImplementedError):

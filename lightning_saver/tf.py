@@ -14,11 +14,12 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lightning_saver.formats import tf_bundle
+from lightning_saver.formats import tf_bundle, tf_bundle_writer
 from lightning_saver.formats.tf_bundle import TensorInfo
+from lightning_saver.storage import storage_for
 
 __all__ = ["read_checkpoint", "write_checkpoint", "list_checkpoint", "TensorInfo"]
 
@@ -60,7 +61,8 @@ def read_checkpoint(
 
 
 def write_checkpoint(
-    prefix: str | os.PathLike[str], tensors: Mapping[str, Any], *, max_shard_bytes: int | None = None
+    prefix: str | os.PathLike[str], tensors: Mapping[str, Any], *, max_shard_bytes: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``tensors`` as a TF V2 checkpoint, atomically (one data shard unless ``max_shard_bytes``).
 
@@ -72,6 +74,7 @@ def write_checkpoint(
             or bytes / str / numpy arrays of them for string tensors.
         max_shard_bytes: split the data into shards of at most this size (``prefix.data-00000-of-00002``
             and so on); a tensor bigger than that gets a shard of its own.
+        storage_options: for a URL prefix (``s3://bucket/model``): the fsspec options.
 
     Returns:
         The prefix.
@@ -84,7 +87,22 @@ def write_checkpoint(
         >>> write_checkpoint("out/model", {"dense/kernel": np.zeros((3, 2), np.float32)})
         'out/model'
     """
-    return tf_bundle.save_file(tensors, prefix, max_shard_bytes=max_shard_bytes)
+    prefix = os.fspath(prefix)
+    store = storage_for(prefix, storage_options)
+    directory, base = store.split(prefix)
+    store.makedirs(directory)
+    written: list[str] = []
+
+    def commit(path: str, produce: Callable[[Any], Any]) -> Any:
+        written.append(store.split(path)[1])
+        return store.write_atomic(path, produce)
+
+    tf_bundle.save_file(tensors, prefix, max_shard_bytes=max_shard_bytes, commit=commit)
+    # data files of an older bundle under this prefix with another shard count: only now, with the
+    # new index in place
+    for name in tf_bundle_writer.stale_data_files(base, store.listdir(directory), written):
+        store.delete(store.join(directory, name))
+    return prefix
 
 
 def list_checkpoint(prefix: str | os.PathLike[str]) -> dict[str, TensorInfo]:

@@ -325,12 +325,15 @@ def save_file(
     *,
     metadata: Mapping[str, str] | None = None,
     max_shard_bytes: int | None = None,
+    commit: tf_bundle_writer.Commit | None = None,
 ) -> str:
-    """Write a TF V2 checkpoint that TensorFlow reads, atomically.
+    """Write a TF V2 checkpoint that TensorFlow reads (data shards first, the index last).
 
-    Data and index go to temporary names, are fsynced, then renamed (index last), so a crash never
-    leaves a half-written index behind. The files are byte-identical to TensorFlow's for the same
-    tensors in the same order.
+    Each file goes through ``commit(path, produce)`` (a store's ``write_atomic``: temp file, fsync,
+    rename locally; one complete upload remotely), index last, so a crash never leaves an index
+    without its data. Without ``commit`` the files are written in place and fsynced (not atomic);
+    ``lightning_saver.tf.write_checkpoint`` passes the store's atomic commit. The files are
+    byte-identical to TensorFlow's for the same tensors in the same order.
 
     Args:
         tensors: name -> torch tensor, numpy array, or bytes/str (or arrays of them) for string tensors.
@@ -338,6 +341,7 @@ def save_file(
         metadata: must be empty: a TF bundle has no place for free-form metadata.
         max_shard_bytes: split the data into shards of at most this many bytes (a bigger tensor
             gets a shard of its own): ``prefix.data-00000-of-00003`` ... Default: one shard.
+        commit: ``commit(path, produce(sink))`` writing one file atomically (default: in place).
 
     Returns:
         The prefix.
@@ -358,7 +362,9 @@ def save_file(
         if not isinstance(name, str) or not name:
             raise ValueError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
         encoded[name] = tf_tensor_codec.encode_value(value, name)
-    if os.path.dirname(prefix):
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    tf_bundle_writer.write_bundle(prefix, encoded, max_shard_bytes=max_shard_bytes)
+    if commit is None:
+        if os.path.dirname(prefix):
+            os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        commit = tf_bundle_writer.plain_commit
+    tf_bundle_writer.write_bundle(prefix, encoded, max_shard_bytes=max_shard_bytes, commit=commit)
     return prefix

@@ -26,6 +26,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from lightning_saver.storage.local import parse_temp_name, temp_name
+
 __all__ = [
     "DEFAULT_EXT",
     "check_step",
@@ -43,7 +45,6 @@ __all__ = [
 ]
 
 DEFAULT_EXT = ".safetensors"
-_TEMP = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp$")
 
 
 def check_step(step: int) -> int:
@@ -128,17 +129,6 @@ def checkpoint_path(save_path: str | os.PathLike[str], global_step: int | None =
         'ckpts/variable_file_95.safetensors'
     """
     return series_of(save_path).path(global_step)
-
-
-def temp_name(final_name: str, token: str) -> str:
-    """Hidden temporary name next to ``final_name`` (no directory), tagged with our pid."""
-    return f".{final_name}.{os.getpid()}.{token}.tmp"
-
-
-def parse_temp_name(name: str) -> tuple[str, int] | None:
-    """``(final name, pid)`` for one of our temporary files, ``None`` for anything else."""
-    match = _TEMP.match(name)
-    return (match["final"], int(match["pid"])) if match else None
 
 
 INDEX_SUFFIX = ".index.json"

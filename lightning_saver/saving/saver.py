@@ -15,6 +15,7 @@ state file (``state_file.py``), and only then deletes what rotation (``rotation.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -26,12 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_saver.errors import CorruptCheckpointError, FormatVersionError
+from lightning_saver.errors import CorruptCheckpointError, FormatVersionError, StorageError
 from lightning_saver.formats import safetensors_io
 from lightning_saver.formats.safetensors_header import read_header
 from lightning_saver.saving import commit, deleter, names, rotation, state_file
 from lightning_saver.saving.loading import RestoreResult, restore_into
 from lightning_saver.saving.names import Series
+from lightning_saver.storage import is_url, storage_for
 
 __all__ = ["CheckpointSaver", "latest_checkpoint", "load", "read_metadata", "RestoreResult"]
 
@@ -52,7 +54,20 @@ def _tensors_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     raise TypeError(f"save expects an nn.Module or a mapping of tensors, found {type(model).__name__}")
 
 
+def _refuse_url(path: str | os.PathLike[str]) -> None:
+    """A URL is never written as a local folder: until the saver routes URLs through storage_for,
+    name the gap (a missing backend is named by storage_for itself)."""
+    if is_url(path):
+        storage_for(os.fspath(path))
+        raise StorageError(
+            errno.EOPNOTSUPP,
+            f"{os.fspath(path)}: this operation does not take URLs yet; nothing was written",
+            os.fspath(path),
+        )
+
+
 def _resolve(path: str | os.PathLike[str]) -> str:
+    _refuse_url(path)
     path = os.fspath(path)
     if not os.path.exists(path) and not os.path.splitext(path)[1]:
         for with_ext in (path + names.DEFAULT_EXT, path + names.DEFAULT_EXT + names.INDEX_SUFFIX):
@@ -147,6 +162,7 @@ class CheckpointSaver:
             >>> CheckpointSaver(max_to_keep=5).save({"x": torch.tensor(5.0)}, "ckpts/variable_file", 95)
             'ckpts/variable_file_95.safetensors'
         """
+        _refuse_url(save_path)
         tensors = _tensors_of(model)
         series = names.series_of(save_path)
         step = None if global_step is None else names.check_step(global_step)
@@ -378,6 +394,7 @@ def latest_checkpoint(
         >>> latest_checkpoint("ckpts")
         'ckpts/variable_file_95.safetensors'
     """
+    _refuse_url(directory)
     directory = os.fspath(directory)
     tried: set[str] = set()
     for record in _newest_first(directory):

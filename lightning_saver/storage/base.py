@@ -4,8 +4,8 @@ STYLE rule 14. Local disks, object stores (``s3://``, ``gs://``, ``memory://`` t
 per-rank shards all use these verbs; formats write to and read from the file-like objects handed
 to them and never know which store is behind them. Two implementations: ``local.LocalStorage``
 (temp file, fsync, rename, fsync the directory; ``pread``/``mmap`` fast paths) and
-``remote.FsspecStorage`` (an object appears whole under its final name when its upload completes;
-a failed upload is aborted, so nothing is left under that name).
+``remote.FsspecStorage`` (bytes spooled locally, then one upload that makes the object appear whole
+under its final name; a failed upload is aborted, so nothing is left under that name).
 
 Paths are strings: a local path, or a URL (``s3://bucket/dir/name``). ``storage_for(path)`` picks
 the implementation; a URL is never turned into a local folder.
@@ -108,6 +108,11 @@ class Storage(Protocol):
     # -- housekeeping
     def remove_incomplete(self, directory: str) -> list[str]:
         """Remove what crashed writers left (local temporaries of dead pids, aborted uploads)."""
+        ...
+
+    def probe(self, directory: str) -> None:
+        """Fail now (at set-up, not at the first save an hour in) when ``directory`` cannot be
+        written: missing or wrong credentials, a missing bucket, a read-only folder."""
         ...
 
     def lock(self, directory: str, name: str) -> AbstractContextManager[None]:

@@ -30,12 +30,9 @@ def checkpoint_prefix(path: str | os.PathLike[str]) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from lightning_saver.storage import storage_for
+
+    storage_for(path).write_bytes(path, data)
 
 
 def build_graph(model: nn.Module, args: Sequence[Any], *, freeze: bool = False, dynamic_batch: bool = True
