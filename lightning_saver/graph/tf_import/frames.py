@@ -196,42 +196,68 @@ def _cut(nodes: dict[str, Any], frame: dict[str, str | None], members: set[str],
         for exit_name in exit_of.get(switch[0], ()):
             exits[exit_name] = k
     removed = set(enters) | set(variables) | set(nexts) | {loop_cond} | {n for n in controls if n in members}
-    graph = graph_pb2.GraphDef()
-    for arg in variables + invariants:
-        graph.node.append(node_def_pb2.NodeDef(name=arg, op="Placeholder"))
+    inputs: dict[str, list[str]] = {}  # each body node's inputs, renamed
     outside: set[str] = set()  # constants of the outer graph read without an Enter
-    for name in sorted(members - removed):
-        copy = graph.node.add()
-        copy.CopyFrom(nodes[name])
-        del copy.input[:]
+    for name in members - removed:
+        inputs[name] = []
         for text in nodes[name].input:
             ref = _parse(text)
             if ref[1] < 0:
                 target = controls.get(ref[0], ref[0])
                 if target is not None and target in members:
-                    copy.input.append("^" + target)
+                    inputs[name].append("^" + target)
                 continue
             new = rename.get(ref, ref)
             if new[0] not in members:
                 if new[0] not in nodes or nodes[new[0]].op != "Const":
                     raise _Malformed(f"node {name!r} reads {text!r} from outside the loop without an Enter")
                 outside.add(new[0])
-            copy.input.append(f"{new[0]}:{new[1]}")
-    for name in sorted(outside):
-        graph.node.add().CopyFrom(nodes[name])
+            inputs[name].append(f"{new[0]}:{new[1]}")
 
     def body_ref(text: str) -> Ref:
         ref = _parse(text)
         return rename.get(ref, ref)
 
-    loop.graph, loop.args, loop.n_vars = graph, variables + invariants, len(variables)
     loop.cond = body_ref(nodes[loop_cond].input[0])
     loop.body = [body_ref(nodes[n].input[0]) for n in nexts]
-    inputs = [nodes[e].input[0] for e in [_enter_of(nodes, m, enters) for m in variables] + invariants]
-    outer_controls = {i for e in enters for i in nodes[e].input[1:] if i.startswith("^")}
-    outer = node_def_pb2.NodeDef(name=loop.name, op=LOOP_OP, input=inputs + sorted(outer_controls))
+    # only what the condition and the body need: tf.gradients adds stack pushes (and the stack
+    # handles they Enter) to the forward loop, which running the loop forward never reads
+    needed = _reachable([loop.cond[0]] + [r[0] for r in loop.body], inputs)
+    invariants = [e for e in invariants if e in needed]
+    graph = graph_pb2.GraphDef()
+    for arg in variables + invariants:
+        graph.node.append(node_def_pb2.NodeDef(name=arg, op="Placeholder"))
+    for name in sorted(n for n in inputs if n in needed):
+        copy = graph.node.add()
+        copy.CopyFrom(nodes[name])
+        del copy.input[:]
+        copy.input.extend(inputs[name])
+    for name in sorted(outside & needed):
+        graph.node.add().CopyFrom(nodes[name])
+    loop.graph, loop.args, loop.n_vars = graph, variables + invariants, len(variables)
+    initial = [nodes[e].input[0] for e in [_enter_of(nodes, m, enters) for m in variables] + invariants]
+    used = set(variables) | set(invariants)
+    outer_controls = {i for e in enters if e in used or _merge_of(e, consumers, nodes) in used
+                      for i in nodes[e].input[1:] if i.startswith("^")}
+    outer = node_def_pb2.NodeDef(name=loop.name, op=LOOP_OP, input=initial + sorted(outer_controls))
     outer.attr["frame_name"].s = top.encode()
     return outer, exits
+
+
+def _reachable(roots: list[str], inputs: dict[str, list[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        stack.extend(_parse(i)[0] for i in inputs.get(name, ()))
+    return seen
+
+
+def _merge_of(enter: str, consumers: dict[str, list[str]], nodes: dict[str, Any]) -> str | None:
+    return next((c for c in consumers[enter] if nodes[c].op in _MERGE_OPS), None)
 
 
 def _enter_of(nodes: dict[str, Any], merge: str, enters: list[str]) -> str:

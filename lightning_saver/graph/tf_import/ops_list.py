@@ -5,7 +5,8 @@ Both are lists of tensors that loops fill one step at a time. Here a list is an 
 returns a new list and autograd follows every element. TF2 threads the list itself through the
 graph (a ``variant`` tensor). A TF1 ``TensorArrayV3`` has a resource handle and a ``flow`` float
 that every write returns and every read takes; the flow is what orders the ops, so here the flow
-*is* the list and the handle only carries the dtype and the element shape.
+*is* the list and the handle only carries the dtype and the element shape. ``Optional*`` values
+(``tf.gradients`` makes ``If`` branches return their intermediates as optionals) are ``Optional``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LIST_OPS = frozenset({
     "TensorListReserve", "EmptyTensorList", "TensorListFromTensor", "TensorListSetItem",
     "TensorListPushBack", "TensorListPopBack", "TensorListScatterIntoExistingList",
     "TensorArrayV3", "TensorArrayWriteV3", "TensorArrayScatterV3", "TensorArraySplitV3",
+    "OptionalFromValue", "OptionalNone",
 })
 
 
@@ -239,3 +241,33 @@ def TensorArraySplitV3(handle: TensorArrayHandle, value: torch.Tensor, lengths: 
 @TF_OPS.register("TensorArrayCloseV3")
 def TensorArrayCloseV3(handle: TensorArrayHandle) -> None:
     return None
+
+
+# ---- Optional: a value or nothing ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Optional:
+    """A TF optional: ``components`` (a tuple of tensors) or None."""
+
+    components: tuple[Any, ...] | None
+
+
+@TF_OPS.register("OptionalFromValue")
+def OptionalFromValue(*components: Any, Toutput_types: Any = None) -> Optional:
+    return Optional(tuple(components))
+
+
+@TF_OPS.register("OptionalNone")
+def OptionalNone() -> Optional:
+    return Optional(None)
+
+
+@TF_OPS.register("OptionalHasValue")
+def OptionalHasValue(optional: Optional) -> torch.Tensor:
+    return torch.tensor(optional.components is not None)
+
+
+@TF_OPS.register("OptionalGetValue")
+def OptionalGetValue(optional: Optional, *, output_types: Any = None, output_shapes: Any = None) -> Any:
+    if optional.components is None:
+        raise GraphImportError("OptionalGetValue on an optional without a value")
+    return optional.components if len(optional.components) != 1 else optional.components[0]

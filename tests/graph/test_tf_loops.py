@@ -1,0 +1,162 @@
+"""Loops and conditionals built in real TensorFlow: TF1 frames, functional While/If, TensorLists,
+TensorArrays, Keras recurrent layers; compared with ``session.run`` and ``tf.gradients``.
+
+Each graph is built once per module (TF graph construction is slow) and fed several inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from tf_graphs import assert_same, tf_module
+
+from lightning_saver import Saver, import_meta_graph
+from lightning_saver.errors import GraphImportError
+
+tf_module()
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+RNG = np.random.default_rng(16)
+X = RNG.normal(size=(2, 3)).astype(np.float32)
+
+
+def _control_flow(v2: bool):
+    """Build with TF1 frames (v2=False) or functional While/If (v2=True)."""
+    from tensorflow.python.ops import control_flow_util
+
+    class Switch:
+        def __enter__(self):
+            self.old = control_flow_util.ENABLE_CONTROL_FLOW_V2
+            control_flow_util.ENABLE_CONTROL_FLOW_V2 = v2
+
+        def __exit__(self, *exc):
+            control_flow_util.ENABLE_CONTROL_FLOW_V2 = self.old
+
+    return Switch()
+
+
+def _session_values(directory, name, build, feeds, fetches, grads=None):
+    """Build ``build(tf)``, save (TF Saver) and export it; TF's values (and gradients) per feed."""
+    tf = tf_module()
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        build(tf)
+        grad_tensors = []
+        for target, wrt in (grads or []):
+            grad_tensors += v1.gradients(tf.reduce_sum(graph.get_tensor_by_name(target)),
+                                         [graph.get_tensor_by_name(w) for w in wrt])
+        saver = v1.train.Saver() if v1.global_variables() else None
+        with v1.Session(graph=graph) as sess:
+            sess.run(v1.global_variables_initializer())
+            ckpt = saver.save(sess, os.path.join(directory, f"{name}.ckpt"), write_meta_graph=False) \
+                if saver else None
+            meta = os.path.join(directory, f"{name}.meta")
+            v1.train.export_meta_graph(filename=meta, graph=graph,
+                                       saver_def=saver.as_saver_def() if saver else None)
+            values = [sess.run(fetches, feed) for feed in feeds]
+            grad_values = [sess.run(grad_tensors, feed) for feed in feeds] if grads else None
+    return meta, ckpt, values, grad_values
+
+
+# ---- plain loops and conds, as TF1 frames and as functional ops ----------------------------------
+LOOP_FETCHES = ["h:0", "i:0", "nested:0", "stacked:0", "cond_out:0"]
+LOOP_FEEDS = [{"x:0": X, "n:0": 3}, {"x:0": -X * 2, "n:0": 0}, {"x:0": X * 0.5, "n:0": 5}]
+
+
+def _loops(v2):
+    def build(tf):
+        v1 = tf.compat.v1
+        with _control_flow(v2):
+            x = v1.placeholder(tf.float32, [None, 3], name="x")
+            n = v1.placeholder(tf.int32, [], name="n")  # the trip count depends on the input
+            w = v1.get_variable("w", initializer=RNG.normal(size=(3, 3)).astype(np.float32) * 0.5,
+                                use_resource=v2)
+            i, h = tf.while_loop(lambda i, h: i < n, lambda i, h: (i + 1, tf.tanh(tf.matmul(h, w) + 0.1)),
+                                 [tf.constant(0), x])
+            tf.identity(h, name="h")
+            tf.identity(i, name="i")
+
+            def outer(i, acc):
+                _, acc = tf.while_loop(lambda j, a: j < i,
+                                       lambda j, a: (j + 1, a + tf.cast(j, tf.float32) * x), [0, acc])
+                return i + 1, acc
+
+            tf.identity(tf.while_loop(lambda i, a: i < 4, outer, [0, tf.zeros_like(x)])[1], name="nested")
+            array = tf.TensorArray(tf.float32, size=n, element_shape=[3])
+            def write(k, t):
+                return k + 1, t.write(k, tf.reduce_sum(x * w[k % 3], 0))
+
+            _, array = tf.while_loop(lambda k, t: k < n, write, [0, array])
+            tf.identity(array.stack(), name="stacked")
+            positive = tf.reduce_sum(x) > 0
+            tf.identity(tf.cond(positive, lambda: tf.matmul(x, w) * 2.0, lambda: x - 1.0), name="cond_out")
+    return build
+
+
+@pytest.fixture(scope="module", params=["frames", "functional"])
+def loops(request, tmp_path_factory):
+    v2 = request.param == "functional"
+    directory = tmp_path_factory.mktemp(request.param)
+    grads = [("h:0", ["w:0", "x:0"]), ("cond_out:0", ["x:0"])]
+    made = _session_values(directory, "loops", _loops(v2), LOOP_FEEDS, LOOP_FETCHES, grads)
+    return request.param, *made
+
+
+def test_loops_run_like_session_run(loops):
+    kind, meta, ckpt, values, _ = loops
+    graph = import_meta_graph(meta)
+    ops = Counter(n.op for n in graph.meta_graph_def.graph_def.node)
+    if kind == "frames":
+        assert ops["Enter"] and ops["LoopCond"] >= 4 and ops["TensorArrayV3"] and ops["Switch"]
+    else:
+        assert ops["While"] + ops["StatelessWhile"] >= 3 and ops["TensorListReserve"]
+        assert ops["If"] + ops["StatelessIf"] >= 1
+    graph.restore(ckpt)
+    for feed, expected in zip(LOOP_FEEDS, values, strict=True):
+        for ours, theirs in zip(graph.run(LOOP_FETCHES, feed), expected, strict=True):
+            assert_same(ours, theirs, **TOL)
+
+
+def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
+    _, meta, ckpt, values, grads = loops
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    module = graph.to_module(inputs=["x:0", "n:0"], outputs=LOOP_FETCHES)
+    assert "loop" in module.code and isinstance(module.get_submodule("loop"), torch.nn.Module)
+    w = dict(module.named_parameters())["w"]
+    for feed, expected, (grad_w, grad_x, grad_cond_x) in zip(LOOP_FEEDS, values, grads, strict=True):
+        x = torch.tensor(feed["x:0"], requires_grad=True)
+        outs = module(x, torch.tensor(feed["n:0"]))
+        for ours, theirs in zip(outs, expected, strict=True):
+            assert_same(ours.detach().numpy(), theirs, **TOL)
+        got_w, got_x = torch.autograd.grad(outs[0].sum(), [w, x], allow_unused=True)
+        if got_w is None:  # no iteration ran (n == 0): w never touched h
+            got_w = torch.zeros_like(w)
+        assert_same(got_w.numpy(), grad_w, **TOL)
+        assert_same(got_x.numpy(), grad_x, **TOL)
+        assert_same(torch.autograd.grad(outs[4].sum(), x)[0].numpy(), grad_cond_x, **TOL)
+    # saved with our Saver, read back into a fresh graph by its TF variable name
+    with torch.no_grad():
+        w.mul_(0.5)
+    path = Saver(max_to_keep=1).save(module, str(tmp_path / "loops"), global_step=1)
+    fresh = import_meta_graph(meta)
+    assert fresh.restore(path) == ["w"]
+    feed = LOOP_FEEDS[0]
+    expected = module(torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"]))[0].detach().numpy()
+    assert_same(fresh.run("h:0", feed), expected, **TOL)
+
+
+def test_reading_inside_a_loop_is_refused_with_the_frame_name(loops):
+    kind, meta, *_ = loops
+    graph = import_meta_graph(meta)
+    if kind == "frames":
+        with pytest.raises(GraphImportError, match=r"inside the TF1 while_loop frame 'while/while_context'"):
+            graph.run("while/Identity_1:0", LOOP_FEEDS[0])
+    else:  # a functional loop's body is a function of the library, not nodes of the graph
+        library = {f.signature.name for f in graph.meta_graph_def.graph_def.library.function}
+        loops_ = [n for n in graph.meta_graph_def.graph_def.node if n.op in ("While", "StatelessWhile")]
+        assert all(n.attr["body"].func.name in library for n in loops_)
