@@ -131,14 +131,14 @@ class _Builder:
             )
         args = tuple(self.value(r) for r in step.inputs)
         self.calls[step.name] = self.graph.call_function(step.func, args, dict(step.kwargs))
-        self.single[step.name] = _single_output(self.index, step.op)
+        self.single[step.name] = "+" in step.op or _single_output(self.index, step.op)  # fused: one
 
     def inline(self, step: Any, function: CompiledFunction) -> None:
         """A function call (or an If whose condition is constant) becomes the function's own nodes."""
         args = [self.value(r) for r in step.inputs]
         sub = _Builder(function.plan(), function.index, function.store, self, f"{function.name}/")
         sub.env = {(a, 0): node for a, node in zip(function.args, args, strict=True)}
-        steps, fetches = _with_region(sub.plan.steps, sub.plan.fetches)
+        steps, fetches = _with_region(sub.plan.fused_steps, sub.plan.fetches)
         for inner in steps:
             sub.step(inner)
         for k, ref in enumerate(fetches):
@@ -171,7 +171,7 @@ class _Builder:
         used: set[str] = set()
         for ref in inputs:
             self.placeholder(ref, used)
-        steps, fetches = _with_region(self.plan.steps, self.plan.fetches)
+        steps, fetches = _with_region(self.plan.fused_steps, self.plan.fetches)
         for step in steps:
             self.step(step)
         outs = [self.value(r) for r in fetches]

@@ -50,8 +50,9 @@ def _conv(
     explicit_paddings: Sequence[int],
     data_format: str,
     dilations: Sequence[int],
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A channels-first 2-D/3-D convolution with TF padding; ``weight`` is already O, I, spatial."""
+    """A 2-D/3-D convolution with TF padding; ``weight`` is already O, I, spatial; ``bias`` per O."""
     stride = spatial_attr(strides, data_format, "strides", op)
     dilation = spatial_attr(dilations, data_format, "dilations", op)
     x = to_nchw(x, data_format, op)
@@ -61,7 +62,7 @@ def _conv(
     torch_pad = symmetric(pads)
     if torch_pad is None:
         x, torch_pad = pad_spatial(x, pads), (0,) * len(pads)
-    y = _CONV[len(stride)](x, weight, None, stride, torch_pad, dilation, groups)
+    y = _CONV[len(stride)](x, weight, bias, stride, torch_pad, dilation, groups)
     return from_nchw(y, data_format, op)
 
 
@@ -77,6 +78,33 @@ def _grouped_weight(
         )
     spatial = range(filter.dim() - 2)
     return filter.permute(filter.dim() - 1, filter.dim() - 2, *spatial), in_channels // per_group
+
+
+def conv_weight(op: str, input: torch.Tensor, filter: torch.Tensor,
+                data_format: str) -> tuple[torch.Tensor, int]:
+    """Torch's (O, I, spatial...) view of a Conv2D/Conv3D/DepthwiseConv2dNative filter, and the groups."""
+    if op != "DepthwiseConv2dNative":
+        return _grouped_weight(op, input, filter, data_format)
+    height, width, channels, multiplier = filter.shape
+    # TF orders output channels as in_channel * multiplier + m, which is torch's grouped order
+    return filter.permute(2, 3, 0, 1).reshape(channels * multiplier, 1, height, width), channels
+
+
+def conv_layout(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    *,
+    strides: Sequence[int],
+    padding: str,
+    explicit_paddings: Sequence[int] = (),
+    data_format: str = "NHWC",
+    dilations: Sequence[int] = _ONES,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A convolution whose weight is already in torch's layout (see :func:`conv_weight`), with TF's attrs."""
+    return _conv(op, x, weight, groups, strides, padding, explicit_paddings, data_format, dilations, bias)
 
 
 @TF_OPS.register("Conv2D")
@@ -105,10 +133,8 @@ def depthwise_conv2d_native(
     data_format: str = "NHWC",
     dilations: Sequence[int] = _ONES,
 ) -> torch.Tensor:
-    height, width, channels, multiplier = filter.shape
-    # TF orders output channels as in_channel * multiplier + m, which is torch's grouped order
-    weight = filter.permute(2, 3, 0, 1).reshape(channels * multiplier, 1, height, width)
     op = "DepthwiseConv2dNative"
+    weight, channels = conv_weight(op, input, filter, data_format)
     return _conv(op, input, weight, channels, strides, padding, explicit_paddings, data_format, dilations)
 
 

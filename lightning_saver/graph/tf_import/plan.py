@@ -21,7 +21,7 @@ from lightning_saver.graph.tf_import.attrs import decode_attrs
 from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
 from lightning_saver.graph.tf_import.frames import INTERIOR_OP
 from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op, pick_branch
-from lightning_saver.graph.tf_import.fuse import fuse_conv_batch_norm
+from lightning_saver.graph.tf_import.fuse import fuse_convolutions
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
 from lightning_saver.graph.tf_import.ops_list import LIST_OPS
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
@@ -127,7 +127,10 @@ class Plan:
     conditional: bool = False  # holds Switch/Merge: run with dead-tensor rules (cond.py)
 
     def __post_init__(self) -> None:
-        steps = self.steps if self.conditional else fuse_conv_batch_norm(self.steps, self.fetches, Step)
+        steps = self.steps
+        if not self.conditional:
+            steps = fuse_convolutions(self.steps, self.fetches, self.consts, Step)
+        self.fused_steps = steps  # what run executes and to_module builds from
         # after step i, drop the intermediates nobody reads later, so big batches reuse memory
         last_use: dict[Ref, int] = {}
         for i, step in enumerate(steps):

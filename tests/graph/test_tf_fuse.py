@@ -1,0 +1,160 @@
+"""Convolutions fused with the per-channel ops after them (fuse.py), against real TensorFlow.
+
+Inputs have image-like statistics (positive, mean far from zero) and the batch-norm statistics are
+not the identity, so folding errors would show (STYLE rule 15).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tf_graphs import assert_same, build_tf_graph, tf_module
+
+from lightning_saver import Saver, import_meta_graph
+
+tf_module()
+RNG = np.random.default_rng(16)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _images(*shape):
+    return (RNG.uniform(0, 255, size=shape) / 127.5 - 0.3).astype(np.float32)
+
+
+def _var(tf, name, shape, low=-0.5, high=0.5, resource=True, trainable=True):
+    v1 = tf.compat.v1
+    return v1.get_variable(name, shape, initializer=v1.random_uniform_initializer(low, high, seed=len(name)),
+                           use_resource=resource, trainable=trainable)
+
+
+def _keras3_bn(tf, h, name):
+    """Batch norm as Keras 3 writes it: Mul by gamma * rsqrt(var + eps), then Sub (or AddV2)."""
+    c = h.shape[-1]
+    gamma, beta = _var(tf, f"{name}/gamma", [c], 0.5, 1.5), _var(tf, f"{name}/beta", [c])
+    mean = _var(tf, f"{name}/moving_mean", [c], -1.0, 1.0, trainable=False)
+    var = _var(tf, f"{name}/moving_variance", [c], 0.2, 3.0, trainable=False)
+    a = gamma * tf.math.rsqrt(var + 1e-3)
+    return h * a + (beta - mean * a)
+
+
+def build_keras3_style(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+    h = tf.nn.conv2d(x, _var(tf, "c1/kernel", [3, 3, 3, 8]), 1, "SAME")
+    h = tf.nn.relu(_keras3_bn(tf, tf.nn.bias_add(h, _var(tf, "c1/bias", [8])), "bn1"))
+    h = tf.nn.conv2d(h, _var(tf, "c2/kernel", [1, 1, 8, 16]), 1, "VALID")                 # 1x1: a matmul
+    h = tf.nn.relu6(_keras3_bn(tf, h, "bn2") - _var(tf, "c2/shift", [16]))
+    h = tf.nn.depthwise_conv2d(h, _var(tf, "dw/kernel", [3, 3, 16, 1]), [1, 2, 2, 1], "SAME")
+    h = tf.nn.relu(_keras3_bn(tf, h, "bn3"))
+    tf.identity(tf.reduce_mean(h, axis=[1, 2]), name="y")
+
+
+def test_keras3_style_conv_bias_and_batch_norm_fold_in_run_and_module(tmp_path):
+    x = _images(3, 8, 8, 3)
+    made = build_tf_graph(tmp_path, build_keras3_style, ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
+    fused = [s.op for s in graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps if "+" in s.op]
+    assert fused == ["Conv2D+BiasAdd+Mul+AddV2", "Conv2D+Mul+AddV2+Sub", "DepthwiseConv2dNative+Mul+AddV2"]
+    module = graph.to_module(inputs="x:0", outputs="y:0")
+    assert "conv2d_bias_add_mul_add_v2_folded" in module.code
+    with torch.no_grad():
+        assert_same(module(torch.from_numpy(x)).numpy(), made.expected[0], **TOL)
+    # parameters keep the variables' names: the folded filter is never a parameter
+    assert {"c1/kernel", "bn1/gamma", "c2/shift", "dw/kernel"} <= set(dict(module.named_parameters()))
+    assert "bn3/moving_variance" in module.state_dict()
+    # batch 1 and the second call (the cached folded filter) agree too
+    assert_same(graph.run("y:0", {"x:0": x[:1]}), made.expected[0][:1], **TOL)
+
+
+def build_cnn_with_gradients(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 6, 6, 2], name="x")
+    kernel = _var(tf, "conv/kernel", [3, 3, 2, 4], resource=False)
+    gamma, beta = _var(tf, "bn/gamma", [4], 0.5, 1.5, False), _var(tf, "bn/beta", [4], resource=False)
+    mean = _var(tf, "bn/moving_mean", [4], -1.0, 1.0, resource=False, trainable=False)
+    var = _var(tf, "bn/moving_variance", [4], 0.2, 3.0, resource=False, trainable=False)
+    h = tf.nn.conv2d(x, kernel, [1, 2, 2, 1], "SAME")
+    h = v1.nn.fused_batch_norm(h, gamma, beta, mean, var, epsilon=1e-3, is_training=False)[0]
+    y = tf.identity(tf.nn.relu(h), name="y")
+    weights = tf.constant(RNG.normal(size=(1, 3, 3, 4)).astype(np.float32))
+    loss = tf.reduce_sum(y * weights, name="loss")
+    for v, g in zip([kernel, gamma, beta], tf.gradients(loss, [kernel, gamma, beta]), strict=True):
+        tf.identity(g, name="grad/" + v.op.name)
+    return weights
+
+
+GRADS = ["conv/kernel", "bn/gamma", "bn/beta"]
+
+
+def test_module_trains_the_unfolded_variables_with_tf_gradients(tmp_path):
+    x = _images(2, 6, 6, 2)
+    weights = {}
+    fetches = ["loss:0"] + [f"grad/{v}:0" for v in GRADS]
+    made = build_tf_graph(tmp_path, lambda tf: weights.setdefault("w", build_cnn_with_gradients(tf)), fetches,
+                          {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    module = graph.to_module(inputs="x:0", outputs="loss:0")
+    assert "conv2d_fused_batch_norm_v3_folded" in module.code
+    params = dict(module.named_parameters())
+    assert set(params) == set(GRADS)
+    assert {"bn/moving_mean", "bn/moving_variance"} <= set(module.state_dict())
+    loss = module(torch.from_numpy(x))
+    assert_same(loss.detach().numpy(), made.expected[0], **TOL)
+    loss.backward()
+    for name, expected in zip(GRADS, made.expected[1:], strict=True):
+        assert_same(params[name].grad.numpy(), expected, rtol=1e-4, atol=1e-4)
+    # a step of SGD on the original parameters changes what run computes (the folded cache follows)
+    before = graph.run("loss:0", {"x:0": x})
+    with torch.no_grad():
+        params["bn/gamma"].mul_(2.0)
+        after_module = module(torch.from_numpy(x)).numpy()
+    assert not np.allclose(graph.run("loss:0", {"x:0": x}), before)
+    assert_same(graph.run("loss:0", {"x:0": x}), after_module, rtol=1e-5, atol=1e-5)
+    # the Saver writes the variables under their TF names, and TF-named files restore into a graph
+    path = Saver().save(module, str(tmp_path / "ckpt"), global_step=1)
+    again = import_meta_graph(made.meta)
+    assert set(again.restore(path)) >= set(GRADS)
+    assert_same(again.run("loss:0", {"x:0": x}), after_module, rtol=1e-5, atol=1e-5)
+
+
+def test_restored_checkpoint_replaces_the_cached_folded_filter(tmp_path):
+    tf = tf_module()
+    x = _images(2, 6, 6, 2)
+    made = build_tf_graph(tmp_path, build_cnn_with_gradients, ["y:0"], {"x:0": x}, name="first")
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt)
+    assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
+
+    def shifted(tf, sess):
+        v1 = tf.compat.v1
+        for v in v1.global_variables():
+            sess.run(v.assign(v * 1.5 + 0.1))
+
+    other = build_tf_graph(tmp_path, build_cnn_with_gradients, ["y:0"], {"x:0": x}, train=shifted,
+                           name="second")
+    assert tf is not None and not np.allclose(other.expected[0], made.expected[0])
+    graph.restore(other.ckpt)
+    assert_same(graph.run("y:0", {"x:0": x}), other.expected[0], **TOL)
+
+
+def build_not_per_channel(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 5, 5, 2], name="x")
+    h = tf.nn.conv2d(x, _var(tf, "k", [3, 3, 2, 3]), 1, "SAME")
+    h = h * _var(tf, "spatial", [5, 1, 1])        # per row, not per channel: must not fold
+    h = h + _var(tf, "bias", [3])
+    tf.identity(h, name="y")
+
+
+def test_a_vector_that_is_not_per_channel_runs_the_original_ops(tmp_path):
+    x = _images(2, 5, 5, 2)
+    made = build_tf_graph(tmp_path, build_not_per_channel, ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
+    module = graph.to_module(inputs="x:0", outputs="y:0")
+    with torch.no_grad():
+        assert_same(module(torch.from_numpy(x)).numpy(), made.expected[0], **TOL)
