@@ -57,13 +57,14 @@ def _copy_some(pieces: Sequence[tuple[int, int, int]], todo: Iterator[int]) -> N
         ctypes.memmove(*pieces[i])  # glibc's, at memory speed, GIL released
 
 
-def copy_regions(regions: Sequence[tuple[int, int, int]]) -> None:
-    """Copy each ``(dst, src, nbytes)`` of CPU memory; large totals are split between two threads.
+def copy_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 2) -> None:
+    """Copy each ``(dst, src, nbytes)`` of CPU memory; large totals are split between two threads
+    (``threads=1``: all on this one).
 
     Returns once every byte is in place (also when the helper thread cannot start: then inline).
     """
     total = sum(n for _, _, n in regions)
-    if total < TWO_THREADS_MIN:
+    if total < TWO_THREADS_MIN or threads < 2:
         _copy_some(regions, iter(range(len(regions))))
         return
     # at least 16 pieces, so the two threads end together; large ones where the total allows, as

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
@@ -26,6 +27,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_saver.formats.state_codec import encode_state
 from lightning_saver.integration import resume, rng_state
 from lightning_saver.integration.checkpoint_io import SafetensorsCheckpointIO
+from lightning_saver.saving.deferred_copy import step_only_names
 from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint
 
 # a child of Lightning's logger, so the one line per save shows wherever Lightning's own messages do
@@ -42,6 +44,11 @@ class Saver(CheckpointSaver, Checkpoint):
         max_to_keep: keep the newest N checkpoints (``None``/``0``: all).
         keep_every_n_hours: also keep one checkpoint per N hours of wall time, forever.
         async_save: write in the background; training blocks only for a CPU snapshot.
+        overlap_copy: with ``async_save``, copy the parameters and optimizer state while the next
+            forward and backward run; the next optimizer step waits for the copy
+            (``on_before_optimizer_step``, and a step pre-hook on every optimizer under manual
+            optimization). Other tensors (buffers, loop state) are copied before the hook returns.
+            ``False``: the whole copy blocks the hook, as ``CheckpointSaver.save`` does.
         verify: check checksums when restoring.
         save_top_k: also keep the best k checkpoints by ``monitor``.
         mode: ``"min"`` or ``"max"``, how ``monitor`` ranks checkpoints.
@@ -70,6 +77,7 @@ class Saver(CheckpointSaver, Checkpoint):
         keep_every_n_hours: float | None = None,
         *,
         async_save: bool = False,
+        overlap_copy: bool = True,
         verify: bool = True,
         save_top_k: int | None = None,
         mode: str = "min",
@@ -111,6 +119,8 @@ class Saver(CheckpointSaver, Checkpoint):
         self.mode = mode
         self._scores: dict[str, float] = {}  # path -> monitored value, for best_model_path
         self.blocked_seconds = 0.0  # total time the training loop spent in save_trainer
+        self.overlap_copy = overlap_copy
+        self._step_hooks: list[Any] = []
         resume.install()
 
     # ------------------------------------------------------------------ Lightning state
@@ -167,9 +177,17 @@ class Saver(CheckpointSaver, Checkpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._timer_start = time.monotonic()
+        if not pl_module.automatic_optimization:
+            # a raw optimizer's step skips on_before_optimizer_step; under automatic optimization the
+            # pre-hook would fire before the closure's forward and backward, so it is not used there
+            self._step_hooks = [self.guard_optimizer(opt) for opt in trainer.optimizers]
         if self._pending_rng is not None:
             rng_state.restore(self._pending_rng, trainer.global_rank)
             self._pending_rng = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self.wait_snapshot()  # the step changes what an overlapped snapshot copy still reads
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -187,6 +205,8 @@ class Saver(CheckpointSaver, Checkpoint):
             self.save_trainer(trainer, at_epoch_end=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wait_snapshot()
+        self._remove_step_hooks()
         if self.save_on_train_end and trainer.global_step != self.last_saved_step:
             at_end = trainer.fit_loop.epoch_loop._num_ready_batches_reached()
             self.save_trainer(trainer, at_epoch_end=at_end)
@@ -194,7 +214,13 @@ class Saver(CheckpointSaver, Checkpoint):
             self._export(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_step_hooks()
         self.wait()
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
 
     # ------------------------------------------------------------------ saving
 
@@ -233,8 +259,9 @@ class Saver(CheckpointSaver, Checkpoint):
                      step: int, start: float) -> str:
         assert self.dirpath is not None  # set in setup()
         metric = _metric(trainer, self.monitor)
+        defer = step_only_names(tensors, trainer.optimizers) if self.async_save and self.overlap_copy else ()
         path = self.save(tensors, os.path.join(self.dirpath, self.filename), global_step=step,
-                         metadata=metadata, metric=metric)
+                         metadata=metadata, metric=metric, defer_copy=defer)
         # blocked: from collecting the state to the return of save() (a snapshot, when async)
         blocked = time.perf_counter() - start
         if metric is not None:

@@ -11,6 +11,9 @@ Interface the saver relies on:
 * ``AsyncWriter(max_in_flight=1)``
 * ``writer.snapshot(tensors)``: first waits until fewer than ``max_in_flight`` jobs are pending
   (re-raising a failed job's error), then copies the tensors into a reusable CPU arena.
+  ``snapshot(tensors, defer=names)`` leaves the copies of ``names`` (``True``: all) to the writer
+  thread, which makes them before the next submitted job runs; ``writer.wait_snapshot()`` must be
+  called before those tensors change (see :mod:`lightning_saver.saving.deferred_copy`).
 * ``writer.submit(job)``: blocks while ``max_in_flight`` jobs are pending; re-raises a previous job's
   error first; then runs ``job`` in the background.
 * ``writer.wait()``: blocks until every submitted job finished; re-raises the first unreported error.
@@ -34,11 +37,13 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from functools import partial
 
 import torch
 
-from lightning_saver.saving.snapshot_arena import Arena, snapshot, snapshot_into, take_arena
+from lightning_saver.saving.deferred_copy import DeferredCopy
+from lightning_saver.saving.snapshot_arena import Arena, snapshot, snapshot_deferred, take_arena
 
 __all__ = ["AsyncWriter", "snapshot"]
 
@@ -75,21 +80,48 @@ class AsyncWriter:
         self._thread: threading.Thread | None = None
         self._arenas: list[Arena] = []
         self._closed = False
+        self._unsubmitted: DeferredCopy | None = None  # the last snapshot's copy, until a job takes it
+        self._fence: DeferredCopy | None = None  # the last deferred copy not known to be complete
         _LIVE.add(self)
 
     # --- snapshots -------------------------------------------------------------------------------
-    def snapshot(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def snapshot(
+        self, tensors: Mapping[str, torch.Tensor], *, defer: Collection[str] | bool = False
+    ) -> dict[str, torch.Tensor]:
         """Wait for a free slot, then copy ``tensors`` into a reused CPU arena.
 
         Waiting first means the arena of the job that just finished is reused, so an async saver holds
         one snapshot of extra memory and pays no page faults after its first save. The copies stay
         valid while any tensor of them is referenced; the arena is reused only once none is.
 
+        Args:
+            tensors: name -> tensor.
+            defer: names (``True``: all) whose copy may wait: the writer thread makes it before the
+                next submitted job, and :meth:`wait_snapshot` must be called before they change.
+
         Raises:
             Exception: the error of an earlier job that nobody has seen yet.
         """
         self._acquire_slot()
-        return snapshot_into(tensors, self._take_arena)
+        self.wait_snapshot()  # an earlier deferred copy that no job took: finish it first
+        frozen, deferred = snapshot_deferred(tensors, self._take_arena, defer)
+        if deferred is not None:
+            with self._cond:
+                self._unsubmitted = self._fence = deferred
+        return frozen
+
+    def wait_snapshot(self) -> None:
+        """Return once the last snapshot's deferred copies are complete (made here if the writer has
+        not started them): call it before the snapshotted tensors change. Cheap when there are none."""
+        fence = self._fence
+        if fence is None:
+            return
+        fence.wait()
+        with self._cond:
+            if self._fence is fence:
+                self._fence = None
+            if self._unsubmitted is fence:
+                self._unsubmitted = None
 
     def _take_arena(self, nbytes: int, pinned: bool) -> torch.Tensor:
         with self._cond:
@@ -107,6 +139,9 @@ class AsyncWriter:
             self._wait_for_slot()
             if self._closed:
                 raise RuntimeError("AsyncWriter.submit: the writer is closed; create a new one")
+            if self._unsubmitted is not None:  # the job reads the snapshot: the copy comes first
+                job = partial(_copy_then, self._unsubmitted, job)
+                self._unsubmitted = None
             self._jobs.append(job)
             self._pending += 1
             self._start_thread()
@@ -132,6 +167,7 @@ class AsyncWriter:
             Exception: the first error of a job that was not reported yet (each is raised once).
         """
         self._check_not_worker("wait")
+        self.wait_snapshot()
         with self._cond:
             while self._pending:
                 self._cond.wait()
@@ -197,6 +233,12 @@ class AsyncWriter:
         self._jobs.clear()
         self._pending = 0
         self._thread = None
+        self._fence = self._unsubmitted = None
+
+
+def _copy_then(copy: DeferredCopy, job: Callable[[], object]) -> object:
+    copy.complete()
+    return job()
 
 
 def _close_all_at_exit() -> None:

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -141,6 +141,7 @@ class CheckpointSaver:
         *,
         metadata: Mapping[str, str] | None = None,
         metric: float | None = None,
+        defer_copy: bool | Collection[str] = False,
     ) -> str:
         """Save the model's tensors; return the path written (or being written, when async).
 
@@ -150,6 +151,9 @@ class CheckpointSaver:
             global_step: appended as ``_STEP`` before the extension.
             metadata: extra str -> str entries for the file's ``__metadata__``.
             metric: the monitored value for ``save_top_k``.
+            defer_copy: async only: let the snapshot copy of these tensors (``True``: all) run in the
+                background after ``save()`` returns. Opt-in: until :meth:`wait_snapshot` returns, the
+                tensors must not change (:meth:`guard_optimizer` makes an optimizer's step wait).
 
         Returns:
             The checkpoint path, e.g. ``"ckpts/variable_file_95.safetensors"``.
@@ -179,7 +183,8 @@ class CheckpointSaver:
             writer = self._get_writer()
             # the writer's snapshot first waits for the save in flight, then reuses its CPU arena:
             # one snapshot of extra memory, and no page faults after the first save
-            job = partial(self._commit, writer.snapshot(tensors), series, path, info, metadata, nbytes)
+            frozen = writer.snapshot(tensors, defer=defer_copy)
+            job = partial(self._commit, frozen, series, path, info, metadata, nbytes)
             writer.submit(job)
         else:
             self._commit(tensors, series, path, info, metadata, nbytes)
@@ -313,6 +318,23 @@ class CheckpointSaver:
     def protect(self, path: str | os.PathLike[str]) -> None:
         """Never let rotation delete ``path`` (e.g. the checkpoint this run resumed from)."""
         self._protected.add(os.path.abspath(os.fspath(path)))
+
+    def wait_snapshot(self) -> None:
+        """Return once the last async save's deferred snapshot copy is complete (``defer_copy``);
+        instant when there is none. Call it before changing the saved tensors in place."""
+        if self._writer is not None:
+            self._writer.wait_snapshot()
+
+    def guard_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Make every ``optimizer.step()`` first wait for a deferred snapshot copy; returns the
+        hook's handle (``handle.remove()`` undoes it).
+
+        Example:
+            >>> saver.guard_optimizer(opt)  # doctest: +SKIP
+            >>> saver.save(model, "ckpts/m", global_step=step, defer_copy=True)  # doctest: +SKIP
+            >>> opt.step()  # waits for the copy only if it is still running  # doctest: +SKIP
+        """
+        return optimizer.register_step_pre_hook(lambda *_: self.wait_snapshot())
 
     def wait(self) -> None:
         """Block until every pending async save is durable and rotation's deletions are done;

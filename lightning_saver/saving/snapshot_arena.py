@@ -14,14 +14,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from lightning_saver.formats import memcopy
+from lightning_saver.saving.deferred_copy import DeferredCopy, start_device_copies
 
-__all__ = ["Arena", "snapshot", "snapshot_into", "take_arena"]
+__all__ = ["Arena", "snapshot", "snapshot_deferred", "snapshot_into", "take_arena"]
 
 _ALIGN = 64  # every block starts on a cache line, which also satisfies every dtype's alignment
 _SPAN_ALIGN = 16  # largest itemsize (complex128): span starts keep every member's offset aligned
@@ -102,23 +103,42 @@ def _block(cluster: list[tuple[int, int, str, torch.Tensor]], end: int) -> _Bloc
     return _Block(named, start, end - start, span=True)
 
 
-def _copy_into(arena: torch.Tensor, blocks: list[_Block], pinned: bool) -> dict[str, torch.Tensor]:
+@dataclass
+class _Copies:
+    """Copies planned for one snapshot: plain memory copies, and tensor copies (devices, strides)."""
+
+    cpu: list[tuple[int, int, int]] = field(default_factory=list)  # (dst address, src address, nbytes)
+    tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dst, src)
+
+    def run(self, pinned: bool, threads: int = 2) -> None:
+        # CPU copies are plain memory copies with the GIL released, shared by two threads when large:
+        # under CPU contention torch's multi-threaded copy_ waits at its thread barrier (a 32-tensor
+        # 8 MiB state took 0.8 s instead of 1 ms on a busy 2-core machine)
+        memcopy.copy_regions(self.cpu, threads=threads)
+        for dst, src in self.tensors:
+            dst.copy_(src, non_blocking=pinned)
+        if pinned and self.tensors:
+            torch.cuda.synchronize()  # non_blocking device->host copies must land before we hand them out
+
+
+def _plan(
+    arena: torch.Tensor, blocks: list[_Block], deferred: Callable[[_Block], bool]
+) -> tuple[dict[str, torch.Tensor], _Copies, _Copies]:
+    """The snapshot's tensors (views of ``arena``), the copies to run now, the copies that may wait."""
     out: dict[str, torch.Tensor] = {}
     base_ptr = arena.data_ptr()
-    # CPU copies are plain memory copies with the GIL released, shared by two threads when large:
-    # under CPU contention torch's multi-threaded copy_ waits at its thread barrier (a 32-tensor
-    # 8 MiB state took 0.8 s instead of 1 ms on a busy 2-core machine)
-    cpu_copies: list[tuple[int, int, int]] = []
+    now, later = _Copies(), _Copies()
     for b in blocks:
+        copies = later if deferred(b) else now
         if b.span:
             src_t = b.members[0][1]
             if src_t.device.type == "cpu":
                 source = src_t.untyped_storage().data_ptr() + b.src_start
-                cpu_copies.append((base_ptr + b.offset, source, b.nbytes))
+                copies.cpu.append((base_ptr + b.offset, source, b.nbytes))
             else:
                 src = torch.empty(0, dtype=torch.uint8, device=src_t.device)
                 src.set_(src_t.untyped_storage(), b.src_start, (b.nbytes,), (1,))
-                arena[b.offset : b.offset + b.nbytes].copy_(src, non_blocking=pinned)
+                copies.tensors.append((arena[b.offset : b.offset + b.nbytes], src))
         for name, t in b.members:
             typed = arena.view(t.dtype)
             size = t.element_size()
@@ -128,14 +148,11 @@ def _copy_into(arena: torch.Tensor, blocks: list[_Block], pinned: bool) -> dict[
                 continue
             dst = typed.as_strided(t.shape, _contiguous_strides(t.shape), b.offset // size)
             if t.device.type == "cpu" and t.is_contiguous():
-                cpu_copies.append((base_ptr + b.offset, t.data_ptr(), b.nbytes))
+                copies.cpu.append((base_ptr + b.offset, t.data_ptr(), b.nbytes))
             else:
-                dst.copy_(t, non_blocking=pinned)
+                copies.tensors.append((dst, t))
             out[name] = dst
-    memcopy.copy_regions(cpu_copies)
-    if pinned:
-        torch.cuda.synchronize()  # non_blocking device->host copies must land before we hand them out
-    return out
+    return out, now, later
 
 
 def _wants_pinned(blocks: list[_Block]) -> bool:
@@ -178,13 +195,48 @@ def snapshot_into(
 
     The returned tensors are views of that buffer; the buffer is used only while one of them lives.
     """
+    out, deferred = snapshot_deferred(tensors, take_buffer, ())
+    assert deferred is None  # nothing was named for deferring
+    return out
+
+
+def snapshot_deferred(
+    tensors: Mapping[str, torch.Tensor],
+    take_buffer: Callable[[int, bool], torch.Tensor],
+    defer: Collection[str] | bool,
+) -> tuple[dict[str, torch.Tensor], DeferredCopy | None]:
+    """:func:`snapshot_into`, but the copies of the tensors named in ``defer`` (``True``: all) are
+    left to the returned :class:`DeferredCopy` (``None`` when there are none).
+
+    The snapshot's deferred tensors hold their values only after ``DeferredCopy.complete()``; the
+    caller must call ``DeferredCopy.wait()`` before anything changes their sources. Tensors that
+    share memory with a tensor copied now are copied now too (one block is copied as a whole).
+    CUDA sources are copied on a side stream into pinned memory, started before this returns.
+    """
     blocks, loose, total = _layout(tensors)
     pinned = _wants_pinned(blocks)
     buffer = take_buffer(total, pinned)
-    out = _copy_into(buffer, blocks, pinned)
-    del buffer  # from now on only the snapshot's tensors keep the buffer busy
+    names = None if isinstance(defer, bool) else set(defer)
+
+    def deferred(block: _Block) -> bool:
+        return bool(defer) if names is None else all(name in names for name, _ in block.members)
+
+    out, now, later = _plan(buffer, blocks, deferred)
+    now.run(pinned)
     out.update(loose)
-    return _in_order(tensors, out)
+    out = _in_order(tensors, out)
+    if not later.cpu and not later.tensors:
+        return out, None  # the buffer goes with this frame: only the snapshot's tensors keep it busy
+    device_pairs = [(d, s) for d, s in later.tensors if s.is_cuda and pinned]
+    host = _Copies(later.cpu, [(d, s) for d, s in later.tensors if not (s.is_cuda and pinned)])
+    events = start_device_copies(device_pairs) if device_pairs else []
+    # the host copies go by address: keep the arena and every source alive until they ran
+    alive = (buffer, [t for b in blocks if deferred(b) for _, t in b.members])
+
+    def copy_later(keep: object = alive) -> None:
+        host.run(pinned=False, threads=1)  # one thread: this runs beside training's own threads
+
+    return out, DeferredCopy(copy_later, events)
 
 
 def _use_count(t: torch.Tensor) -> int | None:

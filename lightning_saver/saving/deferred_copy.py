@@ -1,0 +1,139 @@
+"""The part of a snapshot that is copied after ``save()`` returned, and the fence that waits for it.
+
+Parameters and optimizer state change only in an optimizer's step; forward and backward only read
+them. So their copy need not block ``save()``: it can run on the writer thread while the next
+forward and backward run, as long as the next optimizer step waits for it. A :class:`DeferredCopy`
+holds those copies:
+
+* host copies (CPU tensors into the CPU arena) run exactly once, on the writer thread before its
+  job writes the file, or inline by :meth:`DeferredCopy.wait` when the writer has not started them
+  yet (the training loop never waits for a writer that is busy with something else);
+* device-to-host copies (CUDA tensors into the pinned arena) were already queued on a side stream
+  of their own when the snapshot was taken; :meth:`DeferredCopy.wait` makes the training stream wait
+  for them on the device (the CPU does not block), and the writer synchronizes on them before it
+  reads the arena.
+
+Example::
+
+    copy = DeferredCopy(lambda: memcopy.copy_regions(regions))
+    ...                      # forward, backward: parameters are only read
+    copy.wait()              # before optimizer.step(): the copy is complete (or runs now)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["DeferredCopy", "start_device_copies", "step_only_names"]
+
+
+class DeferredCopy:
+    """Host copies to run once, and device copies in flight on side streams (see the module docs).
+
+    Args:
+        host: the host copies; run at most once, by whoever comes first. It holds whatever keeps
+            the copy's source and destination memory alive; it is dropped once it ran.
+        device_events: ``(device, event)`` recorded on each side stream after its copies.
+    """
+
+    def __init__(self, host: Callable[[], None], device_events: list[tuple[torch.device, Any]] | None = None):
+        self._host: Callable[[], None] | None = host
+        self._events = device_events or []
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run_once(self) -> None:
+        with self._lock:
+            first, self._claimed = not self._claimed, True
+        if not first:
+            self._done.wait()
+            return
+        try:
+            assert self._host is not None
+            self._host()
+        except BaseException as exc:  # raised by complete(), i.e. by the save's job
+            self._error = exc
+        finally:
+            self._host = None  # the memory it kept alive is free to go (and the arena to be reused)
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`wait` would return at once (no host copy left, device copies landed)."""
+        return self._done.is_set() and all(event.query() for _, event in self._events)
+
+    def wait(self) -> None:
+        """Before the source tensors change: host copies done (run here if not started yet), and the
+        current CUDA stream of each device ordered after the device copies (no CPU wait for those).
+
+        A failed copy is not raised here: the save it belongs to fails and reports it.
+        """
+        self._run_once()
+        for device, event in self._events:
+            torch.cuda.current_stream(device).wait_event(event)
+
+    def complete(self) -> None:
+        """Before the copy is read (the writer thread): everything has landed.
+
+        Raises:
+            Exception: the error of a host copy.
+        """
+        self._run_once()
+        for _, event in self._events:
+            event.synchronize()
+        if self._error is not None:
+            raise self._error
+
+
+def start_device_copies(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.device, Any]]:
+    """Queue ``dst.copy_(src)`` for CUDA sources on a side stream per device, after the work already
+    queued on the current stream; return each device's completion event.
+
+    ``dst`` is pinned host memory, so the copies run asynchronously to the CPU and to the training
+    stream, which later waits for the event only where it would change the sources.
+    """
+    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for dst, src in pairs:
+        by_device.setdefault(src.device, []).append((dst, src))
+    events: list[tuple[torch.device, Any]] = []
+    for device, work in by_device.items():
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # the values as of save(), not before
+        with torch.cuda.stream(stream):
+            for dst, src in work:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(stream)  # the allocator must not reuse src's memory before the copy
+            event = torch.cuda.Event()
+            event.record(stream)
+        events.append((device, event))
+    return events
+
+
+def step_only_names(
+    tensors: Mapping[str, torch.Tensor], optimizers: Iterable[torch.optim.Optimizer]
+) -> set[str]:
+    """The names of ``tensors`` that share memory with the optimizers' parameters or state: the
+    tensors only an optimizer step changes, whose copy may wait for that step.
+
+    Everything else (buffers such as BatchNorm's running statistics, which the forward pass updates,
+    parameters no optimizer holds, the loops' counters) must be copied before ``save()`` returns.
+
+    Example:
+        >>> step_only_names(model.state_dict(), [opt])  # doctest: +SKIP
+        {'0.weight', '0.bias'}
+    """
+    owned: set[int] = set()
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            owned.update(p.untyped_storage().data_ptr() for p in group["params"])
+        for state in optimizer.state.values():
+            tensors_of_state = (v for v in state.values() if isinstance(v, torch.Tensor))
+            owned.update(v.untyped_storage().data_ptr() for v in tensors_of_state)
+    owned.discard(0)  # storages without memory (empty tensors) all have address 0
+    return {name for name, t in tensors.items() if t.untyped_storage().data_ptr() in owned}
