@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -78,13 +79,15 @@ class _Builder:
 
     def constant(self, ref: Ref) -> fx.Node:
         value = self.plan.consts[ref]
-        if not isinstance(value, torch.Tensor):
-            raise GraphImportError(
-                f"to_module: tensor {ref_name(ref)} is a constant of type {type(value).__name__} "
-                "(strings are not supported in modules)"
-            )
         target = "const:" + self.prefix + param_name(ref_name(ref))
-        if not hasattr(self.root, target):
+        if not isinstance(value, torch.Tensor):
+            if not (isinstance(value, np.ndarray) and value.dtype == object):
+                raise GraphImportError(
+                    f"to_module: tensor {ref_name(ref)} is a constant of type {type(value).__name__}"
+                )
+            if not hasattr(self.root, target):  # strings (Assert messages): a plain attribute
+                setattr(self.root, target, value)
+        elif not hasattr(self.root, target):
             self.root.register_buffer(target, value, persistent=False)
         return self.graph.get_attr(target)
 
