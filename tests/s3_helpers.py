@@ -41,9 +41,13 @@ class Faults:
     mode: str = "503"  # "503" or "drop" (close the connection without answering)
     seen: int = 0
     failed: int = 0
+    sent: int = 0  # response body bytes of every request (what a client downloaded)
+    requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def hit(self, method: str, path: str) -> str | None:
+        with self.lock:
+            self.requests.append(f"{method} {path}")
         if self.method is not None and method != self.method:
             return None
         if self.path_contains not in path:
@@ -94,6 +98,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+            with self.server.faults.lock:
+                self.server.faults.sent += len(data)
         conn.close()
 
     def _read_chunked(self) -> bytes:

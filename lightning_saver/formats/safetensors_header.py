@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,10 @@ import torch
 
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError
 
-__all__ = ["FORMAT_VERSION", "RESERVED_KEY", "DTYPES", "DTYPE_NAMES", "TensorInfo", "Header", "read_header"]
+__all__ = [
+    "FORMAT_VERSION", "RESERVED_KEY", "DTYPES", "DTYPE_NAMES", "TensorInfo", "Header", "read_header",
+    "read_header_ranged", "parse_header",
+]
 
 FORMAT_VERSION = 1
 RESERVED_KEY = "lightning_saver"
@@ -64,6 +68,8 @@ class Header:
     info: dict[str, Any] = field(default_factory=dict)
     data_start: int = 0
     header_crc32c: str = ""  # CRC-32C of the first data_start bytes (what the state file records)
+    # where the bytes are when ``path`` is not a local file: an object with ``read(offset, length)``
+    source: Any = field(default=None, compare=False, repr=False)
 
     @property
     def aliases(self) -> dict[str, str]:
@@ -196,6 +202,29 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     """
     path = os.fspath(path)
     raw, size = _read_raw(path)
+    return parse_header(path, raw, size)
+
+
+_FIRST_READ = 64 << 10  # one ranged request usually holds the whole header
+
+
+def read_header_ranged(path: str, size: int, read: Callable[[int, int], bytes]) -> Header:
+    """Like :func:`read_header` for a file reached by ranged reads (``read(offset, length)``):
+    one request of up to 64 KiB, a second only for a bigger header. ``path`` names it in errors."""
+    if size < 8:
+        raise _corrupt(path, f"the file has {size} bytes, fewer than the 8-byte header length")
+    first = read(0, min(size, _FIRST_READ))
+    (n,) = struct.unpack("<Q", first[:8])
+    if n == 0 or n > MAX_HEADER or n > size - 8:
+        raise _corrupt(path, f"{_sniff(path, first[:8])} (header length {n}, file size {size})")
+    raw = first[8 : 8 + n]
+    if len(raw) < n:
+        raw += read(len(first), n - len(raw))
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: str, raw: bytes, size: int) -> Header:
+    """Validate the JSON header ``raw`` of a file of ``size`` bytes (see :func:`read_header`)."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError

@@ -51,6 +51,7 @@ from lightning_saver.formats.safetensors_writer import (
     planned_nbytes,
     save_file,
     write_to_fd,
+    write_to_sink,
 )
 
 # Reading maps the file and copies + checksums in one pass where the C extension is built; elsewhere
@@ -60,7 +61,8 @@ _ONE_PASS = memcopy.ONE_PASS
 __all__ = [
     "FORMAT_VERSION", "RESERVED_KEY", "TensorInfo", "Header", "WriteResult",
     "save_file", "write_to_fd", "planned_nbytes", "load_file", "read_into", "read_header",
-    "read_index", "read_metadata", "read_info", "verify_file",
+    "read_index", "read_metadata", "read_info", "verify_file", "load_tensors", "verify_header",
+    "write_to_sink",
 ]  # fmt: skip
 
 
@@ -289,6 +291,11 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bo
         CorruptCheckpointError: a checksum differs, or an alias's bytes differ from its owner's.
     """
     _check_targets(header, targets)
+    if header.source is not None:  # not a local file: ranged requests, several in flight
+        from lightning_saver.formats.safetensors_ranged import read_into_ranged
+
+        read_into_ranged(header, targets, verify=verify)
+        return
     aliases = header.aliases
     in_place: list[_Piece] = []
     others: list[str] = []
@@ -343,7 +350,13 @@ def load_file(
         >>> load_file("x.safetensors")["x"]
         tensor(5.)
     """
-    header = read_header(path)
+    return load_tensors(read_header(path), names=names, verify=verify)
+
+
+def load_tensors(
+    header: Header, *, names: Collection[str] | None = None, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """:func:`load_file` for a header already read (a local file, or one read by ranged requests)."""
     wanted = list(header.tensors) if names is None else list(names)
     missing = [n for n in wanted if n not in header.tensors]
     if missing:
@@ -371,12 +384,21 @@ def verify_file(path: str | os.PathLike[str]) -> Header:
     Raises:
         CorruptCheckpointError: a checksum differs (names the tensor) or the file has none.
     """
-    header = read_header(path)
+    return verify_header(read_header(path))
+
+
+def verify_header(header: Header) -> Header:
+    """:func:`verify_file` for a header already read (local, or with a ranged ``source``)."""
     if not header.ours:
         raise CorruptCheckpointError(
             f"{header.path}: has no lightning_saver checksums to verify "
             "(it was not written by lightning_saver)"
         )
+    if header.source is not None:
+        from lightning_saver.formats.safetensors_ranged import check_all
+
+        check_all(header)
+        return header
     with open(header.path, "rb", buffering=0) as f:
         for name in header.tensors:
             _check_crc(header, name, _crc_region(f.fileno(), header, name))

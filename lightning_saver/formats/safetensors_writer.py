@@ -29,7 +29,9 @@ import torch
 from lightning_saver.formats import checksum
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, FORMAT_VERSION, RESERVED_KEY
 
-__all__ = ["CHUNK", "WriteResult", "memory_view", "planned_nbytes", "save_file", "write_to_fd"]
+__all__ = [
+    "CHUNK", "WriteResult", "memory_view", "planned_nbytes", "save_file", "write_to_fd", "write_to_sink",
+]
 
 _PLACEHOLDER = "0" * 8
 CHUNK = 4 << 20  # I/O and checksum unit: still in the shared cache when the helper thread reads it
@@ -220,6 +222,41 @@ def write_to_fd(
     if len(final) != plan.header_len:
         raise RuntimeError("internal error: the checksummed header changed length")
     _write_bytes(fd, final, offset=0)
+    return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(final)))
+
+
+def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return tensor.detach().to("cpu").contiguous()
+    return tensor
+
+
+def write_to_sink(
+    tensors: Mapping[str, torch.Tensor],
+    sink: Any,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> WriteResult:
+    """:func:`write_to_fd` for a sink that only appends (``sink.write``; no seek, no descriptor).
+
+    The checksums are computed in a first pass, so the final header goes first and every byte is
+    written once, in order (a stream straight into an upload). Same bytes as :func:`write_to_fd`.
+    """
+    plan = _Plan(tensors, metadata, info)
+    crcs = {}
+    for name in plan.order:
+        t = _cpu_contiguous(plan.tensors[name])
+        crcs[name] = checksum.format_crc(checksum.tensor_crc32c(t) if t.numel() else 0)
+    final = plan.header(crcs)
+    if len(final) != plan.header_len:
+        raise RuntimeError("internal error: the checksummed header changed length")
+    sink.write(final)
+    for name in plan.order:
+        t = _cpu_contiguous(plan.tensors[name])  # one tensor's copy at a time, if any
+        nbytes = t.numel() * t.element_size()
+        for start in range(0, nbytes, CHUNK):
+            sink.write(memory_view(t.data_ptr() + start, min(CHUNK, nbytes - start)))
     return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(final)))
 
 

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from lightning_saver.errors import CorruptCheckpointError, StateMismatchError
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, Header, TensorInfo
-from lightning_saver.formats.safetensors_io import load_file, read_into
+from lightning_saver.formats.safetensors_io import load_tensors, read_into
 
 __all__ = ["RestoreResult", "restore_into"]
 
@@ -118,12 +118,12 @@ def restore_into(target: Any, header: Header, *, strict: bool = True, verify: bo
         if _loads_plainly(target):
             _read_in_place(header, common, verify)
         else:
-            loaded = load_file(header.path, names=list(common), verify=verify)
+            loaded = load_tensors(header, names=list(common), verify=verify)
             target.load_state_dict(loaded, strict=strict)
         return result
     if isinstance(target, MutableMapping):
         if not target:
-            target.update(load_file(header.path, verify=verify))
+            target.update(load_tensors(header, verify=verify))
             return RestoreResult([], [])
         bad = [k for k, v in target.items() if not isinstance(v, torch.Tensor)]
         if bad:

@@ -9,8 +9,8 @@ Example (the seed's TensorFlow.jl session, in Python)::
     # kept: ckpts/variable_file_96.safetensors ... ckpts/variable_file_100.safetensors
     saver.restore(model, latest_checkpoint("ckpts"))   # here or in a new Python process
 
-A save writes the file with the commit protocol (``commit.py``), records it in the directory's
-state file (``state_file.py``), and only then deletes what rotation (``rotation.py``) drops.
+A save writes the file with the commit protocol (``storage/``: local or object store), records it
+in the directory's state file (``state_file.py``), and only then deletes what rotation drops.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from torch import nn
 
 from lightning_saver.errors import CorruptCheckpointError, FormatVersionError, StorageError
 from lightning_saver.formats import safetensors_io
-from lightning_saver.formats.safetensors_header import read_header
-from lightning_saver.saving import commit, deleter, names, rotation, state_file
+from lightning_saver.saving import deleter, names, rotation, state_file
 from lightning_saver.saving.loading import RestoreResult, restore_into
 from lightning_saver.saving.names import Series
-from lightning_saver.storage import is_url, storage_for
+from lightning_saver.saving.store_io import read_header_at, resolve, store_of
+from lightning_saver.storage import Sink, Storage, is_url, storage_for
 
 __all__ = ["CheckpointSaver", "latest_checkpoint", "load", "read_metadata", "RestoreResult"]
 
@@ -54,28 +54,6 @@ def _tensors_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     raise TypeError(f"save expects an nn.Module or a mapping of tensors, found {type(model).__name__}")
 
 
-def _refuse_url(path: str | os.PathLike[str]) -> None:
-    """A URL is never written as a local folder: until the saver routes URLs through storage_for,
-    name the gap (a missing backend is named by storage_for itself)."""
-    if is_url(path):
-        storage_for(os.fspath(path))
-        raise StorageError(
-            errno.EOPNOTSUPP,
-            f"{os.fspath(path)}: this operation does not take URLs yet; nothing was written",
-            os.fspath(path),
-        )
-
-
-def _resolve(path: str | os.PathLike[str]) -> str:
-    _refuse_url(path)
-    path = os.fspath(path)
-    if not os.path.exists(path) and not os.path.splitext(path)[1]:
-        for with_ext in (path + names.DEFAULT_EXT, path + names.DEFAULT_EXT + names.INDEX_SUFFIX):
-            if os.path.exists(with_ext):
-                return with_ext
-    return path
-
-
 class CheckpointSaver:
     """Saves and restores checkpoints with TensorFlow ``train.Saver`` semantics (see module docs).
 
@@ -86,6 +64,8 @@ class CheckpointSaver:
         verify: check checksums on restore by default.
         save_top_k: also keep the K best checkpoints by ``metric`` (-1: keep all).
         mode: ``"min"`` or ``"max"``, the better direction of ``metric``.
+        storage_options: for URL paths (``s3://bucket/ckpts/model``), the fsspec options
+            (``endpoint_url``, ``key``, ``secret``...); local paths need none.
         **kwargs: passed on to the next class (cooperative: the Lightning ``Saver`` uses it).
     """
 
@@ -98,9 +78,12 @@ class CheckpointSaver:
         verify: bool = True,
         save_top_k: int | None = None,
         mode: str = "min",
+        storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.storage_options = dict(storage_options or {})
+        self._stores: dict[str, Storage] = {}
         self._policy = rotation.Policy(max_to_keep, keep_every_n_hours, save_top_k, mode)
         self.async_save = async_save
         self.verify = verify
@@ -117,6 +100,7 @@ class CheckpointSaver:
         state = dict(self.__dict__)
         state.pop("_lock", None)
         state["_writer"] = None
+        state["_stores"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -166,8 +150,8 @@ class CheckpointSaver:
             >>> CheckpointSaver(max_to_keep=5).save({"x": torch.tensor(5.0)}, "ckpts/variable_file", 95)
             'ckpts/variable_file_95.safetensors'
         """
-        _refuse_url(save_path)
         tensors = _tensors_of(model)
+        store, save_path = self._store_of(save_path)
         series = names.series_of(save_path)
         step = None if global_step is None else names.check_step(global_step)
         path = series.path(step)
@@ -177,8 +161,7 @@ class CheckpointSaver:
         if _sharded(tensors):
             return self._save_set(tensors, series, info, metadata)
         nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=info)  # validates early
-        if series.directory:
-            os.makedirs(series.directory, exist_ok=True)
+        store.makedirs(series.directory)
         if self.async_save:
             writer = self._get_writer()
             # the writer's snapshot first waits for the save in flight, then reuses its CPU arena:
@@ -208,18 +191,19 @@ class CheckpointSaver:
     ) -> None:
         with self._lock:
             directory = series.directory
+            store = self._store(directory)
             if directory not in self._cleaned:
-                for temp in commit.remove_stale_temps(directory):
+                for temp in store.remove_incomplete(directory):
                     log.info("removed leftover temporary file %s", temp)
                 self._cleaned.add(directory)
             current = self._series_state(series)
-            result = commit.atomic_write(
+            result = store.write_atomic(
                 path,
-                partial(safetensors_io.write_to_fd, tensors, metadata=metadata, info=info),
+                partial(_write_safetensors, tensors, metadata, info),
                 nbytes=nbytes,
             )
             record = rotation.Record(
-                os.path.basename(path),
+                store.split(path)[1],
                 info["global_step"],
                 info["wall_time"],
                 info.get("metric"),
@@ -239,11 +223,12 @@ class CheckpointSaver:
                 protected=self._protected_names(directory),
             )
             updated = state_file.SeriesState(decision.records, decision.next_keep_time)
-            whole = state_file.load_state(directory) or state_file.DirectoryState()
+            store = self._store(directory)
+            whole = state_file.load_state(directory, store) or state_file.DirectoryState()
             whole.series[state_file.series_key(series)] = updated
             whole.latest = record.name
             try:
-                state_file.save_state(directory, whole)
+                state_file.save_state(directory, whole, store)
             except BaseException:
                 # the new file is durable: remember it, but delete nothing without a durable state
                 kept = rotation.record_save(current.checkpoints, record)
@@ -252,25 +237,28 @@ class CheckpointSaver:
             # only now, with the state durable, does this saver forget and delete what rotation dropped
             self._series[series] = current = updated
             for gone in decision.delete:
-                self._delete(os.path.join(directory, gone.name))
+                gone_path = store.join(directory, gone.name)
+                if store.local_path(gone_path) is None:
+                    _delete_object(store, gone_path)
+                else:
+                    self._delete(gone_path)
             self.last_checkpoints = [
-                os.path.join(directory, r.name) for r in current.checkpoints if not r.preserved
+                store.join(directory, r.name) for r in current.checkpoints if not r.preserved
             ]
 
     def _series_state(self, series: Series) -> state_file.SeriesState:
         """This series' records: from the state file, plus our files it misses (a crash before its update)."""
         if series in self._series:
             return self._series[series]
-        whole = state_file.load_state(series.directory)
+        store = self._store(series.directory)
+        whole = state_file.load_state(series.directory, store)
         known = whole.series.get(state_file.series_key(series)) if whole else None
-        records = [
-            r
-            for r in (known.checkpoints if known else [])
-            if os.path.isfile(os.path.join(series.directory, r.name))
-        ]
+        present = set(store.listdir(series.directory))
+        records = [r for r in (known.checkpoints if known else []) if r.name in present]
         names_known = {r.name for r in records}
         adopted = [
-            r for r in state_file.scan_checkpoints(series.directory, series) if r.name not in names_known
+            r for r in state_file.scan_checkpoints(series.directory, series, store)
+            if r.name not in names_known
         ]
         if adopted:
             records = sorted(records + adopted, key=lambda r: r.wall_time)
@@ -285,14 +273,34 @@ class CheckpointSaver:
         return state
 
     def _protected_names(self, directory: str) -> set[str]:
-        here = os.path.abspath(directory or ".")
-        return {os.path.basename(p) for p in self._protected if os.path.dirname(p) == here}
+        here = _absolute(directory or ".")
+        return {p.rsplit("/", 1)[-1] for p in self._protected if p.rsplit("/", 1)[0] == here}
+
+    def _store(self, directory: str) -> Storage:
+        """The store of ``directory`` (one per directory, built with this saver's storage_options)."""
+        if directory not in self._stores:
+            self._stores[directory] = storage_for(directory, self.storage_options)
+        return self._stores[directory]
+
+    def _store_of(self, path: str | os.PathLike[str]) -> tuple[Storage, str]:
+        store, text = store_of(path, self.storage_options)
+        self._stores.setdefault(store.split(text)[0], store)
+        return store, text
+
+    def check_access(self, directory: str | os.PathLike[str]) -> None:
+        """Fail now when ``directory`` cannot be written (credentials, bucket, permissions): called
+        at set-up, before training starts, not at the first save an hour in."""
+        store, text = self._store_of(directory)
+        store.probe(text)
 
     def _save_set(self, tensors: Mapping[str, torch.Tensor], series: Series, info: dict[str, Any],
                   metadata: Mapping[str, str] | None) -> str:
         """A sharded save (``sharded.py``), called on every rank; rank 0 records the committed set."""
         from lightning_saver.saving import sharded
 
+        if is_url(series.directory):
+            raise StorageError(errno.EOPNOTSUPP, f"{series.directory}: sharded sets are saved to local "
+                               "(or mounted) folders only; use a local directory", series.directory)
         if series.directory:
             os.makedirs(series.directory, exist_ok=True)
         return sharded.save_set(tensors, series, info["global_step"], info=info, metadata=metadata,
@@ -317,7 +325,7 @@ class CheckpointSaver:
 
     def protect(self, path: str | os.PathLike[str]) -> None:
         """Never let rotation delete ``path`` (e.g. the checkpoint this run resumed from)."""
-        self._protected.add(os.path.abspath(os.fspath(path)))
+        self._protected.add(_absolute(os.fspath(path)))
 
     def wait_snapshot(self) -> None:
         """Return once the last async save's deferred snapshot copy is complete (``defer_copy``);
@@ -378,14 +386,15 @@ class CheckpointSaver:
             CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError, StateMismatchError.
         """
         self.wait()
-        path = _resolve(save_path)
+        store, path = self._store_of(save_path)
+        path = resolve(store, path)
         if names.is_set_index(path):
             from lightning_saver.saving import sharded
 
             missing, unexpected = sharded.restore_set(model, path, strict=strict,
                                                       verify=self.verify if verify is None else verify)
             return RestoreResult(missing, unexpected)
-        header = read_header(path)
+        header = read_header_at(store, path)
         return restore_into(model, header, strict=strict, verify=self.verify if verify is None else verify)
 
 
@@ -404,7 +413,8 @@ def _matches_prefix(name: str, prefix: str | None) -> bool:
 
 
 def latest_checkpoint(
-    directory: str | os.PathLike[str], prefix: str | None = None, *, verify: bool = False
+    directory: str | os.PathLike[str], prefix: str | None = None, *, verify: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str | None:
     """The newest checkpoint in ``directory`` (optionally of one prefix), or ``None``.
 
@@ -416,19 +426,19 @@ def latest_checkpoint(
         >>> latest_checkpoint("ckpts")
         'ckpts/variable_file_95.safetensors'
     """
-    _refuse_url(directory)
-    directory = os.fspath(directory)
+    store, directory = store_of(directory, storage_options)
     tried: set[str] = set()
-    for record in _newest_first(directory):
+    present = set(store.listdir(directory))
+    for record in _newest_first(store, directory):
         if record.name in tried or not _matches_prefix(record.name, prefix):
             continue
         tried.add(record.name)
-        path = os.path.join(directory, record.name)
-        if not os.path.isfile(path):
+        path = store.join(directory, record.name)
+        if record.name not in present:
             continue
         if verify:
             try:
-                _verify_record(path, record)
+                _verify_record(store, path, record)
             except (CorruptCheckpointError, FormatVersionError, OSError) as exc:
                 log.warning("skipping corrupt checkpoint %s: %s", path, exc)
                 continue
@@ -436,14 +446,14 @@ def latest_checkpoint(
     return None
 
 
-def _verify_record(path: str, record: rotation.Record) -> None:
+def _verify_record(store: Storage, path: str, record: rotation.Record) -> None:
     """Every tensor's checksum, and the header against the checksum the state file recorded."""
     if names.is_set_index(path):
         from lightning_saver.saving import sharded
 
         sharded.verify_set(path)
         return
-    header = safetensors_io.verify_file(path)
+    header = safetensors_io.verify_header(read_header_at(store, path))
     expected = record.checksum
     if expected and expected.startswith("crc32c:") and expected != f"crc32c:{header.header_crc32c}":
         raise CorruptCheckpointError(
@@ -452,18 +462,19 @@ def _verify_record(path: str, record: rotation.Record) -> None:
         )
 
 
-def _newest_first(directory: str) -> Iterator[rotation.Record]:
+def _newest_first(store: Storage, directory: str) -> Iterator[rotation.Record]:
     """Recorded checkpoints (the state file's latest first), then, only if needed, a directory scan."""
-    whole = state_file.load_state(directory)
+    whole = state_file.load_state(directory, store)
     records = whole.all_records() if whole else []
     if whole and whole.latest:
         records.sort(key=lambda r: r.name == whole.latest)
     yield from reversed(records)
-    yield from reversed(state_file.scan_checkpoints(directory))
+    yield from reversed(state_file.scan_checkpoints(directory, store=store))
 
 
 def load(
-    path: str | os.PathLike[str], *, verify: bool = True, device: str = "cpu"
+    path: str | os.PathLike[str], *, verify: bool = True, device: str = "cpu",
+    keys: Collection[str] | None = None, storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, checksums checked; tied keys share one tensor.
 
@@ -471,13 +482,39 @@ def load(
         >>> load("ckpts/variable_file_95.safetensors")["x"]
         tensor(5.)
     """
-    tensors = safetensors_io.load_file(_resolve(path), verify=verify)
+    store, text = store_of(path, storage_options)
+    header = read_header_at(store, resolve(store, text))
+    tensors = safetensors_io.load_tensors(header, names=keys, verify=verify)
     if torch.device(device).type == "cpu":
         return tensors
     moved: dict[int, torch.Tensor] = {}
     return {k: moved.setdefault(id(t), t.to(device)) for k, t in tensors.items()}
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+def read_metadata(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """The checkpoint's safetensors ``__metadata__``; our own entry is JSON under ``"lightning_saver"``."""
-    return safetensors_io.read_metadata(_resolve(path))
+    store, text = store_of(path, storage_options)
+    return dict(read_header_at(store, resolve(store, text)).metadata)
+
+
+def _delete_object(store: Storage, path: str) -> None:
+    """One DELETE request; a failure leaves a leftover, never fails the save."""
+    try:
+        store.delete(path)
+    except OSError as exc:
+        log.warning("could not delete old checkpoint %s: %s", path, exc)
+
+
+def _write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                       info: Mapping[str, Any], sink: Sink) -> safetensors_io.WriteResult:
+    """The in-place fast path when the sink has a descriptor (local file, spool), else a stream."""
+    fd = sink.fileno()
+    if fd is not None:
+        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info)
+    return safetensors_io.write_to_sink(tensors, sink, metadata=metadata, info=info)
+
+
+def _absolute(path: str) -> str:
+    return path.rstrip("/") if is_url(path) else os.path.abspath(path)

@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_saver.errors import LightningSaverError
-from lightning_saver.formats.safetensors_header import read_header
 from lightning_saver.formats.shard_index import parse_index
-from lightning_saver.saving import commit
 from lightning_saver.saving.names import Series, is_set_index, parse_temp_name, set_stem
 from lightning_saver.saving.rotation import Record
+from lightning_saver.saving.store_io import read_header_at
+from lightning_saver.storage import Storage, storage_for
 
 __all__ = [
     "STATE_NAME",
@@ -111,15 +111,15 @@ def _parse(doc: Any) -> DirectoryState:
     return DirectoryState(latest if isinstance(latest, str) else None, series)
 
 
-def load_state(directory: str) -> DirectoryState | None:
+def load_state(directory: str, store: Storage | None = None) -> DirectoryState | None:
     """The directory's state, or ``None`` when the file is missing or damaged (damage is logged)."""
-    path = os.path.join(directory, STATE_NAME)
+    store = store or storage_for(directory)
+    path = store.join(directory, STATE_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = store.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         log.warning("cannot read checkpoint state file %s (%s); scanning the directory instead", path, exc)
         return None
     try:
@@ -129,7 +129,7 @@ def load_state(directory: str) -> DirectoryState | None:
         return None
 
 
-def save_state(directory: str, state: DirectoryState) -> None:
+def save_state(directory: str, state: DirectoryState, store: Storage | None = None) -> None:
     """Commit ``state`` as the directory's state file (atomic and durable)."""
     lines = ["{", f'  "format": "{_FORMAT}",', f'  "version": {_VERSION},',
              f'  "latest": {json.dumps(state.latest)},', '  "series": {']
@@ -141,24 +141,23 @@ def save_state(directory: str, state: DirectoryState) -> None:
                   for j, r in enumerate(s.checkpoints)]
         lines += ["      ]", "    }" + ("," if i < len(state.series) - 1 else "")]
     lines += ["  }", "}", ""]
-    commit.atomic_write_bytes(os.path.join(directory, STATE_NAME), "\n".join(lines).encode("utf-8"))
+    store = store or storage_for(directory)
+    store.write_bytes(store.join(directory, STATE_NAME), "\n".join(lines).encode("utf-8"))
 
 
-def _set_info(path: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        index = parse_index(path, f.read())
+def _set_info(store: Storage, path: str) -> dict[str, Any]:
+    index = parse_index(path, store.read_bytes(path))
     return {"global_step": index.global_step, "wall_time": index.wall_time, **index.info}
 
 
-def scan_checkpoints(directory: str, series: Series | None = None) -> list[Record]:
+def scan_checkpoints(directory: str, series: Series | None = None, store: Storage | None = None
+                     ) -> list[Record]:
     """Records for the checkpoints lightning_saver wrote in ``directory`` (headers only), oldest first.
 
     Files of other tools, temporary files and unreadable files are skipped.
     """
-    try:
-        entries = os.listdir(directory or ".")
-    except FileNotFoundError:
-        return []
+    store = store or storage_for(directory)
+    entries = store.listdir(directory)
     found: list[Record] = []
     for name in entries:
         if name == STATE_NAME or name.startswith(".") or parse_temp_name(name) is not None:
@@ -166,11 +165,13 @@ def scan_checkpoints(directory: str, series: Series | None = None) -> list[Recor
         stem = set_stem(name)  # a sharded set is named by its index
         if series is not None and series.parse(stem) is None and stem != series.name(None):
             continue
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
+        path = store.join(directory, name)
+        local = store.local_path(path)
+        if local is not None and not os.path.isfile(local):
             continue
         try:
-            info = _set_info(path) if is_set_index(name) else read_header(path).info
+            info = _set_info(store, path) if is_set_index(name) else read_header_at(store, path).info
+            size = store.size(path)
         except (LightningSaverError, OSError):
             continue
         if not info or not isinstance(info.get("wall_time"), (int, float)):
@@ -183,7 +184,7 @@ def scan_checkpoints(directory: str, series: Series | None = None) -> list[Recor
                 step if isinstance(step, int) else None,
                 float(info["wall_time"]),
                 float(metric) if isinstance(metric, (int, float)) else None,
-                size=os.path.getsize(path),
+                size=size,
             )
         )
     found.sort(key=lambda r: (r.wall_time, r.step if r.step is not None else -1))
