@@ -75,7 +75,8 @@ def has_state(metadata: Mapping[str, str]) -> bool:
 
 
 def encode_state(
-    state: Mapping[str, Any], *, weights_key: str | None = "state_dict", allow_pickle: bool = False
+    state: Mapping[str, Any], *, weights_key: str | None = "state_dict", allow_pickle: bool = False,
+    sharded: bool = False,
 ) -> EncodedState:
     """Split a nested training state into flat tensors and tagged-JSON metadata.
 
@@ -83,6 +84,7 @@ def encode_state(
         state: the tree to encode; its top level must be a mapping with str keys.
         weights_key: the top-level entry whose ``{name: Tensor}`` is stored under its own names.
         allow_pickle: store values that have no JSON form pickled instead of raising.
+        sharded: accept DTensors (a sharded set stores each rank's pieces; ``saving/sharded.py``).
 
     Returns:
         An :class:`EncodedState`; ``decode_state(out.tensors, out.metadata)`` gives the state back.
@@ -96,7 +98,7 @@ def encode_state(
         >>> sorted(out.tensors), decode_state(out.tensors, out.metadata)["betas"]
         (['w'], (0.9, 0.99))
     """
-    encoder = _Encoder(allow_pickle)
+    encoder = _Encoder(allow_pickle, sharded)
     root: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(key, str):
@@ -175,8 +177,13 @@ def _b64(data: bytes) -> str:
 
 
 class _Encoder:
-    def __init__(self, allow_pickle: bool) -> None:
+    def __init__(self, allow_pickle: bool, sharded: bool = False) -> None:
         self.allow_pickle = allow_pickle
+        self.plain_types: tuple[type, ...] = (torch.Tensor, torch.nn.Parameter)
+        if sharded:
+            from torch.distributed.tensor import DTensor
+
+            self.plain_types += (DTensor,)
         self.tensors: dict[str, torch.Tensor] = {}
         self._names_by_id: dict[int, str] = {}
 
@@ -191,7 +198,7 @@ class _Encoder:
         return list(weights)
 
     def add_tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> str:
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
+        if type(tensor) not in self.plain_types or tensor.layout != torch.strided:
             raise EncodingError(
                 f"cannot encode the tensor at {_format_path(path)}: {_type(tensor)} with layout "
                 f"{tensor.layout} is not a plain dense tensor (sharded/DTensor states need a full state dict)"

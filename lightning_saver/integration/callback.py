@@ -25,7 +25,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from lightning_saver.formats.state_codec import encode_state
-from lightning_saver.integration import resume, rng_state
+from lightning_saver.integration import resume, rng_state, sharded
 from lightning_saver.integration.checkpoint_io import SafetensorsCheckpointIO
 from lightning_saver.saving.deferred_copy import step_only_names
 from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint
@@ -152,11 +152,14 @@ class Saver(CheckpointSaver, Checkpoint):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        if sharded.is_sharded_strategy(trainer.strategy):
+            sharded.install(trainer.strategy, verify=self.verify, allow_pickle=self.allow_pickle)
+        elif not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             rank_zero_warn(
                 f"Saver: {type(trainer.strategy).__name__} loads checkpoints itself, bypassing the "
                 "CheckpointIO plugin, so it cannot resume from the Saver's .safetensors files, and sharded "
-                "state dicts are refused when saving. Tested strategies: single device and DDP."
+                "state dicts are refused when saving. Tested strategies: single device, DDP and "
+                "ModelParallelStrategy (FSDP2, sharded sets). DeepSpeed is not supported."
             )
         _install_checkpoint_io(trainer, verify=self.verify, allow_pickle=self.allow_pickle)
         self.dirpath = trainer.strategy.broadcast(self.resolve_dirpath(trainer))
@@ -243,10 +246,12 @@ class Saver(CheckpointSaver, Checkpoint):
             state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         rng = rng_state.capture_all_ranks()
         path = None
-        if trainer.is_global_zero:
+        # DDP: rank 0 writes one file; ModelParallelStrategy: every rank writes its shard of a set
+        shards = sharded.is_sharded_strategy(trainer.strategy)
+        if trainer.is_global_zero or shards:
             if state is not None:
                 state[EXTRA_KEY] = {"rng": rng, "at_epoch_end": at_epoch_end, "versions": _versions()}
-                encoded = encode_state(state, allow_pickle=self.allow_pickle)
+                encoded = encode_state(state, allow_pickle=self.allow_pickle, sharded=shards)
                 tensors, metadata = encoded.tensors, encoded.metadata
             else:
                 tensors, metadata = weights, None

@@ -52,6 +52,8 @@ __all__ = [
     "read_index",
     "restore_set",
     "load_set",
+    "check_fits",
+    "load_into",
     "verify_set",
     "delete_set",
     "remove_orphans",
@@ -167,14 +169,19 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     return parse_index(path, data)
 
 
-def _mismatches(path: str, index: ShardIndex, targets: Mapping[str, Any],
-                strict: bool) -> tuple[list[str], list[str]]:
+def check_fits(path: str, index: ShardIndex, targets: Mapping[str, Any], *, strict: bool = True,
+               unexpected_ok: bool = False) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)`` keys; raise one error listing every key, shape and dtype that differs.
+
+    Shapes are global (a DTensor's ``shape``). ``strict`` makes missing and unexpected keys errors
+    (unexpected ones not when ``unexpected_ok``)."""
     missing = [k for k in targets if k not in index.tensors]
     unexpected = [k for k in index.tensors if k not in targets]
     lines = []
     if strict:
         lines += [f"  missing in the checkpoint: {k!r}" for k in missing]
-        lines += [f"  unexpected in the checkpoint: {k!r}" for k in unexpected]
+        if not unexpected_ok:
+            lines += [f"  unexpected in the checkpoint: {k!r}" for k in unexpected]
     for k, t in targets.items():
         entry = index.tensors.get(k)
         if entry is None:
@@ -189,8 +196,11 @@ def _mismatches(path: str, index: ShardIndex, targets: Mapping[str, Any],
     return missing, unexpected
 
 
-def _load(path: str, index: ShardIndex, targets: dict[str, Any], *, verify: bool,
-          collective: bool) -> None:
+def load_into(path: str, index: ShardIndex, targets: dict[str, Any], *, verify: bool,
+              collective: bool) -> None:
+    """Fill ``targets`` (DTensors: this rank's shards; plain tensors: whole) from the set at ``path``.
+
+    ``collective``: every rank calls it (a failure on one rank then fails it on all)."""
     reader = SetReader(os.path.dirname(path), index, verify=verify)
     try:
         dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
@@ -220,9 +230,9 @@ def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = Tru
             state = get_model_state_dict(target)
         else:
             state = target.state_dict()
-        result = _mismatches(path, index, state, strict)
+        result = check_fits(path, index, state, strict=strict)
         common = {k: v for k, v in state.items() if k in index.tensors}
-        _load(path, index, common, verify=verify, collective=sharded)
+        load_into(path, index, common, verify=verify, collective=sharded)
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -234,9 +244,9 @@ def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = Tru
         if not target:
             target.update(load_set(path, verify=verify))
             return [], []
-        result = _mismatches(path, index, target, strict)
+        result = check_fits(path, index, target, strict=strict)
         common = {k: v for k, v in target.items() if k in index.tensors}
-        _load(path, index, common, verify=verify, collective=has_dtensors(common))
+        load_into(path, index, common, verify=verify, collective=has_dtensors(common))
         return result
     raise TypeError(f"restore target must be an nn.Module or a mutable mapping of tensors, "
                     f"found {type(target).__name__}")
@@ -259,7 +269,7 @@ def load_set(path: str | os.PathLike[str], *, names_: list[str] | None = None,
     if missing:
         raise StateMismatchError(f"{path}: no tensor named {', '.join(map(repr, missing[:10]))}")
     out = {n: torch.empty(index.tensors[n].shape, dtype=DTYPES[index.tensors[n].dtype]) for n in wanted}
-    _load(path, index, out, verify=verify, collective=False)
+    load_into(path, index, out, verify=verify, collective=False)
     return out
 
 
