@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -9,9 +10,12 @@ from typing import Any
 
 from lightning_saver.errors import CheckpointNotFoundError
 from lightning_saver.formats import safetensors_io, tf_bundle
+from lightning_saver.formats.safetensors_header import DTYPES, TensorInfo
+from lightning_saver.saving.names import INDEX_SUFFIX
 
 SAFETENSORS = "safetensors"
 TF = "tensorflow"
+SET = "sharded"  # a set: one safetensors file per rank + an index (saving/sharded.py)
 
 
 def _looks_like_safetensors(path: str) -> bool:
@@ -27,6 +31,8 @@ def detect(path: str) -> tuple[str, str]:
     Raises:
         CheckpointNotFoundError: nothing readable at ``path``.
     """
+    if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
+        return SET, path
     tf_file = path.endswith(".index") or re.search(r"\.data-\d{5}-of-\d{5}$", path)
     if os.path.isfile(path) and not tf_file and (
         _looks_like_safetensors(path) or not os.path.exists(path + ".index")
@@ -45,14 +51,28 @@ def detect(path: str) -> tuple[str, str]:
             f"{path} holds neither a TensorFlow 'checkpoint' file nor lightning_saver checkpoints; "
             "pass a .safetensors file or a TF checkpoint prefix"
         )
-    return SAFETENSORS, latest
+    return (SET if latest.endswith(INDEX_SUFFIX) else SAFETENSORS), latest
+
+
+def _set_index(path: str) -> dict[str, Any]:
+    from lightning_saver.saving import sharded
+
+    index = sharded.read_index(path)
+    return {name: TensorInfo(e.dtype, e.shape, math.prod(e.shape) * DTYPES[e.dtype].itemsize)
+            for name, e in index.tensors.items()}
 
 
 def read_index(fmt: str, path: str) -> dict[str, Any]:
+    if fmt == SET:
+        return _set_index(path)
     return (safetensors_io if fmt == SAFETENSORS else tf_bundle).read_index(path)
 
 
 def read_metadata(fmt: str, path: str) -> dict[str, str]:
+    if fmt == SET:
+        from lightning_saver.saving import sharded
+
+        return sharded.read_index(path).metadata
     return (safetensors_io if fmt == SAFETENSORS else tf_bundle).read_metadata(path)
 
 
@@ -60,4 +80,8 @@ def load_all(fmt: str, path: str, verify: bool = True) -> dict[str, Any]:
     """Every tensor, as torch tensors (TF string tensors stay numpy object arrays)."""
     if fmt == SAFETENSORS:
         return dict(safetensors_io.load_file(path, verify=verify))
+    if fmt == SET:
+        from lightning_saver.saving import sharded
+
+        return sharded.load_set(path, verify=verify)
     return tf_bundle.load_file(path, verify=verify, framework="torch")

@@ -38,6 +38,23 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _splits(path: str) -> dict[str, str]:
+    """How a set's tensors are split over its files: ``"2 pieces along dim 0 (4+4)"``."""
+    from lightning_saver.saving import sharded
+
+    index = sharded.read_index(path)
+    return {name: index.split(name) for name in index.tensors}
+
+
+def _with_split(path: str, rows: list[tuple[str, str, str, str]]) -> str:
+    splits = _splits(path)
+    table = _table(rows).splitlines()
+    width = max(len(line) for line in table)
+    out = [table[0].ljust(width) + "  split"]
+    out += [line.ljust(width) + "  " + splits[row[0]] for line, row in zip(table[1:], rows[1:], strict=True)]
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str]) -> int:
     """Run ``inspect``; returns the exit code (1 with a message on stderr for an unreadable path)."""
     args = _parser().parse_args(list(argv))
@@ -55,13 +72,16 @@ def main(argv: Sequence[str]) -> int:
         tensors = {
             n: {"dtype": i.dtype, "shape": list(i.shape), "nbytes": i.nbytes} for n, i in index.items()
         }
+        if fmt == _formats.SET:
+            for name, split in _splits(path).items():
+                tensors[name]["split"] = split
         body = {"path": path, "format": fmt, "tensors": tensors, "nbytes": total, "metadata": metadata}
         print(json.dumps(body, indent=2))
         return 0
     print(f"{path} ({fmt})")
     rows = [("name", "dtype", "shape", "bytes")]
     rows += [(n, i.dtype, str(tuple(i.shape)), str(i.nbytes)) for n, i in index.items()]
-    print(_table(rows))
+    print(_table(rows) if fmt != _formats.SET else _with_split(path, rows))
     print(f"{len(index)} tensors, {total} bytes" + (", all checksums verified" if args.verify else ""))
     if metadata:
         print("metadata:")

@@ -24,10 +24,12 @@ Example (on every rank of a ``torch.distributed`` job whose parameters are DTens
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable, Mapping, MutableMapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -68,6 +70,14 @@ def has_dtensors(tensors: Mapping[str, Any]) -> bool:
     return any(isinstance(t, DTensor) for t in tensors.values())
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # DCP warns whenever it runs in one process, which is what a restore into a plain module means
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -99,8 +109,9 @@ def save_set(
     writer = SetWriter(series, step, info=info, metadata=dict(metadata or {}), on_commit=on_commit,
                        before_write=lambda world: _before_write(series, step))
     try:
-        dcp.save(dict(tensors), storage_writer=writer, planner=DefaultSavePlanner(),
-                 process_group=process_group, no_dist=not _distributed())
+        with _quiet():
+            dcp.save(dict(tensors), storage_writer=writer, planner=DefaultSavePlanner(),
+                     process_group=process_group, no_dist=not _distributed())
     except CheckpointException as exc:
         if writer.written:
             _remove(writer.written)
@@ -203,8 +214,9 @@ def load_into(path: str, index: ShardIndex, targets: dict[str, Any], *, verify: 
     ``collective``: every rank calls it (a failure on one rank then fails it on all)."""
     reader = SetReader(os.path.dirname(path), index, verify=verify)
     try:
-        dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
-                 no_dist=not (collective and _distributed()))
+        with _quiet():
+            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
+                     no_dist=not (collective and _distributed()))
     except CheckpointException as exc:
         raise _translate(exc, f"restore from {path}", _world(None)) from None
 

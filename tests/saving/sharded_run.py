@@ -152,7 +152,7 @@ def loop() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     root = sys.argv[1]
-    model = build(world, width=512)  # about 1 MiB of weights per rank: a save takes a while
+    model = build(world, width=1 << 17)  # 3.5 MiB of weights: a save takes a while
     saver = CheckpointSaver(max_to_keep=2)
     step = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     while True:
