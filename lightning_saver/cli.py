@@ -14,6 +14,7 @@ from collections.abc import Sequence
 TOOLS = {
     "inspect": "lightning_saver.commands.inspect:main",
     "convert": "lightning_saver.commands.convert:main",
+    "consolidate": "lightning_saver.commands.consolidate:main",
     "export": "lightning_saver.commands.export:main",
 }
 
