@@ -64,8 +64,9 @@ def _session_values(directory, name, build, feeds, fetches, grads=None, v2=True)
 
 
 # ---- plain loops and conds, as TF1 frames and as functional ops ----------------------------------
-LOOP_FETCHES = ["h:0", "i:0", "nested:0", "stacked:0", "cond_out:0"]
-LOOP_FEEDS = [{"x:0": X, "n:0": 3}, {"x:0": -X * 2, "n:0": 0}, {"x:0": X * 0.5, "n:0": 5}]
+LOOP_FETCHES = ["h:0", "i:0", "nested:0", "stacked:0", "cond_out:0", "case_out:0"]
+LOOP_FEEDS = [{"x:0": X, "n:0": 3, "k:0": 0}, {"x:0": -X * 2, "n:0": 0, "k:0": 1},
+              {"x:0": X * 0.5, "n:0": 5, "k:0": 7}]  # k = 7: switch_case's default, the last branch
 
 
 def _loops(v2):
@@ -95,6 +96,9 @@ def _loops(v2):
             tf.identity(array.stack(), name="stacked")
             positive = tf.reduce_sum(x) > 0
             tf.identity(tf.cond(positive, lambda: tf.matmul(x, w) * 2.0, lambda: x - 1.0), name="cond_out")
+            k = v1.placeholder(tf.int32, [], name="k")
+            branches = [lambda: x * 3.0, lambda: tf.matmul(x, w), lambda: tf.sin(x)]
+            tf.identity(tf.switch_case(k, branches), name="case_out")
     return build
 
 
@@ -115,7 +119,7 @@ def test_loops_run_like_session_run(loops):
         assert ops["Enter"] and ops["LoopCond"] >= 4 and ops["TensorArrayV3"] and ops["Switch"]
     else:
         assert ops["While"] + ops["StatelessWhile"] >= 3 and ops["TensorListReserve"]
-        assert ops["If"] + ops["StatelessIf"] >= 1
+        assert ops["If"] + ops["StatelessIf"] >= 1 and ops["Case"] + ops["StatelessCase"] == 1
     graph.restore(ckpt)
     for feed, expected in zip(LOOP_FEEDS, values, strict=True):
         for ours, theirs in zip(graph.run(LOOP_FETCHES, feed), expected, strict=True):
@@ -126,12 +130,12 @@ def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
     _, meta, ckpt, values, grads = loops
     graph = import_meta_graph(meta)
     graph.restore(ckpt)
-    module = graph.to_module(inputs=["x:0", "n:0"], outputs=LOOP_FETCHES)
+    module = graph.to_module(inputs=["x:0", "n:0", "k:0"], outputs=LOOP_FETCHES)
     assert "loop" in module.code and isinstance(module.get_submodule("loop"), torch.nn.Module)
     w = dict(module.named_parameters())["w"]
     for feed, expected, (grad_w, grad_x, grad_cond_x) in zip(LOOP_FEEDS, values, grads, strict=True):
         x = torch.tensor(feed["x:0"], requires_grad=True)
-        outs = module(x, torch.tensor(feed["n:0"]))
+        outs = module(x, torch.tensor(feed["n:0"]), torch.tensor(feed["k:0"]))
         for ours, theirs in zip(outs, expected, strict=True):
             assert_same(ours.detach().numpy(), theirs, **TOL)
         got_w, got_x = torch.autograd.grad(outs[0].sum(), [w, x], allow_unused=True)
@@ -147,7 +151,8 @@ def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
     fresh = import_meta_graph(meta)
     assert fresh.restore(path) == ["w"]
     feed = LOOP_FEEDS[0]
-    expected = module(torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"]))[0].detach().numpy()
+    expected = module(torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"]), torch.tensor(0))[0]
+    expected = expected.detach().numpy()
     assert_same(fresh.run("h:0", feed), expected, **TOL)
 
 
@@ -311,3 +316,24 @@ def test_tf1_dynamic_rnn_restored_from_a_saver_checkpoint(dynamic_rnn):
         got = torch.autograd.grad(outs[1].sum(), [params["rnn/lstm_cell/kernel"], params["bn/gamma"], x])
         for ours, theirs in zip(got, want, strict=True):
             assert_same(ours.numpy(), theirs, **TOL)
+
+
+def test_tensor_list_ops_match_tensorflow(tmp_path):
+    from tf_graphs import check_one_op
+
+    def lists(tf, x):
+        raw, shape, f32 = tf.raw_ops, tf.constant([2]), tf.float32
+        items = raw.TensorListFromTensor(tensor=x, element_shape=shape)
+        items = raw.TensorListPushBack(input_handle=items, tensor=x[0] * 2.0)
+        items, last = raw.TensorListPopBack(input_handle=items, element_shape=shape, element_dtype=f32)
+        items = raw.TensorListSetItem(input_handle=items, index=1, item=last + 1.0)
+        reserved = raw.TensorListReserve(element_shape=shape, num_elements=3, element_dtype=f32)
+        reserved = raw.TensorListSetItem(input_handle=reserved, index=1, item=x[2])
+        return [raw.TensorListStack(input_handle=items, element_shape=shape, element_dtype=f32),
+                raw.TensorListGather(input_handle=items, indices=[2, 0], element_shape=shape, element_dtype=f32),
+                raw.TensorListLength(input_handle=items), last,
+                raw.TensorListElementShape(input_handle=items, shape_type=tf.int32),
+                raw.TensorListGetItem(input_handle=reserved, index=0, element_shape=shape, element_dtype=f32),
+                raw.TensorListStack(input_handle=reserved, element_shape=shape, element_dtype=f32)]
+
+    check_one_op(tmp_path, lists, {"x": RNG.normal(size=(3, 2)).astype(np.float32)})
