@@ -330,10 +330,25 @@ def test_tensor_list_ops_match_tensorflow(tmp_path):
         reserved = raw.TensorListReserve(element_shape=shape, num_elements=3, element_dtype=f32)
         reserved = raw.TensorListSetItem(input_handle=reserved, index=1, item=x[2])
         return [raw.TensorListStack(input_handle=items, element_shape=shape, element_dtype=f32),
-                raw.TensorListGather(input_handle=items, indices=[2, 0], element_shape=shape, element_dtype=f32),
+                raw.TensorListGather(input_handle=items, indices=[2, 0], element_shape=shape,
+                                     element_dtype=f32),
                 raw.TensorListLength(input_handle=items), last,
                 raw.TensorListElementShape(input_handle=items, shape_type=tf.int32),
                 raw.TensorListGetItem(input_handle=reserved, index=0, element_shape=shape, element_dtype=f32),
                 raw.TensorListStack(input_handle=reserved, element_shape=shape, element_dtype=f32)]
 
     check_one_op(tmp_path, lists, {"x": RNG.normal(size=(3, 2)).astype(np.float32)})
+
+
+def test_tensor_array_v3_ops_match_tensorflow(tmp_path):
+    from tf_graphs import check_one_op
+
+    def arrays(tf, x):
+        with _control_flow(False):  # TF1 TensorArrayV3 (v2 control flow writes TensorLists)
+            split = tf.TensorArray(tf.float32, size=2, infer_shape=False, clear_after_read=False)
+            split = split.split(x, [1, 3])
+            unstacked = tf.TensorArray(tf.float32, size=4).unstack(x)
+            written = tf.TensorArray(tf.float32, size=3, element_shape=[2]).write(2, x[0] * 3.0)
+            return [split.concat(), split.read(1), split.size(), unstacked.gather([3, 1]), written.stack()]
+
+    check_one_op(tmp_path, arrays, {"x": RNG.normal(size=(4, 2)).astype(np.float32)})
