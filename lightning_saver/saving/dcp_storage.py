@@ -48,8 +48,9 @@ from lightning_saver.errors import CorruptCheckpointError, EncodingError
 from lightning_saver.formats import safetensors_io
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, DTYPES, Header, read_header
 from lightning_saver.formats.shard_index import Piece, ShardIndex, TensorEntry, dump_index
-from lightning_saver.saving import commit, names
+from lightning_saver.saving import names
 from lightning_saver.saving.names import Series
+from lightning_saver.storage import Sink, storage_for
 
 __all__ = ["SetWriter", "SetReader", "Committed"]
 
@@ -141,9 +142,14 @@ class SetWriter(StorageWriter):
         path = self.shard_path(self.rank, self.world)
         info = {"shard": {"rank": self.rank, "world_size": self.world, "global_step": self.step}}
         nbytes = safetensors_io.planned_nbytes(tensors, info=info)
+        def produce(sink: Sink) -> safetensors_io.WriteResult:
+            fd = sink.fileno()
+            if fd is None:
+                return safetensors_io.write_to_sink(tensors, sink, info=info)
+            return safetensors_io.write_to_fd(tensors, fd, info=info)
+
         try:
-            result = commit.atomic_write(
-                path, lambda fd: safetensors_io.write_to_fd(tensors, fd, info=info), nbytes=nbytes)
+            result = storage_for(path).write_atomic(path, produce, nbytes=nbytes)
         except OSError as exc:
             raise type(exc)(exc.errno, f"rank {self.rank} of {self.world}: {exc.strerror}", path) from exc
         self.written = path
@@ -158,7 +164,7 @@ class SetWriter(StorageWriter):
         index = self._index(metadata, results)
         data = dump_index(index)
         path = os.path.join(self.series.directory, names.set_index_name(self.series, self.step))
-        commit.atomic_write_bytes(path, data)
+        storage_for(path).write_bytes(path, data)
         sizes = {w.storage_data.file: w.storage_data.file_bytes for rank in results for w in rank}
         import google_crc32c
 

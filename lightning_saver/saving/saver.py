@@ -100,6 +100,7 @@ class CheckpointSaver:
         state = dict(self.__dict__)
         state.pop("_lock", None)
         state["_writer"] = None
+        state["_set_group"] = None
         state["_stores"] = {}
         return state
 
@@ -303,8 +304,18 @@ class CheckpointSaver:
                                "(or mounted) folders only; use a local directory", series.directory)
         if series.directory:
             os.makedirs(series.directory, exist_ok=True)
-        return sharded.save_set(tensors, series, info["global_step"], info=info, metadata=metadata,
-                                on_commit=partial(self._record_set, series, info))
+        save = partial(sharded.save_set, series=series, step=info["global_step"], info=info,
+                       metadata=metadata, on_commit=partial(self._record_set, series, info))
+        if not self.async_save:
+            return save(tensors)
+        # each rank snapshots its own pieces and writes in the background; DCP's collectives run on
+        # a group of their own, so they never interleave with training's
+        writer = self._get_writer()
+        frozen = sharded.snapshot(writer, tensors)
+        if getattr(self, "_set_group", None) is None:
+            self._set_group = sharded.new_group()
+        writer.submit(partial(save, frozen, process_group=self._set_group))
+        return os.path.join(series.directory, names.set_index_name(series, info["global_step"]))
 
     def _record_set(self, series: Series, info: dict[str, Any], committed: Any) -> None:
         current = self._series_state(series)

@@ -47,6 +47,7 @@ from lightning_saver.formats.shard_index import ShardIndex, parse_index
 from lightning_saver.saving import commit, names
 from lightning_saver.saving.dcp_storage import Committed, SetReader, SetWriter, _check_piece
 from lightning_saver.saving.names import Series
+from lightning_saver.storage import is_url
 
 __all__ = [
     "has_dtensors",
@@ -105,6 +106,9 @@ def save_set(
         DiskFullError / OSError: a rank could not write its shard; raised on every rank, naming the
             failing rank and its file. Nothing of this set is left; earlier sets are untouched.
     """
+    if is_url(series.directory):
+        raise NotImplementedError(f"sharded checkpoints are written to a file system every rank sees; "
+                                  f"{series.directory!r} is a URL (object stores: not yet for sets)")
     index_path = os.path.join(series.directory, names.set_index_name(series, step))
     writer = SetWriter(series, step, info=info, metadata=dict(metadata or {}), on_commit=on_commit,
                        before_write=lambda world: _before_write(series, step))
@@ -159,6 +163,26 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def snapshot(writer: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's pieces copied by the async writer (its reused CPU arena), DTensors re-wrapped
+    around their copies with the same mesh, placements and global shape: no communication."""
+    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+    frozen = writer.snapshot(local)
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if isinstance(value, DTensor):
+            out[name] = DTensor.from_local(frozen[name], value.device_mesh, value.placements, run_check=False,
+                                           shape=value.shape, stride=value.stride())
+        else:
+            out[name] = frozen[name]
+    return out
+
+
+def new_group() -> Any:
+    """A gloo group of every rank for background saves (None outside a distributed job)."""
+    return dist.new_group(backend="gloo") if _distributed() else None
 
 
 # ---------------------------------------------------------------- reading

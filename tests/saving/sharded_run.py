@@ -110,6 +110,19 @@ def write(rank: int, root: str, world: int) -> dict:
     one_ref = safetensors.torch.load_file(os.path.join(root, "one_ref.safetensors"))
     report["one_to_two_differs"] = equal(gathered(target), one_ref)
 
+    # async: each rank snapshots its pieces and writes in the background; weights changed right after
+    # save() returns do not reach the files
+    background = CheckpointSaver(max_to_keep=None, async_save=True)
+    pending = background.save(state, os.path.join(root, "async", "model"), global_step=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    background.wait()
+    background.close()
+    _, _, target = fresh(world)
+    saver.restore(target, pending)
+    report["async_differs"] = equal(gathered(target), ref)
+
     # a full disk on rank 1 fails the save on every rank; the previous set stays the latest
     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
     if rank == 1:

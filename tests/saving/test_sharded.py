@@ -83,6 +83,11 @@ def test_restore_at_the_same_world_size_and_from_one_process(written):
     assert [r["one_to_two_differs"] for r in reports] == [[], []]
 
 
+def test_async_save_per_rank_writes_the_snapshot(written):
+    _, reports = written
+    assert [r["async_differs"] for r in reports] == [[], []]
+
+
 def test_full_disk_on_one_rank_fails_the_save_on_every_rank(written):
     root, reports = written
     for report in reports:
