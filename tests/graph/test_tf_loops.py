@@ -64,7 +64,8 @@ def _session_values(directory, name, build, feeds, fetches, grads=None, v2=True)
 
 
 # ---- plain loops and conds, as TF1 frames and as functional ops ----------------------------------
-LOOP_FETCHES = ["h:0", "i:0", "nested:0", "stacked:0", "cond_out:0", "case_out:0"]
+LOOP_FETCHES = ["h:0", "i:0", "nested:0", "stacked:0", "cond_out:0", "case_out:0", "cond_in_loop:0",
+                "loop_in_cond:0"]
 LOOP_FEEDS = [{"x:0": X, "n:0": 3, "k:0": 0}, {"x:0": -X * 2, "n:0": 0, "k:0": 1},
               {"x:0": X * 0.5, "n:0": 5, "k:0": 7}]  # k = 7: switch_case's default, the last branch
 
@@ -99,6 +100,18 @@ def _loops(v2):
             k = v1.placeholder(tf.int32, [], name="k")
             branches = [lambda: x * 3.0, lambda: tf.matmul(x, w), lambda: tf.sin(x)]
             tf.identity(tf.switch_case(k, branches), name="case_out")
+
+            def odd_even(i, h):
+                h = tf.cond(tf.equal(i % 2, 0), lambda: tf.tanh(tf.matmul(h, w)), lambda: h * 0.5 + 1.0)
+                return i + 1, h
+
+            looped = tf.while_loop(lambda i, h: i < n, odd_even, (0, x), maximum_iterations=4)[1]
+            tf.identity(looped, name="cond_in_loop")
+
+            def loop():
+                return tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, h * w[0]), [0, x])[1]
+
+            tf.identity(tf.cond(n > 2, loop, lambda: x), name="loop_in_cond")
     return build
 
 
@@ -106,7 +119,8 @@ def _loops(v2):
 def loops(request, tmp_path_factory):
     v2 = request.param == "functional"
     directory = tmp_path_factory.mktemp(request.param)
-    grads = [("h:0", ["w:0", "x:0"]), ("cond_out:0", ["x:0"])]
+    grads = [("h:0", ["w:0", "x:0"]), ("cond_out:0", ["x:0"]), ("cond_in_loop:0", ["w:0", "x:0"]),
+             ("loop_in_cond:0", ["w:0", "x:0"])]
     made = _session_values(directory, "loops", _loops(v2), LOOP_FEEDS, LOOP_FETCHES, grads, v2)
     return request.param, *made
 
@@ -133,17 +147,15 @@ def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
     module = graph.to_module(inputs=["x:0", "n:0", "k:0"], outputs=LOOP_FETCHES)
     assert "loop" in module.code and isinstance(module.get_submodule("loop"), torch.nn.Module)
     w = dict(module.named_parameters())["w"]
-    for feed, expected, (grad_w, grad_x, grad_cond_x) in zip(LOOP_FEEDS, values, grads, strict=True):
+    for feed, expected, want in zip(LOOP_FEEDS, values, grads, strict=True):
         x = torch.tensor(feed["x:0"], requires_grad=True)
         outs = module(x, torch.tensor(feed["n:0"]), torch.tensor(feed["k:0"]))
         for ours, theirs in zip(outs, expected, strict=True):
             assert_same(ours.detach().numpy(), theirs, **TOL)
-        got_w, got_x = torch.autograd.grad(outs[0].sum(), [w, x], allow_unused=True)
-        if got_w is None:  # no iteration ran (n == 0): w never touched h
-            got_w = torch.zeros_like(w)
-        assert_same(got_w.numpy(), grad_w, **TOL)
-        assert_same(got_x.numpy(), grad_x, **TOL)
-        assert_same(torch.autograd.grad(outs[4].sum(), x)[0].numpy(), grad_cond_x, **TOL)
+        got = [*_grads(outs[0], [w, x]), *_grads(outs[4], [x]), *_grads(outs[6], [w, x]),
+               *_grads(outs[7], [w, x])]
+        for ours, theirs in zip(got, want, strict=True):
+            assert_same(ours.numpy(), theirs, **TOL)
     # saved with our Saver, read back into a fresh graph by its TF variable name
     with torch.no_grad():
         w.mul_(0.5)
@@ -154,6 +166,12 @@ def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
     expected = module(torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"]), torch.tensor(0))[0]
     expected = expected.detach().numpy()
     assert_same(fresh.run("h:0", feed), expected, **TOL)
+
+
+def _grads(output, wrt):
+    """d sum(output) / d wrt; zeros where the output does not depend on it (as TF reports)."""
+    got = torch.autograd.grad(output.sum(), wrt, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt, strict=True)]
 
 
 def test_reading_inside_a_loop_is_refused_with_the_frame_name(loops):
