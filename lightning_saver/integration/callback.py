@@ -29,6 +29,7 @@ from lightning_saver.integration import resume, rng_state, sharded
 from lightning_saver.integration.checkpoint_io import SafetensorsCheckpointIO
 from lightning_saver.saving.deferred_copy import step_only_names
 from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint
+from lightning_saver.storage import is_url
 
 # a child of Lightning's logger, so the one line per save shows wherever Lightning's own messages do
 log = logging.getLogger("pytorch_lightning.lightning_saver")
@@ -65,6 +66,8 @@ class Saver(CheckpointSaver, Checkpoint):
         allow_pickle: store values with no JSON form pickled (and load them) instead of raising.
         export_onnx: at the end of training, export the module (``example_input_array``) to ONNX.
         export_meta_graph: at the end of training, export a TensorFlow MetaGraph + checkpoint.
+        storage_options: fsspec options for a URL ``dirpath`` (``s3://bucket/run/ckpts``):
+            ``endpoint_url``, ``key``, ``secret``... Access is checked at set-up, before training.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[Saver(max_to_keep=5, every_n_train_steps=100)])  # doctest: +SKIP
@@ -92,9 +95,10 @@ class Saver(CheckpointSaver, Checkpoint):
         allow_pickle: bool = False,
         export_onnx: bool = False,
         export_meta_graph: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         CheckpointSaver.__init__(self, max_to_keep, keep_every_n_hours, async_save=async_save, verify=verify,
-                                 save_top_k=save_top_k, mode=mode)
+                                 save_top_k=save_top_k, mode=mode, storage_options=storage_options)
         if isinstance(train_time_interval, timedelta):
             train_time_interval = train_time_interval.total_seconds()
         if every_n_train_steps is None and every_n_epochs is None and train_time_interval is None:
@@ -133,7 +137,7 @@ class Saver(CheckpointSaver, Checkpoint):
     @property
     def best_model_path(self) -> str:
         """The best kept checkpoint by ``monitor`` (the newest without one); ``ckpt_path="best"`` uses it."""
-        scored = {p: m for p, m in self._scores.items() if os.path.exists(p)}
+        scored = {p: m for p, m in self._scores.items() if is_url(p) or os.path.exists(p)}
         if scored:
             pick = min if self.mode == "min" else max
             return pick(scored, key=scored.__getitem__)
@@ -161,8 +165,11 @@ class Saver(CheckpointSaver, Checkpoint):
                 "state dicts are refused when saving. Tested strategies: single device, DDP and "
                 "ModelParallelStrategy (FSDP2, sharded sets). DeepSpeed is not supported."
             )
-        _install_checkpoint_io(trainer, verify=self.verify, allow_pickle=self.allow_pickle)
+        _install_checkpoint_io(trainer, verify=self.verify, allow_pickle=self.allow_pickle,
+                               storage_options=self.storage_options)
         self.dirpath = trainer.strategy.broadcast(self.resolve_dirpath(trainer))
+        if is_url(self.dirpath) and trainer.is_global_zero:
+            self.check_access(self.dirpath)  # credentials and bucket now, not at the first save
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -265,7 +272,7 @@ class Saver(CheckpointSaver, Checkpoint):
         assert self.dirpath is not None  # set in setup()
         metric = _metric(trainer, self.monitor)
         defer = step_only_names(tensors, trainer.optimizers) if self.async_save and self.overlap_copy else ()
-        path = self.save(tensors, os.path.join(self.dirpath, self.filename), global_step=step,
+        path = self.save(tensors, _join(self.dirpath, self.filename), global_step=step,
                          metadata=metadata, metric=metric, defer_copy=defer)
         # blocked: from collecting the state to the return of save() (a snapshot, when async)
         blocked = time.perf_counter() - start
@@ -318,17 +325,27 @@ class Saver(CheckpointSaver, Checkpoint):
             parent = os.path.dirname(os.path.dirname(directories[0]))
             if os.path.isdir(parent):
                 directories += [os.path.join(parent, d, "checkpoints") for d in sorted(os.listdir(parent))]
-        latest = (latest_checkpoint(d, self.filename) for d in directories if os.path.isdir(d))
+        latest = (latest_checkpoint(d, self.filename, storage_options=self.storage_options)
+                  for d in directories if is_url(d) or os.path.isdir(d))
         found = [p for p in latest if p]
-        return max(found, key=os.path.getmtime) if found else None
+        if len(found) <= 1:
+            return found[0] if found else None
+        return max(found, key=os.path.getmtime)
 
 
-def _install_checkpoint_io(trainer: pl.Trainer, *, verify: bool, allow_pickle: bool) -> None:
+def _install_checkpoint_io(trainer: pl.Trainer, *, verify: bool, allow_pickle: bool,
+                           storage_options: dict[str, Any]) -> None:
     io = trainer.strategy.checkpoint_io
     if not isinstance(io, SafetensorsCheckpointIO):
         io = SafetensorsCheckpointIO(io, verify=verify, allow_pickle=allow_pickle)
         trainer.strategy.checkpoint_io = io
     io.module = trainer.lightning_module
+    if storage_options:
+        io.storage_options = dict(storage_options)
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory.rstrip('/')}/{name}" if is_url(directory) else os.path.join(directory, name)
 
 
 def _metric(trainer: pl.Trainer, monitor: str | None) -> float | None:

@@ -26,16 +26,20 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from lightning_saver.formats import safetensors_io
 from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
-from lightning_saver.saving import commit
 from lightning_saver.saving import saver as saving
+from lightning_saver.saving.store_io import store_of
+from lightning_saver.storage import Sink, is_url
 
 SUFFIX = ".safetensors"
 
 
-def is_safetensors_file(path: str | os.PathLike[str]) -> bool:
+def is_safetensors_file(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+                        ) -> bool:
     """Whether ``path`` starts like a safetensors file (u64 header length, then a JSON object)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    store, text = store_of(path, storage_options)
+    if store.size(text) < 9:
+        return False
+    head = store.read_range(text, 0, 9)
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
 
 
@@ -59,6 +63,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self.fallback = fallback if fallback is not None else TorchCheckpointIO()
         self.verify = verify
         self.allow_pickle = allow_pickle
+        self.storage_options: dict[str, Any] = {}  # for URL paths; the Saver passes its own
         # set by the Saver: the module a loaded checkpoint must fit, checked before Lightning loads it
         self.module: torch.nn.Module | None = None
 
@@ -69,12 +74,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
             self.fallback.save_checkpoint(checkpoint, path, storage_options)
             return
         encoded = encode_state(checkpoint, allow_pickle=self.allow_pickle)
-        path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        store, path = store_of(path, storage_options or self.storage_options)
+        if not is_url(path):
+            path = os.path.abspath(path)
+        store.makedirs(store.split(path)[0])
         nbytes = safetensors_io.planned_nbytes(encoded.tensors, metadata=encoded.metadata)
-        commit.atomic_write(
-            path, lambda fd: safetensors_io.write_to_fd(encoded.tensors, fd, metadata=encoded.metadata),
-            nbytes=nbytes,
+        store.write_atomic(
+            path, lambda sink: _write(encoded.tensors, encoded.metadata, sink), nbytes=nbytes,
         )
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
@@ -86,14 +92,19 @@ class SafetensorsCheckpointIO(CheckpointIO):
             FormatVersionError: the file was written by a newer lightning_saver.
             CorruptCheckpointError: the file is damaged, or a ``.ckpt`` holds more than plain data.
         """
-        if not os.path.isfile(path):
+        options = self.storage_options
+        store, path = store_of(path, options)
+        if not store.exists(path) or (not is_url(path) and not os.path.isfile(path)):
             raise CheckpointNotFoundError(
                 f"checkpoint {str(path)!r} does not exist; pass an existing .safetensors (or .ckpt) file, "
                 "or ckpt_path='last' to resume from the newest checkpoint of the Saver's directory"
             )
-        if not is_safetensors_file(path):
+        if not is_safetensors_file(path, options):
+            if is_url(path):
+                raise CorruptCheckpointError(f"{path}: not a safetensors file; pickled checkpoints are read "
+                                             "from local paths only (download it first)")
             return self._load_pickled(path, map_location)
-        state = load_state(path, verify=self.verify, allow_pickle=self.allow_pickle)
+        state = load_state(path, verify=self.verify, allow_pickle=self.allow_pickle, storage_options=options)
         if self.module is not None:
             check_weights(path, state.get("state_dict", {}), self.module,
                           strict=getattr(self.module, "strict_loading", True))
@@ -114,10 +125,17 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete one checkpoint file (``fallback`` handles non-``.safetensors`` paths)."""
         if str(path).endswith(SUFFIX):
-            if os.path.exists(path):
-                os.remove(path)
+            store, text = store_of(path, self.storage_options)
+            store.delete(text)
         else:
             self.fallback.remove_checkpoint(path)
+
+
+def _write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sink: Sink) -> Any:
+    fd = sink.fileno()
+    if fd is not None:
+        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata)
+    return safetensors_io.write_to_sink(tensors, sink, metadata=metadata)
 
 
 def check_weights(path: Any, weights: Mapping[str, torch.Tensor], module: torch.nn.Module, *,
@@ -145,16 +163,16 @@ def check_weights(path: Any, weights: Mapping[str, torch.Tensor], module: torch.
         )
 
 
-def load_state(path: str | os.PathLike[str], *, verify: bool = True,
-               allow_pickle: bool = False) -> dict[str, Any]:
+def load_state(path: str | os.PathLike[str], *, verify: bool = True, allow_pickle: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load one safetensors checkpoint as a Lightning checkpoint dict.
 
     A training-state file gives the full state back; a bare weights file gives
     ``{"state_dict": weights}``, enough for ``validate``/``test``/``predict`` (``fit`` then needs
     a full state and Lightning says so).
     """
-    tensors = saving.load(path, verify=verify)
-    metadata = saving.read_metadata(path)
+    tensors = saving.load(path, verify=verify, storage_options=storage_options)
+    metadata = saving.read_metadata(path, storage_options=storage_options)
     if has_state(metadata):
         return decode_state(tensors, metadata, allow_pickle=allow_pickle, source=str(path))
     return {"state_dict": tensors, "pytorch-lightning_version": pl.__version__}

@@ -16,6 +16,8 @@ from typing import Any
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
+from lightning_saver.storage import is_url
+
 _MARK = "_lightning_saver_last"
 
 
@@ -47,5 +49,8 @@ def find_last(trainer: Any) -> str | None:
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint):
             candidates |= cb._find_last_checkpoints(trainer)
-    existing = [p for p in candidates if p and os.path.exists(p)]
+    urls = [p for p in candidates if p and is_url(p)]  # found in the store by latest_checkpoint just now
+    existing = [p for p in candidates if p and not is_url(p) and os.path.exists(p)]
+    if urls:
+        return urls[0]
     return max(existing, key=os.path.getmtime) if existing else None
