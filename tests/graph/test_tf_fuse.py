@@ -42,10 +42,12 @@ def build_keras3_style(tf):
     x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
     h = tf.nn.conv2d(x, _var(tf, "c1/kernel", [3, 3, 3, 8]), 1, "SAME")
     h = tf.nn.relu(_keras3_bn(tf, tf.nn.bias_add(h, _var(tf, "c1/bias", [8])), "bn1"))
-    h = tf.nn.conv2d(h, _var(tf, "c2/kernel", [1, 1, 8, 16]), 1, "VALID")                 # 1x1: a matmul
+    h = tf.nn.conv2d(h, _var(tf, "c2/kernel", [1, 1, 8, 16]), 1, "VALID")                 # 1x1
     h = tf.nn.relu6(_keras3_bn(tf, h, "bn2") - _var(tf, "c2/shift", [16]))
-    h = tf.nn.depthwise_conv2d(h, _var(tf, "dw/kernel", [3, 3, 16, 1]), [1, 2, 2, 1], "SAME")
-    h = tf.nn.relu(_keras3_bn(tf, h, "bn3"))
+    r = tf.nn.depthwise_conv2d(h, _var(tf, "dw/kernel", [3, 3, 16, 1]), [1, 1, 1, 1], "SAME")
+    h = tf.nn.relu(_keras3_bn(tf, r, "bn3") + h)                                          # residual
+    h = tf.nn.depthwise_conv2d(h, _var(tf, "dw2/kernel", [3, 3, 16, 2]), [1, 2, 2, 1], "SAME")  # pads (0, 1)
+    h = _keras3_bn(tf, h, "bn4")
     tf.identity(tf.reduce_mean(h, axis=[1, 2]), name="y")
 
 
@@ -56,13 +58,17 @@ def test_keras3_style_conv_bias_and_batch_norm_fold_in_run_and_module(tmp_path):
     graph.restore(made.ckpt, strict=True)
     assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
     fused = [s.op for s in graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps if "+" in s.op]
-    assert fused == ["Conv2D+BiasAdd+Mul+AddV2", "Conv2D+Mul+AddV2+Sub", "DepthwiseConv2dNative+Mul+AddV2"]
+    assert fused == ["Conv2D+BiasAdd+Mul+AddV2+Relu", "Conv2D+Mul+AddV2+Sub+Relu6",
+                     "DepthwiseConv2dNative+Mul+AddV2+AddV2+Relu", "DepthwiseConv2dNative+Mul+AddV2"]
     module = graph.to_module(inputs="x:0", outputs="y:0")
-    assert "conv2d_bias_add_mul_add_v2_folded" in module.code
+    assert "conv2d_bias_add_mul_add_v2_relu_folded" in module.code
     with torch.no_grad():
         assert_same(module(torch.from_numpy(x)).numpy(), made.expected[0], **TOL)
+    # with autograd recording, the fold runs inside forward with differentiable ops
+    assert_same(module(torch.from_numpy(x)).detach().numpy(), made.expected[0], **TOL)
     # parameters keep the variables' names: the folded filter is never a parameter
-    assert {"c1/kernel", "bn1/gamma", "c2/shift", "dw/kernel"} <= set(dict(module.named_parameters()))
+    names = set(dict(module.named_parameters()))
+    assert {"c1/kernel", "bn1/gamma", "c2/shift", "dw/kernel", "dw2/kernel"} <= names
     assert "bn3/moving_variance" in module.state_dict()
     # batch 1 and the second call (the cached folded filter) agree too
     assert_same(graph.run("y:0", {"x:0": x[:1]}), made.expected[0][:1], **TOL)
@@ -97,7 +103,7 @@ def test_module_trains_the_unfolded_variables_with_tf_gradients(tmp_path):
     graph = import_meta_graph(made.meta)
     graph.restore(made.ckpt, strict=True)
     module = graph.to_module(inputs="x:0", outputs="loss:0")
-    assert "conv2d_fused_batch_norm_v3_folded" in module.code
+    assert "conv2d_fused_batch_norm_v3_relu_folded" in module.code
     params = dict(module.named_parameters())
     assert set(params) == set(GRADS)
     assert {"bn/moving_mean", "bn/moving_variance"} <= set(module.state_dict())

@@ -538,10 +538,10 @@ def test_conv_batch_norm_fusion_matches_tensorflow(tmp_path):
     for ours, theirs in zip(graph.run(fetches, {"x:0": x}), made.expected, strict=True):
         assert_same(ours, theirs, rtol=1e-5, atol=1e-5)
     fused = [s.op for s in graph.plan([("fused", 0)], frozenset({("x", 0)}))._fast_steps if "+" in s.op]
-    assert fused == ["Conv2D+FusedBatchNormV3", "DepthwiseConv2dNative+FusedBatchNormV3"]
+    assert fused == ["Conv2D+FusedBatchNormV3+Relu", "DepthwiseConv2dNative+FusedBatchNormV3+Relu6"]
     rest = [s.op for s in graph.plan([("shared_conv", 0), ("mean4", 0)], frozenset({("x", 0)}))._fast_steps]
     assert rest.count("Conv2D") == 2 and rest.count("FusedBatchNormV3") == 2  # bn3 and bn4 stay apart
-    # the folded filters follow the variables: train the (unfused) module's parameters in place
+    # the folded filters follow the variables: change the module's parameters in place
     module = graph.to_module(inputs="x:0", outputs="fused:0")
     with torch.no_grad():
         module.get_parameter("bn1/g").mul_(3.0)

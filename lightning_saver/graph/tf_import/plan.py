@@ -23,6 +23,7 @@ from lightning_saver.graph.tf_import.frames import INTERIOR_OP
 from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op, pick_branch
 from lightning_saver.graph.tf_import.fuse import fuse_convolutions
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
+from lightning_saver.graph.tf_import.memory import keep_freed_memory
 from lightning_saver.graph.tf_import.ops_list import LIST_OPS
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
 from lightning_saver.graph.tf_import.variables import (
@@ -127,6 +128,7 @@ class Plan:
     conditional: bool = False  # holds Switch/Merge: run with dead-tensor rules (cond.py)
 
     def __post_init__(self) -> None:
+        keep_freed_memory()
         steps = self.steps
         if not self.conditional:
             steps = fuse_convolutions(self.steps, self.fetches, self.consts, Step)

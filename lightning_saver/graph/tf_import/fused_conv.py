@@ -1,0 +1,222 @@
+"""The step a fused convolution chain runs (see :mod:`fuse` for which ops form a chain).
+
+``y = act(conv(x, W) * s + t + other)``: the per-channel vectors ``s``/``t`` come from the chain's
+BiasAdd, inference batch norm and ``Mul``/``AddV2``/``Sub`` ops; ``other`` is a residual input;
+``act`` a ReLU or ReLU6. ``W * s`` is folded once and kept, in the memory format of the input
+(channels-last for NHWC: no transposes), while the filter and vectors are unchanged. Without
+autograd, float32 runs oneDNN's convolution with the bias, the residual sum and the activation
+inside the kernel (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits for
+CPU convolutions), so no extra pass over the activations; with autograd recording, the fold runs
+inside the step with differentiable torch ops, so gradients reach the original variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_saver.graph.tf_import.layout import (
+    from_nchw,
+    pad_spatial,
+    spatial_attr,
+    spatial_pads,
+    symmetric,
+    to_nchw,
+)
+from lightning_saver.graph.tf_import.ops_nn import conv_layout, conv_weight
+
+_FLOATS = (torch.float32, torch.float64)
+_SMALL = 1 << 16  # vectors up to this size are compared by value when their tensor changes
+_ONES = (1, 1, 1, 1)
+_MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+if not torch.backends.mkldnn.is_available():
+    _MKLDNN = None
+_UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
+
+
+class NotFoldable(Exception):
+    """A vector is not per channel (or a residual has another shape): run the original ops."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """One absorbed op: its mode, where the chain value sits in its inputs, its operands' slice.
+
+    Modes: "add"/"sub"/"mul" (a per-channel vector), "bn" (inference batch norm, four vectors),
+    "sum" (a residual tensor of the output's shape), "relu"/"relu6" (no operand).
+    """
+
+    step: Any
+    mode: str
+    chain_pos: int
+    operands: tuple[int, int]
+
+
+def _vector(v: torch.Tensor, out: int, channels_first: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` as an ``[out]`` vector when broadcasting it against the conv output is per channel."""
+    if v.dtype != dtype:
+        raise NotFoldable
+    if v.dim() == 0:
+        return v.expand(out)
+    shape = list(v.shape)
+    axis = len(shape) - 3 if channels_first else len(shape) - 1
+    if len(shape) > 4 or axis < 0 or shape[axis] not in (1, out) or any(
+            d != 1 for i, d in enumerate(shape) if i != axis):
+        raise NotFoldable
+    return v.reshape(-1).expand(out)
+
+
+class _Cache:
+    """The last folded (weight, groups, bias) and what it was folded from."""
+
+    def __init__(self) -> None:
+        self.params: tuple[torch.Tensor, ...] = ()
+        self.versions: tuple[int, ...] = ()
+        self.extra: Any = None
+        self.value: Any = None
+
+    def hit(self, params: tuple[torch.Tensor, ...], extra: Any) -> bool:
+        if len(params) != len(self.params) or extra != self.extra:
+            return False
+        for i, (new, old) in enumerate(zip(params, self.params, strict=True)):
+            if new is old:
+                if new._version != self.versions[i]:
+                    return False
+            elif i == 0 or new.numel() > _SMALL or new.shape != old.shape or not torch.equal(new, old):
+                return False
+        return True
+
+    def store(self, params: tuple[torch.Tensor, ...], extra: Any, value: Any) -> None:
+        # holding the params keeps their ids from being reused by other tensors
+        self.params, self.extra, self.value = params, extra, value
+        self.versions = tuple(p._version for p in params)
+
+
+def _fold(conv: Any, links: Sequence[Link], x: torch.Tensor, filter: torch.Tensor,
+          operands: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    data_format = conv.kwargs.get("data_format", "NHWC")
+    channels_first = data_format.startswith("NC")
+    weight, groups = conv_weight(conv.op, x, filter, data_format)
+    out, dtype = weight.shape[0], x.dtype
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    for link in links:
+        values = operands[link.operands[0]:link.operands[1]]
+        if link.mode == "bn":
+            gamma, beta, mean, variance = (_vector(v, out, True, dtype) for v in values)
+            a = gamma * torch.rsqrt(variance + float(link.step.kwargs.get("epsilon", 1e-4)))
+            scale = a if scale is None else scale * a
+            shift = beta - mean * a if shift is None else shift * a + (beta - mean * a)
+        elif link.mode == "mul":
+            v = _vector(values[0], out, channels_first, dtype)
+            scale = v if scale is None else scale * v
+            shift = None if shift is None else shift * v
+        elif link.mode in ("add", "sub"):
+            v = _vector(values[0], out, channels_first, dtype)
+            v = -v if link.mode == "sub" else v
+            shift = v if shift is None else shift + v
+    if scale is not None:
+        weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
+    layout = torch.contiguous_format if channels_first else torch.channels_last
+    return weight.contiguous(memory_format=layout), groups, shift
+
+
+def _tail(y: torch.Tensor, other: torch.Tensor | None, act: str | None, grad: bool) -> torch.Tensor:
+    """The residual sum and activation after a plain convolution (in place on ``y`` without autograd)."""
+    if other is not None:
+        if torch.broadcast_shapes(y.shape, other.shape) != y.shape:
+            raise NotFoldable
+        y = y + other if grad else y.add_(other)
+    if act == "relu":
+        y = torch.relu(y) if grad else y.relu_()
+    elif act == "relu6":
+        y = y.clamp(0.0, 6.0) if grad else y.clamp_(0.0, 6.0)
+    return y
+
+
+def _onednn(conv: Any, x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None,
+            other: torch.Tensor | None, act: str | None) -> torch.Tensor | None:
+    """oneDNN's convolution with bias, residual and activation fused; None where it does not apply."""
+    kwargs, op = conv.kwargs, conv.op
+    data_format = kwargs.get("data_format", "NHWC")
+    if _MKLDNN is None or x.dtype != torch.float32 or x.dim() != 4:
+        return None
+    stride = spatial_attr(kwargs["strides"], data_format, "strides", op)
+    dilation = spatial_attr(kwargs.get("dilations", _ONES), data_format, "dilations", op)
+    xc = to_nchw(x, data_format, op)
+    pads = spatial_pads(xc.shape[2:], weight.shape[2:], stride, dilation, kwargs["padding"],
+                        kwargs.get("explicit_paddings", ()), data_format, op)
+    padding = symmetric(pads)
+    if padding is None:
+        xc, padding = pad_spatial(xc, pads), (0, 0)
+    layout = torch.contiguous_format if data_format.startswith("NC") else torch.channels_last
+    xc = xc.contiguous(memory_format=layout)
+    unary, scalars = _UNARY[act]
+    if other is None:
+        y = _MKLDNN(xc, weight, bias, list(padding), list(stride), list(dilation), groups, unary, scalars, "")
+        return from_nchw(y, data_format, op)
+    oc = to_nchw(other, data_format, op)
+    out = [xc.shape[0], weight.shape[0]] + [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(xc.shape[2:], padding, dilation, weight.shape[2:], stride, strict=True)]
+    if list(oc.shape) != out or oc.dtype != x.dtype or not oc.is_contiguous(memory_format=layout):
+        return None
+    y = _MKLDNN.binary(xc, oc, weight, bias, list(padding), list(stride), list(dilation), groups, "add", None,
+                       unary if act else None, scalars, None)
+    return from_nchw(y, data_format, op)
+
+
+def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
+    """The step function ``(x, filter, *operands) -> y`` of a convolution chain."""
+    cache = _Cache()
+    channel = 1 if str(conv.kwargs.get("data_format", "NHWC")).startswith("NC") else -1
+    sums = [link.operands[0] for link in links if link.mode == "sum"]
+    act = links[-1].mode if links and links[-1].mode in ("relu", "relu6") else None
+
+    def unfused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        y = conv.func(x, filter, **conv.kwargs)
+        for link in links:
+            args = list(operands[link.operands[0]:link.operands[1]])
+            args.insert(link.chain_pos, y)
+            y = link.step.func(*args, **link.step.kwargs)
+            y = y[0] if link.mode == "bn" else y
+        return y
+
+    def fused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        other = operands[sums[0]] if sums else None
+        params = (filter, *[v for i, v in enumerate(operands) if i not in sums])
+        if x.dtype not in _FLOATS or any(p.dtype != x.dtype for p in params):
+            return unfused(x, filter, *operands)
+        grad = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or x.requires_grad or (
+            other is not None and other.requires_grad))
+        extra = (x.dtype, x.shape[channel] if x.dim() > 2 else None)
+        try:
+            if grad:
+                weight, groups, bias = _fold(conv, links, x, filter, operands)
+            elif cache.hit(params, extra):
+                weight, groups, bias = cache.value
+            else:
+                weight, groups, bias = _fold(conv, links, x, filter, operands)
+                cache.store(params, extra, (weight, groups, bias))
+            y = None if grad else _onednn(conv, x, weight, groups, bias, other, act)
+            if y is None:
+                y = _tail(conv_layout(conv.op, x, weight, groups, bias=bias, **conv.kwargs), other, act, grad)
+        except NotFoldable:
+            return unfused(x, filter, *operands)
+        # y is a layout view of the conv's private buffer: handed on as a plain tensor when autograd
+        # is off, so a following activation can run in place
+        return y if grad else y.detach()
+
+    fused.__name__ = fused.__qualname__ = "_".join(
+        [_snake(conv.op)] + [_snake(link.step.op) for link in links]) + "_folded"
+    return fused
+
+
+def _snake(op: str) -> str:
+    out = []
+    for i, c in enumerate(op):
+        out.append("_" + c.lower() if c.isupper() and i and op[i - 1].islower() else c.lower())
+    return "".join(out)  # BiasAdd -> bias_add, Conv2D -> conv2d, AddV2 -> add_v2
