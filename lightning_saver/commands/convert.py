@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +21,8 @@ from lightning_saver.commands import _formats
 from lightning_saver.errors import LightningSaverError
 from lightning_saver.formats import safetensors_io, tf_bundle
 from lightning_saver.formats.name_map import NameMap
+from lightning_saver.saving.store_io import store_of
+from lightning_saver.tf import write_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,10 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("dst", help="safetensors file (from TF) or TF checkpoint prefix (from safetensors)")
     parser.add_argument("--name-map", help="JSON file: {tf_name: torch_name | {name, layout}}")
     parser.add_argument("--no-verify", action="store_true", help="skip checksum checks while reading")
+    _formats.storage_options_arg(parser)
     return parser
 
 
-def _tf_to_safetensors(src: str, dst: str, name_map: NameMap | None, verify: bool) -> int:
+def _tf_to_safetensors(src: str, dst: str, name_map: NameMap | None, verify: bool,
+                       options: Mapping[str, Any] | None) -> int:
     tensors = _formats.load_all(_formats.TF, src, verify=verify)
     strings = [name for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
     for name in strings:
@@ -44,21 +48,27 @@ def _tf_to_safetensors(src: str, dst: str, name_map: NameMap | None, verify: boo
         )
     if name_map is not None:
         tensors = name_map.to_torch(tensors)
-    temp = f"{dst}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        safetensors_io.save_file(tensors, temp, metadata={"converted_from": os.path.basename(src)})
-        os.replace(temp, dst)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    store, dst = store_of(dst, options)
+    store.makedirs(store.split(dst)[0])
+    metadata = {"converted_from": os.path.basename(src)}
+    store.write_atomic(dst, lambda sink: _write(tensors, metadata, sink),
+                       nbytes=safetensors_io.planned_nbytes(tensors, metadata=metadata))
     return len(tensors)
 
 
-def _safetensors_to_tf(src: str, dst: str, name_map: NameMap | None, verify: bool) -> int:
-    tensors = _formats.load_all(_formats.SAFETENSORS, src, verify=verify)
+def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sink: Any) -> Any:
+    fd = sink.fileno()
+    if fd is not None:
+        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata)
+    return safetensors_io.write_to_sink(tensors, sink, metadata=metadata)
+
+
+def _safetensors_to_tf(src: str, dst: str, name_map: NameMap | None, verify: bool,
+                       options: Mapping[str, Any] | None) -> int:
+    tensors = _formats.load_all(_formats.SAFETENSORS, src, verify=verify, options=options)
     if name_map is not None:
         tensors = name_map.to_tf(tensors)
-    tf_bundle.save_file(tensors, dst)
+    write_checkpoint(dst, tensors, storage_options=options)  # atomic, on disk or in a store
     return len(tensors)
 
 
@@ -67,12 +77,13 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     try:
         name_map = NameMap.from_file(args.name_map) if args.name_map else None
-        fmt, src = _formats.detect(args.src)
+        options = args.storage_options
+        fmt, src = _formats.detect(args.src, options)
         if fmt == _formats.TF:
-            count = _tf_to_safetensors(src, args.dst, name_map, not args.no_verify)
+            count = _tf_to_safetensors(src, args.dst, name_map, not args.no_verify, options)
             written = args.dst
         else:
-            count = _safetensors_to_tf(src, args.dst, name_map, not args.no_verify)
+            count = _safetensors_to_tf(src, args.dst, name_map, not args.no_verify, options)
             written = f"{args.dst}.index + {tf_bundle.data_path(args.dst, 0, 1)}"
     except (LightningSaverError, OSError, ValueError) as err:
         print(f"lightning-saver convert: {err}", file=sys.stderr)

@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("path", help="safetensors file, TF checkpoint prefix, or directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--verify", action="store_true", help="read every tensor and check its checksum")
+    _formats.storage_options_arg(parser)
     return parser
 
 
@@ -59,11 +60,12 @@ def main(argv: Sequence[str]) -> int:
     """Run ``inspect``; returns the exit code (1 with a message on stderr for an unreadable path)."""
     args = _parser().parse_args(list(argv))
     try:
-        fmt, path = _formats.detect(args.path)
-        index = _formats.read_index(fmt, path)
-        metadata = _formats.read_metadata(fmt, path)
+        options = args.storage_options
+        fmt, path = _formats.detect(args.path, options)
+        index = _formats.read_index(fmt, path, options)
+        metadata = _formats.read_metadata(fmt, path, options)
         if args.verify:
-            _formats.load_all(fmt, path, verify=True)
+            _formats.load_all(fmt, path, verify=True, options=options)
     except (LightningSaverError, OSError) as err:
         print(f"lightning-saver inspect: {err}", file=sys.stderr)
         return 1
