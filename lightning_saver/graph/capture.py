@@ -60,16 +60,28 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _twice(a: Any) -> Any:
     # torch.export specializes a size-1 dim to the constant 1; capture on a batch of 2 instead
-    return tuple(a.repeat(2, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor) and a.dim() and
-                 a.shape[0] == 1 else a for a in args)
+    if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1:
+        return a.repeat(2, *([1] * (a.dim() - 1)))
+    return a
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(_twice(a) for a in args)
+
+
+def _batch_spec(value: Any) -> Any:
     auto = torch.export.Dim.AUTO
-    specs = [torch.utils._pytree.tree_map(
-        lambda a: {0: auto} if isinstance(a, torch.Tensor) and a.dim() else None, arg) for arg in args]
+    return torch.utils._pytree.tree_map(
+        lambda a: {0: auto} if isinstance(a, torch.Tensor) and a.dim() else None, value)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+    if kwargs:  # by parameter name, as torch.export binds them to the signature
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        return {name: _batch_spec(value) for name, value in bound.arguments.items()}
+    specs = [_batch_spec(arg) for arg in args]
     params = inspect.signature(model.forward).parameters.values()
     if not any(p.kind is p.VAR_POSITIONAL for p in params):
         return tuple(specs)
@@ -78,33 +90,39 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (*specs[:n], tuple(specs[n:]))
 
 
-def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True,
-            decompose: bool = True) -> Captured:
-    """Capture ``model(*args)`` with ``torch.export``, in eval mode, lowered to core ATen.
+def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *,
+            dynamic_batch: bool = True, decompose: bool = True) -> Captured:
+    """Capture ``model(*args, **kwargs)`` with ``torch.export``, in eval mode, lowered to core ATen.
 
     Args:
         model: the module to capture; it is put in eval mode for the capture and restored after.
         args: example positional inputs (tensors; other values are baked in as constants).
+        kwargs: example keyword inputs (``input_ids=..., attention_mask=...``); their graph inputs are
+            named after the keywords.
         dynamic_batch: capture dim 0 of the tensor inputs as a dynamic size when the model allows it.
-        decompose: lower to the core ATen op set (``ExportedProgram.run_decompositions()``).
+        decompose: lower to the core ATen op set (``ExportedProgram.run_decompositions()``), with
+            ``scaled_dot_product_attention`` lowered by ``graph.attention`` first.
 
     Returns:
         A ``Captured`` with the program, whether the batch is dynamic, and the input names.
 
     Raises:
-        CaptureError: the model cannot be captured; the message names the model line and the reason.
+        CaptureError: the model cannot be captured or lowered; the message names the model line and
+            the reason.
 
     Example::
 
         captured = capture(nn.Linear(4, 2), (torch.randn(3, 4),))
     """
-    args = tuple(args)
+    args, kwargs = tuple(args), dict(kwargs or {})
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
     with eval_mode(model), torch.no_grad():
         program, dynamic = None, False
-        if dynamic_batch and any(isinstance(a, torch.Tensor) and a.dim() for a in args):
+        if dynamic_batch and tensors:
             try:
-                program = torch.export.export(model, _batch_of_two(args),
-                                               dynamic_shapes=_dynamic_shapes(model, args))
+                program = torch.export.export(
+                    model, _batch_of_two(args), {k: _twice(v) for k, v in kwargs.items()},
+                    dynamic_shapes=_dynamic_shapes(model, args, kwargs))
                 dynamic = _has_symbolic_batch(program)
                 if not dynamic:  # torch.export specialized the batch: the model fixes it somewhere
                     program = None
@@ -115,14 +133,23 @@ def capture(model: nn.Module, args: Sequence[Any], *, dynamic_batch: bool = True
                               f"({_first_line(error)}); using static shapes", stacklevel=2)
         if program is None:
             try:
-                program = torch.export.export(model, args)
+                program = torch.export.export(model, args, kwargs)
             except Exception as error:
                 raise CaptureError(_capture_message(model, error)) from error
         if decompose:
-            program = program.run_decompositions()
+            program = _decompose(model, program)
     names = [spec.arg.name for spec in program.graph_signature.input_specs
              if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     return Captured(program, dynamic, names)
+
+
+def _decompose(model: nn.Module, program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    from lightning_saver.graph.attention import decompositions
+
+    try:
+        return program.run_decompositions(decompositions())
+    except Exception as error:
+        raise CaptureError(_capture_message(model, error, "lower to core ATen")) from error
 
 
 def static_size(size: Any) -> int | None:
@@ -150,19 +177,20 @@ def _first_line(error: BaseException) -> str:
 
 
 def _user_frame(text: str) -> str | None:
-    frames = [m for m in _FRAME.finditer(text) if "/torch/" not in m.group(1)]
+    frames = [m for m in _FRAME.finditer(text)
+              if "/torch/" not in m.group(1) and not m.group(1).startswith("<")]
     if not frames:
         return None
     file, line, func, code = frames[-1].groups()
     return f'{file}:{line} in {func}: "{code.strip()}"'
 
 
-def _capture_message(model: nn.Module, error: BaseException) -> str:
+def _capture_message(model: nn.Module, error: BaseException, step: str = "capture") -> str:
     import traceback
 
     where = _user_frame(str(error)) or _user_frame("".join(traceback.format_tb(error.__traceback__)))
     at = f" at {where}" if where else ""
-    return (f"could not capture {type(model).__name__} with torch.export{at}: {_first_line(error)}. "
+    return (f"could not {step} {type(model).__name__} with torch.export{at}: {_first_line(error)}. "
             "Data-dependent Python control flow and non-tensor outputs cannot be captured; rewrite that "
             "line with tensor ops (torch.where, torch.cond) or pass the value as a constant.")
 

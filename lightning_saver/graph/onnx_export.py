@@ -45,15 +45,15 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _output_count(model: nn.Module, args: tuple[Any, ...]) -> int:
+def _output_count(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     with eval_mode(model), torch.no_grad():
-        out = model(*args)
+        out = model(*args, **kwargs)
     return len(torch.utils._pytree.tree_leaves(out))
 
 
 def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[str], *,
                 dynamic_batch: bool = True, exporter: str = "dynamo", opset_version: int | None = None,
-                check: bool = True) -> str:
+                check: bool = True, kwargs: dict[str, Any] | None = None) -> str:
     """Write ``model`` as an ONNX file whose inputs are named after the forward arguments.
 
     Args:
@@ -64,6 +64,7 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
         exporter: ``"dynamo"`` (torch.export based, default) or ``"torchscript"`` (legacy tracer).
         opset_version: ONNX opset; the exporter's default when None.
         check: run ``onnx.checker.check_model`` on the written file.
+        kwargs: example keyword inputs; the ONNX inputs are named after the keywords (dynamo only).
 
     Returns:
         The path written. Outputs are named ``output_0``, ``output_1``, ...
@@ -82,7 +83,7 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"export_onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     try:
-        _export(model, args, tmp, dynamic_batch, exporter, opset_version)
+        _export(model, args, dict(kwargs or {}), tmp, dynamic_batch, exporter, opset_version)
         if check:
             import onnx
 
@@ -94,20 +95,23 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
     return out
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], tmp: str, dynamic_batch: bool, exporter: str,
-            opset_version: int | None) -> None:
-    output_names = [f"output_{i}" for i in range(_output_count(model, args))]
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp: str, dynamic_batch: bool,
+            exporter: str, opset_version: int | None) -> None:
+    output_names = [f"output_{i}" for i in range(_output_count(model, args, kwargs))]
     if exporter == "dynamo":
-        captured = capture(model, args, dynamic_batch=dynamic_batch, decompose=False)
+        captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch, decompose=False)
         with _quiet():
             try:
-                program = torch.onnx.export(captured.program, args, dynamo=True, output_names=output_names,
+                program = torch.onnx.export(captured.program, args, kwargs=kwargs, dynamo=True,
+                                            output_names=output_names,
                                             opset_version=opset_version, optimize=True)
             except Exception as error:
                 raise CaptureError(f"torch.onnx could not convert {type(model).__name__}: "
                                    f"{str(error).strip().splitlines()[0]}") from error
             program.save(tmp)
     else:
+        if kwargs:
+            raise ValueError("export_onnx: keyword inputs need exporter='dynamo'")
         names = _argument_names(model, len(args))
         axes = {name: {0: "batch"} for name, a in zip(names, args, strict=True)
                 if dynamic_batch and _batched(a)}

@@ -35,10 +35,11 @@ def _write_atomic(path: str, data: bytes) -> None:
     storage_for(path).write_bytes(path, data)
 
 
-def build_graph(model: nn.Module, args: Sequence[Any], *, freeze: bool = False, dynamic_batch: bool = True
+def build_graph(model: nn.Module, args: Sequence[Any], *, freeze: bool = False, dynamic_batch: bool = True,
+                kwargs: dict[str, Any] | None = None
                 ) -> tuple[meta_graph_pb2.MetaGraphDef, VariableStore | None]:
     """Capture ``model`` and build its MetaGraphDef; the store holds the variable values (None: frozen)."""
-    captured = capture(model, args, dynamic_batch=dynamic_batch)
+    captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch)
     g = GraphBuilder()
     store = None if freeze else VariableStore(g)
     converted = convert(captured.program, g, store)
@@ -61,7 +62,8 @@ def write_meta_graph(meta: meta_graph_pb2.MetaGraphDef, store: VariableStore | N
 
 
 def export_meta_graph(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[str], *,
-                      freeze: bool = False, dynamic_batch: bool = True) -> str:
+                      freeze: bool = False, dynamic_batch: bool = True,
+                      kwargs: dict[str, Any] | None = None) -> str:
     """Write ``model`` as a TensorFlow MetaGraph that ``tf.compat.v1.train.import_meta_graph`` loads.
 
     The graph has one ``Placeholder`` per forward argument (named after it, batch dimension unknown),
@@ -71,10 +73,12 @@ def export_meta_graph(model: nn.Module, args: Sequence[Any], path: str | os.Path
 
     Args:
         model: the torch module (captured in eval mode; its mode is restored).
-        args: example positional inputs.
+        args: example positional inputs (``()`` when all are given by keyword).
         path: where to write the ``.meta``; the checkpoint prefix is the path without ``.meta``.
         freeze: embed the weights as ``Const`` nodes instead of variables (no checkpoint written).
         dynamic_batch: leave dim 0 of the inputs unknown when the model allows it.
+        kwargs: example keyword inputs (``{"input_ids": ids, "attention_mask": mask}``); their
+            placeholders are named after the keywords (``input_ids:0``).
 
     Returns:
         The path of the ``.meta`` file.
@@ -89,5 +93,5 @@ def export_meta_graph(model: nn.Module, args: Sequence[Any], path: str | os.Path
         # TF: saver = tf.compat.v1.train.import_meta_graph("out/model.meta")
         #     saver.restore(sess, "out/model"); sess.run("output_0:0", {"x:0": batch})
     """
-    meta, store = build_graph(model, args, freeze=freeze, dynamic_batch=dynamic_batch)
+    meta, store = build_graph(model, args, freeze=freeze, dynamic_batch=dynamic_batch, kwargs=kwargs)
     return write_meta_graph(meta, store, path)[0]

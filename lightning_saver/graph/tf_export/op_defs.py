@@ -155,6 +155,17 @@ _ROWS: tuple[tuple[str, ...], ...] = (
     ("Cumsum", "x: T, axis: Tidx", "out: T",
      "exclusive: bool = false; reverse: bool = false; T: type; Tidx: type = int32"),
     ("SquaredDifference", "x: T, y: T", "z: T", "T: type", "is_commutative"),
+    ("BitwiseAnd", "x: T, y: T", "z: T", "T: type", "is_commutative"),
+    ("BitwiseOr", "x: T, y: T", "z: T", "T: type", "is_commutative"),
+    ("BitwiseXor", "x: T, y: T", "z: T", "T: type", "is_commutative"),
+    ("Invert", "x: T", "y: T", "T: type"),
+    ("TruncateMod", "x: T, y: T", "z: T", "T: type"),
+    ("GatherNd", "params: Tparams, indices: Tindices", "output: Tparams",
+     "Tparams: type; Tindices: type; bad_indices_policy: string = ''"),
+    ("TensorScatterUpdate", "tensor: T, indices: Tindices, updates: T", "output: T",
+     "T: type; Tindices: type; bad_indices_policy: string = ''"),
+    ("TensorScatterAdd", "tensor: T, indices: Tindices, updates: T", "output: T",
+     "T: type; Tindices: type; bad_indices_policy: string = ''"),
 )
 
 _ATTR = re.compile(r"(\w+): ([\w()]+)(?: >= (\d+))?(?: = (.+))?")

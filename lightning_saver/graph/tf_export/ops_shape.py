@@ -181,16 +181,6 @@ def select(cx: Ctx, x: TfTensor, dim: int, index: Any) -> TfTensor:
     return _strided_slice(cx.g, x, dim, index, None, 1, shrink=True)
 
 
-@TF_EXPORT.register(aten.index.Tensor)
-def index(cx: Ctx, x: TfTensor, indices: Sequence[TfTensor | None]) -> TfTensor:
-    used = [(i, t) for i, t in enumerate(indices) if t is not None]
-    if len(used) != 1 or used[0][1].dtype == tf_dtypes.DT_BOOL:
-        raise UnsupportedOpError("TensorFlow export: indexing supports one integer index tensor "
-                                 f"(x[:, idx]); found {len(used)} index tensors or a boolean mask")
-    axis, idx = used[0]
-    return cx.g.op("GatherV2", x, _positive_index(cx.g, idx, x, axis), cx.g.scalar(axis, INT32))
-
-
 def _positive_index(g: GraphBuilder, idx: TfTensor, x: TfTensor, axis: int) -> TfTensor:
     # torch wraps negative indices; TF's GatherV2 on CPU rejects them
     if idx.value is not None and (idx.value >= 0).all():

@@ -29,7 +29,14 @@ TF_EXPORT = OpTable("TensorFlow export")
 
 def load_converters() -> OpTable:
     """Import every converter module once (explicit imports register them) and return the table."""
-    from lightning_saver.graph.tf_export import ops_math, ops_nn, ops_reduce, ops_shape  # noqa: F401
+    from lightning_saver.graph.tf_export import (  # noqa: F401
+        ops_index,
+        ops_logic,
+        ops_math,
+        ops_nn,
+        ops_reduce,
+        ops_shape,
+    )
 
     return TF_EXPORT
 

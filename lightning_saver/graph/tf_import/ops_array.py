@@ -122,6 +122,26 @@ def gather_nd(params: Tensor, indices: Tensor) -> Tensor:
     return params[tuple(index[..., axis] for axis in range(depth))]
 
 
+def _scatter_nd(op: str, tensor: Tensor, indices: Tensor, updates: Tensor, accumulate: bool) -> Tensor:
+    depth = indices.shape[-1]
+    for axis in range(depth):
+        _check_indices(op, indices[..., axis], tensor.shape[axis], f"axis {axis} of tensor")
+    index = tuple(indices.long()[..., axis] for axis in range(depth))
+    return tensor.index_put(index, updates.to(tensor.dtype), accumulate=accumulate)
+
+
+@TF_OPS.register("TensorScatterUpdate")
+def tensor_scatter_update(tensor: Tensor, indices: Tensor, updates: Tensor) -> Tensor:
+    """``tensor`` with the slices at the index tuples in ``indices``' last axis replaced by ``updates``."""
+    return _scatter_nd("TensorScatterUpdate", tensor, indices, updates, accumulate=False)
+
+
+@TF_OPS.register("TensorScatterAdd")
+def tensor_scatter_add(tensor: Tensor, indices: Tensor, updates: Tensor) -> Tensor:
+    """``tensor`` with ``updates`` added at the index tuples in ``indices``' last axis."""
+    return _scatter_nd("TensorScatterAdd", tensor, indices, updates, accumulate=True)
+
+
 @TF_OPS.register("Range")
 def range_(start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
     """``start, start + delta, ...`` up to (excluding) ``limit``, in the inputs' dtype.

@@ -49,6 +49,7 @@ _UNARY: tuple[tuple[tuple[str, ...], str, Callable[[Tensor], Tensor]], ...] = (
     (("IsInf",), "is_inf", torch.isinf),
     (("IsFinite",), "is_finite", torch.isfinite),
     (("LogicalNot",), "logical_not", torch.logical_not),
+    (("Invert",), "invert", torch.bitwise_not),
 )
 _BINARY: tuple[tuple[tuple[str, ...], str, Callable[[Tensor, Tensor], Tensor]], ...] = (
     (("Add", "AddV2"), "add", torch.add),
@@ -61,6 +62,9 @@ _BINARY: tuple[tuple[tuple[str, ...], str, Callable[[Tensor, Tensor], Tensor]], 
     (("GreaterEqual",), "greater_equal", torch.ge),
     (("LogicalAnd",), "logical_and", torch.logical_and),
     (("LogicalOr",), "logical_or", torch.logical_or),
+    (("BitwiseAnd",), "bitwise_and", torch.bitwise_and),
+    (("BitwiseOr",), "bitwise_or", torch.bitwise_or),
+    (("BitwiseXor",), "bitwise_xor", torch.bitwise_xor),
 )
 
 
