@@ -52,6 +52,13 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     return torch.matmul(probs, value)
 
 
+def lower_attention(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with only SDPA lowered by ``sdpa`` (for exporters that decompose the rest themselves)."""
+    if not any(node.target in _SDPA_OPS for node in program.graph.nodes):
+        return program
+    return program.run_decompositions(dict.fromkeys(_SDPA_OPS, sdpa))
+
+
 def decompositions() -> dict[Any, Any]:
     """torch.export's default decomposition table, with SDPA lowered by ``sdpa``."""
     table = dict(torch.export.default_decompositions())

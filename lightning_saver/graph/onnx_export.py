@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_saver.errors import CaptureError
+from lightning_saver.graph.attention import lower_attention
 from lightning_saver.graph.capture import capture, eval_mode
 
 __all__ = ["export_onnx"]
@@ -102,7 +103,9 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp
         captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch, decompose=False)
         with _quiet():
             try:
-                program = torch.onnx.export(captured.program, args, kwargs=kwargs, dynamo=True,
+                # torch.onnx's own SDPA decomposition fails on GPT-2/T5's head layout: lower it first
+                lowered = lower_attention(captured.program)
+                program = torch.onnx.export(lowered, args, kwargs=kwargs, dynamo=True,
                                             output_names=output_names,
                                             opset_version=opset_version, optimize=True)
             except Exception as error:

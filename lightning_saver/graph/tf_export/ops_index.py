@@ -84,10 +84,27 @@ def scatter(cx: Ctx, x: TfTensor, dim: int, index: TfTensor, src: Any, *,
 def _broadcast(g: GraphBuilder, tensors: list[TfTensor]) -> list[TfTensor]:
     shapes = [t.shape for t in tensors]
     if any(s is None or None in s for s in shapes):
-        raise UnsupportedOpError("TensorFlow export: index tensors need static shapes")
+        # a dynamic batch: adding zeros of every index broadcasts each to the common shape
+        zeros = [g.op("ZerosLike", t) for t in tensors]
+        total = zeros[0]
+        for z in zeros[1:]:
+            total = g.op("AddV2", total, z)
+        rank = max(len(s or ()) for s in shapes)
+        known = _static_broadcast(shapes, rank)
+        return [g.op("AddV2", t, total, out_shape=known) for t in tensors]
     target = tuple(np.broadcast_shapes(*shapes))  # type: ignore[arg-type]
     return [t if t.shape == target else g.op("BroadcastTo", t, g.int_vector(list(target)), out_shape=target)
             for t in tensors]
+
+
+def _static_broadcast(shapes: list[Any], rank: int) -> tuple[int | None, ...]:
+    """The broadcast shape, with None where a size is dynamic."""
+    out: list[int | None] = []
+    for k in range(rank):
+        sizes = [s[len(s) - rank + k] for s in shapes if s is not None and len(s) - rank + k >= 0]
+        known = [d for d in sizes if d is not None and d != 1]
+        out.append(known[0] if known else (1 if None not in sizes else None))
+    return tuple(out)
 
 
 class _Indexing:
@@ -150,7 +167,7 @@ def index_put(cx: Ctx, x: TfTensor, indices: Sequence[TfTensor | None], values: 
 
 
 def _torch_result_shape(g: GraphBuilder, x: TfTensor, plan: _Indexing) -> TfTensor:
-    batch = list(plan.coords.shape[:-1]) if plan.coords.shape else []
+    batch = [dim_size(g, plan.coords, i) for i in range(plan.batch)]
     rest = [dim_size(g, x, a) for a in plan.rest]
     return g.int_vector(rest[:plan.lead] + batch + rest[plan.lead:])
 
