@@ -26,8 +26,8 @@ def _hf(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "bert":
         return transformers.BertModel(transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32))
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32))
     if kind == "gpt2":
         return transformers.GPT2Model(transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32, use_cache=False,
