@@ -141,11 +141,17 @@ def test_loops_run_like_session_run(loops):
 
 
 def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
-    _, meta, ckpt, values, grads = loops
+    kind, meta, ckpt, values, grads = loops
     graph = import_meta_graph(meta)
     graph.restore(ckpt)
     module = graph.to_module(inputs=["x:0", "n:0", "k:0"], outputs=LOOP_FETCHES)
     assert "loop" in module.code and isinstance(module.get_submodule("loop"), torch.nn.Module)
+    children = Counter(type(m).__name__ for _, m in module.named_children())
+    assert children["LoopModule"] == 4  # the loop in a cond body is inside that cond
+    if kind == "frames":  # one region per TF1 tf.cond (cond_out, loop_in_cond); switch_case is a Case
+        assert children["RegionModule"] == 2 and children["BranchModule"] == 1
+    else:
+        assert children["BranchModule"] == 3
     w = dict(module.named_parameters())["w"]
     for feed, expected, want in zip(LOOP_FEEDS, values, grads, strict=True):
         x = torch.tensor(feed["x:0"], requires_grad=True)

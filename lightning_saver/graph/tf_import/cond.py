@@ -69,3 +69,64 @@ def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[R
             f"fetched tensor {ref_name(dead[0])} has no value: it is in a tf.cond branch that was not taken"
         )
     return [env[ref] for ref in fetches]
+
+
+def _guards(steps: list[Any]) -> tuple[dict[str, frozenset[tuple[Ref, int]]], dict[str, frozenset[Ref]]]:
+    """Per step, the (predicate, branch) pairs it is live under; per Merge, the predicates it ends."""
+    guard: dict[str, frozenset[tuple[Ref, int]]] = {}
+    pred: dict[str, Ref] = {}
+    ends: dict[str, frozenset[Ref]] = {}
+
+    def of(ref: Ref) -> frozenset[tuple[Ref, int]]:
+        found = guard.get(ref[0], frozenset())
+        return found | {(pred[ref[0]], ref[1])} if ref[0] in pred else found
+
+    for step in steps:
+        seen = [of(r) for r in step.inputs + step.controls]
+        union = frozenset().union(*seen)
+        if step.op in MERGE_OPS:
+            resolved = frozenset(p for p, k in union if k == 1 and (p, 0) in union)
+            ends[step.name] = resolved
+            union = frozenset(g for g in union if g[0] not in resolved)
+        guard[step.name] = union
+        if step.op in SWITCH_OPS:
+            pred[step.name] = step.inputs[1]
+    return guard, ends
+
+
+def conditional_regions(steps: list[Any]) -> list[list[Any]] | None:
+    """The steps of each top-level ``tf.cond`` decided at run time, one list per conditional.
+
+    A step is in the conditional on predicate ``p`` when it is live only under a branch of ``p``
+    (downstream of a ``Switch`` on ``p``, before the ``Merge`` that ends it), or is that Switch or
+    Merge; a conditional nested in a branch belongs to the outer one. Two conditionals a step
+    depends on both are joined. Returns None when a step is live under a branch of no top-level
+    conditional (a graph ``tf.cond`` does not write).
+    """
+    guard, ends = _guards(steps)
+    top = {step.inputs[1] for step in steps if step.op in SWITCH_OPS and not guard[step.name]}
+    root: dict[Ref, Ref] = {p: p for p in top}
+
+    def find(p: Ref) -> Ref:
+        while root[p] != p:
+            p = root[p]
+        return p
+
+    owner: dict[str, Ref] = {}
+    for step in steps:
+        preds = {p for p, _ in guard[step.name]} | set(ends.get(step.name, ()))
+        if step.op in SWITCH_OPS:
+            preds.add(step.inputs[1])
+        if not preds:
+            continue
+        outer = [p for p in preds if p in top]
+        if not outer:
+            return None
+        for p in outer[1:]:
+            root[find(p)] = find(outer[0])
+        owner[step.name] = outer[0]
+    regions: dict[Ref, list[Any]] = {}
+    for step in steps:
+        if step.name in owner:
+            regions.setdefault(find(owner[step.name]), []).append(step)
+    return list(regions.values())

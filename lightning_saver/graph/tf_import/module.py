@@ -10,7 +10,9 @@ changes what ``graph.run`` computes. Folded constants become non-persistent buff
 
 from __future__ import annotations
 
+import heapq
 import re
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from lightning_saver.errors import GraphImportError
-from lightning_saver.graph.tf_import.cond import SWITCH_OPS, execute_with_deadness
+from lightning_saver.graph.tf_import.cond import SWITCH_OPS, conditional_regions, execute_with_deadness
 from lightning_saver.graph.tf_import.functions import (
     Branches,
     CompiledFunction,
@@ -239,25 +241,77 @@ class RegionModule(nn.Module):
 
 
 def _with_region(steps: list[Any], fetches: list[Ref]) -> tuple[list[Any], list[Ref]]:
-    """``steps`` with everything downstream of a run-time Switch gathered into one region step,
-    and where the fetches are then read from."""
+    """``steps`` with each ``tf.cond`` decided at run time (its Switches, branches and Merges)
+    gathered into one region step, and where the fetches are then read from.
+
+    When the conditionals cannot be told apart, or a step outside one sits between two of its
+    steps, everything downstream of the first Switch becomes a single region.
+    """
+    if not any(step.op in SWITCH_OPS for step in steps):
+        return steps, fetches
+    regions = conditional_regions(steps)
+    if regions is not None:
+        done = _regions_in_order(steps, fetches, regions)
+        if done is not None:
+            return done
     inside: set[str] = set()
     for step in steps:
         if step.op in SWITCH_OPS or any(r[0] in inside for r in step.inputs + step.controls):
             inside.add(step.name)
-    if not inside:
-        return steps, fetches
-    region = [s for s in steps if s.name in inside]
-    for s in region:
-        if s.kind not in ("call", "cond", "function"):
-            raise GraphImportError(
-                f"to_module: node {s.name!r} ({s.op}) changes variable {s.variable!r} inside a tf.cond; a "
-                "module is a pure function of its inputs"
-            )
-    reads = list(dict.fromkeys(r for s in region for r in s.inputs if r[0] not in inside))
-    outputs = [r for r in fetches if r[0] in inside]
-    name = region[0].name + "/cond_region"
-    step = Step(name, "Switch", "region", RegionModule(region, reads, outputs), tuple(reads))
-    rest = [s for s in steps if s.name not in inside]
-    remap = {r: (name, k) for k, r in enumerate(outputs)}
-    return [*rest, step], [remap.get(r, r) for r in fetches]
+    return _regions_in_order(steps, fetches, [[s for s in steps if s.name in inside]]) or (steps, fetches)
+
+
+def _regions_in_order(steps: list[Any], fetches: list[Ref],
+                      regions: list[list[Any]]) -> tuple[list[Any], list[Ref]] | None:
+    """Replace each region by one step, in an order where every step follows what it reads;
+    None when no such order exists (a step outside a region both reads and feeds it)."""
+    group = {s.name: k for k, region in enumerate(regions) for s in region}
+    names = [region[0].name + "/cond_region" for region in regions]
+    reads_of = [[r for s in region for r in s.inputs if group.get(r[0]) != k]
+                for k, region in enumerate(regions)]
+    wanted = set(fetches) | {r for s in steps if s.name not in group for r in s.inputs}
+    wanted.update(r for reads in reads_of for r in reads)
+    remap: dict[Ref, Ref] = {}
+    modules = []
+    for k, region in enumerate(regions):
+        for s in region:
+            if s.kind not in ("call", "cond", "function"):
+                raise GraphImportError(
+                    f"to_module: node {s.name!r} ({s.op}) changes variable {s.variable!r} inside a tf.cond; "
+                    "a module is a pure function of its inputs"
+                )
+        outputs = sorted(r for r in wanted if group.get(r[0]) == k)
+        remap.update({r: (names[k], j) for j, r in enumerate(outputs)})
+        modules.append(RegionModule(region, list(dict.fromkeys(reads_of[k])), outputs))
+    # one item per step outside the regions and per region, placed by Kahn's algorithm in the
+    # original order wherever the dependencies allow
+    items: dict[str, Any] = {}
+    position: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        k = group.get(step.name)
+        if k is None:
+            items[step.name] = replace(step, inputs=tuple(remap.get(r, r) for r in step.inputs))
+            position[step.name] = i
+        elif names[k] not in items:
+            reads = tuple(remap.get(r, r) for r in modules[k].inputs)
+            items[names[k]] = Step(names[k], "Switch", "region", modules[k], reads)
+            position[names[k]] = i
+    waiting = {name: {r[0] for r in item.inputs if r[0] in items and r[0] != name}
+               for name, item in items.items()}
+    users: dict[str, list[str]] = {}
+    for name, deps in waiting.items():
+        for dep in deps:
+            users.setdefault(dep, []).append(name)
+    ready = [(position[n], n) for n, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    placed = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        placed.append(items[name])
+        for user in users.get(name, ()):
+            waiting[user].discard(name)
+            if not waiting[user]:
+                heapq.heappush(ready, (position[user], user))
+    if len(placed) != len(items):
+        return None
+    return placed, [remap.get(r, r) for r in fetches]
