@@ -124,3 +124,17 @@ def test_kill_mid_upload_never_leaves_a_partial_object(s3, tmp_path):
         assert torch.equal(state["w"], state["w"][:1] / state["w"][:1] * state["w"])
     names = storage_for(s3.url("ck"), s3.options).listdir(s3.url("ck"))
     assert all(n == STATE_NAME or n.endswith(".safetensors") for n in names), names
+
+
+def test_incomplete_multipart_uploads_of_dead_writers_are_aborted(s3):
+    fs = s3.fs()
+    old = fs.call_s3("create_multipart_upload", Bucket=s3.bucket, Key="ck/m_9.safetensors")
+    fs.call_s3("upload_part", Bucket=s3.bucket, Key="ck/m_9.safetensors", PartNumber=1,
+               UploadId=old["UploadId"], Body=b"x" * 1024)  # what a killed upload leaves
+    fs.call_s3("create_multipart_upload", Bucket=s3.bucket, Key="other/m_1.safetensors")
+    store = storage_for(s3.url("ck"), s3.options)
+    assert store.listdir(s3.url("ck")) == []  # invisible to readers
+    # (moto reports every upload as initiated in 2010, so the age rule itself is not tested here)
+    assert store.remove_incomplete(s3.url("ck"), older_than_s=0) == [s3.url("ck", "m_9.safetensors")]
+    left = [u["Key"] for u in fs.list_multipart_uploads(s3.bucket)]
+    assert left == ["other/m_1.safetensors"]  # another directory's upload is left alone
