@@ -12,6 +12,7 @@ from typing import Any
 from lightning_saver.errors import (
     CaptureError,
     CheckpointNotFoundError,
+    ConcurrentSaverError,
     CorruptCheckpointError,
     DiskFullError,
     EncodingError,
@@ -46,6 +47,7 @@ __all__ = [
     "export_meta_graph",
     "LightningSaverError",
     "CheckpointNotFoundError",
+    "ConcurrentSaverError",
     "CorruptCheckpointError",
     "StateMismatchError",
     "FormatVersionError",

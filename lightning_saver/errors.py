@@ -20,6 +20,7 @@ __all__ = [
     "UnsupportedOpError",
     "CaptureError",
     "GraphImportError",
+    "ConcurrentSaverError",
 ]
 
 
@@ -73,3 +74,7 @@ class CaptureError(LightningSaverError, RuntimeError):
 
 class GraphImportError(LightningSaverError, ValueError):
     """A TensorFlow graph is malformed or refers to something that cannot be resolved."""
+
+
+class ConcurrentSaverError(LightningSaverError, RuntimeError):
+    """Another saver is writing the same directory and prefix at the same time."""

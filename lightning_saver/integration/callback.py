@@ -325,7 +325,8 @@ class Saver(CheckpointSaver, Checkpoint):
             parent = os.path.dirname(os.path.dirname(directories[0]))
             if os.path.isdir(parent):
                 directories += [os.path.join(parent, d, "checkpoints") for d in sorted(os.listdir(parent))]
-        latest = (latest_checkpoint(d, self.filename, storage_options=self.storage_options)
+        # verified: a corrupt newest checkpoint is skipped (a warning names it) for the newest valid one
+        latest = (latest_checkpoint(d, self.filename, verify=True, storage_options=self.storage_options)
                   for d in directories if is_url(d) or os.path.isdir(d))
         found = [p for p in latest if p]
         if len(found) <= 1:

@@ -6,6 +6,7 @@ calls ``storage_for(path).write_atomic(path, produce(sink))``, which works for U
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,3 +31,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def remove_stale_temps(directory: str) -> list[str]:
     """Delete our temporary files in ``directory`` whose writer is gone; return what was removed."""
     return _LOCAL.remove_incomplete(directory)
+
+
+def remove_quietly(path: str) -> None:
+    """Remove ``path``; a missing file is fine."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

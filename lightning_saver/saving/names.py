@@ -45,11 +45,14 @@ __all__ = [
 ]
 
 DEFAULT_EXT = ".safetensors"
+_BOOL_DTYPES = ("bool", "torch.bool")
 
 
 def check_step(step: int) -> int:
     """``step`` as a non-negative int (numpy and 0-d tensor steps accepted)."""
-    if isinstance(step, bool) or not isinstance(step, int):
+    if isinstance(step, bool) or str(getattr(step, "dtype", "")) in _BOOL_DTYPES:
+        raise TypeError(f"global_step must be an int, found the bool {step!r}")
+    if not isinstance(step, int):
         try:
             as_int = int(step)  # numpy / 0-d tensor steps
         except (TypeError, ValueError):

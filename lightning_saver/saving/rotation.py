@@ -52,14 +52,26 @@ class Policy:
     mode: str = "min"
 
     def __post_init__(self) -> None:
-        if self.max_to_keep is not None and (isinstance(self.max_to_keep, bool) or self.max_to_keep < 0):
-            raise ValueError(f"max_to_keep must be None or >= 0, found {self.max_to_keep!r}")
-        if self.keep_every_n_hours is not None and not self.keep_every_n_hours > 0:
-            raise ValueError(f"keep_every_n_hours must be None or > 0, found {self.keep_every_n_hours!r}")
-        if self.save_top_k is not None and self.save_top_k < -1:
-            raise ValueError(f"save_top_k must be None, -1 (keep all) or >= 0, found {self.save_top_k!r}")
+        # checked here, before anything is written: a bad setting must not fail after a file exists
+        if self.max_to_keep is not None and not (_is_int(self.max_to_keep) and self.max_to_keep >= 0):
+            raise ValueError(f"max_to_keep must be None or an int >= 0, found {self.max_to_keep!r}")
+        hours = self.keep_every_n_hours
+        if hours is not None and not (_is_real(hours) and math.isfinite(hours) and hours > 0):
+            raise ValueError(f"keep_every_n_hours must be None or a number > 0, found {hours!r}")
+        if self.save_top_k is not None and not (_is_int(self.save_top_k) and self.save_top_k >= -1):
+            raise ValueError(
+                f"save_top_k must be None, -1 (keep all) or an int >= 0, found {self.save_top_k!r}"
+            )
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', found {self.mode!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

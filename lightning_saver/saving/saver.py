@@ -27,9 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_saver.errors import CorruptCheckpointError, FormatVersionError, StorageError
+from lightning_saver.errors import (
+    ConcurrentSaverError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    StorageError,
+)
 from lightning_saver.formats import safetensors_io
-from lightning_saver.saving import deleter, names, rotation, state_file
+from lightning_saver.saving import deleter, lock, names, rotation, state_file
 from lightning_saver.saving.loading import RestoreResult, restore_into
 from lightning_saver.saving.names import Series
 from lightning_saver.saving.store_io import read_header_at, resolve, store_of
@@ -100,6 +105,7 @@ class CheckpointSaver:
         state = dict(self.__dict__)
         state.pop("_lock", None)
         state["_writer"] = None
+        state["_series"] = {}  # a copy rereads the state file: it did not write what this saver wrote
         state["_set_group"] = None
         state["_stores"] = {}
         return state
@@ -197,24 +203,37 @@ class CheckpointSaver:
                 for temp in store.remove_incomplete(directory):
                     log.info("removed leftover temporary file %s", temp)
                 self._cleaned.add(directory)
-            current = self._series_state(series)
-            result = store.write_atomic(
-                path,
-                partial(_write_safetensors, tensors, metadata, info),
-                nbytes=nbytes,
-            )
-            record = rotation.Record(
-                store.split(path)[1],
-                info["global_step"],
-                info["wall_time"],
-                info.get("metric"),
-                size=result.nbytes,
-                checksum=f"crc32c:{result.checksum}",
-            )
-            self._record(series, current, record)
+            # the state file is read, checked and rewritten under the directory's lock: a second saver
+            # of the same series is detected instead of silently dropping the other's records
+            with lock.locked(directory if store.local_path(directory or ".") is not None else ""):
+                whole = self._directory_state(directory)
+                current = self._series_state(series, whole)
+                info = dict(info, directory_id=whole.directory_id)
+                result = store.write_atomic(
+                    path,
+                    partial(_write_safetensors, tensors, metadata, info),
+                    nbytes=nbytes,
+                )
+                record = rotation.Record(
+                    store.split(path)[1],
+                    info["global_step"],
+                    info["wall_time"],
+                    info.get("metric"),
+                    size=result.nbytes,
+                    checksum=f"crc32c:{result.checksum}",
+                )
+                self._record(series, current, record, whole, new_file=path)
 
-    def _record(self, series: Series, current: state_file.SeriesState, record: rotation.Record) -> None:
-        """Record a durable checkpoint in the state file, then delete what rotation drops."""
+    def _record(
+        self,
+        series: Series,
+        current: state_file.SeriesState,
+        record: rotation.Record,
+        whole: state_file.DirectoryState,
+        new_file: str | None = None,
+    ) -> None:
+        """Record a durable checkpoint in the state file ``whole`` (read under the directory lock),
+        then delete what rotation drops."""
         with self._lock:
             directory = series.directory
             decision = rotation.plan(
@@ -225,15 +244,15 @@ class CheckpointSaver:
             )
             updated = state_file.SeriesState(decision.records, decision.next_keep_time)
             store = self._store(directory)
-            whole = state_file.load_state(directory, store) or state_file.DirectoryState()
             whole.series[state_file.series_key(series)] = updated
             whole.latest = record.name
             try:
                 state_file.save_state(directory, whole, store)
             except BaseException:
-                # the new file is durable: remember it, but delete nothing without a durable state
-                kept = rotation.record_save(current.checkpoints, record)
-                self._series[series] = state_file.SeriesState(kept, current.next_keep_time)
+                # a save commits whole or not at all: the unrecorded new file goes (unless it replaced a
+                # recorded one of the same name), rotation deletes nothing
+                if new_file is not None and record.name not in {r.name for r in current.checkpoints}:
+                    _remove_quietly(store, new_file)
                 raise
             # only now, with the state durable, does this saver forget and delete what rotation dropped
             self._series[series] = current = updated
@@ -247,20 +266,51 @@ class CheckpointSaver:
                 store.join(directory, r.name) for r in current.checkpoints if not r.preserved
             ]
 
-    def _series_state(self, series: Series) -> state_file.SeriesState:
-        """This series' records: from the state file, plus our files it misses (a crash before its update)."""
+    def _directory_state(self, directory: str) -> state_file.DirectoryState:
+        """The directory's state. Without one (none yet, lost or damaged), its id is recovered from the
+        newest checkpoint that carries one (a kill can strike before the first state file exists),
+        or a new id is made; it becomes durable with this save's state file."""
+        store = self._store(directory)
+        whole = state_file.load_state(directory, store) or state_file.DirectoryState()
+        if whole.directory_id is None:
+            recovered = state_file.recover_directory_id(directory, store)
+            whole.directory_id = recovered or state_file.new_directory_id()
+        return whole
+
+    def _series_state(self, series: Series, whole: state_file.DirectoryState) -> state_file.SeriesState:
+        """This series' records, from the state file ``whole`` just read under the directory lock.
+
+        Rotation may delete only what these records name: files of this series that the state file
+        records, plus files of this series whose header carries this directory's id (written here,
+        left unrecorded by a kill before the state file update, or dropped by a rotation a kill
+        interrupted). A copied-in checkpoint, a file of another prefix that merely looks like one of
+        this series, or a name a crafted state file lists outside the series is never touched.
+        """
+        key = state_file.series_key(series)
+        known = whole.series.get(key)
         if series in self._series:
+            mine = [r.name for r in self._series[series].checkpoints]
+            if known is not None and [r.name for r in known.checkpoints] != mine:
+                raise ConcurrentSaverError(
+                    f"another saver wrote checkpoints of {os.path.join(series.directory, key)} since this "
+                    f"one's last save (the state file {state_file.STATE_NAME} lists "
+                    f"{[r.name for r in known.checkpoints][-5:]}, this saver wrote {mine[-5:]}). Two savers "
+                    "writing the same directory and prefix at once would delete each other's checkpoints: "
+                    "give each its own directory or prefix"
+                )
             return self._series[series]
         store = self._store(series.directory)
-        whole = state_file.load_state(series.directory, store)
-        known = whole.series.get(state_file.series_key(series)) if whole else None
         present = set(store.listdir(series.directory))
-        records = [r for r in (known.checkpoints if known else []) if r.name in present]
+        records = []
+        for r in known.checkpoints if known else []:
+            if not _in_series(series, r.name):
+                log.warning("state file of %s lists %r under series %s; it is not a checkpoint of that "
+                            "series, so rotation leaves it alone", series.directory or ".", r.name, key)
+            elif r.name in present:
+                records.append(r)
         names_known = {r.name for r in records}
-        adopted = [
-            r for r in state_file.scan_checkpoints(series.directory, series, store)
-            if r.name not in names_known
-        ]
+        scanned = state_file.scan_checkpoints(series.directory, series, store, directory_id=whole.directory_id)
+        adopted = [r for r in scanned if r.name not in names_known]
         if adopted:
             records = sorted(records + adopted, key=lambda r: r.wall_time)
         hours = self._policy.keep_every_n_hours
@@ -318,11 +368,13 @@ class CheckpointSaver:
         return os.path.join(series.directory, names.set_index_name(series, info["global_step"]))
 
     def _record_set(self, series: Series, info: dict[str, Any], committed: Any) -> None:
-        current = self._series_state(series)
-        record = rotation.Record(os.path.basename(committed.index_path), info["global_step"],
-                                 info["wall_time"], info.get("metric"), size=committed.nbytes,
-                                 checksum=committed.checksum)
-        self._record(series, current, record)
+        with lock.locked(series.directory):
+            whole = self._directory_state(series.directory)
+            current = self._series_state(series, whole)
+            record = rotation.Record(os.path.basename(committed.index_path), info["global_step"],
+                                     info["wall_time"], info.get("metric"), size=committed.nbytes,
+                                     checksum=committed.checksum)
+            self._record(series, current, record, whole)
 
     @staticmethod
     def _delete(path: str) -> None:
@@ -414,6 +466,18 @@ def _sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(t, DTensor) for t in tensors.values())
+
+
+def _in_series(series: Series, name: str) -> bool:
+    stem = names.set_stem(name)  # a sharded set is named by its index
+    return series.parse(stem) is not None or stem == series.name(None)
+
+
+def _remove_quietly(store: Storage, path: str) -> None:
+    try:
+        store.delete(path)
+    except OSError as exc:
+        log.warning("could not remove the unrecorded checkpoint %s: %s", path, exc)
 
 
 def _matches_prefix(name: str, prefix: str | None) -> bool:

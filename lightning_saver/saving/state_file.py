@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_saver.errors import LightningSaverError
+from lightning_saver.errors import DiskFullError, LightningSaverError
 from lightning_saver.formats.shard_index import parse_index
 from lightning_saver.saving.names import Series, is_set_index, parse_temp_name, set_stem
 from lightning_saver.saving.rotation import Record
@@ -48,11 +50,14 @@ __all__ = [
     "load_state",
     "save_state",
     "scan_checkpoints",
+    "new_directory_id",
+    "recover_directory_id",
 ]
 
 STATE_NAME = "lightning_saver_state.json"
 _FORMAT = "lightning_saver.state"
 _VERSION = 1
+_MAX_STATE_BYTES = 64 << 20  # ~300,000 records; a larger "state file" is not ours
 log = logging.getLogger("lightning_saver")
 
 
@@ -71,67 +76,109 @@ class SeriesState:
 class DirectoryState:
     latest: str | None = None
     series: dict[str, SeriesState] = field(default_factory=dict)
+    # random id of this directory's state; every checkpoint a saver writes here carries it in its
+    # header, which tells a file this directory's savers wrote (and a kill left unrecorded) from a
+    # file copied in from elsewhere
+    directory_id: str | None = None
 
     def all_records(self) -> list[Record]:
         """Every recorded checkpoint, oldest wall time first."""
         return sorted((r for s in self.series.values() for r in s.checkpoints), key=lambda r: r.wall_time)
 
 
+def new_directory_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _number(raw: Any, what: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(float(raw)):
+        raise ValueError(f"{what} is not a finite number: {str(raw)[:40]}")
+    return float(raw)
+
+
 def _record(raw: Any) -> Record:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-        raise ValueError(f"bad checkpoint entry {raw!r}")
+        raise ValueError(f"bad checkpoint entry {str(raw)[:120]}")
     name = raw["name"]
     if os.path.basename(name) != name or name in ("", ".", ".."):
         raise ValueError(f"checkpoint name {name!r} is not a plain file name")
-    step = raw.get("step")
-    metric = raw.get("metric")
+    step, metric, size, checksum = raw.get("step"), raw.get("metric"), raw.get("size"), raw.get("checksum")
+    if step is not None and not (type(step) is int and step >= 0):
+        raise ValueError(f"step of {name!r} is not an int >= 0: {str(step)[:40]}")
+    if metric is not None and (isinstance(metric, bool) or not isinstance(metric, (int, float))):
+        raise ValueError(f"metric of {name!r} is not a number")
+    if size is not None and type(size) is not int:
+        raise ValueError(f"size of {name!r} is not an int")
+    if checksum is not None and not isinstance(checksum, str):
+        raise ValueError(f"checksum of {name!r} is not a string")
     return Record(
         name=name,
-        step=None if step is None else int(step),
-        wall_time=float(raw["wall_time"]),
+        step=step,
+        wall_time=_number(raw.get("wall_time"), f"wall_time of {name!r}"),
         metric=None if metric is None else float(metric),
-        preserved=bool(raw.get("preserved")),
-        size=raw.get("size"),
-        checksum=raw.get("checksum"),
+        preserved=raw.get("preserved") is True,
+        size=size,
+        checksum=checksum,
     )
 
 
 def _parse(doc: Any) -> DirectoryState:
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
         raise ValueError("not a lightning_saver state file")
-    if int(doc.get("version", 0)) > _VERSION:
-        raise ValueError(f"state file version {doc.get('version')} is newer than {_VERSION}")
+    version = doc.get("version")
+    if type(version) is not int or version < 1:
+        raise ValueError(f"invalid state file version {str(version)[:40]}")
+    if version > _VERSION:
+        raise ValueError(f"state file version {version} is newer than {_VERSION}")
+    raw_series = doc.get("series") or {}
+    if not isinstance(raw_series, dict):
+        raise ValueError("'series' is not an object")
     series = {}
-    for key, raw in dict(doc.get("series") or {}).items():
+    for key, raw in raw_series.items():
+        if not isinstance(raw, dict) or not isinstance(raw.get("checkpoints", []), list):
+            raise ValueError(f"series {key!r} is malformed")
         nkt = raw.get("next_keep_time")
-        series[str(key)] = SeriesState(
-            [_record(r) for r in raw.get("checkpoints", [])], None if nkt is None else float(nkt)
+        series[key] = SeriesState(
+            [_record(r) for r in raw.get("checkpoints", [])],
+            None if nkt is None else _number(nkt, "next_keep_time"),
         )
-    latest = doc.get("latest")
-    return DirectoryState(latest if isinstance(latest, str) else None, series)
+    latest, directory_id = doc.get("latest"), doc.get("directory_id")
+    return DirectoryState(
+        latest if isinstance(latest, str) else None,
+        series,
+        directory_id if isinstance(directory_id, str) and directory_id else None,
+    )
 
 
 def load_state(directory: str, store: Storage | None = None) -> DirectoryState | None:
-    """The directory's state, or ``None`` when the file is missing or damaged (damage is logged)."""
+    """The directory's state, or ``None`` when the file is missing or damaged (damage is logged).
+
+    Whatever the file holds (any bytes, nesting, numbers), this returns or logs; it never raises.
+    """
     store = store or storage_for(directory)
     path = store.join(directory, STATE_NAME)
     try:
-        text = store.read_bytes(path).decode("utf-8")
-    except FileNotFoundError:
+        raw = store.read_bytes(path)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         log.warning("cannot read checkpoint state file %s (%s); scanning the directory instead", path, exc)
         return None
     try:
-        return _parse(json.loads(text))
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        log.warning("checkpoint state file %s is damaged (%s); scanning the directory instead", path, exc)
+        if len(raw) > _MAX_STATE_BYTES:
+            raise ValueError(f"larger than {_MAX_STATE_BYTES} bytes")
+        return _parse(json.loads(raw.decode("utf-8")))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("checkpoint state file %s is damaged (%s: %s); scanning the directory instead",
+                    path, type(exc).__name__, str(exc)[:200])
         return None
 
 
 def save_state(directory: str, state: DirectoryState, store: Storage | None = None) -> None:
     """Commit ``state`` as the directory's state file (atomic and durable)."""
     lines = ["{", f'  "format": "{_FORMAT}",', f'  "version": {_VERSION},',
+             f'  "directory_id": {json.dumps(state.directory_id)},',
              f'  "latest": {json.dumps(state.latest)},', '  "series": {']
     for i, (key, s) in enumerate(state.series.items()):
         lines += [f"    {json.dumps(key)}: {{", f'      "next_keep_time": {json.dumps(s.next_keep_time)},',
@@ -142,7 +189,15 @@ def save_state(directory: str, state: DirectoryState, store: Storage | None = No
         lines += ["      ]", "    }" + ("," if i < len(state.series) - 1 else "")]
     lines += ["  }", "}", ""]
     store = store or storage_for(directory)
-    store.write_bytes(store.join(directory, STATE_NAME), "\n".join(lines).encode("utf-8"))
+    path = store.join(directory, STATE_NAME)
+    try:
+        store.write_bytes(path, "\n".join(lines).encode("utf-8"))
+    except DiskFullError as exc:
+        raise DiskFullError(
+            exc.errno, f"not enough space to save the state file {path} ({exc.strerror}); the new "
+            "checkpoint was removed, earlier checkpoints and the state file are untouched. Free some space, "
+            "lower max_to_keep, or save elsewhere", path,
+        ) from exc
 
 
 def _set_info(store: Storage, path: str) -> dict[str, Any]:
@@ -150,11 +205,16 @@ def _set_info(store: Storage, path: str) -> dict[str, Any]:
     return {"global_step": index.global_step, "wall_time": index.wall_time, **index.info}
 
 
-def scan_checkpoints(directory: str, series: Series | None = None, store: Storage | None = None
-                     ) -> list[Record]:
+def scan_checkpoints(
+    directory: str, series: Series | None = None, store: Storage | None = None, *,
+    directory_id: str | None = None,
+) -> list[Record]:
     """Records for the checkpoints lightning_saver wrote in ``directory`` (headers only), oldest first.
 
-    Files of other tools, temporary files and unreadable files are skipped.
+    With ``series``, only its files whose header step matches their name; with ``directory_id``,
+    only files a saver of this directory wrote (see :class:`DirectoryState`). Files of other tools,
+    temporary files and unreadable files are skipped; a damaged file of the series is skipped with
+    a warning naming it.
     """
     store = store or storage_for(directory)
     entries = store.listdir(directory)
@@ -170,22 +230,52 @@ def scan_checkpoints(directory: str, series: Series | None = None, store: Storag
         if local is not None and not os.path.isfile(local):
             continue
         try:
-            info = _set_info(store, path) if is_set_index(name) else read_header_at(store, path).info
-            size = store.size(path)
-        except (LightningSaverError, OSError):
+            record = _scan_record(store, path, name, series, directory_id)
+        except (LightningSaverError, OSError, ValueError, RecursionError) as exc:
+            if series is not None:
+                log.warning("skipping unreadable checkpoint %s: %s", path, exc)
             continue
-        if not info or not isinstance(info.get("wall_time"), (int, float)):
-            continue
-        step = info.get("global_step")
-        metric = info.get("metric")
-        found.append(
-            Record(
-                name,
-                step if isinstance(step, int) else None,
-                float(info["wall_time"]),
-                float(metric) if isinstance(metric, (int, float)) else None,
-                size=size,
-            )
-        )
+        if record is not None:
+            found.append(record)
     found.sort(key=lambda r: (r.wall_time, r.step if r.step is not None else -1))
     return found
+
+
+def recover_directory_id(directory: str, store: Storage | None = None) -> str | None:
+    """The directory id in the newest lightning_saver checkpoint of ``directory`` that has one."""
+    store = store or storage_for(directory)
+    best: tuple[float, str] | None = None
+    for record in scan_checkpoints(directory, store=store):
+        try:
+            path = store.join(directory, record.name)
+            info = _set_info(store, path) if is_set_index(record.name) else read_header_at(store, path).info
+        except (LightningSaverError, OSError, ValueError, RecursionError):
+            continue
+        found = info.get("directory_id")
+        if isinstance(found, str) and found and (best is None or record.wall_time >= best[0]):
+            best = (record.wall_time, found)
+    return best[1] if best else None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _scan_record(
+    store: Storage, path: str, name: str, series: Series | None, directory_id: str | None
+) -> Record | None:
+    info = _set_info(store, path) if is_set_index(name) else read_header_at(store, path).info
+    wall_time, step = _finite(info.get("wall_time")), info.get("global_step")
+    if wall_time is None or not (step is None or (type(step) is int and step >= 0)):
+        return None
+    if series is not None and set_stem(name) != series.name(step):
+        return None  # e.g. prefix "m_5" without a step wrote m_5.safetensors: not step 5 of series "m"
+    if directory_id is not None and info.get("directory_id") != directory_id:
+        return None
+    return Record(name, step, wall_time, _finite(info.get("metric")), size=store.size(path))

@@ -47,14 +47,21 @@ __all__ = [
 T = TypeVar("T")
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _TEMP = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp$")
+_NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS)
 _active: set[str] = set()  # temp paths this process is writing right now
 _active_lock = threading.Lock()
 _held_locks: set[str] = set()  # lock files this process holds (flock is per open file, not per process)
 
 
 def temp_name(final_name: str, token: str) -> str:
-    """Hidden temporary name next to ``final_name`` (no directory), tagged with our pid."""
-    return f".{final_name}.{os.getpid()}.{token}.tmp"
+    """Hidden temporary name next to ``final_name`` (no directory), tagged with our pid.
+
+    A final name close to the 255-byte limit of a file name is shortened here (the token keeps the
+    temporary name unique), so any legal checkpoint name can be written.
+    """
+    tail = f".{os.getpid()}.{token}.tmp"
+    short = final_name.encode()[: _NAME_MAX - 1 - len(tail)].decode("utf-8", errors="ignore")
+    return f".{short}{tail}"
 
 
 def parse_temp_name(name: str) -> tuple[str, int] | None:

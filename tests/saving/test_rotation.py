@@ -83,9 +83,14 @@ def test_protected_names_are_never_deleted():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"max_to_keep": -1}, "max_to_keep must be None or >= 0, found -1"),
-     ({"keep_every_n_hours": 0}, "keep_every_n_hours must be None or > 0, found 0"),
+    [({"max_to_keep": -1}, "max_to_keep must be None or an int >= 0, found -1"),
+     ({"max_to_keep": 2.5}, "max_to_keep must be None or an int >= 0, found 2.5"),
+     ({"max_to_keep": True}, "max_to_keep must be None or an int >= 0, found True"),
+     ({"keep_every_n_hours": 0}, "keep_every_n_hours must be None or a number > 0, found 0"),
+     ({"keep_every_n_hours": float("nan")}, "keep_every_n_hours must be None or a number > 0, found nan"),
+     ({"keep_every_n_hours": "2"}, "keep_every_n_hours must be None or a number > 0, found '2'"),
      ({"save_top_k": -2}, "save_top_k must be None, -1"),
+     ({"save_top_k": 1.5}, "save_top_k must be None, -1"),
      ({"mode": "best"}, "mode must be 'min' or 'max', found 'best'")],
 )
 def test_bad_settings_are_refused(kwargs, match):
