@@ -176,8 +176,8 @@ def test_enospc_on_the_state_file_names_it_and_leaves_no_checkpoint(tmp_path, mo
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def write_state(path, data, *, what="file"):
-        commit.atomic_write(path, full, nbytes=len(data), what=what)
+    def write_state(path, data):
+        commit.atomic_write(path, full, nbytes=len(data))
 
     monkeypatch.setattr(commit, "atomic_write_bytes", write_state)
     with pytest.raises(DiskFullError, match=rf"save the state file {tmp_path / STATE_NAME}"):
@@ -207,29 +207,37 @@ def test_two_savers_of_one_series_are_detected(tmp_path):
     b.save(W, str(tmp_path / "m"), global_step=4)
 
 
-def test_interleaved_processes_never_lose_records(tmp_path):
+def test_a_second_process_saving_the_same_series_is_detected(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
         from lightning_saver.errors import ConcurrentSaverError
         from lightning_saver.saving.saver import CheckpointSaver
-        saver = CheckpointSaver(max_to_keep=3)
+        saver = CheckpointSaver(max_to_keep=2)
+        start = int(sys.argv[1])
         try:
-            for step in range(int(sys.argv[1]), int(sys.argv[1]) + 30):
+            for step in range(start, start + int(sys.argv[2])):
                 saver.save({{"w": torch.ones(2)}}, {str(tmp_path / "m")!r}, global_step=step)
-        except ConcurrentSaverError:
-            print("detected")
+                print("saved", step, flush=True)
+                sys.stdin.readline()
+        except ConcurrentSaverError as exc:
+            print("detected", exc, flush=True)
         """
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(start)], stdout=subprocess.PIPE, text=True)
-             for start in (0, 1000)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert "detected" in "".join(outs)
+    first = subprocess.Popen([sys.executable, "-c", script, "0", "3"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None and first.stdin is not None
+    assert first.stdout.readline().split() == ["saved", "0"]
+    second = subprocess.run([sys.executable, "-c", script, "100", "2"], input="\n\n", capture_output=True,
+                            text=True, timeout=120)
+    assert second.stdout.split() == ["saved", "100", "saved", "101"], second.stderr
+    out, _ = first.communicate("\n\n\n", timeout=120)
+    assert out.startswith("detected another saver wrote checkpoints of"), out
+    # nothing of the second saver was lost: what the state file records is on disk, and vice versa
     recorded = [c["name"] for s in json.loads((tmp_path / STATE_NAME).read_text())["series"].values()
                 for c in s["checkpoints"]]
     on_disk = [n for n in files(tmp_path) if n.endswith(".safetensors")]
-    assert sorted(recorded) == sorted(on_disk)  # no checkpoint is left unrecorded, none recorded is gone
+    assert sorted(recorded) == sorted(on_disk) == ["m_100.safetensors", "m_101.safetensors"]
 
 
 def test_the_directory_lock_excludes_another_process(tmp_path):
