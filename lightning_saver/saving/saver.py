@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -205,7 +206,7 @@ class CheckpointSaver:
                 self._cleaned.add(directory)
             # the state file is read, checked and rewritten under the directory's lock: a second saver
             # of the same series is detected instead of silently dropping the other's records
-            with lock.locked(directory if store.local_path(directory or ".") is not None else ""):
+            with self._directory_lock(directory):
                 whole = self._directory_state(directory)
                 current = self._series_state(series, whole)
                 info = dict(info, directory_id=whole.directory_id)
@@ -266,6 +267,12 @@ class CheckpointSaver:
                 store.join(directory, r.name) for r in current.checkpoints if not r.preserved
             ]
 
+    def _directory_lock(self, directory: str) -> AbstractContextManager[None]:
+        """The flock of a local directory (``lock.py``); object stores have none (yet)."""
+        if is_url(directory):
+            return nullcontext()
+        return lock.locked(directory)
+
     def _directory_state(self, directory: str) -> state_file.DirectoryState:
         """The directory's state. Without one (none yet, lost or damaged), its id is recovered from the
         newest checkpoint that carries one (a kill can strike before the first state file exists),
@@ -309,7 +316,9 @@ class CheckpointSaver:
             elif r.name in present:
                 records.append(r)
         names_known = {r.name for r in records}
-        scanned = state_file.scan_checkpoints(series.directory, series, store, directory_id=whole.directory_id)
+        scanned = state_file.scan_checkpoints(
+            series.directory, series, store, directory_id=whole.directory_id
+        )
         adopted = [r for r in scanned if r.name not in names_known]
         if adopted:
             records = sorted(records + adopted, key=lambda r: r.wall_time)
@@ -368,7 +377,7 @@ class CheckpointSaver:
         return os.path.join(series.directory, names.set_index_name(series, info["global_step"]))
 
     def _record_set(self, series: Series, info: dict[str, Any], committed: Any) -> None:
-        with lock.locked(series.directory):
+        with self._directory_lock(series.directory):
             whole = self._directory_state(series.directory)
             current = self._series_state(series, whole)
             record = rotation.Record(os.path.basename(committed.index_path), info["global_step"],

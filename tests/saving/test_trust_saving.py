@@ -19,10 +19,11 @@ import torch
 from lightning_saver.cli import main as cli_main
 from lightning_saver.errors import ConcurrentSaverError, CorruptCheckpointError, DiskFullError
 from lightning_saver.formats import safetensors_io as sio
-from lightning_saver.saving import commit, state_file
+from lightning_saver.saving import state_file
 from lightning_saver.saving.lock import locked
 from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint, load
 from lightning_saver.saving.state_file import STATE_NAME
+from lightning_saver.storage.local import LocalStorage
 
 W = {"w": torch.ones(3)}
 
@@ -173,13 +174,13 @@ def test_enospc_on_the_state_file_names_it_and_leaves_no_checkpoint(tmp_path, mo
     saves(tmp_path, [1], keep=5)
     before = {n: (tmp_path / n).read_bytes() for n in files(tmp_path)}
 
-    def full(fd):
+    def full(sink):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def write_state(path, data):
-        commit.atomic_write(path, full, nbytes=len(data))
+    def write_state(self, path, data):  # the state file's write runs out of space, through the real commit
+        self.write_atomic(path, full, nbytes=len(data))
 
-    monkeypatch.setattr(commit, "atomic_write_bytes", write_state)
+    monkeypatch.setattr(LocalStorage, "write_bytes", write_state)
     with pytest.raises(DiskFullError, match=rf"save the state file {tmp_path / STATE_NAME}"):
         CheckpointSaver(max_to_keep=5).save(W, str(tmp_path / "m"), global_step=2)
     assert {n: (tmp_path / n).read_bytes() for n in files(tmp_path)} == before
