@@ -68,3 +68,14 @@ def test_hugging_face_layout_loads_in_transformers(tmp_path):
     loaded = transformers.BertModel.from_pretrained(out)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_checkpoint_io_reads_a_set_whole(tmp_path):
+    """DDP / one process (validate, test) accept a set wherever a checkpoint path goes."""
+    from lightning_saver.integration.checkpoint_io import SafetensorsCheckpointIO
+
+    state = {"net.weight": torch.randn(4, 3), "net.bias": torch.randn(4)}
+    path = write_set(tmp_path, state)
+    loaded = SafetensorsCheckpointIO().load_checkpoint(path)
+    assert sorted(loaded["state_dict"]) == sorted(state)
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state.items())

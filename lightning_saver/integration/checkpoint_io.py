@@ -27,6 +27,7 @@ from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointErr
 from lightning_saver.formats import safetensors_io
 from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
 from lightning_saver.saving import saver as saving
+from lightning_saver.saving.names import INDEX_SUFFIX
 from lightning_saver.saving.store_io import store_of
 from lightning_saver.storage import Sink, is_url
 
@@ -99,12 +100,18 @@ class SafetensorsCheckpointIO(CheckpointIO):
                 f"checkpoint {str(path)!r} does not exist; pass an existing .safetensors (or .ckpt) file, "
                 "or ckpt_path='last' to resume from the newest checkpoint of the Saver's directory"
             )
-        if not is_safetensors_file(path, options):
+        if str(path).endswith(INDEX_SUFFIX) and not is_url(path):  # a set, gathered whole (DDP, 1 process)
+            from lightning_saver.integration.sharded import load_set_state
+
+            state = load_set_state(str(path), verify=self.verify, allow_pickle=self.allow_pickle)
+        elif not is_safetensors_file(path, options):
             if is_url(path):
                 raise CorruptCheckpointError(f"{path}: not a safetensors file; pickled checkpoints are read "
                                              "from local paths only (download it first)")
             return self._load_pickled(path, map_location)
-        state = load_state(path, verify=self.verify, allow_pickle=self.allow_pickle, storage_options=options)
+        else:
+            state = load_state(path, verify=self.verify, allow_pickle=self.allow_pickle,
+                               storage_options=options)
         if self.module is not None:
             check_weights(path, state.get("state_dict", {}), self.module,
                           strict=getattr(self.module, "strict_loading", True))

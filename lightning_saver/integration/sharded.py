@@ -18,14 +18,15 @@ import functools
 import os
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import ModelParallelStrategy, Strategy
 
 from lightning_saver.formats.safetensors_header import DTYPES
-from lightning_saver.formats.state_codec import decode_state, encode_state
+from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
 from lightning_saver.saving import names, sharded
 
-__all__ = ["is_sharded_strategy", "install", "load_set_checkpoint"]
+__all__ = ["is_sharded_strategy", "install", "load_set_checkpoint", "load_set_state"]
 
 _MARK = "_lightning_saver_sets"
 
@@ -84,3 +85,13 @@ def load_set_checkpoint(strategy: Strategy, path: str, *, verify: bool = True,
     for optimizer, state in zip(optimizers, checkpoint.get("optimizer_states", []), strict=False):
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
     return checkpoint
+
+
+def load_set_state(path: str, *, verify: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
+    """A set as one Lightning checkpoint dict of whole tensors, in this process alone (DDP, one
+    process, ``validate``/``test`` with an unsharded module)."""
+    index = sharded.read_index(path)
+    tensors = sharded.load_set(path, verify=verify)
+    if has_state(index.metadata):
+        return decode_state(tensors, index.metadata, allow_pickle=allow_pickle, source=path)
+    return {"state_dict": tensors, "pytorch-lightning_version": pl.__version__}
