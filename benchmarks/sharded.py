@@ -226,7 +226,8 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     summary = _summary(rows)
-    print(f"{'world':>5} {'method':<7} {'save s':>8} {'load s':>8} {'1->2 s':>8} {'MiB':>8} {'peak+MiB':>9} ok")
+    head = ("world", "method", "save s", "load s", "1->2 s", "MiB", "peak+MiB")
+    print(f"{head[0]:>5} {head[1]:<7} " + " ".join(f"{h:>8}" for h in head[2:]) + " ok")
     for e in summary:
         reshard = f"{e['reshard_1to2_load_s']:8.3f}" if "reshard_1to2_load_s" in e else f"{'':>8}"
         print(f"{e['world']:>5} {e['method']:<7} {e['save_s']:8.3f} {e['load_s']:8.3f} {reshard} "

@@ -17,6 +17,7 @@ with ``formats/state_codec.py`` and pass it as string metadata, which goes into 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -45,8 +46,10 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from lightning_saver.errors import CorruptCheckpointError, EncodingError
-from lightning_saver.formats import safetensors_io
+from lightning_saver.formats import checksum, safetensors_io
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, DTYPES, Header, read_header
+from lightning_saver.formats.safetensors_io import _check_crc, _read_exact
+from lightning_saver.formats.safetensors_writer import CHUNK
 from lightning_saver.formats.shard_index import Piece, ShardIndex, TensorEntry, dump_index
 from lightning_saver.saving import names
 from lightning_saver.saving.names import Series
@@ -263,6 +266,7 @@ class SetReader(StorageReader):
         header = read_header(path)
         direct: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
+        rows: list[tuple[ReadItem, torch.Tensor, tuple[int, int]]] = []
         targets = []
         count: dict[str, int] = {}
         for req in reqs:
@@ -272,14 +276,23 @@ class SetReader(StorageReader):
             piece = self.storage[req.storage_index]
             _check_piece(header, fqn, piece, self.index.tensors[fqn])
             target = planner.resolve_tensor(req).detach()
+            dtype = DTYPES[self.index.tensors[fqn].dtype]
             whole = tuple(req.lengths) == piece.sizes and not any(req.storage_offsets)
             if (whole and count[fqn] == 1 and target.device.type == "cpu" and target.is_contiguous()
                     and target.dtype == DTYPES[self.index.tensors[fqn].dtype]):
                 direct[fqn] = target  # read straight into the destination, no copy
+            elif count[fqn] == 1 and (span := _row_range(req, piece, target, dtype)) is not None:
+                rows.append((req, target, span))  # resharding: only its rows, into the destination
+                continue
             elif fqn not in buffers:
                 buffers[fqn] = torch.empty(piece.sizes, dtype=DTYPES[self.index.tensors[fqn].dtype])
             targets.append((req, target, fqn in direct and direct[fqn] is target))
         safetensors_io.read_into(header, {**buffers, **direct}, verify=self.verify)
+        if rows:
+            with open(path, "rb", buffering=0) as f:
+                for req, target, span in rows:
+                    _read_rows(f.fileno(), header, req.storage_index.fqn, span, target, self.verify)
+                    planner.commit_tensor(req, target)
         for req, target, was_direct in targets:
             if not was_direct:
                 src = buffers[req.storage_index.fqn]
@@ -288,6 +301,44 @@ class SetReader(StorageReader):
                 with torch.no_grad():
                     target.copy_(src)
             planner.commit_tensor(req, target)
+
+
+def _row_range(req: ReadItem, piece: Piece, target: torch.Tensor,
+               dtype: torch.dtype) -> tuple[int, int] | None:
+    """``(start, length)`` in bytes within the piece when the request is whole rows (a dim-0 slice,
+    as resharding FSDP's row shards asks) and the destination can take them as they are."""
+    sizes, offsets, lengths = piece.sizes, tuple(req.storage_offsets), tuple(req.lengths)
+    if not sizes or any(offsets[1:]) or lengths[1:] != sizes[1:]:
+        return None
+    if (target.device.type != "cpu" or not target.is_contiguous() or tuple(target.shape) != lengths
+            or target.dtype != dtype):
+        return None
+    row = math.prod(sizes[1:]) * target.element_size()
+    return offsets[0] * row, lengths[0] * row
+
+
+def _read_rows(fd: int, header: Header, name: str, span: tuple[int, int], target: torch.Tensor,
+               verify: bool) -> None:
+    """Read a piece's bytes ``span`` into ``target``; with ``verify``, checksum the whole piece on the
+    way (the span from the target's memory, the rest through a small scratch buffer)."""
+    info = header.tensors[name]
+    start, length = span
+    base = header.data_start + info.offset
+    crc = _crc_span(fd, header, base, 0, start) if verify else 0
+    _read_exact(fd, base + start, target.data_ptr(), length, header.path)
+    if verify:
+        crc = checksum.extend_address(crc, target.data_ptr(), length)
+        crc = _crc_span(fd, header, base, start + length, info.nbytes, crc)
+        _check_crc(header, name, crc)
+
+
+def _crc_span(fd: int, header: Header, base: int, begin: int, end: int, crc: int = 0) -> int:
+    scratch = torch.empty(min(max(end - begin, 1), CHUNK), dtype=torch.uint8)
+    for start in range(begin, end, CHUNK):
+        size = min(CHUNK, end - start)
+        _read_exact(fd, base + start, scratch.data_ptr(), size, header.path)
+        crc = checksum.extend_address(crc, scratch.data_ptr(), size)
+    return crc
 
 
 def _check_piece(header: Header, fqn: str, piece: Piece, entry: TensorEntry) -> None:

@@ -18,14 +18,19 @@ def _index(rows: list[int], cols: int = 3) -> ShardIndex:
     for i, n in enumerate(rows):
         pieces.append(Piece(i, (start, 0), (n, cols), f"{i:08x}"))
         start += n
-    return ShardIndex(7, 1.5, len(rows), [f"m_7-{i:05d}-of-{len(rows):05d}.safetensors" for i in range(len(rows))],
-                      {"w": TensorEntry("F32", (start, cols), tuple(pieces))}, {"k": "v"}, {"metric": 0.5})
+    files = [f"m_7-{i:05d}-of-{len(rows):05d}.safetensors" for i in range(len(rows))]
+    return ShardIndex(7, 1.5, len(rows), files, {"w": TensorEntry("F32", (start, cols), tuple(pieces))},
+                      {"k": "v"}, {"metric": 0.5})
 
 
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=6))
 def test_dump_parse_round_trip(rows):
     index = _index(rows)
     assert parse_index("i.json", dump_index(index)) == index
+
+
+def _piece(file: int, offsets: list[int], sizes: list[int]) -> dict:
+    return {"file": file, "offsets": offsets, "sizes": sizes, "crc32c": "00000000"}
 
 
 def _doc(**change) -> bytes:
@@ -38,13 +43,13 @@ def _doc(**change) -> bytes:
     (b"{not json", "not JSON"),
     (_doc(format="other"), "expected 'lightning_saver.shard_index'"),
     (_doc(files=["../evil.safetensors", "b"]), "plain file names"),
-    (_doc(tensors={"w": {"dtype": "F99", "shape": [4, 3], "pieces": []}}), "unknown dtype 'F99'"),
-    (_doc(tensors={"w": {"dtype": "F32", "shape": [4, 3], "pieces": [
-        {"file": 0, "offsets": [0, 0], "sizes": [2, 3], "crc32c": "00000000"}]}}), "hold 6 elements, expected 12"),
-    (_doc(tensors={"w": {"dtype": "F32", "shape": [4, 3], "pieces": [
-        {"file": 5, "offsets": [0, 0], "sizes": [4, 3], "crc32c": "00000000"}]}}), "file 5 is not one of the 2"),
-    (_doc(tensors={"w": {"dtype": "F32", "shape": [4, 3], "pieces": [
-        {"file": 0, "offsets": [2, 0], "sizes": [4, 3], "crc32c": "00000000"}]}}), "exceed the shape [4, 3]"),
+    (_doc(tensors={"w": {"dtype": "F99", "shape": [4, 3], "pieces": []}}), "unknown dtype"),
+    (_doc(tensors={"w": {"dtype": "F32", "shape": [4, 3], "pieces": [_piece(0, [0, 0], [2, 3])]}}),
+     "hold 6 elements, expected 12"),
+    (_doc(tensors={"w": {"dtype": "F32", "shape": [4, 3], "pieces": [_piece(5, [0, 0], [4, 3])]}}),
+     "file 5 is not one of the 2"),
+    (_doc(tensors={"w": {"dtype": "F32", "shape": [4, 3], "pieces": [_piece(0, [2, 0], [4, 3])]}}),
+     "exceed the shape [4, 3]"),
 ])
 def test_bad_index_is_an_error_naming_file_and_field(doc, message):
     with pytest.raises(CorruptCheckpointError, match="i.json") as info:

@@ -147,7 +147,32 @@ def read(rank: int, root: str, world: int) -> dict:
     CheckpointSaver().restore(target, path)
     ref = safetensors.torch.load_file(os.path.join(root, "ref.safetensors"))
     local = {k: list(v.to_local().shape) for k, v in target.items() if isinstance(v, DTensor)}
-    return {"path": path, "differs": equal(gathered(target), ref), "local_shapes": local}
+    report = {"path": path, "differs": equal(gathered(target), ref), "local_shapes": local}
+
+    # a flipped byte in row 4 of rank 0's piece: rank 0 reads rows 0-3 of that piece, rank 1 row 4;
+    # the whole piece's checksum is checked by both, and the error reaches every rank
+    import shutil
+
+    from lightning_saver.errors import CorruptCheckpointError
+    from lightning_saver.formats.safetensors_header import read_header
+
+    damaged = os.path.join(root, f"damaged_{world}")
+    if dist.get_rank() == 0:
+        shutil.copytree(os.path.dirname(path), damaged)
+        shard = os.path.join(damaged, os.path.basename(path).split(".")[0] + "-00000-of-00002.safetensors")
+        header = read_header(shard)
+        with open(shard, "r+b") as f:
+            f.seek(header.data_start + header.tensors["0.weight"].offset + 4 * 6 * 4 + 1)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
+    try:
+        CheckpointSaver().restore(target, os.path.join(damaged, os.path.basename(path)))
+        report["damaged"] = None
+    except CorruptCheckpointError as exc:
+        report["damaged"] = str(exc)
+    return report
 
 
 def worker(rank: int, root: str, mode: str, world: int, port: int) -> None:

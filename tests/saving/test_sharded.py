@@ -119,6 +119,10 @@ def test_two_process_set_resumes_on_three(written):
     assert [r["differs"] for r in reports] == [[], [], []]
     # 10 rows over 3 ranks: 4 + 4 + 2
     assert [r["local_shapes"]["0.weight"] for r in reports] == [[4, 6], [4, 6], [2, 6]]
+    for report in reports:
+        assert report["damaged"] is not None, "a damaged shard was restored without an error"
+        assert "model_3-00000-of-00002.safetensors" in report["damaged"]
+        assert "checksum mismatch in tensor '0.weight'" in report["damaged"]
 
 
 def _free_port() -> int:
