@@ -68,7 +68,9 @@ class Bench:
         import s3fs
 
         self.options = {"endpoint_url": endpoint, "key": "bench", "secret": "bench",
-                        "client_kwargs": {"region_name": "us-east-1"}}
+                        "client_kwargs": {"region_name": "us-east-1"},
+                        # moto joins a big multipart upload slowly on a busy machine
+                        "config_kwargs": {"read_timeout": 600}}
         self.fs = s3fs.S3FileSystem(**self.options)
         self.fs.call_s3("create_bucket", Bucket="bench")
         self.state = make_state(size_mib)

@@ -14,12 +14,13 @@ Example:
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from lightning_saver.formats import tf_bundle, tf_bundle_writer
 from lightning_saver.formats.tf_bundle import TensorInfo
-from lightning_saver.storage import storage_for
+from lightning_saver.storage import is_url, storage_for
 
 __all__ = ["read_checkpoint", "write_checkpoint", "list_checkpoint", "TensorInfo"]
 
@@ -31,6 +32,7 @@ def read_checkpoint(
     framework: str = "numpy",
     verify: bool = True,
     mmap: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read a TF V2 checkpoint written by TensorFlow (``Saver``, ``tf.train.Checkpoint``) or by us.
 
@@ -44,6 +46,8 @@ def read_checkpoint(
         mmap: map the data files copy-on-write instead of reading them (faster, no copy; the arrays
             stay writable, writes never reach the file). Don't overwrite the files in place while
             the arrays are alive.
+        storage_options: for a URL prefix (``s3://bucket/model.ckpt-100``): the fsspec options. The
+            bundle's files are downloaded to a temporary folder first (TF bundles are read whole).
 
     Returns:
         name -> array or tensor, in name order.
@@ -57,7 +61,26 @@ def read_checkpoint(
         >>> read_checkpoint("model.ckpt", names=["global_step"])
         {'global_step': array(100)}
     """
+    if is_url(prefix):
+        with tempfile.TemporaryDirectory(prefix="lightning_saver-tf-") as work:
+            local = _download_bundle(os.fspath(prefix), storage_options, work)
+            return tf_bundle.load_file(local, names=names, verify=verify, framework=framework)
     return tf_bundle.load_file(prefix, names=names, verify=verify, framework=framework, mmap=mmap)
+
+
+def _download_bundle(prefix: str, storage_options: Mapping[str, Any] | None, work: str,
+                     index_only: bool = False) -> str:
+    """Copy ``prefix.index`` (and its data shards) from a store into ``work``; the local prefix."""
+    store = storage_for(prefix, storage_options)
+    prefix = prefix[: -len(".index")] if prefix.endswith(".index") else prefix
+    directory, base = store.split(prefix)
+    wanted = [base + ".index"]
+    if not index_only:
+        wanted += [n for n in store.listdir(directory) if n.startswith(base + ".data-")]
+    for name in wanted:
+        with open(os.path.join(work, name), "wb") as f:
+            f.write(store.read_bytes(store.join(directory, name)))
+    return os.path.join(work, base)
 
 
 def write_checkpoint(
@@ -105,11 +128,17 @@ def write_checkpoint(
     return prefix
 
 
-def list_checkpoint(prefix: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """Name -> ``TensorInfo(dtype, shape, nbytes)`` of every tensor, reading only the index.
+def list_checkpoint(
+    prefix: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, TensorInfo]:
+    """Name -> ``TensorInfo(dtype, shape, nbytes)`` of every tensor, reading only the index
+    (for a URL prefix, only the ``.index`` object is downloaded).
 
     Example:
         >>> list_checkpoint("out/model")
         {'dense/kernel': TensorInfo(dtype='float32', shape=(3, 2), nbytes=24)}
     """
+    if is_url(prefix):
+        with tempfile.TemporaryDirectory(prefix="lightning_saver-tf-") as work:
+            return tf_bundle.read_index(_download_bundle(os.fspath(prefix), storage_options, work, True))
     return tf_bundle.read_index(prefix)

@@ -62,14 +62,17 @@ def export_graphs(module: nn.Module, example_inputs: Any, directory: str | os.Pa
     if device.type != "cpu":  # export a CPU copy; the training copy stays where it is
         module = copy.deepcopy(module).cpu()
         args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    os.makedirs(directory, exist_ok=True)
+    from lightning_saver.storage import storage_for
+
+    target = storage_for(os.fspath(directory))  # a folder or a URL (s3://...): the exports go there
+    target.makedirs(os.fspath(directory))
     written: list[str] = []
     if meta_graph or log_dir:
         from lightning_saver.graph.tf_export import build_graph, write_meta_graph
 
         meta, store = build_graph(module, args)
         if meta_graph:
-            path = os.path.join(os.fspath(directory), f"{GRAPH_NAME}.meta")
+            path = target.join(os.fspath(directory), f"{GRAPH_NAME}.meta")
             written.extend(write_meta_graph(meta, store, path))
         if log_dir:
             from lightning_saver.graph.events import write_graph_event
@@ -78,5 +81,5 @@ def export_graphs(module: nn.Module, example_inputs: Any, directory: str | os.Pa
     if onnx:
         from lightning_saver.graph.onnx_export import export_onnx
 
-        written.append(export_onnx(module, args, os.path.join(os.fspath(directory), f"{GRAPH_NAME}.onnx")))
+        written.append(export_onnx(module, args, target.join(os.fspath(directory), f"{GRAPH_NAME}.onnx")))
     return written

@@ -18,8 +18,10 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from torch import nn
 from lightning_saver.errors import CaptureError
 from lightning_saver.graph.attention import lower_attention
 from lightning_saver.graph.capture import capture, eval_mode
+from lightning_saver.storage import storage_for
 
 __all__ = ["export_onnx"]
 
@@ -80,20 +83,29 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
     """
     args = tuple(args)
     out = os.fspath(path)
-    tmp = f"{out}.tmp-{os.getpid()}"
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"export_onnx: exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
-    try:
+    store = storage_for(out)
+    directory, name = store.split(out)
+    # exported into a private folder under the final name (external data files are named after
+    # it), then committed through the store: a failed export leaves nothing behind
+    with tempfile.TemporaryDirectory(prefix="lightning_saver-onnx-") as work:
+        tmp = os.path.join(work, name)
         _export(model, args, dict(kwargs or {}), tmp, dynamic_batch, exporter, opset_version)
         if check:
             import onnx
 
             onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):  # a failed export leaves nothing behind
-            os.remove(tmp)
+        store.makedirs(directory)
+        for file in sorted(os.listdir(work), key=lambda f: f == name):  # the model itself last
+            store.write_atomic(store.join(directory, file), partial(_copy, os.path.join(work, file)))
     return out
+
+
+def _copy(path: str, sink: Any) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            sink.write(chunk)
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp: str, dynamic_batch: bool,

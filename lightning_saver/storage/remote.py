@@ -131,7 +131,12 @@ class FsspecStorage:
             try:
                 return fn()
             except BaseException as exc:
-                if isinstance(exc, FileNotFoundError) and not isinstance(exc, LightningSaverError):
+                # an upload's FileNotFoundError is no missing checkpoint: a multipart upload the
+                # server lost (a completion retried after a timeout) or a missing bucket; retry it
+                lost = what == "uploading" and isinstance(exc, FileNotFoundError)
+                if lost and not isinstance(exc, LightningSaverError):
+                    exc = OSError(errno.EIO, f"{_cause(exc)}")
+                elif isinstance(exc, FileNotFoundError) and not isinstance(exc, LightningSaverError):
                     raise CheckpointNotFoundError(errno.ENOENT, f"{url} does not exist", url) from exc
                 if isinstance(exc, PermissionError):
                     raise StorageError(
@@ -149,7 +154,8 @@ class FsspecStorage:
                     raise StorageError(
                         errno.EIO,
                         f"{what} {url} failed after {attempt} attempts in {elapsed:.1f} s; last cause: "
-                        f"{_cause(exc)}. Nothing was left under that name; earlier checkpoints are intact",
+                        f"{_cause(exc)}. No partial object is left under that name; earlier checkpoints "
+                        "are intact",
                         url,
                     ) from exc
                 log.warning("%s %s: %s; retrying in %.2f s (attempt %d of %d)", what, url, _cause(exc),

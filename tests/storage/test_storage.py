@@ -162,3 +162,22 @@ def test_tf_bundle_writes_through_the_store(place):
     assert names == ["model.data-00000-of-00002", "model.data-00001-of-00002", "model.index"]
     write_checkpoint(prefix, {"a": np.arange(6, dtype=np.float32)}, storage_options=place.options)
     assert store.listdir(place.root) == ["model.data-00000-of-00001", "model.index"]  # stale shards gone
+
+
+def test_tf_bundle_round_trip_through_a_store_read_by_tensorflow(place, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
+
+    values = {"dense/kernel": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.array(7, np.int64)}
+    prefix = place.path("model.ckpt-7")
+    write_checkpoint(prefix, values, storage_options=place.options)
+    got = read_checkpoint(prefix, storage_options=place.options)
+    assert all(np.array_equal(got[k], v) for k, v in values.items())
+    assert list_checkpoint(prefix, storage_options=place.options)["dense/kernel"].shape == (3, 4)
+    store = storage_for(place.root, place.options)
+    for name in store.listdir(place.root):  # the peer reads the bytes we uploaded
+        (tmp_path / name).write_bytes(store.read_bytes(store.join(place.root, name)))
+    reader = tf.train.load_checkpoint(str(tmp_path / "model.ckpt-7"))
+    np.testing.assert_array_equal(reader.get_tensor("dense/kernel"), values["dense/kernel"])
