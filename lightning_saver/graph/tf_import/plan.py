@@ -226,6 +226,7 @@ class _Compiler:
         self.dead_refs: set[Ref] = set()
         self.dead_nodes: set[str] = set()
         self.maybe_dead: set[str] = set()
+        self.fetched = set(fetches)
 
     def where(self, name: str) -> str:
         consumers = self.index.describe_consumers(name, self.in_plan)
@@ -286,6 +287,8 @@ class _Compiler:
                          if c in self.maybe_dead)
         if op in VARIABLE_OPS:
             return
+        if op == "NoOp" and name not in self.maybe_dead and (name, 0) not in self.fetched:
+            return  # orders nothing here: the plan already runs in dependency order
         if op == INTERIOR_OP:
             frame = node.attr["frame_name"].s.decode()
             raise GraphImportError(
