@@ -45,3 +45,24 @@ def test_a_missing_bucket_fails_at_set_up_before_training(tmp_path, s3):
     with pytest.raises(CheckpointNotFoundError, match="no-such-bucket-here"):
         t.fit(model(0), datamodule=data())
     assert t.global_step == 0
+
+
+def test_lightning_cli_resumes_from_an_s3_ckpt_path(tmp_path, s3):
+    import yaml
+    from integration_helpers import STEPS_PER_EPOCH
+    from test_cli import small_config
+
+    from lightning_saver.integration.cli import cli_main
+
+    config, _ = small_config(tmp_path, "run")
+    doc = yaml.safe_load(open(config))
+    saver = doc["trainer"]["callbacks"][0]["init_args"]
+    saver.update(dirpath=s3.url("cli"), storage_options=s3.options, async_save=False)
+    with open(config, "w") as f:
+        yaml.safe_dump(doc, f)
+    cli_main(["fit", "--config", config, "--trainer.max_epochs", "1"])
+    url = s3.url("cli", f"model_{STEPS_PER_EPOCH}.safetensors")
+    assert storage_for(s3.url("cli"), s3.options).exists(url)
+    cli = cli_main(["fit", "--config", config, "--ckpt_path", url, "--trainer.max_epochs", "2"])
+    assert cli.trainer.ckpt_path == url
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH
