@@ -11,6 +11,7 @@ save/restore) carry them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.formats import tf_dtypes as dt
+from lightning_saver.graph.tf_import.limits import check_size
 
 # TensorProto's repeated field holding the values of each dtype when tensor_content is empty
 _VALUE_FIELD = {
@@ -82,6 +84,13 @@ def _repeated_values(proto: Any, tf_dtype: int, np_dtype: np.dtype) -> np.ndarra
     return np.array(raw).astype(np_dtype)
 
 
+def _itemsize(tf_dtype: int) -> int:
+    try:
+        return dt.to_numpy(tf_dtype).itemsize
+    except ValueError:
+        return 8  # strings (one pointer each) and types decoded below with their own error
+
+
 def decode_tensor(proto: Any, name: str = "<tensor>") -> torch.Tensor | np.ndarray:
     """A ``TensorProto`` as a torch tensor (a numpy ``bytes`` object array for DT_STRING).
 
@@ -103,7 +112,8 @@ def decode_tensor(proto: Any, name: str = "<tensor>") -> torch.Tensor | np.ndarr
         decode_tensor(node.attr["value"].tensor, "y/Const")  # -> tensor(1, dtype=torch.int32)
     """
     shape = decode_shape(proto.tensor_shape) or []
-    count = int(np.prod(shape, dtype=np.int64))
+    check_size(f"tensor {name}", shape, _itemsize(proto.dtype))  # one value may stand for a huge shape
+    count = math.prod(shape)
     if proto.dtype == dt.DT_STRING:
         values = np.empty(len(proto.string_val), dtype=object)
         values[:] = list(proto.string_val)

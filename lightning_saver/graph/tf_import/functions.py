@@ -11,6 +11,7 @@ body over one graph (``frames.py``), and run as the same ``WhileLoop``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -65,6 +66,9 @@ def _body_ref(text: str, nodes: dict[str, Any], op_defs: dict[str, Any]) -> str:
     return text
 
 
+_active_calls = threading.local()  # the functions running on this thread, to refuse recursion
+
+
 class CompiledFunction:
     """A graph with a cached plan from its argument placeholders to its outputs (a FunctionDef's body)."""
 
@@ -108,7 +112,17 @@ class CompiledFunction:
         return self._plan
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
-        return tuple(self.plan().execute({(a, 0): v for a, v in zip(self.args, inputs, strict=True)}))
+        active: set[int] = _active_calls.__dict__.setdefault("ids", set())
+        if id(self) in active:  # TensorFlow graphs have no recursion; a crafted library must not hang us
+            raise GraphImportError(
+                f"{self.kind} {self.name!r} calls itself (called by {', '.join(map(repr, self.callers))}); "
+                "recursive functions are not supported"
+            )
+        active.add(id(self))
+        try:
+            return tuple(self.plan().execute({(a, 0): v for a, v in zip(self.args, inputs, strict=True)}))
+        finally:
+            active.discard(id(self))
 
 
 class FunctionLibrary:

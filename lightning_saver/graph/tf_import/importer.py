@@ -153,7 +153,8 @@ class GraphIndex:
 
     def describe_consumers(self, name: str, among: Iterable[str] | None = None) -> str:
         """``"'a' (MatMul), 'b' (Identity)"``: who reads node ``name``'s outputs, for error messages."""
-        allowed = None if among is None else set(among)
+        # called for every node of a plan: copying a plan-sized set here made compiling quadratic
+        allowed = among if among is None or isinstance(among, (set, frozenset)) else set(among)
         names = [c for c, _ in self.consumers.get(name, []) if allowed is None or c in allowed]
         names = list(dict.fromkeys(names))
         if not names:

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from lightning_saver.graph.tf_import.limits import check_size
 from lightning_saver.graph.tf_import.table import TF_OPS
 
 Tensor = torch.Tensor
@@ -57,6 +58,7 @@ def one_hot(indices: Tensor, depth: Tensor, on_value: Tensor, off_value: Tensor,
     """
     if int(depth) < 0:
         raise ValueError(f"OneHot: depth must be non-negative, found {int(depth)}")
+    check_size("OneHot", [*indices.shape, int(depth)], max(on_value.element_size(), 1))
     classes = torch.arange(int(depth), dtype=indices.dtype, device=indices.device)
     hot = indices.unsqueeze(-1) == classes
     if axis != -1:
@@ -161,13 +163,16 @@ def range_(start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
         size = int(torch.ceil(torch.abs((limit.to(dtype) - start) / delta.to(dtype))))
     else:
         size = len(range(int(start), int(limit), int(delta)))
+    check_size("Range", [size], start.element_size())
     steps = torch.arange(size, dtype=dtype, device=start.device)
     return start + steps * delta.to(dtype)
 
 
 @TF_OPS.register("Fill")
 def fill(dims: Tensor, value: Tensor) -> Tensor:
-    return value.reshape(()).expand([int(d) for d in dims.tolist()]).contiguous()
+    shape = [int(d) for d in dims.reshape(-1).tolist()]
+    check_size("Fill", shape, value.element_size())
+    return value.reshape(()).expand(shape).contiguous()
 
 
 @TF_OPS.register("ZerosLike")

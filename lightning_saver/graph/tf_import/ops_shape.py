@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.limits import check_size
 from lightning_saver.graph.tf_import.table import TF_OPS
 
 
@@ -241,7 +242,10 @@ def mirror_pad(input: torch.Tensor, paddings: torch.Tensor, *, mode: str) -> tor
 
 @TF_OPS.register("Tile")
 def tile(input: torch.Tensor, multiples: torch.Tensor) -> torch.Tensor:
-    return input.repeat(_ints(multiples))
+    times = _ints(multiples)
+    dims = [1] * (len(times) - input.dim()) + list(input.shape)
+    check_size("Tile", [d * m for d, m in zip(dims, times, strict=False)], input.element_size())
+    return input.repeat(times)
 
 
 @TF_OPS.register("BroadcastTo")

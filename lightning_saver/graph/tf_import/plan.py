@@ -343,6 +343,9 @@ class _Compiler:
     def fold(self, name: str, func: Callable[..., Any], refs: list[Ref], kwargs: dict[str, Any]) -> None:
         try:
             out = func(*[self.consts[r] for r in refs], **kwargs)
+        except GraphImportError as err:  # e.g. a size over the cap: say which node asked for it
+            op = self.index.nodes[name].op
+            raise GraphImportError(f"while folding node {name!r} ({op}): {err}") from None
         except Exception as err:
             if hasattr(err, "add_note"):
                 err.add_note(f"while folding TensorFlow node {name!r} ({self.index.nodes[name].op})")
