@@ -376,3 +376,40 @@ def test_tensor_array_v3_ops_match_tensorflow(tmp_path):
             return [split.concat(), split.read(1), split.size(), unstacked.gather([3, 1]), written.stack()]
 
     check_one_op(tmp_path, arrays, {"x": RNG.normal(size=(4, 2)).astype(np.float32)})
+
+
+def test_malformed_frame_fails_when_needed_and_names_the_frame():
+    from tensorboard.compat.proto import graph_pb2, node_def_pb2
+
+    def node(name, op, *inputs, frame=None):
+        made = node_def_pb2.NodeDef(name=name, op=op, input=list(inputs))
+        if frame:
+            made.attr["frame_name"].s = frame.encode()
+        return made
+
+    graph = graph_pb2.GraphDef(node=[  # a loop without its LoopCond
+        node("x", "Placeholder"), node("enter", "Enter", "x", frame="f"),
+        node("merge", "Merge", "enter", "next"), node("next", "NextIteration", "merge"),
+        node("exit", "Exit", "merge"), node("y", "Identity", "x")])
+    imported = import_meta_graph(graph)
+    assert imported.run("y:0", {"x:0": np.float32(2.0)}) == 2.0  # the broken loop is not needed
+    message = r"TF1 while_loop frame 'f' cannot be imported: it has 0 LoopCond"
+    with pytest.raises(GraphImportError, match=message):
+        imported.run("exit:0", {"x:0": np.float32(2.0)})
+
+
+def test_a_loop_that_assigns_a_variable_is_refused(tmp_path):
+    def build(tf):
+        v1 = tf.compat.v1
+        with _control_flow(False):
+            v = v1.get_variable("v", initializer=1.0, use_resource=False)
+            counted = tf.while_loop(lambda i: i < 3,
+                                    lambda i: i + tf.cast(v1.assign_add(v, 1.0), tf.int32), [0])
+            tf.identity(counted, name="counted")
+
+    meta, ckpt, _, _ = _session_values(tmp_path, "assign", build, [], [], v2=False)
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    message = r"node 'while/AssignAdd' in while_loop body 'while/while_context' .* assigns a variable"
+    with pytest.raises(GraphImportError, match=message):
+        graph.run("counted:0")

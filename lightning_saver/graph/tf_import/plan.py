@@ -236,6 +236,9 @@ class _Compiler:
 
     def variable_of(self, ref: Ref, name: str) -> str:
         variable = resolve_variable(self.index, ref)
+        if variable is None and self.context:  # a variable passed into a function or a loop
+            raise GraphImportError(f"node {name!r}{self.context} assigns a variable, which is not supported "
+                                   "inside functions and loops")
         if variable is None:
             raise GraphImportError(f"node {name!r} writes to {ref_name(ref)}, which is not a variable")
         return variable
