@@ -16,7 +16,6 @@ __all__ = [
     "DiskFullError",
     "StorageError",
     "BackendNotInstalledError",
-    "CheckpointLockedError",
     "UnsupportedOpError",
     "CaptureError",
     "GraphImportError",
@@ -58,10 +57,6 @@ class StorageError(LightningSaverError, OSError):
 
 class BackendNotInstalledError(LightningSaverError, ImportError):
     """A URL's fsspec backend (``s3fs``, ``gcsfs``, ``adlfs``...) is not installed; names the package."""
-
-
-class CheckpointLockedError(LightningSaverError, RuntimeError):
-    """Another saver holds the lock of the same directory and prefix."""
 
 
 class UnsupportedOpError(LightningSaverError, NotImplementedError):

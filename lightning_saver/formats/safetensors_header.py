@@ -205,12 +205,12 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return parse_header(path, raw, size)
 
 
-_FIRST_READ = 64 << 10  # one ranged request usually holds the whole header
+_FIRST_READ = 16 << 10  # one ranged request holds the header of a model of ~150 tensors
 
 
 def read_header_ranged(path: str, size: int, read: Callable[[int, int], bytes]) -> Header:
     """Like :func:`read_header` for a file reached by ranged reads (``read(offset, length)``):
-    one request of up to 64 KiB, a second only for a bigger header. ``path`` names it in errors."""
+    one request of up to 16 KiB, a second only for a bigger header. ``path`` names it in errors."""
     if size < 8:
         raise _corrupt(path, f"the file has {size} bytes, fewer than the 8-byte header length")
     first = read(0, min(size, _FIRST_READ))

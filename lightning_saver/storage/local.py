@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from typing import BinaryIO, TypeVar
 
 from lightning_saver.errors import (
-    CheckpointLockedError,
     CheckpointNotFoundError,
+    ConcurrentSaverError,
     CorruptCheckpointError,
     DiskFullError,
     StorageError,
@@ -329,7 +329,7 @@ class LocalStorage:
         """Hold an exclusive ``flock`` on ``directory/.name.lock`` (no-op where flock is missing).
 
         Raises:
-            CheckpointLockedError: another process (or another saver in this one) holds it.
+            ConcurrentSaverError: another process (or another saver in this one) holds it.
         """
         path = os.path.abspath(os.path.join(directory, f".{name}.lock"))
         try:
@@ -356,8 +356,8 @@ class LocalStorage:
                 _held_locks.discard(path)
 
 
-def _locked(path: str, holder: str) -> CheckpointLockedError:
-    return CheckpointLockedError(
+def _locked(path: str, holder: str) -> ConcurrentSaverError:
+    return ConcurrentSaverError(
         f"{path} is locked by {holder}: two savers writing the same directory and prefix would "
         "overwrite each other's state file. Use another directory or prefix, or close the other saver"
     )

@@ -23,7 +23,7 @@ def test_inspect_a_url_reads_only_the_header(s3, fault_proxy, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["path"] == s3.url("ck", "m_7.safetensors")
     assert out["tensors"]["big"] == {"dtype": "F32", "shape": [512, 1024], "nbytes": 2 << 20}
-    assert faults.sent < 70_000, faults.requests
+    assert faults.sent < 200_000, faults.requests  # headers only: the 2 MiB tensor never came
     assert inspect.main([s3.url("ck", "m_7.safetensors"), "--storage-options", options, "--verify"]) == 0
     assert "all checksums verified" in capsys.readouterr().out
 

@@ -10,8 +10,8 @@ import pytest
 
 from lightning_saver.errors import (
     BackendNotInstalledError,
-    CheckpointLockedError,
     CheckpointNotFoundError,
+    ConcurrentSaverError,
     CorruptCheckpointError,
 )
 from lightning_saver.storage import LocalStorage, Storage, is_url, storage_for
@@ -98,12 +98,12 @@ def test_local_lock_is_exclusive_across_processes(tmp_path):
     store = LocalStorage()
     code = (
         "import sys\nfrom lightning_saver.storage import LocalStorage\n"
-        "from lightning_saver.errors import CheckpointLockedError\n"
+        "from lightning_saver.errors import ConcurrentSaverError\n"
         "try:\n    LocalStorage().lock(sys.argv[1], 'model').__enter__()\n"
-        "except CheckpointLockedError as e:\n    print('LOCKED', e)\n"
+        "except ConcurrentSaverError as e:\n    print('LOCKED', e)\n"
     )
     with store.lock(str(tmp_path), "model"):
-        with pytest.raises(CheckpointLockedError, match="another saver in this process"):
+        with pytest.raises(ConcurrentSaverError, match="another saver in this process"):
             with store.lock(str(tmp_path), "model"):
                 pass
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
