@@ -25,7 +25,9 @@ from lightning_saver.errors import CorruptCheckpointError
 from lightning_saver.formats import masked_crc
 from lightning_saver.formats.tf_wire import decode_varint, encode_varint
 
-__all__ = ["build_table", "read_table", "MAGIC", "FOOTER_SIZE", "BLOCK_SIZE", "RESTART_INTERVAL"]
+__all__ = [
+    "build_table", "read_table", "check_footer", "MAGIC", "FOOTER_SIZE", "BLOCK_SIZE", "RESTART_INTERVAL",
+]  # fmt: skip
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -189,6 +191,22 @@ def _block_entries(block: bytes, source: str, what: str) -> list[tuple[bytes, by
     return entries
 
 
+def check_footer(footer: bytes, *, source: str = "<table>") -> None:
+    """Check the magic number of a table's last ``FOOTER_SIZE`` bytes (read them before the rest).
+
+    Raises:
+        CorruptCheckpointError: a short footer or a wrong magic number (names ``source``).
+    """
+    if len(footer) != FOOTER_SIZE:
+        raise CorruptCheckpointError(f"{source}: the {FOOTER_SIZE}-byte footer is cut short (truncated file)")
+    (magic,) = struct.unpack_from("<Q", footer, _HANDLES_SIZE)
+    if magic != MAGIC:
+        raise CorruptCheckpointError(
+            f"{source}: wrong magic number {magic:#018x} (expected {MAGIC:#018x}); "
+            "this is not a TensorFlow checkpoint index, or it is truncated"
+        )
+
+
 def read_table(buf: bytes, *, source: str = "<table>") -> list[tuple[bytes, bytes]]:
     """Every (key, value) of a table, in key order, after checking every block's checksum.
 
@@ -206,12 +224,7 @@ def read_table(buf: bytes, *, source: str = "<table>") -> list[tuple[bytes, byte
             "the file is truncated"
         )
     footer = len(buf) - FOOTER_SIZE
-    (magic,) = struct.unpack_from("<Q", buf, footer + _HANDLES_SIZE)
-    if magic != MAGIC:
-        raise CorruptCheckpointError(
-            f"{source}: wrong magic number {magic:#018x} (expected {MAGIC:#018x}); "
-            "this is not a TensorFlow checkpoint index, or it is truncated"
-        )
+    check_footer(buf[footer:], source=source)
     try:
         _, _, pos = _read_handle(buf, footer, footer + _HANDLES_SIZE, source)
         index_offset, index_size, _ = _read_handle(buf, pos, footer + _HANDLES_SIZE, source)

@@ -50,7 +50,7 @@ __all__ = [
 
 _DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _BUNDLE_VERSION = 1  # kTensorBundleVersion: the newest layout this reader knows
-_MAX_INDEX_BYTES = 1 << 31
+_MAX_INDEX_BYTES = 1 << 29  # ~5 million tensors' entries; a larger .index is damage
 
 
 class TensorInfo(NamedTuple):
@@ -121,6 +121,16 @@ def read_entries(path: str | os.PathLike[str]) -> BundleIndex:
     prefix = resolve_prefix(path)
     index_file = prefix + ".index"
     with open(index_file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size >= sstable.FOOTER_SIZE:  # the footer first: a large file that is no index is never read
+            f.seek(size - sstable.FOOTER_SIZE)
+            sstable.check_footer(f.read(sstable.FOOTER_SIZE), source=index_file)
+            if size > _MAX_INDEX_BYTES:
+                raise CorruptCheckpointError(
+                    f"{index_file}: {size} bytes is larger than any checkpoint index we read "
+                    f"({_MAX_INDEX_BYTES}); is it damaged?"
+                )
+            f.seek(0)
         buf = f.read(_MAX_INDEX_BYTES)
     items = sstable.read_table(buf, source=index_file)
     if not items or items[0][0] != b"":

@@ -15,6 +15,8 @@ import pytest
 import safetensors.torch
 import tensorflow as tf
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tensorflow.core.protobuf import tensor_bundle_pb2
 
 from lightning_saver.cli import main as cli_main
@@ -299,5 +301,94 @@ def test_every_error_is_ours(tmp_path):
         path.write_bytes(bytes(raw))
         try:
             sio.load_file(path)
+        except LightningSaverError:
+            pass
+
+
+# ---------------------------------------------------------------- 5. the TF index footer comes first
+
+
+def test_a_huge_sparse_index_is_refused_from_its_footer(tmp_path):
+    index = tmp_path / "big.index"
+    with open(index, "wb") as f:
+        f.truncate(2 << 30)  # 2 GiB of holes: no magic number at the end
+    (tmp_path / "big.data-00000-of-00001").write_bytes(b"")
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"big\.index: wrong magic number"):
+            read_checkpoint(tmp_path / "big")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20 and time.perf_counter() - start < 2
+
+
+# ---------------------------------------------------------------- fuzzing: only our errors come out
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _valid_file() -> bytes:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "f.safetensors")
+        state = encode_state({"state_dict": {"a": torch.arange(4.0)}, "epoch": 3, "betas": (0.9, 0.99),
+                              "arr": np.arange(3)})
+        sio.save_file(state.tensors, path, metadata=state.metadata, info={"global_step": 3})
+        with open(path, "rb") as f:
+            return f.read()
+
+
+_VALID = _valid_file()
+
+
+def _read_all(tmp_path, raw: bytes) -> None:
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(raw)
+    try:
+        header = sio.read_header(path)
+        sio.load_file(path)
+        if STATE_KEY in header.metadata:
+            decode_state(sio.load_file(path), header.metadata, source=str(path))
+    except LightningSaverError:
+        pass
+
+
+def _header_file(doc) -> bytes:
+    text = json.dumps(doc).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200) | _json.map(_header_file) | st.builds(
+    lambda doc, body: _header_file({"__metadata__": {"lightning_saver": json.dumps(doc)}}) + body,
+    _json, st.binary(max_size=16)))
+def test_fuzz_the_safetensors_header_reader(tmp_path, raw):
+    _read_all(tmp_path, raw)
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1,
+                      max_size=4), cut=st.integers(0, len(_VALID)))
+def test_fuzz_mutations_of_a_valid_file(tmp_path, edits, cut):
+    raw = bytearray(_VALID)
+    for pos, value in edits:
+        raw[pos] = value
+    _read_all(tmp_path, bytes(raw[:cut] if cut % 3 == 0 else raw))
+
+
+@settings(max_examples=300, deadline=2000)
+@given(state=_json)
+def test_fuzz_the_training_state_decoder(state):
+    for doc in ({"version": 1, "state": state}, {"version": 1, "state": {"k": state}}, state):
+        try:
+            decode_state({"w": torch.zeros(2)}, {STATE_KEY: json.dumps(doc)}, source="f")
         except LightningSaverError:
             pass
