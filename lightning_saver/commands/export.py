@@ -68,9 +68,11 @@ def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     from lightning_saver.formats import state_codec
 
     fmt, path = _formats.detect(checkpoint)
-    tensors = _formats.load_all(fmt, path)
     if fmt == _formats.TF:
-        return {k.replace("/", "."): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        from lightning_saver.saving.tf_restore import load_tf
+
+        return load_tf(path)  # names and layouts mapped back through the .meta's record
+    tensors = _formats.load_all(fmt, path)
     metadata = _formats.read_metadata(fmt, path)
     if state_codec.has_state(metadata):
         state = state_codec.decode_state(tensors, metadata, source=path)

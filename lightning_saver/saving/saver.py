@@ -35,7 +35,7 @@ from lightning_saver.errors import (
     StorageError,
 )
 from lightning_saver.formats import safetensors_io
-from lightning_saver.saving import deleter, lock, names, rotation, state_file
+from lightning_saver.saving import deleter, lock, names, rotation, state_file, tf_restore
 from lightning_saver.saving.loading import RestoreResult, restore_into
 from lightning_saver.saving.names import Series
 from lightning_saver.saving.store_io import read_header_at, resolve, store_of
@@ -447,7 +447,8 @@ class CheckpointSaver:
 
         Args:
             model: the target; ties between its tensors are kept.
-            save_path: a path returned by ``save`` (``.safetensors`` may be left off).
+            save_path: a path returned by ``save`` (``.safetensors`` may be left off), or the prefix of
+                a TF checkpoint saved from one of our exported graphs (``saving/tf_restore.py``).
             strict: missing or unexpected keys are an error (shape/dtype differences always are).
             verify: check the checksums (default: the saver's ``verify``).
 
@@ -459,6 +460,8 @@ class CheckpointSaver:
         """
         self.wait()
         store, path = self._store_of(save_path)
+        if tf_restore.is_tf_prefix(path):  # a TF checkpoint of one of our exported graphs
+            return tf_restore.restore_tf(model, path, strict=strict)
         path = resolve(store, path)
         if names.is_set_index(path):
             from lightning_saver.saving import sharded
@@ -567,8 +570,12 @@ def load(
         tensor(5.)
     """
     store, text = store_of(path, storage_options)
-    header = read_header_at(store, resolve(store, text))
-    tensors = safetensors_io.load_tensors(header, names=keys, verify=verify)
+    if tf_restore.is_tf_prefix(text):  # a TF checkpoint of one of our exported graphs
+        tensors = tf_restore.load_tf(text)
+        tensors = tensors if keys is None else {k: tensors[k] for k in keys}
+    else:
+        header = read_header_at(store, resolve(store, text))
+        tensors = safetensors_io.load_tensors(header, names=keys, verify=verify)
     if torch.device(device).type == "cpu":
         return tensors
     moved: dict[int, torch.Tensor] = {}

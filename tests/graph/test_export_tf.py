@@ -75,7 +75,8 @@ def test_variables_collections_and_saver_in_tensorflow(mlp_export: tuple[MLP, st
             np.testing.assert_array_equal(session.run("fc1/weight:0"), kernel)
     assert names == trainable == ["fc1/bias", "fc1/weight", "fc2/bias", "fc2/weight"]
     assert placeholder.op.type == "Placeholder" and placeholder.shape.as_list() == [None, 4]
-    np.testing.assert_array_equal(kernel, model.fc1.weight.detach().numpy())
+    # stored as TensorFlow's MatMul reads it, [in, out]: no transpose runs per batch
+    np.testing.assert_array_equal(kernel, model.fc1.weight.detach().numpy().T)
 
 
 def test_signature_saver_def_and_op_list(mlp_export: tuple[MLP, str]) -> None:
@@ -154,3 +155,40 @@ def test_capture_error_names_the_model_line(tmp_path) -> None:
     expected = r"DataDependent.*test_export_tf\.py:\d+ in forward.*x\.sum\(\) > 0"
     with pytest.raises(CaptureError, match=expected):
         export_meta_graph(DataDependent(), (torch.randn(2, 3),), tmp_path / "m.meta")
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 8, 3, groups=4)
+        self.conv1d = nn.Conv1d(8, 2, 3)
+        self.fc = nn.Linear(2 * 4, 5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(torch.relu(self.conv(images)))  # (N, 8, 4, 4)
+        x = self.conv1d(x.flatten(2))  # (N, 2, 14)
+        return self.fc(x[:, :, :4].flatten(1)) + self.fc.weight.sum()  # fc.weight read in two layouts
+
+
+def test_variables_in_tensorflow_layouts_and_no_transpose_runs(tmp_path) -> None:
+    from lightning_saver.formats.tf_layouts import read_layouts, to_torch
+    from lightning_saver.tf import read_checkpoint
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    path = check_tf(tmp_path, model, (torch.randn(2, 3, 6, 6),), atol=1e-5, rtol=1e-5,
+                    run_args=(torch.randn(3, 3, 6, 6),))
+    stored = read_checkpoint(path[: -len(".meta")])
+    assert stored["conv/weight"].shape == (3, 3, 3, 4)  # HWIO
+    assert stored["depthwise/weight"].shape == (3, 3, 4, 2)  # H, W, in, multiplier
+    assert stored["fc/weight"].shape == (8, 5)  # [in, out]
+    # only the input's, the outputs' and fc.weight's second layout transpose: never a filter
+    transposed = [n for n in _meta(path).graph_def.node if n.op == "Transpose"]
+    assert all("weight" not in n.input[0] for n in transposed) or \
+        [n.input[0] for n in transposed if "weight" in n.input[0]] == ["fc/weight/read"]
+    # the recorded layouts map the checkpoint back to the state_dict, exactly
+    back = to_torch(read_layouts(path), read_checkpoint(path[: -len(".meta")], framework="torch"), path)
+    assert back.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0)

@@ -43,6 +43,8 @@ def build_graph(model: nn.Module, args: Sequence[Any], *, freeze: bool = False, 
     g = GraphBuilder()
     store = None if freeze else VariableStore(g)
     converted = convert(captured.program, g, store)
+    if store is not None:
+        store.finish()
     return build_meta_graph(g, converted.inputs, converted.outputs, store), store
 
 

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +40,20 @@ _SPLAT_FIELD = {
 
 
 @dataclass(frozen=True)
+class LazyVariable:
+    """A variable not yet in the graph: its ``state_dict`` key and the layout steps asked of it so far
+    (``("transpose", perm)``, ``("reshape", shape)``). The first op that reads it creates the variable
+    in that layout (``GraphBuilder.materialize``), so filters are stored HWIO and matmul weights
+    ``[in, out]``, and the graph transposes nothing per run."""
+
+    key: str
+    steps: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def then(self, kind: str, arg: Sequence[int]) -> LazyVariable:
+        return replace(self, steps=(*self.steps, (kind, tuple(int(a) for a in arg))))
+
+
+@dataclass(frozen=True)
 class TfTensor:
     """One output of a node: ``ref`` is ``"node"`` or ``"node:i"``; ``value`` when known at export time."""
 
@@ -49,6 +63,8 @@ class TfTensor:
     value: np.ndarray | None = None
     # (source, perm) when this tensor is a Transpose of ``source``, so inverse pairs cancel
     transposed_from: tuple[TfTensor, tuple[int, ...]] | None = None
+    # a weight whose variable is created on first read, in the layout asked of it (see LazyVariable)
+    lazy: LazyVariable | None = None
 
     @property
     def node_name(self) -> str:
@@ -100,6 +116,8 @@ class GraphBuilder:
         self.scope = ""
         self._names: set[str] = set()
         self.ops_used: set[str] = set()
+        # creates the variable of a LazyVariable tensor (set by the VariableStore)
+        self.materialize: Callable[[TfTensor], TfTensor] | None = None
 
     def unique(self, name: str, *, scoped: bool = True) -> str:
         """A free node name, under the current scope, sanitized to TensorFlow's name rules."""
@@ -145,7 +163,7 @@ class GraphBuilder:
 
     def _as_input(self, value: Any, arg: Any, types: dict[str, Any]) -> TfTensor:
         if isinstance(value, TfTensor):
-            return value
+            return self.real(value)
         if arg.type:
             dtype = arg.type
         elif arg.type_attr in types:
@@ -179,6 +197,13 @@ class GraphBuilder:
         if not outputs:
             return name
         return outputs[0] if len(outputs) == 1 and not od.output_arg[0].number_attr else outputs
+
+    def real(self, x: TfTensor) -> TfTensor:
+        """``x`` as a tensor in the graph: a lazy variable is created now, in its layout so far."""
+        if x.lazy is None:
+            return x
+        assert self.materialize is not None, "a lazy variable without a VariableStore"
+        return self.materialize(x)
 
     # --- constants and inputs ---------------------------------------------------------------
 
@@ -216,6 +241,8 @@ class GraphBuilder:
         if perm == tuple(range(len(perm))):
             return x
         shape = None if x.shape is None else tuple(x.shape[p] for p in perm)
+        if x.lazy is not None:
+            return replace(x, shape=shape, lazy=x.lazy.then("transpose", perm))
         if x.value is not None:
             return self.const(np.transpose(x.value, perm), x.dtype, name="Transpose")
         if x.transposed_from is not None:
@@ -228,6 +255,13 @@ class GraphBuilder:
     def reshape(self, x: TfTensor, shape: Sequence[Any]) -> TfTensor:
         if x.value is not None and all(isinstance(d, int) for d in shape):
             return self.const(x.value.reshape(tuple(shape)), x.dtype, name="Reshape")
+        if x.lazy is not None and x.shape is not None and None not in x.shape and \
+                all(isinstance(d, int) for d in shape):
+            target = [int(d) for d in shape]
+            if -1 in target:  # the one free size, from the static total
+                known = int(np.prod([d for d in target if d != -1]))
+                target[target.index(-1)] = int(np.prod(x.shape)) // max(known, 1)  # type: ignore[arg-type]
+            return replace(x, shape=tuple(target), lazy=x.lazy.then("reshape", target))
         known = tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
         return self.op("Reshape", x, self.int_vector(shape), out_shape=known)
 

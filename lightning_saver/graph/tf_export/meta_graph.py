@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tensorboard.compat.proto import meta_graph_pb2
 
+from lightning_saver.formats import tf_layouts
 from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor
 from lightning_saver.graph.tf_export.op_defs import op_def, shape_proto
 from lightning_saver.graph.tf_export.variables import VariableStore
@@ -28,6 +29,8 @@ def build_meta_graph(g: GraphBuilder, inputs: dict[str, TfTensor], outputs: list
             values = meta.collection_def[collection].bytes_list.value
             values.extend(v.proto.SerializeToString() for v in store.variables
                           if wanted is None or v.trainable)
+        # how each variable is laid out relative to the state_dict (formats/tf_layouts.py)
+        meta.collection_def[tf_layouts.COLLECTION].bytes_list.value.append(store.layouts())
     info = meta.meta_info_def
     info.tags.extend(tags)
     info.stripped_default_attrs = True  # true: no node carries an attr at its default (see op_defs.py)
