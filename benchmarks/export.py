@@ -1,14 +1,15 @@
-"""How long does exporting a ResNet-18-sized model take, and how fast do the exports run?
+"""Export time, and the exports' forward time next to torch: TF with variables, TF frozen, ONNX Runtime.
 
-Exports a ResNet-18 (defined here, random weights, no download) to a TF MetaGraph (with variables,
-and frozen) and to ONNX, then times one batch's forward pass in torch, in TensorFlow
-(import_meta_graph + Saver.restore, then session.run) and in ONNX Runtime, with the same thread
-count everywhere (torch timed first, before the others start their thread pools), and checks the
-outputs agree.
-Prints a table, then one JSON line.
+Per model (a ResNet-18 defined here, and a BERT encoder built from a ``transformers`` config; random
+weights, no download): exports a TF MetaGraph with variables (stored in TensorFlow's layouts), a
+frozen one and an ONNX file, then times one batch's forward pass per runtime, **each in its own
+process** (a fresh interpreter that rebuilds the model or imports the export) with the same thread
+count, at 1 thread and at the machine's, in rounds whose runtime order is shuffled; reported as
+medians and as paired ratios (same round) against torch, and variables against frozen. Outputs are
+compared with torch's. Prints a table per model and thread count, then one JSON line.
 
-    python benchmarks/export.py            # 8 x 3 x 224 x 224
-    python benchmarks/export.py --quick    # tiny widths and images, for the smoke test
+    python benchmarks/export.py            # ResNet-18 8 x 3 x 224 x 224, BERT 8 x 128 tokens
+    python benchmarks/export.py --quick    # tiny widths and inputs, for the smoke test
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,8 +32,7 @@ import torch
 from timing import machine, median_seconds
 from torch import nn
 
-from lightning_saver.graph.onnx_export import export_onnx
-from lightning_saver.graph.tf_export import export_meta_graph
+RUNTIMES = ("torch", "tensorflow", "tensorflow_frozen", "onnxruntime")
 
 
 class BasicBlock(nn.Module):
@@ -65,93 +70,187 @@ class ResNet18(nn.Module):
         return self.head(self.layers(self.stem(images)))
 
 
-def _tf_runner(meta: str, threads: int, restore: bool = True) -> tuple[Any, Any]:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+def _bert(quick: bool) -> nn.Module:
+    import transformers
 
-    graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
-    with graph.as_default():
-        saver = tf.compat.v1.train.import_meta_graph(meta)
-        session = tf.compat.v1.Session(graph=graph, config=config)
-        if restore:
-            saver.restore(session, meta[: -len(".meta")])
-    return session, lambda batch: session.run("output_0:0", {"images:0": batch})
+    size, layers, heads = (16, 1, 2) if quick else (256, 4, 4)
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=size, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=4 * size,
+                                     max_position_embeddings=512)
+    return transformers.BertModel(config, add_pooling_layer=False)
 
 
-def _ort_runner(path: str, threads: int) -> Any:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    # idle ORT threads would otherwise spin and slow the runtimes timed after it on the same cores
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(None, {"images": batch})[0]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
-    args = parser.parse_args()
-    width, size, batch, repeats = (8, 32, 2, 3) if args.quick else (64, 224, 8, 10)
-    batch = args.batch or batch
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+def build(name: str, quick: bool) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model in eval mode, example inputs for the capture, the batch to time), all from seed 0."""
     torch.manual_seed(0)
-    model = ResNet18(width=width, classes=10 if args.quick else 1000, blocks=1 if args.quick else 2)
-    model.eval()
-    example = torch.randn(2, 3, size, size)
-    images = torch.randn(batch, 3, size, size)
-    folder = tempfile.mkdtemp(prefix="bench_export_")
+    if name == "resnet18":
+        width, size, batch = (8, 32, 2) if quick else (64, 224, 8)
+        model: nn.Module = ResNet18(width=width, classes=10 if quick else 1000, blocks=1 if quick else 2)
+        example = {"images": torch.randn(2, 3, size, size)}
+        timed = {"images": torch.randn(batch, 3, size, size)}
+    else:
+        batch, length = (2, 8) if quick else (8, 128)
+        model = _bert(quick)
+        example = {"input_ids": torch.randint(0, 1000, (2, length))}
+        timed = {"input_ids": torch.randint(0, 1000, (batch, length))}
+    return model.eval(), example, timed
 
+
+class _Wrap(nn.Module):  # the BERT output is a ModelOutput: time and compare last_hidden_state
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+def _model(name: str, quick: bool) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    model, example, timed = build(name, quick)
+    return (model if name == "resnet18" else _Wrap(model).eval()), example, timed
+
+
+# --- workers: one runtime, one process -----------------------------------------------------------
+
+
+def _worker(runtime: str, name: str, folder: str, threads: int, repeats: int, quick: bool) -> dict[str, Any]:
+    feeds = dict(np.load(os.path.join(folder, "inputs.npz")))
+    if runtime == "torch":
+        torch.set_num_threads(threads)
+        model, _, _ = _model(name, quick)
+        batch = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        with torch.no_grad():
+            def run() -> Any:
+                return model(**batch).numpy()
+            out = run()
+            seconds = median_seconds(run, repeats)
+    elif runtime == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = onnxruntime.InferenceSession(os.path.join(folder, "model.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
+        def run() -> Any:
+            return session.run(None, feeds)[0]
+        out = run()
+        seconds = median_seconds(run, repeats)
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+
+        meta = os.path.join(folder, "frozen.meta" if runtime == "tensorflow_frozen" else "model.meta")
+        graph = tf.Graph()
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,
+                                          inter_op_parallelism_threads=1)
+        with graph.as_default():
+            saver = tf.compat.v1.train.import_meta_graph(meta)
+            session = tf.compat.v1.Session(graph=graph, config=config)
+            if runtime == "tensorflow":
+                saver.restore(session, meta[: -len(".meta")])
+        named = {f"{k}:0": v for k, v in feeds.items()}
+        def run() -> Any:
+            return session.run("output_0:0", named)
+        out = run()
+        seconds = median_seconds(run, repeats)
+    np.save(os.path.join(folder, f"out_{runtime}.npy"), out)
+    return {"seconds": seconds}
+
+
+def _spawn(runtime: str, name: str, folder: str, threads: int, repeats: int, quick: bool) -> float:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", runtime, "--model", name,
+               "--folder", folder, "--threads", str(threads), "--repeats", str(repeats)]
+    command += ["--quick"] if quick else []
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{runtime} worker failed:\n{done.stderr[-3000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def _export(name: str, folder: str, quick: bool) -> dict[str, float]:
+    from lightning_saver.graph.onnx_export import export_onnx
+    from lightning_saver.graph.tf_export import export_meta_graph
+
+    model, example, timed = _model(name, quick)
+    np.savez(os.path.join(folder, "inputs.npz"), **{k: v.numpy() for k, v in timed.items()})
+    times = {}
     start = time.perf_counter()
-    meta = export_meta_graph(model, (example,), os.path.join(folder, "resnet.meta"))
-    tf_export_s = time.perf_counter() - start
-    frozen = export_meta_graph(model, (example,), os.path.join(folder, "frozen.meta"), freeze=True)
+    export_meta_graph(model, (), os.path.join(folder, "model.meta"), kwargs=example)
+    times["export_tf_s"] = time.perf_counter() - start
+    export_meta_graph(model, (), os.path.join(folder, "frozen.meta"), kwargs=example, freeze=True)
     start = time.perf_counter()
-    onnx_path = export_onnx(model, (example,), os.path.join(folder, "resnet.onnx"))
-    onnx_export_s = time.perf_counter() - start
+    export_onnx(model, (), os.path.join(folder, "model.onnx"), kwargs=example)
+    times["export_onnx_s"] = time.perf_counter() - start
+    return times
 
-    # torch first, before TF and ORT start their thread pools: their idle threads would slow it
-    with torch.no_grad():
-        expected = model(images).numpy()
-        torch_s = median_seconds(lambda: model(images), repeats)
-    batch_np = images.numpy()
-    session, tf_run = _tf_runner(meta, args.threads)
-    frozen_session, frozen_run = _tf_runner(frozen, args.threads, restore=False)
-    ort_run = _ort_runner(onnx_path, args.threads)
-    runners = {"tensorflow": tf_run, "tensorflow_frozen": frozen_run, "onnxruntime": ort_run}
-    diffs = {name: float(np.abs(run(batch_np) - expected).max()) for name, run in runners.items()}
-    tf_s, frozen_s, ort_s = (median_seconds(lambda r=run: r(batch_np), repeats) for run in runners.values())
-    session.close()
-    frozen_session.close()
 
-    params = sum(p.numel() for p in model.parameters())
-    name = "ResNet-10 (quick)" if args.quick else "ResNet-18"
-    print(f"{name} width {width}, {params / 1e6:.2f} M parameters, batch {batch} x 3 x {size} x {size}, "
-          f"{args.threads} threads")
-    print(f"{'step':<28}{'seconds':>10}{'vs torch':>10}{'max |diff|':>12}")
-    print(f"{'export TF MetaGraph':<28}{tf_export_s:>10.3f}")
-    print(f"{'export ONNX (dynamo)':<28}{onnx_export_s:>10.3f}")
-    print(f"{'forward torch':<28}{torch_s:>10.4f}{1.0:>10.2f}")
-    print(f"{'forward TensorFlow':<28}{tf_s:>10.4f}{tf_s / torch_s:>10.2f}{diffs['tensorflow']:>12.2e}")
-    print(f"{'forward TensorFlow frozen':<28}{frozen_s:>10.4f}{frozen_s / torch_s:>10.2f}"
-          f"{diffs['tensorflow_frozen']:>12.2e}")
-    print(f"{'forward ONNX Runtime':<28}{ort_s:>10.4f}{ort_s / torch_s:>10.2f}{diffs['onnxruntime']:>12.2e}")
-    print(json.dumps({
-        "machine": machine(),
-        "benchmark": "export", "quick": args.quick, "params": params, "batch": batch, "image": size,
-        "threads": args.threads, "export_tf_s": round(tf_export_s, 3),
-        "export_onnx_s": round(onnx_export_s, 3), "forward_torch_s": round(torch_s, 5),
-        "forward_tf_s": round(tf_s, 5), "forward_tf_frozen_s": round(frozen_s, 5),
-        "forward_ort_s": round(ort_s, 5), "tf_frozen_vs_torch": round(frozen_s / torch_s, 3),
-        "tf_vs_torch": round(tf_s / torch_s, 3), "ort_vs_torch": round(ort_s / torch_s, 3),
-        "max_abs_diff": diffs,
-    }))
+def _bench(name: str, threads: int, rounds: int, repeats: int, quick: bool, folder: str) -> dict[str, Any]:
+    seconds: dict[str, list[float]] = {r: [] for r in RUNTIMES}
+    for _ in range(rounds):
+        order = list(RUNTIMES)
+        random.shuffle(order)
+        for runtime in order:
+            seconds[runtime].append(_spawn(runtime, name, folder, threads, repeats, quick))
+    expected = np.load(os.path.join(folder, "out_torch.npy"))
+    diffs = {r: float(np.abs(np.load(os.path.join(folder, f"out_{r}.npy")) - expected).max())
+             for r in RUNTIMES if r != "torch"}
+    ratios = {f"{r}_vs_torch": statistics.median(a / b for a, b in zip(seconds[r], seconds["torch"],
+                                                                        strict=True))
+              for r in RUNTIMES if r != "torch"}
+    ratios["variables_vs_frozen"] = statistics.median(
+        a / b for a, b in zip(seconds["tensorflow"], seconds["tensorflow_frozen"], strict=True))
+    return {"threads": threads, "median_s": {r: statistics.median(v) for r, v in seconds.items()},
+            "paired_ratios": ratios, "max_abs_diff": diffs}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--models", default="resnet18,bert")
+    parser.add_argument("--threads", default=None, help="comma-separated (default: 1 and all cores)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    repeats = args.repeats or (3 if args.quick else 10)
+    if args.worker:
+        threads = int(args.threads or 1)
+        print(json.dumps(_worker(args.worker, args.model, args.folder, threads, repeats, args.quick)))
+        return 0
+    cores = os.cpu_count() or 1
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    rounds = args.rounds or (1 if args.quick else 3)
+    results = []
+    for name in args.models.split(","):
+        folder = tempfile.mkdtemp(prefix=f"bench_export_{name}_")
+        exported = _export(name, folder, args.quick)
+        for threads in thread_counts:
+            result = {"model": name, **{k: round(v, 3) for k, v in exported.items()},
+                      **_bench(name, threads, rounds, repeats, args.quick, folder)}
+            results.append(result)
+            _print(result)
+    print(json.dumps({"machine": machine(), "benchmark": "export", "quick": args.quick, "rounds": rounds,
+                      "repeats": repeats, "load_average": os.getloadavg(), "results": results}))
+    return 0
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"\n{result['model']}, {result['threads']} thread(s); export TF {result['export_tf_s']} s, "
+          f"ONNX {result['export_onnx_s']} s; load {os.getloadavg()[0]:.1f}")
+    print(f"{'runtime':<20}{'median s':>10}{'paired vs torch':>17}{'max |diff|':>12}")
+    for runtime in RUNTIMES:
+        ratio = result["paired_ratios"].get(f"{runtime}_vs_torch", 1.0)
+        diff = result["max_abs_diff"].get(runtime, 0.0)
+        print(f"{runtime:<20}{result['median_s'][runtime]:>10.4f}{ratio:>17.2f}{diff:>12.2e}")
+    print(f"{'variables / frozen (paired)':<37}{result['paired_ratios']['variables_vs_frozen']:>10.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
