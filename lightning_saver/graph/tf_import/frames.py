@@ -112,27 +112,30 @@ def assign_frames(nodes: dict[str, Any]) -> tuple[dict[str, str | None], dict[st
     return frame, parent
 
 
-def _inside(frame: str | None, top: str, parent: dict[str, str | None]) -> bool:
-    while frame is not None:
-        if frame == top:
-            return True
-        frame = parent.get(frame)
-    return False
+def _top(frame: str, parent: dict[str, str | None]) -> str:
+    outer = parent.get(frame)
+    while outer is not None:
+        frame, outer = outer, parent.get(outer)
+    return frame
 
 
 def collapse_frames(nodes: list[Any]) -> tuple[list[Any], dict[str, FrameLoop]]:
     """The graph's nodes with each top-level frame cut out (see the module docstring), and the loops."""
     by_name = {n.name: n for n in nodes}
     frame, parent = assign_frames(by_name)
-    tops = [f for f, p in parent.items() if p is None]
+    tops = [f for f, p in parent.items() if p is None]  # frames nested in none
     loops: dict[str, FrameLoop] = {}
     replaced: dict[str, Any] = {}
     exit_of: dict[str, list[str]] = defaultdict(list)  # switch -> the Exits of its output 0
     for n in nodes:
         if n.op in EXIT_OPS and n.input and _parse(n.input[0])[1] == 0:
             exit_of[_parse(n.input[0])[0]].append(n.name)
+    members_of: dict[str, set[str]] = {top: set() for top in tops}
+    for n, f in frame.items():
+        if f is not None:
+            members_of[_top(f, parent)].add(n)
     for top in tops:
-        members = {n for n, f in frame.items() if _inside(f, top, parent)}
+        members = members_of[top]
         name = f"{top}/while_loop"
         while name in by_name:
             name += "_"
