@@ -77,6 +77,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
+        if action == "403":
+            msg = b"<Error><Code>AccessDenied</Code><Message>injected: bad key</Message></Error>"
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+            return
         if action == "503":
             msg = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
             self.send_response(503)

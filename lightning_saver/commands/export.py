@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", action="store_true", help="embed weights as constants in the MetaGraph")
     p.add_argument("--static-batch", action="store_true", help="keep the example batch size fixed")
     p.add_argument("--log-dir", help="also write the TF graph to a TensorBoard event file here")
+    from lightning_saver.commands import _formats
+
+    _formats.storage_options_arg(p)  # for an s3:// --checkpoint; outputs use the environment's
     return p
 
 
@@ -62,18 +65,19 @@ def _model_class(path: str) -> type[nn.Module]:
     return cls
 
 
-def load_weights(checkpoint: str) -> dict[str, torch.Tensor]:
-    """The state_dict in a lightning_saver file (weights or training state) or one of our TF checkpoints."""
+def load_weights(checkpoint: str, storage_options: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in a lightning_saver file (weights or training state) or one of our TF checkpoints
+    (a local path, or an ``s3://`` URL read by ranged requests)."""
     from lightning_saver.commands import _formats
     from lightning_saver.formats import state_codec
 
-    fmt, path = _formats.detect(checkpoint)
+    fmt, path = _formats.detect(checkpoint, storage_options)
     if fmt == _formats.TF:
         from lightning_saver.saving.tf_restore import load_tf
 
         return load_tf(path)  # names and layouts mapped back through the .meta's record
-    tensors = _formats.load_all(fmt, path)
-    metadata = _formats.read_metadata(fmt, path)
+    tensors = _formats.load_all(fmt, path, options=storage_options)
+    metadata = _formats.read_metadata(fmt, path, storage_options)
     if state_codec.has_state(metadata):
         state = state_codec.decode_state(tensors, metadata, source=path)
         return dict(state["state_dict"])
@@ -114,7 +118,7 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError(f"--init-args must be a JSON object, got {args.init_args!r}")
         model = _model_class(args.model_class)(**init_args)
         try:
-            result = model.load_state_dict(load_weights(args.checkpoint), strict=False)
+            result = model.load_state_dict(load_weights(args.checkpoint, args.storage_options), strict=False)
         except RuntimeError as err:  # shape mismatches
             raise StateMismatchError(f"{args.checkpoint} does not fit {args.model_class}: {err}; "
                                      "check --model-class and --init-args") from None

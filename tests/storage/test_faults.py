@@ -138,3 +138,13 @@ def test_incomplete_multipart_uploads_of_dead_writers_are_aborted(s3):
     assert store.remove_incomplete(s3.url("ck"), older_than_s=0) == [s3.url("ck", "m_9.safetensors")]
     left = [u["Key"] for u in fs.list_multipart_uploads(s3.bucket)]
     assert left == ["other/m_1.safetensors"]  # another directory's upload is left alone
+
+
+def test_denied_credentials_fail_at_set_up_with_a_clear_error(s3, fault_proxy):
+    fault_proxy.inject(fail_numbers=set(range(1, 99)), mode="403")  # the server refuses every request
+    saver = CheckpointSaver(storage_options=_through(fault_proxy, s3))
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=r"checking access to s3://.*/ck: access denied .*check the "
+                                           r"credentials"):
+        saver.check_access(s3.url("ck"))
+    assert time.monotonic() - start < 10  # not retried: a permission error is not transient
