@@ -22,14 +22,16 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver
 	$(PIP) install -c $(CONSTRAINTS) -e '.[test,demo]'
 	touch $@ $(VENV)/.stamp-demo
 
-# The main job: LightningCLI fit of configs/digits.yaml (its default_root_dir is $(RUN_DIR)), the files it
-# kept, then a resume from the newest checkpoint for two more epochs.
+# The main job: LightningCLI fit of configs/digits.yaml under $(RUN_DIR) (TensorBoard logs and, per run,
+# lightning_logs/version_N/checkpoints), the files it kept, then a resume from the newest checkpoint for
+# two more epochs (max_epochs 8 -> 10). `tensorboard --logdir $(RUN_DIR)` shows the metrics and the graph.
 demo: $(VENV)/.stamp-demo
 	rm -rf $(RUN_DIR)
-	$(VENV)/bin/lightning-saver fit --config configs/digits.yaml
-	ls -l $(RUN_DIR)/checkpoints
-	$(VENV)/bin/lightning-saver fit --config configs/digits.yaml --ckpt_path last --trainer.max_epochs 10
-	ls -l $(RUN_DIR)/checkpoints
+	$(VENV)/bin/lightning-saver fit --config configs/digits.yaml --trainer.default_root_dir $(RUN_DIR)
+	ls -l $(RUN_DIR)/lightning_logs/version_0/checkpoints
+	$(VENV)/bin/lightning-saver fit --config configs/digits.yaml --trainer.default_root_dir $(RUN_DIR) \
+		--ckpt_path last --trainer.max_epochs 10
+	ls -l $(RUN_DIR)/lightning_logs/version_1/checkpoints
 
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .

@@ -27,8 +27,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "Saver": "lightning_saver.integration.callback",
-    "SafetensorsCheckpointIO": "lightning_saver.integration.checkpoint_io",
+    "load_from_checkpoint": "lightning_saver.integration.loading",
     "latest_checkpoint": "lightning_saver.saving.saver",
     "load": "lightning_saver.saving.saver",
     "import_meta_graph": "lightning_saver.graph.tf_import",
@@ -40,6 +39,7 @@ __all__ = [
     "__version__",
     "Saver",
     "SafetensorsCheckpointIO",
+    "load_from_checkpoint",
     "latest_checkpoint",
     "load",
     "import_meta_graph",
@@ -59,7 +59,29 @@ __all__ = [
 ]
 
 
+def _bound(name: str) -> Any:
+    """``Saver`` / ``SafetensorsCheckpointIO`` bound to the Lightning packages imported so far.
+
+    Not cached: a program that imports Lightning later gets the bound class then (and an instance
+    of the plain class binds itself when created). Without Lightning, ``Saver`` is the standalone
+    class and nothing imports Lightning.
+    """
+    # imported by name: the integration layer is outside what mypy checks
+    compat = importlib.import_module("lightning_saver.integration.compat")
+    packages = compat.loaded()
+    if name == "Saver":
+        plain = importlib.import_module("lightning_saver.integration.saver").Saver
+        if not packages:
+            return plain
+        callback = importlib.import_module("lightning_saver.integration.callback")
+        return callback.bound_saver_class(plain, packages)
+    io = importlib.import_module("lightning_saver.integration.checkpoint_io")
+    return io._bind_io(io.SafetensorsCheckpointIO, packages or (compat.default_package(),))
+
+
 def __getattr__(name: str) -> Any:
+    if name in ("Saver", "SafetensorsCheckpointIO"):
+        return _bound(name)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_saver' has no attribute {name!r}")

@@ -19,9 +19,33 @@ TOOLS = {
 }
 
 
+# every subcommand, one line each, for `lightning-saver --help`
+SUMMARY = {
+    "fit": "train (LightningCLI): --config FILE; --ckpt_path FILE|last|best resumes",
+    "validate": "validate a checkpoint (LightningCLI): --config FILE --ckpt_path FILE|last|best",
+    "test": "test a checkpoint (LightningCLI): --config FILE --ckpt_path FILE|last|best",
+    "predict": "predict with a checkpoint (LightningCLI): --config FILE --ckpt_path FILE|last|best",
+    "inspect": "list a checkpoint's tensors and metadata (safetensors file, TF prefix or directory)",
+    "convert": "convert a TF V2 checkpoint to safetensors or back (--name-map FILE renames)",
+    "export": "export a checkpoint + model class to ONNX and/or a TF MetaGraph",
+}
+
+
+def usage() -> str:
+    """The top-level help: every subcommand with its line."""
+    width = max(map(len, SUMMARY))
+    lines = ["usage: lightning-saver SUBCOMMAND [options]", "",
+             "subcommands (`lightning-saver SUBCOMMAND --help` lists the options of one):"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, text in SUMMARY.items()]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in TOOLS:
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] in TOOLS:
         module_name, func_name = TOOLS[args[0]].split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args[1:]) or 0)

@@ -151,3 +151,46 @@ def test_inspect_and_convert_a_saver_directory(tmp_path, capsys):
     assert (
         tf.train.load_checkpoint(str(tmp_path / "tf" / "model")).get_tensor("w").tolist() == [[1.0] * 3] * 2
     )
+
+
+def test_top_level_help_lists_every_subcommand_with_a_line(capsys):
+    from pytorch_lightning.cli import LightningCLI
+
+    from lightning_saver.cli import SUMMARY, TOOLS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    expected = set(TOOLS) | set(LightningCLI.subcommands())
+    assert set(SUMMARY) == expected
+    for name in expected:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in out.splitlines()), name
+
+
+def test_console_fit_prints_no_warning_the_user_did_not_cause(tmp_path):
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_saver.cli", "fit",
+         "--config", os.path.join(repo, "configs", "digits.yaml"),
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+         "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for noise in ("args parameter", "LeafSpec", "Warning:"):
+        assert noise not in text, text[-3000:]
+
+
+def test_inspect_says_what_was_given_and_what_was_expected(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "model_5.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "model_5.safetensors does not exist; expected an existing .safetensors file" in err
+    assert ".index" not in err
+    prefix = write_checkpoint(tmp_path / "graph", {"x": np.zeros(2, np.float32)})
+    (tmp_path / "graph.meta").write_bytes(b"\x0a\x00")
+    assert main(["inspect", str(tmp_path / "graph.meta")]) == 1
+    err = capsys.readouterr().err
+    assert "graph.meta is a TensorFlow MetaGraph (the graph, no tensors), not a checkpoint" in err
+    assert f"its checkpoint is the prefix {prefix!r}" in err

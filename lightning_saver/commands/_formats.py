@@ -78,6 +78,7 @@ def detect(path: str, options: Mapping[str, Any] | None = None) -> tuple[str, st
     if path.endswith(INDEX_SUFFIX) and os.path.isfile(path):
         return SET, path
     tf_file = path.endswith(".index") or re.search(r"\.data-\d{5}-of-\d{5}$", path)
+    _refuse_non_checkpoints(path)
     if os.path.isfile(path) and not tf_file and (
         _looks_like_safetensors(path) or not os.path.exists(path + ".index")
     ):
@@ -104,6 +105,21 @@ def _set_index(path: str) -> dict[str, Any]:
     index = sharded.read_index(path)
     return {name: TensorInfo(e.dtype, e.shape, math.prod(e.shape) * DTYPES[e.dtype].itemsize)
             for name, e in index.tensors.items()}
+
+
+def _refuse_non_checkpoints(path: str) -> None:
+    """Say what was given and what is expected, for paths that are no checkpoint of either format."""
+    ext = os.path.splitext(path)[1]
+    if ext == ".meta":
+        prefix = path[: -len(ext)]
+        hint = (f"; its checkpoint is the prefix {prefix!r}" if os.path.exists(prefix + ".index")
+                else "; pass the checkpoint prefix saved with it (the name before .index)")
+        raise CheckpointNotFoundError(f"{path} is a TensorFlow MetaGraph (the graph, no tensors), not a "
+                                      f"checkpoint{hint}, or use `lightning-saver export`/import_meta_graph "
+                                      "for graphs")
+    if ext == ".safetensors" and not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path} does not exist; expected an existing .safetensors file "
+                                      "(or a directory of checkpoints, or a TF checkpoint prefix)")
 
 
 def read_index(fmt: str, path: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -7,12 +7,14 @@ same permutation at the next sample instead of starting a fresh shuffle.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_saver.integration import compat
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -68,7 +70,7 @@ class ResumableDataLoader(DataLoader):
             load(state)
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsData:
     """1,797 digits split into train/val/test by a fixed seed; the train loader shuffles.
 
     Args:
@@ -128,3 +130,11 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self._splits["test"], batch_size=self.batch_size)
+
+
+@functools.cache
+def datamodule_class(package: str) -> type:
+    """``DigitsDataModule``: :class:`DigitsData` as a ``LightningDataModule`` of ``package``."""
+    return type("DigitsDataModule", (DigitsData, compat.module(package).LightningDataModule),
+                {"__module__": "lightning_saver.demo", "__qualname__": "DigitsDataModule",
+                 "__doc__": DigitsData.__doc__})

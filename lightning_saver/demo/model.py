@@ -1,14 +1,21 @@
-"""A small MLP classifier for the 8x8 digits, with dropout (so exact resume needs the RNG states)."""
+"""A small MLP classifier for the 8x8 digits, with dropout (so exact resume needs the RNG states).
+
+``DigitsModel`` holds the code; :func:`classifier_class` makes it a ``LightningModule`` of either
+Lightning package (``lightning_saver.demo.DigitsClassifier`` is the CLI's package's).
+"""
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_saver.integration import compat
 
-class DigitsClassifier(pl.LightningModule):
+
+class DigitsModel:
     """``64 -> hidden -> 10`` with ReLU and dropout, trained with Adam and a step LR schedule.
 
     Args:
@@ -56,3 +63,11 @@ class DigitsClassifier(pl.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.hparams.lr_step, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+@functools.cache
+def classifier_class(package: str) -> type:
+    """``DigitsClassifier``: :class:`DigitsModel` as a ``LightningModule`` of ``package``."""
+    return type("DigitsClassifier", (DigitsModel, compat.module(package).LightningModule),
+                {"__module__": "lightning_saver.demo", "__qualname__": "DigitsClassifier",
+                 "__doc__": DigitsModel.__doc__})

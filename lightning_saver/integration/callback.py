@@ -1,236 +1,264 @@
-"""The ``Saver``: the standalone saver and the Lightning checkpoint callback in one class.
+"""The ``Saver``'s Lightning hooks, for either Lightning package.
 
-Standalone it is :class:`~lightning_saver.saving.saver.CheckpointSaver` (TensorFlow ``train.Saver``
-semantics). Put in ``Trainer(callbacks=[...])`` it saves the whole training state every
-``every_n_train_steps`` / ``every_n_epochs`` / ``train_time_interval`` as
-``<dirpath>/<filename>_<global_step>.safetensors``, rotating with the saver's policy. The hooks only
-decide *when*; what is kept is the saver's business (``saving/``), how a state becomes a file is the
-codec's (``formats/state_codec.py``).
+``Saver`` (``saver.py``) holds the options; in a Lightning program it is bound (``compat.py``) to
+:class:`SaverHooks` and each imported package's ``Checkpoint``. Put in ``Trainer(callbacks=[...])``
+it saves the whole training state every ``every_n_train_steps`` / ``every_n_epochs`` /
+``train_time_interval`` as ``<dirpath>/<filename>_<global_step>.safetensors``, rotating with the
+saver's policy. The hooks only decide *when*; what is kept is the saver's business (``saving/``),
+how a state becomes a file is the codec's (``formats/state_codec.py``). What they need from
+Lightning is looked up in the package of the trainer that calls them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
-from datetime import timedelta
-from typing import Any
-
-import pytorch_lightning as pl
-import torch
-from pytorch_lightning.callbacks import Checkpoint
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from typing import TYPE_CHECKING, Any
 
 from lightning_saver.formats.state_codec import encode_state
-from lightning_saver.integration import resume, rng_state, sharded
-from lightning_saver.integration.checkpoint_io import SafetensorsCheckpointIO
+from lightning_saver.integration import compat, loading, resume, rng_state, sharded
+from lightning_saver.integration.checkpoint_io import SafetensorsIO, checkpoint_io_for
+from lightning_saver.integration.saver import render_filename
+from lightning_saver.saving import state_file
 from lightning_saver.saving.deferred_copy import step_only_names
-from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint
+from lightning_saver.saving.names import DEFAULT_EXT, Series
+from lightning_saver.saving.saver import latest_checkpoint
 from lightning_saver.storage import is_url
 
-# a child of Lightning's logger, so the one line per save shows wherever Lightning's own messages do
-log = logging.getLogger("pytorch_lightning.lightning_saver")
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+__all__ = ["SaverHooks", "bound_saver_class", "EXTRA_KEY"]
 
 # the entry of the Lightning checkpoint dict holding what Lightning itself does not save
 EXTRA_KEY = "lightning_saver"
 
 
-class Saver(CheckpointSaver, Checkpoint):
-    """TensorFlow ``train.Saver`` semantics on safetensors, usable as a Lightning callback.
+def _log(trainer: pl.Trainer) -> logging.Logger:
+    # a child of Lightning's logger, so the one line per save shows wherever Lightning's own messages do
+    return logging.getLogger(f"{compat.package_of(trainer)}.lightning_saver")
 
-    Args:
-        max_to_keep: keep the newest N checkpoints (``None``/``0``: all).
-        keep_every_n_hours: also keep one checkpoint per N hours of wall time, forever.
-        async_save: write in the background; training blocks only for a CPU snapshot.
-        overlap_copy: with ``async_save``, copy the parameters and optimizer state while the next
-            forward and backward run; the next optimizer step waits for the copy
-            (``on_before_optimizer_step``, and a step pre-hook on every optimizer under manual
-            optimization). Other tensors (buffers, loop state) are copied before the hook returns.
-            ``False``: the whole copy blocks the hook, as ``CheckpointSaver.save`` does.
-        verify: check checksums when restoring.
-        save_top_k: also keep the best k checkpoints by ``monitor``.
-        mode: ``"min"`` or ``"max"``, how ``monitor`` ranks checkpoints.
-        dirpath: directory of the checkpoints; by default ``<logger dir or default_root_dir>/checkpoints``,
-            as ``ModelCheckpoint`` does.
-        filename: file prefix; files are ``<filename>_<global_step>.safetensors``.
-        monitor: logged metric ranking checkpoints for ``save_top_k``.
-        every_n_train_steps: save every N optimizer steps.
-        every_n_epochs: save at the end of every N-th training epoch (default 1 when no other
-            schedule is given).
-        train_time_interval: save when this much training time passed (``timedelta`` or seconds).
-        save_on_train_end: save when training ends, unless that step is already saved.
-        weights_only: save the module's weights alone (a plain safetensors file).
-        allow_pickle: store values with no JSON form pickled (and load them) instead of raising.
-        export_onnx: at the end of training, export the module (``example_input_array``) to ONNX.
-        export_meta_graph: at the end of training, export a TensorFlow MetaGraph + checkpoint.
-        storage_options: fsspec options for a URL ``dirpath`` (``s3://bucket/run/ckpts``):
-            ``endpoint_url``, ``key``, ``secret``... Access is checked at set-up, before training.
 
-    Example:
-        >>> trainer = pl.Trainer(callbacks=[Saver(max_to_keep=5, every_n_train_steps=100)])  # doctest: +SKIP
-        >>> trainer.fit(model, ckpt_path="last")  # doctest: +SKIP
-    """
+def _checkpoint_bases(package: str) -> tuple[type, ...]:
+    return (compat.module(package, "callbacks").Checkpoint,)
 
-    def __init__(
-        self,
-        max_to_keep: int | None = 5,
-        keep_every_n_hours: float | None = None,
-        *,
-        async_save: bool = False,
-        overlap_copy: bool = True,
-        verify: bool = True,
-        save_top_k: int | None = None,
-        mode: str = "min",
-        dirpath: str | None = None,
-        filename: str = "model",
-        monitor: str | None = None,
-        every_n_train_steps: int | None = None,
-        every_n_epochs: int | None = None,
-        train_time_interval: timedelta | float | None = None,
-        save_on_train_end: bool = True,
-        weights_only: bool = False,
-        allow_pickle: bool = False,
-        export_onnx: bool = False,
-        export_meta_graph: bool = False,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        CheckpointSaver.__init__(self, max_to_keep, keep_every_n_hours, async_save=async_save, verify=verify,
-                                 save_top_k=save_top_k, mode=mode, storage_options=storage_options)
-        if isinstance(train_time_interval, timedelta):
-            train_time_interval = train_time_interval.total_seconds()
-        if every_n_train_steps is None and every_n_epochs is None and train_time_interval is None:
-            every_n_epochs = 1
-        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
-        self._dirpath_given = dirpath is not None
-        self.filename = filename
-        self.monitor = monitor
-        self.every_n_train_steps = every_n_train_steps or None
-        self.every_n_epochs = every_n_epochs or None
-        self.train_time_interval = train_time_interval
-        self.save_on_train_end = save_on_train_end
-        self.weights_only = weights_only
-        self.allow_pickle = allow_pickle
-        self.export_onnx = export_onnx
-        self.export_meta_graph = export_meta_graph
-        self.last_saved_step: int | None = None
-        self._train_seconds = 0.0  # training time at the last save, carried across resumes
-        self._time_at_save = 0.0
-        self._timer_start = time.monotonic()
-        self._pending_rng: list[dict[str, Any]] | None = None
-        self.mode = mode
-        self._scores: dict[str, float] = {}  # path -> monitored value, for best_model_path
-        self.blocked_seconds = 0.0  # total time the training loop spent in save_trainer
-        self.overlap_copy = overlap_copy
-        self._step_hooks: list[Any] = []
-        resume.install()
+
+def bound_saver_class(plain: type, packages: tuple[str, ...]) -> type:
+    """``plain`` (a ``Saver`` class) with the hooks and the ``Checkpoint`` base of each package."""
+    for package in packages:
+        resume.install(package)
+        loading.install(package)
+    return compat.bind(plain, SaverHooks, _checkpoint_bases, packages)
+
+
+class SaverHooks:
+    """The Lightning side of the ``Saver``; see the module docs. Mixed into a bound ``Saver`` only."""
+
+    # set on the bound class by compat.bind; the attributes below come from Saver / CheckpointSaver
+    _plain: type
+    _bound_packages: tuple[str, ...]
+    dirpath: str | None
+    _dirpath_given: bool
+    filename: str
+    last_checkpoints: list[str]
+    _scores: dict[str, float]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # the bound class is not importable by name: rebuild it from the plain class and the packages
+        return (compat.rebuild, (_bound_for_pickle, self._plain, self._bound_packages), self.__getstate__())
 
     # ------------------------------------------------------------------ Lightning state
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath if self._dirpath_given else None,
-                                        filename=self.filename)
-
-    @property
-    def best_model_path(self) -> str:
-        """The best kept checkpoint by ``monitor`` (the newest without one); ``ckpt_path="best"`` uses it."""
-        scored = {p: m for p, m in self._scores.items() if is_url(p) or os.path.exists(p)}
-        if scored:
-            pick = min if self.mode == "min" else max
-            return pick(scored, key=scored.__getitem__)
-        return self.last_checkpoints[-1] if self.last_checkpoints else ""
+        return self._generate_state_key(  # type: ignore[attr-defined]
+            dirpath=self.dirpath if self._dirpath_given else None, filename=self.filename)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dirpath": self.dirpath, "last_saved_step": self.last_saved_step,
-                "train_seconds": self._elapsed(), "last_checkpoints": list(self.last_checkpoints)}
+        s: Any = self
+        return {"dirpath": s.dirpath, "last_saved_step": s.last_saved_step, "train_seconds": s._elapsed(),
+                "last_checkpoints": list(s.last_checkpoints), "last_model_path": s.last_model_path}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_saved_step = state_dict.get("last_saved_step")
-        self._train_seconds = float(state_dict.get("train_seconds", 0.0))
-        self._time_at_save = self._train_seconds  # the resumed-from checkpoint was the last save
-        self._timer_start = time.monotonic()
+        s: Any = self
+        s.last_saved_step = state_dict.get("last_saved_step")
+        s._train_seconds = float(state_dict.get("train_seconds", 0.0))
+        s._time_at_save = s._train_seconds  # the resumed-from checkpoint was the last save
+        s._timer_start = time.monotonic()
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        s: Any = self
+        lib = compat.module(compat.package_of(trainer), "strategies")
         if sharded.is_sharded_strategy(trainer.strategy):
-            sharded.install(trainer.strategy, verify=self.verify, allow_pickle=self.allow_pickle)
-        elif not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            rank_zero_warn(
+            sharded.install(trainer.strategy, verify=s.verify, allow_pickle=s.allow_pickle)
+        elif not isinstance(trainer.strategy, (lib.SingleDeviceStrategy, lib.DDPStrategy)):
+            compat.module(compat.package_of(trainer), "utilities.rank_zero").rank_zero_warn(
                 f"Saver: {type(trainer.strategy).__name__} loads checkpoints itself, bypassing the "
                 "CheckpointIO plugin, so it cannot resume from the Saver's .safetensors files, and sharded "
                 "state dicts are refused when saving. Tested strategies: single device, DDP and "
                 "ModelParallelStrategy (FSDP2, sharded sets). DeepSpeed is not supported."
             )
-        _install_checkpoint_io(trainer, verify=self.verify, allow_pickle=self.allow_pickle,
-                               storage_options=self.storage_options)
-        self.dirpath = trainer.strategy.broadcast(self.resolve_dirpath(trainer))
-        if is_url(self.dirpath) and trainer.is_global_zero:
-            self.check_access(self.dirpath)  # credentials and bucket now, not at the first save
+        _install_checkpoint_io(trainer, verify=s.verify, allow_pickle=s.allow_pickle,
+                               storage_options=s.storage_options)
+        s.dirpath = trainer.strategy.broadcast(self.resolve_dirpath(trainer))
+        if is_url(s.dirpath) and trainer.is_global_zero:
+            s.check_access(s.dirpath)  # credentials and bucket now, not at the first save
+        self._seed_scores()
+
+    def _seed_scores(self) -> None:
+        """The monitored values of the files kept in ``dirpath`` (a resumed run), from the state file."""
+        s: Any = self
+        if is_url(s.dirpath):
+            return
+        whole = state_file.load_state(s.dirpath)
+        series = whole.series.get(state_file.series_key(self._own_series())) if whole else None
+        for record in series.checkpoints if series else []:
+            if record.metric is not None:
+                s._scores.setdefault(os.path.join(s.dirpath, record.name), record.metric)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        s: Any = self
         if trainer.ckpt_path:
-            self.protect(str(trainer.ckpt_path))
+            s.protect(str(trainer.ckpt_path))
         extra = checkpoint.get(EXTRA_KEY) or {}
-        if trainer.state.fn != TrainerFn.FITTING or "rng" not in extra:
+        if trainer.state.fn != "fit" or "rng" not in extra:
             return
         if extra.get("at_epoch_end"):
             # before the train dataloader's iterator is created, as in the uninterrupted run
             rng_state.restore(extra["rng"], trainer.global_rank)
         else:
             # mid-epoch: the iterator is re-created on resume; restore after it, before the first step
-            self._pending_rng = extra["rng"]
+            s._pending_rng = extra["rng"]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._timer_start = time.monotonic()
+        s: Any = self
+        s._timer_start = time.monotonic()
         if not pl_module.automatic_optimization:
             # a raw optimizer's step skips on_before_optimizer_step; under automatic optimization the
             # pre-hook would fire before the closure's forward and backward, so it is not used there
-            self._step_hooks = [self.guard_optimizer(opt) for opt in trainer.optimizers]
-        if self._pending_rng is not None:
-            rng_state.restore(self._pending_rng, trainer.global_rank)
-            self._pending_rng = None
+            s._step_hooks = [s.guard_optimizer(opt) for opt in trainer.optimizers]
+        if s._pending_rng is not None:
+            rng_state.restore(s._pending_rng, trainer.global_rank)
+            s._pending_rng = None
+        self._in_batch = False
+        self._interrupted = False
+        self._exception_saved = False
+        self._install_sigint(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._in_batch = True
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
-        self.wait_snapshot()  # the step changes what an overlapped snapshot copy still reads
+                                 optimizer: Any) -> None:
+        s: Any = self
+        s.wait_snapshot()  # the step changes what an overlapped snapshot copy still reads
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        s: Any = self
+        self._in_batch = False
         step = trainer.global_step
-        n = self.every_n_train_steps
-        due = bool(n) and step > 0 and step % n == 0  # type: ignore[operator]
-        if self.train_time_interval is not None:
-            time_due = self._elapsed() - self._time_at_save >= self.train_time_interval
+        n = s.every_n_train_steps
+        due = bool(n) and step > 0 and step % n == 0
+        if s.train_time_interval is not None:
+            time_due = s._elapsed() - s._time_at_save >= s.train_time_interval
             due = due or trainer.strategy.broadcast(time_due)
-        if due and step != self.last_saved_step:
+        if due and step != s.last_saved_step:
             self.save_trainer(trainer, at_epoch_end=False)
+        if getattr(self, "_interrupted", False):
+            # Ctrl-C arrived during this step: the step is complete now, save it, then stop as asked
+            self._save_on_exception(trainer)
+            raise KeyboardInterrupt
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        s: Any = self
+        if s.every_n_epochs and (trainer.current_epoch + 1) % s.every_n_epochs == 0:
             self.save_trainer(trainer, at_epoch_end=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.wait_snapshot()
+        s: Any = self
+        self._restore_sigint()
+        s.wait_snapshot()
         self._remove_step_hooks()
-        if self.save_on_train_end and trainer.global_step != self.last_saved_step:
-            at_end = trainer.fit_loop.epoch_loop._num_ready_batches_reached()
-            self.save_trainer(trainer, at_epoch_end=at_end)
-        if (self.export_onnx or self.export_meta_graph) and trainer.is_global_zero:
+        if s.save_on_train_end and trainer.global_step != s.last_saved_step:
+            self.save_trainer(trainer, at_epoch_end=_at_epoch_end(trainer))
+        if trainer.is_global_zero and s.last_checkpoints:
+            self._announce_kept(trainer)
+        if (s.export_onnx or s.export_meta_graph) and trainer.is_global_zero:
             self._export(trainer, pl_module)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore_sigint()
+        stop = compat.module(compat.package_of(trainer), "utilities.exceptions").SIGTERMException
+        if isinstance(exception, (KeyboardInterrupt, stop)) and trainer.state.fn == "fit":
+            self._save_on_exception(trainer)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
         self._remove_step_hooks()
-        self.wait()
+        s: Any = self
+        s.wait()
 
     def _remove_step_hooks(self) -> None:
-        for handle in self._step_hooks:
+        s: Any = self
+        for handle in s._step_hooks:
             handle.remove()
-        self._step_hooks = []
+        s._step_hooks = []
+
+    # ------------------------------------------------------------------ stopping
+
+    def _install_sigint(self, trainer: pl.Trainer) -> None:
+        """Ctrl-C during a step lets the step finish, saves it, then stops; a second Ctrl-C stops at once.
+
+        Only in the main thread of a single-process run (DDP ranks would stop at different steps;
+        SIGTERM, which Lightning synchronises across ranks, is handled in ``on_exception``).
+        """
+        s: Any = self
+        self._previous_sigint: Any = None
+        self._sigint_handler: Any = None
+        if (not s.save_on_exception or trainer.world_size > 1
+                or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, previous)
+            if not self._in_batch:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            _log(trainer).warning("Saver: interrupted; saving step %d when it completes (Ctrl-C again "
+                                  "to stop now)", trainer.global_step + 1)
+
+        self._previous_sigint, self._sigint_handler = previous, on_sigint
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def _restore_sigint(self) -> None:
+        """Put the previous Ctrl-C handler back, unless someone (Lightning's shutdown) replaced ours."""
+        handler = getattr(self, "_sigint_handler", None)
+        if (handler is not None and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is handler):
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = self._sigint_handler = None
+
+    def _save_on_exception(self, trainer: pl.Trainer) -> None:
+        """Save the current step, durably, if the loops stand between steps and it is not saved yet."""
+        s: Any = self
+        if not s.save_on_exception or getattr(self, "_in_batch", False) or getattr(self, "_exception_saved",
+                                                                                     False):
+            return
+        self._exception_saved = True
+        if trainer.global_step != s.last_saved_step and trainer.global_step > 0:
+            self.save_trainer(trainer, at_epoch_end=_at_epoch_end(trainer))
+        s.wait()
 
     # ------------------------------------------------------------------ saving
 
@@ -240,13 +268,14 @@ class Saver(CheckpointSaver, Checkpoint):
         ``at_epoch_end`` says whether the loops stand at an epoch boundary, which decides when a
         resume restores the RNG states.
         """
+        s: Any = self
         if getattr(trainer, "fast_dev_run", False) or trainer.sanity_checking:
             return None
         start = time.perf_counter()
         step = trainer.global_step
-        self.last_saved_step = step
-        self._time_at_save = self._elapsed()
-        if self.weights_only:
+        s.last_saved_step = step
+        s._time_at_save = s._elapsed()
+        if s.weights_only:
             state: dict[str, Any] | None = None
             weights = trainer.strategy.lightning_module_state_dict()
         else:
@@ -257,49 +286,99 @@ class Saver(CheckpointSaver, Checkpoint):
         shards = sharded.is_sharded_strategy(trainer.strategy)
         if trainer.is_global_zero or shards:
             if state is not None:
-                state[EXTRA_KEY] = {"rng": rng, "at_epoch_end": at_epoch_end, "versions": _versions()}
-                encoded = encode_state(state, allow_pickle=self.allow_pickle, sharded=shards)
+                state[EXTRA_KEY] = {"rng": rng, "at_epoch_end": at_epoch_end, "versions": _versions(trainer)}
+                encoded = encode_state(state, allow_pickle=s.allow_pickle, sharded=shards)
                 tensors, metadata = encoded.tensors, encoded.metadata
             else:
                 tensors, metadata = weights, None
             path = self._save_logged(trainer, tensors, metadata, step, start)
         trainer.strategy.barrier("Saver.save_trainer")
-        self.blocked_seconds += time.perf_counter() - start
+        s.blocked_seconds += time.perf_counter() - start
         return path
+
+    def _own_series(self) -> Series:
+        s: Any = self
+        directory = (s.dirpath or "").rstrip("/") if is_url(s.dirpath or "") else s.dirpath or ""
+        return Series(directory, s.series_prefix, DEFAULT_EXT)
 
     def _save_logged(self, trainer: pl.Trainer, tensors: Any, metadata: dict[str, str] | None,
                      step: int, start: float) -> str:
-        assert self.dirpath is not None  # set in setup()
-        metric = _metric(trainer, self.monitor)
-        defer = step_only_names(tensors, trainer.optimizers) if self.async_save and self.overlap_copy else ()
-        path = self.save(tensors, _join(self.dirpath, self.filename), global_step=step,
-                         metadata=metadata, metric=metric, defer_copy=defer)
+        s: Any = self
+        assert s.dirpath is not None  # set in setup()
+        metric = _metric(trainer, s.monitor)
+        prefix = s.filename
+        if s.template_fields:
+            values = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": step}
+            prefix = render_filename(s.filename, values, auto_insert_metric_name=s.auto_insert_metric_name)
+        defer = step_only_names(tensors, trainer.optimizers) if s.async_save and s.overlap_copy else ()
+        # the extension spelled out: a rendered "val_loss=0.52" is not one
+        path = s.save(tensors, _join(s.dirpath, prefix + DEFAULT_EXT), global_step=step,
+                      metadata=metadata, metric=metric, series=self._own_series(), defer_copy=defer)
         # blocked: from collecting the state to the return of save() (a snapshot, when async)
         blocked = time.perf_counter() - start
+        s.current_score = None if metric is None else _tensor(metric)
         if metric is not None:
-            self._scores[path] = metric
+            s._scores[path] = metric
+        if s.save_last and not is_url(path):  # an object store has no links
+            s.last_model_path = self._link_last(path)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        log.info("Saver: %s (%.1f MB) step %d, caller blocked %.1f ms%s", path, nbytes / 1e6, step,
-                 blocked * 1e3, " (async write)" if self.async_save else "")
+        _announce(trainer, "Saver: %s (%.1f MB) step %d, caller blocked %.1f ms%s", path, nbytes / 1e6, step,
+                  blocked * 1e3, " (async write)" if s.async_save else "")
         return path
 
+    def _announce_kept(self, trainer: pl.Trainer) -> None:
+        """One line at the end of training: which kept file is the best (by ``monitor``) and the latest."""
+        s: Any = self
+        s.wait()
+        latest = s.last_checkpoints[-1]
+        line = (f"Saver: kept {len(s.last_checkpoints)} checkpoint(s) in {s.dirpath}; "
+                f"latest {os.path.basename(latest)}")
+        if s.monitor and s._kept_scores():
+            best, score = s._kept_scores()[0]
+            line += f", best by {s.monitor} ({s.mode}) {os.path.basename(best)} ({s.monitor}={score:.4g})"
+        _announce(trainer, "%s", line)
+
+    def _link_last(self, path: str) -> str:
+        """Point ``<dirpath>/last.safetensors`` at ``path``: a relative symbolic link, replaced atomically;
+        where links are refused, a hard link, else a copy (after the write completes)."""
+        s: Any = self
+        last = os.path.join(os.path.dirname(path), s.CHECKPOINT_NAME_LAST + s.FILE_EXTENSION)
+        temp = os.path.join(os.path.dirname(path), f".{os.path.basename(last)}.{os.getpid()}.link")
+        try:
+            if os.path.lexists(temp):
+                os.remove(temp)
+            os.symlink(os.path.basename(path), temp)
+        except OSError:
+            import shutil
+
+            s.wait()  # a hard link or a copy needs the finished file
+            try:
+                os.link(path, temp)
+            except OSError:
+                shutil.copyfile(path, temp)
+        os.replace(temp, last)
+        return last
+
     def _elapsed(self) -> float:
-        return self._train_seconds + (time.monotonic() - self._timer_start)
+        s: Any = self
+        return float(s._train_seconds + (time.monotonic() - s._timer_start))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_saver.graph.export_hooks import export_graphs  # heavy: ONNX / TF protos
 
-        assert self.dirpath is not None
+        s: Any = self
+        assert s.dirpath is not None
         example = pl_module.example_input_array
         if example is None:
             raise ValueError("Saver(export_onnx/export_meta_graph=True) needs the LightningModule's "
                              "example_input_array; set it in the module's __init__")
         # the graph also goes to TensorBoard when the run logs there and a TF graph is built anyway
-        tensorboard = self.export_meta_graph and isinstance(trainer.logger, TensorBoardLogger)
+        board = compat.module(compat.package_of(trainer), "loggers").TensorBoardLogger
+        tensorboard = s.export_meta_graph and isinstance(trainer.logger, board)
         log_dir = trainer.log_dir if tensorboard else None
-        paths = export_graphs(pl_module, example, self.dirpath, onnx=self.export_onnx,
-                              meta_graph=self.export_meta_graph, log_dir=log_dir)
-        log.info("Saver: exported %s", ", ".join(paths))
+        paths = export_graphs(pl_module, example, s.dirpath, onnx=s.export_onnx,
+                              meta_graph=s.export_meta_graph, log_dir=log_dir)
+        _announce(trainer, "Saver: exported %s", ", ".join(paths))
 
     # ------------------------------------------------------------------ directories
 
@@ -320,13 +399,14 @@ class Saver(CheckpointSaver, Checkpoint):
         With the default ``dirpath`` each run gets a new logger version directory, so the previous
         runs' version directories are searched as well.
         """
+        s: Any = self
         directories = [self.resolve_dirpath(trainer)]
         if not self._dirpath_given and trainer.loggers:
             parent = os.path.dirname(os.path.dirname(directories[0]))
             if os.path.isdir(parent):
                 directories += [os.path.join(parent, d, "checkpoints") for d in sorted(os.listdir(parent))]
         # verified: a corrupt newest checkpoint is skipped (a warning names it) for the newest valid one
-        latest = (latest_checkpoint(d, self.filename, verify=True, storage_options=self.storage_options)
+        latest = (latest_checkpoint(d, s.series_prefix, verify=True, storage_options=s.storage_options)
                   for d in directories if is_url(d) or os.path.isdir(d))
         found = [p for p in latest if p]
         if len(found) <= 1:
@@ -334,11 +414,29 @@ class Saver(CheckpointSaver, Checkpoint):
         return max(found, key=os.path.getmtime)
 
 
+def _bound_for_pickle(plain: type, packages: tuple[str, ...]) -> type:
+    return bound_saver_class(plain, packages)
+
+
+def _at_epoch_end(trainer: pl.Trainer) -> bool:
+    return bool(trainer.fit_loop.epoch_loop._num_ready_batches_reached())
+
+
+def _announce(trainer: pl.Trainer, message: str, *args: Any) -> None:
+    """One line through the progress bar when it shows (so it never lands on the bar's line), else the log."""
+    bar = trainer.progress_bar_callback
+    if bar is not None and getattr(bar, "is_enabled", False) and trainer.is_global_zero:
+        bar.print(message % args)
+        _log(trainer).debug(message, *args)
+    else:
+        _log(trainer).info(message, *args)
+
+
 def _install_checkpoint_io(trainer: pl.Trainer, *, verify: bool, allow_pickle: bool,
                            storage_options: dict[str, Any]) -> None:
     io = trainer.strategy.checkpoint_io
-    if not isinstance(io, SafetensorsCheckpointIO):
-        io = SafetensorsCheckpointIO(io, verify=verify, allow_pickle=allow_pickle)
+    if not isinstance(io, SafetensorsIO):
+        io = checkpoint_io_for(compat.package_of(trainer))(io, verify=verify, allow_pickle=allow_pickle)
         trainer.strategy.checkpoint_io = io
     io.module = trainer.lightning_module
     if storage_options:
@@ -356,9 +454,17 @@ def _metric(trainer: pl.Trainer, monitor: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _versions() -> dict[str, str]:
+def _tensor(value: float) -> Any:
+    import torch
+
+    return torch.tensor(value)
+
+
+def _versions(trainer: pl.Trainer) -> dict[str, str]:
     import torch
 
     from lightning_saver import __version__
 
-    return {"lightning_saver": __version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__}
+    package = compat.package_of(trainer)
+    return {"lightning_saver": __version__, "torch": torch.__version__,
+            package.split(".")[0]: compat.module(package).__version__}

@@ -10,22 +10,24 @@ and reads three kinds of file:
 * a pickled ``.ckpt`` written by ``ModelCheckpoint``: handed to ``fallback`` with
   ``weights_only=True``, torch's restricted unpickler, which loads tensors and plain containers and
   refuses code.
+
+Like the ``Saver``, the class is bound (``compat.py``) to the ``CheckpointIO`` base of each imported
+Lightning package, so ``Trainer(plugins=[SafetensorsCheckpointIO()])`` works with either.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from lightning_saver.formats import safetensors_io
 from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
+from lightning_saver.integration import compat
 from lightning_saver.saving import saver as saving
 from lightning_saver.saving.names import INDEX_SUFFIX
 from lightning_saver.saving.store_io import store_of
@@ -44,29 +46,35 @@ def is_safetensors_file(path: str | os.PathLike[str], storage_options: Mapping[s
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
 
 
-class SafetensorsCheckpointIO(CheckpointIO):
-    """Save and load Lightning checkpoints as safetensors files.
+def _io_bases(package: str) -> tuple[type, ...]:
+    return (importlib.import_module(compat.FABRIC[package] + ".plugins.io.checkpoint_io").CheckpointIO,)
 
-    Args:
-        fallback: the plugin for files that are not safetensors (and for saving to paths that do
-            not end in ``.safetensors``); ``TorchCheckpointIO`` by default.
-        verify: check the tensor checksum on load.
-        allow_pickle: let values with no JSON form be stored pickled, and load them back.
 
-    Example:
-        >>> trainer = pl.Trainer(plugins=[SafetensorsCheckpointIO()])  # doctest: +SKIP
-        >>> trainer.save_checkpoint("run/state.safetensors")  # doctest: +SKIP
-        >>> trainer.fit(model, ckpt_path="run/state.safetensors")  # doctest: +SKIP
-    """
+class _BoundIO:
+    _plain: type
+    _bound_packages: tuple[str, ...]
 
-    def __init__(self, fallback: CheckpointIO | None = None, *, verify: bool = True,
-                 allow_pickle: bool = False) -> None:
-        self.fallback = fallback if fallback is not None else TorchCheckpointIO()
-        self.verify = verify
-        self.allow_pickle = allow_pickle
-        self.storage_options: dict[str, Any] = {}  # for URL paths; the Saver passes its own
-        # set by the Saver: the module a loaded checkpoint must fit, checked before Lightning loads it
-        self.module: torch.nn.Module | None = None
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (compat.rebuild, (_bind_io, self._plain, self._bound_packages), dict(self.__dict__))
+
+
+def _bind_io(plain: type, packages: tuple[str, ...]) -> type:
+    return compat.bind(plain, _BoundIO, _io_bases, packages)
+
+
+def checkpoint_io_for(package: str) -> type:
+    """``SafetensorsCheckpointIO`` bound to one package's ``CheckpointIO``."""
+    return _bind_io(SafetensorsCheckpointIO, (package,))
+
+
+class SafetensorsIO:
+    """The implementation of :class:`SafetensorsCheckpointIO`, free of Lightning's base class."""
+
+    module: torch.nn.Module | None
+    fallback: Any
+    verify: bool
+    allow_pickle: bool
+    storage_options: dict[str, Any]
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
@@ -145,6 +153,41 @@ def _write(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sin
     return safetensors_io.write_to_sink(tensors, sink, metadata=metadata)
 
 
+class SafetensorsCheckpointIO(SafetensorsIO, metaclass=compat.BoundMeta):
+    """Save and load Lightning checkpoints as safetensors files.
+
+    Args:
+        fallback: the plugin for files that are not safetensors (and for saving to paths that do
+            not end in ``.safetensors``); ``TorchCheckpointIO`` by default.
+        verify: check the tensor checksum on load.
+        allow_pickle: let values with no JSON form be stored pickled, and load them back.
+
+    Example:
+        >>> trainer = L.Trainer(plugins=[SafetensorsCheckpointIO()])  # doctest: +SKIP
+        >>> trainer.save_checkpoint("run/state.safetensors")  # doctest: +SKIP
+        >>> trainer.fit(model, ckpt_path="run/state.safetensors")  # doctest: +SKIP
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        packages = compat.loaded() or (compat.default_package(),)
+        for package in packages:
+            compat.module(package)
+        return compat.new_instance(cls, args, kwargs, _bind_io, packages)
+
+    def __init__(self, fallback: Any | None = None, *, verify: bool = True,
+                 allow_pickle: bool = False) -> None:
+        if fallback is None:
+            package = getattr(self, "_bound_packages", (compat.default_package(),))[0]
+            fabric = importlib.import_module(compat.FABRIC[package] + ".plugins.io.torch_io")
+            fallback = fabric.TorchCheckpointIO()
+        self.fallback = fallback
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        self.storage_options = {}  # for URL paths; the Saver passes its own
+        # set by the Saver: the module a loaded checkpoint must fit, checked before Lightning loads it
+        self.module = None
+
+
 def check_weights(path: Any, weights: Mapping[str, torch.Tensor], module: torch.nn.Module, *,
                   strict: bool = True) -> None:
     """Raise one error listing every key and shape by which ``weights`` do not fit ``module``.
@@ -182,4 +225,5 @@ def load_state(path: str | os.PathLike[str], *, verify: bool = True, allow_pickl
     metadata = saving.read_metadata(path, storage_options=storage_options)
     if has_state(metadata):
         return decode_state(tensors, metadata, allow_pickle=allow_pickle, source=str(path))
-    return {"state_dict": tensors, "pytorch-lightning_version": pl.__version__}
+    version = compat.module(compat.default_package()).__version__
+    return {"state_dict": tensors, "pytorch-lightning_version": version}

@@ -8,25 +8,31 @@ from its header instead, without unpickling anything.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.cli import LightningCLI
-
 from lightning_saver.errors import CorruptCheckpointError
+from lightning_saver.integration import compat
 from lightning_saver.integration.checkpoint_io import is_safetensors_file, load_state
 
 
-class SaverCLI(LightningCLI):
+class _SaverCLIMixin:
     """LightningCLI whose ``--ckpt_path`` may be a safetensors checkpoint (or ``last``)."""
+
+    config: Any
+    parser: Any
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not (ckpt_path and Path(ckpt_path).is_file() and is_safetensors_file(ckpt_path)):
-            super()._parse_ckpt_path()  # .ckpt files (torch.load with weights_only=True), "last", None
+            # .ckpt files (torch.load with weights_only=True), "last", None
+            super()._parse_ckpt_path()  # type: ignore[misc]
             return
         hparams: dict[str, Any] = dict(load_state(ckpt_path).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -55,11 +61,28 @@ def _imported_class_path(class_path: Any, ckpt_path: str) -> str:
     return class_path
 
 
-def cli_main(argv: Sequence[str] | None = None) -> SaverCLI:
+@functools.cache
+def saver_cli_class(package: str) -> type:
+    """``SaverCLI`` on ``package``'s LightningCLI."""
+    return type("SaverCLI", (_SaverCLIMixin, compat.module(package, "cli").LightningCLI),
+                {"__module__": __name__, "__doc__": _SaverCLIMixin.__doc__})
+
+
+def cli_package() -> str:
+    """The Lightning package the console command uses (see the module docs)."""
+    wanted = os.environ.get("LIGHTNING_SAVER_PACKAGE", "")
+    if wanted:
+        return "lightning.pytorch" if wanted.startswith("lightning") else "pytorch_lightning"
+    installed = compat.installed()
+    return installed[0] if installed else compat.default_package()
+
+
+def cli_main(argv: Sequence[str] | None = None, *, package: str | None = None) -> Any:
     """Run LightningCLI (subcommands ``fit``, ``validate``, ``test``, ``predict``) on ``argv``.
 
     Args:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+        package: ``"pytorch_lightning"`` or ``"lightning.pytorch"``; by default :func:`cli_package`.
 
     Returns:
         The CLI object (``.trainer``, ``.model``, ``.datamodule``), for callers that run it in-process.
@@ -68,4 +91,12 @@ def cli_main(argv: Sequence[str] | None = None) -> SaverCLI:
         >>> cli_main(["fit", "--config", "configs/digits.yaml"])  # doctest: +SKIP
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    return SaverCLI(args=args, save_config_kwargs={"overwrite": True})
+    # raised inside Lightning 2.6's own pytree helper (torch deprecated LeafSpec); nothing a user can fix
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+    cli = saver_cli_class(package or cli_package())
+    # LightningCLI warns when both ``args`` and sys.argv are given; ours are sys.argv itself
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return cli(args=args, save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = saved

@@ -13,22 +13,21 @@ import functools
 import os
 from typing import Any
 
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.trainer.connectors.checkpoint_connector import _CheckpointConnector
-
+from lightning_saver.integration import compat
 from lightning_saver.storage import is_url
 
 _MARK = "_lightning_saver_last"
 
 
-def install() -> None:
-    """Wrap ``_CheckpointConnector._parse_ckpt_path`` (idempotent)."""
-    original = _CheckpointConnector._parse_ckpt_path
+def install(package: str = "pytorch_lightning") -> None:
+    """Wrap ``_CheckpointConnector._parse_ckpt_path`` of ``package`` (idempotent)."""
+    connector = compat.module(package, "trainer.connectors.checkpoint_connector")._CheckpointConnector
+    original = connector._parse_ckpt_path
     if getattr(original, _MARK, False):
         return
 
     @functools.wraps(original)
-    def parse_ckpt_path(self: _CheckpointConnector, state_fn: Any, ckpt_path: Any, *args: Any,
+    def parse_ckpt_path(self: Any, state_fn: Any, ckpt_path: Any, *args: Any,
                         **kwargs: Any) -> Any:
         if ckpt_path == "last":
             found = find_last(self.trainer)
@@ -37,7 +36,7 @@ def install() -> None:
         return original(self, state_fn, ckpt_path, *args, **kwargs)
 
     setattr(parse_ckpt_path, _MARK, True)
-    _CheckpointConnector._parse_ckpt_path = parse_ckpt_path  # type: ignore[method-assign]
+    connector._parse_ckpt_path = parse_ckpt_path
 
 
 def find_last(trainer: Any) -> str | None:
@@ -46,8 +45,9 @@ def find_last(trainer: Any) -> str | None:
     if not finders:
         return None
     candidates = {cb.find_last_checkpoint(trainer) for cb in finders}
+    model_checkpoint = compat.module(compat.package_of(trainer), "callbacks").ModelCheckpoint
     for cb in trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint):
+        if isinstance(cb, model_checkpoint):
             candidates |= cb._find_last_checkpoints(trainer)
     urls = [p for p in candidates if p and is_url(p)]  # found in the store by latest_checkpoint just now
     existing = [p for p in candidates if p and not is_url(p) and os.path.exists(p)]

@@ -18,12 +18,11 @@ import functools
 import os
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import ModelParallelStrategy, Strategy
 
 from lightning_saver.formats.safetensors_header import DTYPES
 from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
+from lightning_saver.integration import compat
 from lightning_saver.saving import names, sharded
 
 __all__ = ["is_sharded_strategy", "install", "load_set_checkpoint", "load_set_state"]
@@ -31,9 +30,13 @@ __all__ = ["is_sharded_strategy", "install", "load_set_checkpoint", "load_set_st
 _MARK = "_lightning_saver_sets"
 
 
+Strategy = Any  # either Lightning package's Strategy
+
+
 def is_sharded_strategy(strategy: Strategy) -> bool:
     """Strategies whose checkpoints the Saver writes as sets (one file per rank)."""
-    return isinstance(strategy, ModelParallelStrategy)
+    parallel = compat.module(compat.package_of(strategy), "strategies").ModelParallelStrategy
+    return isinstance(strategy, parallel)
 
 
 def install(strategy: Strategy, *, verify: bool = True, allow_pickle: bool = False) -> None:
@@ -94,4 +97,5 @@ def load_set_state(path: str, *, verify: bool = True, allow_pickle: bool = False
     tensors = sharded.load_set(path, verify=verify)
     if has_state(index.metadata):
         return decode_state(tensors, index.metadata, allow_pickle=allow_pickle, source=path)
-    return {"state_dict": tensors, "pytorch-lightning_version": pl.__version__}
+    version = compat.module(compat.default_package()).__version__
+    return {"state_dict": tensors, "pytorch-lightning_version": version}

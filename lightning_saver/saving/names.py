@@ -16,14 +16,19 @@ named like TensorFlow's ``.data-00000-of-00002`` shards so that ``ls`` shows the
     ckpts/model_95.safetensors.index.json          the index: the set's name, written last
 
 A *series* is a directory plus a prefix plus an extension (``ckpts``, ``variable_file``,
-``.safetensors``); rotation works per series. Temporary files of the commit protocol are hidden
+``.safetensors``); rotation works per series. A prefix may be a ``str.format`` template whose fields
+are filled per save (the Lightning ``Saver``'s ``filename="epoch={epoch}-{val_loss:.2f}"``): its
+files, e.g. ``epoch=3-val_loss=0.52_180.safetensors``, are one series, the step still the suffix.
+Temporary files of the commit protocol are hidden
 names in the same directory, ``.<final name>.<pid>.<token>.tmp``, so scans and users ignore them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import string
 from dataclasses import dataclass
 
 from lightning_saver.storage.local import parse_temp_name, temp_name
@@ -88,9 +93,15 @@ class Series:
             >>> Series("ckpts", "variable_file", ".safetensors").parse("variable_file_95.safetensors")
             95
         """
-        if not (name.startswith(self.prefix + "_") and name.endswith(self.ext)):
+        if "{" in self.prefix:
+            match = _template_pattern(self.prefix, self.ext).fullmatch(name)
+            if match is None:
+                return None
+            middle = match["step"]
+        elif not (name.startswith(self.prefix + "_") and name.endswith(self.ext)):
             return None
-        middle = name[len(self.prefix) + 1 : len(name) - len(self.ext)]
+        else:
+            middle = name[len(self.prefix) + 1 : len(name) - len(self.ext)]
         if not middle.isdigit() or not middle.isascii() or (len(middle) > 1 and middle[0] == "0"):
             return None
         return int(middle)
@@ -107,6 +118,18 @@ class Series:
             if step is not None:
                 found[step] = os.path.join(self.directory, name)
         return found
+
+
+@functools.lru_cache(maxsize=64)
+def _template_pattern(template: str, ext: str) -> re.Pattern[str]:
+    """``epoch={epoch}-{val_loss:.2f}`` -> a pattern of its file names; each field matches one or more
+    characters other than ``/``, the step is the last ``_<digits>`` before the extension."""
+    parts = []
+    for literal, field, _spec, _conv in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(r"[^/]+?")
+    return re.compile("".join(parts) + r"_(?P<step>\d+)" + re.escape(ext))
 
 
 def series_of(save_path: str | os.PathLike[str]) -> Series:

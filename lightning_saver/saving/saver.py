@@ -134,6 +134,7 @@ class CheckpointSaver:
         metadata: Mapping[str, str] | None = None,
         metric: float | None = None,
         defer_copy: bool | Collection[str] = False,
+        series: Series | None = None,
     ) -> str:
         """Save the model's tensors; return the path written (or being written, when async).
 
@@ -146,6 +147,8 @@ class CheckpointSaver:
             defer_copy: async only: let the snapshot copy of these tensors (``True``: all) run in the
                 background after ``save()`` returns. Opt-in: until :meth:`wait_snapshot` returns, the
                 tensors must not change (:meth:`guard_optimizer` makes an optimizer's step wait).
+            series: rotate the file within this series instead of ``save_path``'s (a templated
+                prefix, whose every save has another file name; see ``names.py``).
 
         Returns:
             The checkpoint path, e.g. ``"ckpts/variable_file_95.safetensors"``.
@@ -160,9 +163,9 @@ class CheckpointSaver:
         """
         tensors = _tensors_of(model)
         store, save_path = self._store_of(save_path)
-        series = names.series_of(save_path)
         step = None if global_step is None else names.check_step(global_step)
-        path = series.path(step)
+        path = names.series_of(save_path).path(step)
+        series = series or names.series_of(save_path)
         info: dict[str, Any] = {"global_step": step, "wall_time": time.time()}
         if metric is not None:
             info["metric"] = float(metric)
@@ -442,6 +445,8 @@ class CheckpointSaver:
         *,
         strict: bool = True,
         verify: bool | None = None,
+        dtype: torch.dtype | None = None,
+        map_location: str | torch.device | None = None,
     ) -> RestoreResult:
         """Load a checkpoint into ``model`` (an ``nn.Module``, in place) or a mapping of tensors.
 
@@ -451,6 +456,10 @@ class CheckpointSaver:
                 a TF checkpoint saved from one of our exported graphs (``saving/tf_restore.py``).
             strict: missing or unexpected keys are an error (shape/dtype differences always are).
             verify: check the checksums (default: the saver's ``verify``).
+            dtype: cast the file's floating-point tensors to this dtype (e.g. an fp32 checkpoint
+                into a bf16 model); without it a dtype difference is an error.
+            map_location: device of the tensors created by the restore: a module on the ``meta``
+                device is materialised there (CPU by default), as ``load_state_dict(assign=True)``.
 
         Returns:
             ``RestoreResult(missing_keys, unexpected_keys)``, both empty when strict.
@@ -470,7 +479,8 @@ class CheckpointSaver:
                                                       verify=self.verify if verify is None else verify)
             return RestoreResult(missing, unexpected)
         header = read_header_at(store, path)
-        return restore_into(model, header, strict=strict, verify=self.verify if verify is None else verify)
+        return restore_into(model, header, strict=strict, verify=self.verify if verify is None else verify,
+                            dtype=dtype, map_location=map_location)
 
 
 def _sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -495,8 +505,9 @@ def _remove_quietly(store: Storage, path: str) -> None:
 def _matches_prefix(name: str, prefix: str | None) -> bool:
     if prefix is None:
         return True
-    stem = os.path.splitext(names.set_stem(name))[0]
-    return stem == prefix or (stem.startswith(prefix + "_") and stem[len(prefix) + 1 :].isdigit())
+    name = names.set_stem(name)
+    stem, ext = os.path.splitext(name)
+    return stem == prefix or Series("", prefix, ext).parse(name) is not None
 
 
 def latest_checkpoint(

@@ -55,3 +55,37 @@ class StepRecorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.steps.append((trainer.global_step, trainer.current_epoch, batch_idx))
+
+
+class Kit:
+    """One Lightning package's Trainer, demo model and data, for tests run on both packages."""
+
+    def __init__(self, package: str) -> None:
+        import importlib
+
+        from lightning_saver.demo import classifier_class, datamodule_class
+
+        self.package = package
+        self.pl = importlib.import_module(package)
+        self.Classifier = classifier_class(package)
+        self.DataModule = datamodule_class(package)
+
+    def model(self, seed: int, **kwargs):
+        self.pl.seed_everything(seed, verbose=False)
+        kwargs.setdefault("hidden", 32)
+        kwargs.setdefault("lr_step", 1)
+        return self.Classifier(**kwargs)
+
+    def data(self, resumable: bool = True, **kwargs):
+        return self.DataModule(batch_size=BATCH, limit=LIMIT, resumable=resumable, **kwargs)
+
+    def trainer(self, root, callbacks=(), **kwargs):
+        kwargs.setdefault("max_epochs", 1)
+        kwargs.setdefault("logger", False)
+        kwargs.setdefault("limit_val_batches", 2)
+        kwargs.setdefault("num_sanity_val_steps", 0)
+        kwargs.setdefault("enable_progress_bar", False)
+        return self.pl.Trainer(
+            default_root_dir=str(root), accelerator="cpu", devices=1, callbacks=list(callbacks),
+            enable_model_summary=False, **kwargs,
+        )

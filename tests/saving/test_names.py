@@ -72,3 +72,17 @@ def test_build_then_parse_gives_back_the_step(prefix, step):
     assert series.parse(os.path.basename(path)) == step
     # the unsuffixed name of the same series is never mistaken for a step
     assert series.parse(series.name(None)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(epoch=st.integers(min_value=0, max_value=10**6), loss=st.floats(allow_nan=False, width=32),
+       step=st.integers(min_value=0, max_value=10**12))
+def test_templated_names_are_one_series_whose_step_parses(epoch, loss, step):
+    from lightning_saver.integration.saver import render_filename
+
+    template = "epoch={epoch}-val_loss={val_loss:.2f}"
+    rendered = render_filename("{epoch}-{val_loss:.2f}", {"epoch": epoch, "val_loss": loss})
+    series = Series("d", template, ".safetensors")
+    assert series.parse(f"{rendered}_{step}.safetensors") == step
+    assert series.parse(f"{rendered}.safetensors") is None
+    assert Series("d", "model", ".safetensors").parse(f"{rendered}_{step}.safetensors") is None

@@ -2,6 +2,7 @@ import json
 import os
 import tempfile
 
+import pytest
 import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -245,3 +246,54 @@ def test_latest_checkpoint_falls_back_to_a_scan_when_recorded_files_are_gone(tmp
         os.remove(tmp_path / name)
     assert latest_checkpoint(tmp_path) == str(tmp_path / "x_9.safetensors")
     assert latest_checkpoint(tmp_path, "a") is None
+
+
+def test_a_training_state_file_restores_into_a_module_strict_about_the_weights(tmp_path):
+    from lightning_saver.errors import StateMismatchError
+    from lightning_saver.formats.state_codec import encode_state
+
+    model = nn.Linear(3, 2)
+    state = {"state_dict": model.state_dict(), "optimizer_states": [{"state": {0: {"m": torch.ones(2)}}}],
+             "epoch": 3}
+    encoded = encode_state(state)
+    assert any(k.startswith("__state__/") for k in encoded.tensors)
+    path = Saver().save(encoded.tensors, str(tmp_path / "whole"), 7, metadata=encoded.metadata)
+    fresh = nn.Linear(3, 2)
+    assert Saver().restore(fresh, path) == ([], [])  # the training state is not "unexpected"
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    with pytest.raises(StateMismatchError, match="missing in the checkpoint: 'extra.weight'"):
+        Saver().restore(nn.ModuleDict({"extra": nn.Linear(3, 2)}), path)
+
+
+def test_restore_casts_with_dtype_and_says_so_without_it(tmp_path):
+    from lightning_saver.errors import StateMismatchError
+
+    model = nn.Linear(4, 3)
+    path = Saver().save(model, str(tmp_path / "fp32"), 1)
+    half = nn.Linear(4, 3).to(torch.bfloat16)
+    with pytest.raises(StateMismatchError, match=r"dtype mismatch for 'weight': expected BF16, found F32 "
+                                                 r"\(pass dtype=torch.bfloat16 to cast\)"):
+        Saver().restore(half, path)
+    Saver().restore(half, path, dtype=torch.bfloat16)
+    assert torch.equal(half.weight, model.weight.to(torch.bfloat16))  # what load_state_dict's copy_ gives
+    peer = nn.Linear(4, 3).to(torch.bfloat16)
+    peer.load_state_dict(model.state_dict())
+    assert torch.equal(half.weight, peer.weight) and torch.equal(half.bias, peer.bias)
+    loaded: dict = {}
+    Saver().restore(loaded, path, dtype=torch.float64, map_location="cpu")
+    assert loaded["weight"].dtype == torch.float64
+
+
+def test_restore_materialises_a_meta_device_module(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model[1].running_mean.add_(1.5)
+    path = Saver().save(model, str(tmp_path / "m"), 1)
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    Saver().restore(skeleton, path, map_location="cpu")
+    assert all(not t.is_meta for t in skeleton.state_dict().values())
+    assert isinstance(skeleton[0].weight, nn.Parameter) and skeleton[0].weight.requires_grad
+    for key, value in model.state_dict().items():
+        assert torch.equal(skeleton.state_dict()[key], value), key
+    x = torch.randn(2, 4)
+    assert torch.equal(skeleton.eval()(x), model.eval()(x))
