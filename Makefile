@@ -6,12 +6,14 @@ CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RUN_DIR ?= runs/digits
+# no "a new release of pip is available" notice in our output
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test lint bench clean
 
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install --quiet --upgrade pip
 	touch $@
 
 $(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c $(CONSTRAINTS)

@@ -27,6 +27,7 @@ SUMMARY = {
     "predict": "predict with a checkpoint (LightningCLI): --config FILE --ckpt_path FILE|last|best",
     "inspect": "list a checkpoint's tensors and metadata (safetensors file, TF prefix or directory)",
     "convert": "convert a TF V2 checkpoint to safetensors or back (--name-map FILE renames)",
+    "consolidate": "a sharded set's full tensors as one safetensors file (or Hugging Face shards)",
     "export": "export a checkpoint + model class to ONNX and/or a TF MetaGraph",
 }
 

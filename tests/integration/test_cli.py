@@ -70,3 +70,18 @@ def test_console_command_routes_fit_to_lightning_cli(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--ckpt_path" in out and "--trainer.callbacks" in out
+
+
+def test_cli_on_the_lightning_package(tmp_path):
+    """The same config on ``lightning.pytorch`` (its demo classes), resumed from "last"."""
+    config, checkpoints = small_config(tmp_path, "unified")
+    data = yaml.safe_load(Path(config).read_text())
+    data["model"]["class_path"] = "lightning_saver.demo.unified.DigitsClassifier"
+    data["data"]["class_path"] = "lightning_saver.demo.unified.DigitsDataModule"
+    Path(config).write_text(yaml.safe_dump(data))
+    cli = cli_main(["fit", "--config", config, "--trainer.max_epochs", "1"], package="lightning.pytorch")
+    assert type(cli.trainer).__module__.startswith("lightning.pytorch")
+    assert cli.trainer.checkpoint_callback is cli.trainer.callbacks[-1]
+    cli = cli_main(["fit", "--config", config, "--ckpt_path", "last"], package="lightning.pytorch")
+    assert cli.trainer.ckpt_path == str(checkpoints / f"model_{STEPS_PER_EPOCH}.safetensors")
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH

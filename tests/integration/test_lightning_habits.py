@@ -231,3 +231,17 @@ def test_save_on_exception_off_writes_nothing(tmp_path, lightning):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert not os.path.exists(tmp_path) or st_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- the demo's output (item 11)
+
+
+def test_save_lines_go_through_the_progress_bar_on_their_own_line(tmp_path, lightning, capsys):
+    bar = lightning.pl.callbacks.TQDMProgressBar()
+    t = lightning.trainer(tmp_path, [Saver(dirpath=str(tmp_path)), bar], enable_progress_bar=True,
+                          limit_val_batches=0)
+    t.fit(lightning.model(0), lightning.data())
+    out = capsys.readouterr().out
+    lines = [line.split("\r")[-1] for line in out.split("\n") if "Saver: " in line]
+    assert any(line.startswith(f"Saver: {tmp_path}") for line in lines), out[-2000:]
+    assert all(line.startswith("Saver: ") for line in lines), lines

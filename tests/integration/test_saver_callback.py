@@ -32,11 +32,15 @@ def test_best_by_monitor_is_kept_and_used_by_ckpt_path_best(tmp_path, caplog):
     t = trainer(tmp_path, [saver], max_epochs=4)
     with caplog.at_level(logging.INFO, logger="pytorch_lightning.lightning_saver"):
         t.fit(m, data())
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saver: ")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saver: /")]
     assert len(lines) == 4 and all("MB) step" in line and "caller blocked" in line for line in lines)
     newest = f"model_{4 * STEPS_PER_EPOCH}.safetensors"
     best = os.path.basename(saver.best_model_path)
     assert set(files(tmp_path)) == {newest, best}
+    # after the run: one line naming the latest and the best kept file
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saver: kept")]
+    assert len(summary) == 1 and f"latest {newest}" in summary[0]
+    assert f"best by val_loss (min) {best}" in summary[0]
     t.validate(m, data(), ckpt_path="best", verbose=False)
     assert t.ckpt_path == saver.best_model_path
 
