@@ -10,13 +10,12 @@ import sys
 import numpy as np
 import pytest
 import safetensors.torch
+import tensorflow as tf  # a pinned test dependency: imported, never skipped
 import torch
 
 from lightning_saver.cli import main
 from lightning_saver.formats.name_map import NameMap, Rule
 from lightning_saver.tf import read_checkpoint, write_checkpoint
-
-tf = pytest.importorskip("tensorflow")
 
 
 class Net(torch.nn.Module):

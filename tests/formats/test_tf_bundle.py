@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-import pytest
+import tensorflow as tf  # a pinned test dependency: imported, never skipped
 import torch
 from tf_peer import tf_save
 
 from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
-
-tf = pytest.importorskip("tensorflow")
 
 RNG = np.random.default_rng(0)
 

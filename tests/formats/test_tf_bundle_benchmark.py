@@ -6,9 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
+import tensorflow  # noqa: F401 - the benchmark needs it; a pinned test dependency, never skipped
 
-pytest.importorskip("tensorflow")
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tf_checkpoint.py"
 
 

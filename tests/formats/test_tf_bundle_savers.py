@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf  # a pinned test dependency: imported, never skipped
 from tf_peer import tf_save
 
 from lightning_saver.errors import CheckpointNotFoundError, CorruptCheckpointError
 from lightning_saver.formats import sstable
 from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
 
-tf = pytest.importorskip("tensorflow")
 v1 = tf.compat.v1
 
 

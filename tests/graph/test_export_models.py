@@ -132,7 +132,7 @@ def _check_round_trip(meta: str, model: nn.Module, run_args: tuple, atol: float)
 
 
 def test_lightning_trained_model_exports_graphs_and_tensorboard_event(tmp_path) -> None:
-    pl = pytest.importorskip("pytorch_lightning")
+    import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
     class Classifier(pl.LightningModule):

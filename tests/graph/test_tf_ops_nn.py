@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf  # a pinned test dependency: imported, never skipped
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -16,8 +17,6 @@ from hypothesis import strategies as st
 from lightning_saver.errors import GraphImportError, UnsupportedOpError
 from lightning_saver.graph.tf_import import table
 from lightning_saver.graph.tf_import.layout import same_pads
-
-tf = pytest.importorskip("tensorflow")
 
 RNG = np.random.default_rng(1234)
 ATOL = 1e-5

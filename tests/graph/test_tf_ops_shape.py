@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf  # a pinned test dependency: imported, never skipped
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import import table
-
-tf = pytest.importorskip("tensorflow")
 
 RNG = np.random.default_rng(99)
 

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pytest
 
 
 def tf_module() -> Any:
-    """TensorFlow, quiet; skips the test when it is not installed."""
+    """TensorFlow, quiet. A pinned test dependency: a missing or broken install fails, never skips."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return pytest.importorskip("tensorflow")
+    import tensorflow
+
+    return tensorflow
 
 
 @dataclass
