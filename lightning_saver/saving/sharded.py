@@ -135,7 +135,7 @@ def _before_write(series: Series, step: int | None) -> None:
         _remove(index)
     for temp in commit.remove_stale_temps(series.directory):
         log.info("removed leftover temporary file %s", temp)
-    for path in remove_orphans(series.directory):
+    for path in remove_orphans(series.directory, series):
         log.info("removed a shard of an uncommitted set: %s", path)
 
 
@@ -363,8 +363,11 @@ def delete_set(index_path: str, *, discard: Callable[[str], None] | None = None)
         (discard or _remove)(shard)
 
 
-def remove_orphans(directory: str) -> list[str]:
-    """Delete shards whose set has no index (a save killed before its commit); return them."""
+def remove_orphans(directory: str, series: Series | None = None) -> list[str]:
+    """Delete shards whose set has no index (a save killed before its commit); return them.
+
+    With ``series``, only that series' shards: another run saving another prefix into the same
+    folder may be between renaming its shards and writing its index."""
     try:
         entries = os.listdir(directory or ".")
     except FileNotFoundError:
@@ -374,7 +377,11 @@ def remove_orphans(directory: str) -> list[str]:
     for entry in entries:
         parsed = names.parse_shard_name(entry)
         path = os.path.join(directory, entry)
-        if parsed is not None and parsed[0] + names.INDEX_SUFFIX not in present and _ours(path):
+        if parsed is None or parsed[0] + names.INDEX_SUFFIX in present:
+            continue
+        if series is not None and series.parse(parsed[0]) is None and parsed[0] != series.name(None):
+            continue
+        if _ours(path):
             _remove(path)
             removed.append(path)
     return removed

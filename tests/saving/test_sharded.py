@@ -178,3 +178,24 @@ def test_killing_one_rank_mid_save_leaves_the_previous_set_latest(tmp_path):
         parsed = names.parse_shard_name(name)
         assert name in indexes or name == "lightning_saver_state.json" or (
             parsed is not None and parsed[0] + names.INDEX_SUFFIX in indexes), left
+
+
+def test_clean_up_removes_only_uncommitted_shards_of_its_own_series(tmp_path):
+    import shutil
+
+    state = {"w": torch.ones(2, 2)}
+    committed = sharded.save_set(state, names.series_of(tmp_path / "model"), 1,
+                                 info={"global_step": 1, "wall_time": 1.0})
+    shard = tmp_path / "model_1-00000-of-00001.safetensors"
+    shutil.copy(shard, tmp_path / "model_2-00000-of-00001.safetensors")   # killed before its index
+    shutil.copy(shard, tmp_path / "other_5-00000-of-00001.safetensors")   # another run, mid-save
+    safetensors.torch.save_file(state, tmp_path / "model-00001-of-00002.safetensors")  # not ours
+    removed = sharded.remove_orphans(str(tmp_path), names.series_of(tmp_path / "model"))
+    assert [os.path.basename(p) for p in removed] == ["model_2-00000-of-00001.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "model-00001-of-00002.safetensors", "model_1-00000-of-00001.safetensors",
+        "model_1.safetensors.index.json", "other_5-00000-of-00001.safetensors"]
+    # deleting a set takes the index first, then its shards, and nothing else
+    sharded.delete_set(committed)
+    assert sorted(os.listdir(tmp_path)) == ["model-00001-of-00002.safetensors",
+                                            "other_5-00000-of-00001.safetensors"]
