@@ -131,9 +131,15 @@ def step_only_names(
     owned: set[int] = set()
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            owned.update(p.untyped_storage().data_ptr() for p in group["params"])
+            owned.update(_address(p) for p in group["params"])
         for state in optimizer.state.values():
             tensors_of_state = (v for v in state.values() if isinstance(v, torch.Tensor))
-            owned.update(v.untyped_storage().data_ptr() for v in tensors_of_state)
+            owned.update(_address(v) for v in tensors_of_state)
     owned.discard(0)  # storages without memory (empty tensors) all have address 0
-    return {name for name, t in tensors.items() if t.untyped_storage().data_ptr() in owned}
+    return {name for name, t in tensors.items() if _address(t) in owned}
+
+
+def _address(tensor: torch.Tensor) -> int:
+    # a DTensor (FSDP2) has no storage of its own: its local shard's is the memory
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return int(local.untyped_storage().data_ptr())

@@ -43,7 +43,8 @@ def main(root: Path, tag: str, max_epochs: int, ckpt_path: str | None, directory
     pl.seed_everything(0, verbose=False)
     ShardedDigits.batches_here = 0
     model = ShardedDigits(hidden=32, lr_step=1)
-    saver = Saver(dirpath=str(root / directory), max_to_keep=2)
+    # the run that writes the sets resumed from saves asynchronously (each rank in the background)
+    saver = Saver(dirpath=str(root / directory), max_to_keep=2, async_save=tag == "fit")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_epochs=max_epochs,
         default_root_dir=str(root), callbacks=[saver], logger=False, enable_progress_bar=False,
