@@ -8,6 +8,8 @@ import tensorflow as tf  # a pinned test dependency: imported, never skipped
 import torch
 from tf_peer import tf_save
 
+from lightning_saver.errors import CorruptCheckpointError
+from lightning_saver.formats import memcopy, tf_shard
 from lightning_saver.tf import list_checkpoint, read_checkpoint, write_checkpoint
 
 RNG = np.random.default_rng(0)
@@ -148,8 +150,21 @@ def test_byte_identical_when_the_index_spans_several_blocks(tmp_path):
     assert read_checkpoint(tmp_path / "theirs", names=[names[-1]])[names[-1]] == 6999
 
 
-def test_big_checkpoint_read_in_chunks_matches_tf(tmp_path):
-    # tensors over and under the 4 MiB prefaulted-buffer size, read in 1 MiB chunks off the chunk grid
+@pytest.mark.parametrize("path", ["one-pass", "preadv"])
+def test_big_checkpoint_read_in_chunks_matches_tf(tmp_path, monkeypatch, path):
+    # tensors over and under the 4 MiB large-tensor size, read in 1 MiB chunks off the chunk grid, on
+    # the one-pass path (populated pieces, copy + CRC in C) and on the prefaulted preadv fallback
+    copied: list[str] = []
+    original = tf_shard.ShardReader._copy_mapped
+
+    def spy(self, entry):
+        result = original(self, entry)
+        copied.append("mapped" if result is not None else "fallback")
+        return result
+
+    monkeypatch.setattr(tf_shard.ShardReader, "_copy_mapped", spy)
+    if path == "preadv":
+        monkeypatch.setattr(tf_shard, "_populate_works", False)
     tensors = {
         "a/kernel": RNG.standard_normal((1000, 1311)).astype(np.float32),
         "b/bias": RNG.standard_normal(7).astype(np.float64),
@@ -169,3 +184,16 @@ def test_big_checkpoint_read_in_chunks_matches_tf(tmp_path):
             assert list(ours[name]) == list(expected)
         else:
             assert ours[name].tobytes() == expected.tobytes()
+    one_pass = memcopy.ONE_PASS and path == "one-pass" and bool(tf_shard._populate_works)
+    if path == "preadv" or not memcopy.ONE_PASS:
+        assert copied == []
+    else:  # a and c are over 4 MiB; a kernel without MADV_POPULATE_* falls back at the first
+        assert copied == (["mapped"] * 2 if one_pass else ["fallback"])
+    if one_pass:
+        # the CRC computed in the same pass as the copy catches a damaged byte in a large tensor
+        data = tmp_path / "big.data-00000-of-00001"
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        data.write_bytes(bytes(raw))
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch for tensor 'c/kernel'"):
+            read_checkpoint(prefix)
