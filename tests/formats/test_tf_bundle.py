@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import pytest
 import tensorflow as tf  # a pinned test dependency: imported, never skipped
 import torch
 from tf_peer import tf_save
