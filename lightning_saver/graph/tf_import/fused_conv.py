@@ -32,8 +32,10 @@ _FLOATS = (torch.float32, torch.float64)
 _SMALL = 1 << 16  # vectors up to this size are compared by value when their tensor changes
 _ONES = (1, 1, 1, 1)
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-if not torch.backends.mkldnn.is_available():
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+if not torch.backends.mkldnn.is_available() or _REORDER is None:
     _MKLDNN = None
+_PACKED_SHAPES = 4  # filters pre-packed for this many input shapes per convolution
 _UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 
 
@@ -138,8 +140,14 @@ def _tail(y: torch.Tensor, other: torch.Tensor | None, act: str | None, grad: bo
 
 
 def _onednn(conv: Any, x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None,
-            other: torch.Tensor | None, act: str | None) -> torch.Tensor | None:
-    """oneDNN's convolution with bias, residual and activation fused; None where it does not apply."""
+            other: torch.Tensor | None, act: str | None,
+            packs: dict[Any, torch.Tensor]) -> torch.Tensor | None:
+    """oneDNN's convolution with bias, residual and activation fused; None where it does not apply.
+
+    The filter is reordered into oneDNN's blocked layout once per input shape (``packs``); given
+    a plain tensor, oneDNN would reorder it on every call, which at batch 1 costs as much as the
+    convolution (ResNet50: 100 MB of filters).
+    """
     kwargs, op = conv.kwargs, conv.op
     data_format = kwargs.get("data_format", "NHWC")
     if _MKLDNN is None or x.dtype != torch.float32 or x.dim() != 4:
@@ -155,13 +163,21 @@ def _onednn(conv: Any, x: torch.Tensor, weight: torch.Tensor, groups: int, bias:
     layout = torch.contiguous_format if data_format.startswith("NC") else torch.channels_last
     xc = xc.contiguous(memory_format=layout)
     unary, scalars = _UNARY[act]
+    key = (tuple(xc.shape), padding)
+    packed = packs.get(key)
+    if packed is None:
+        if len(packs) >= _PACKED_SHAPES:
+            packs.pop(next(iter(packs)))
+        packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(xc.shape))
+        packs[key] = packed
+    plain, weight = weight, packed
     if other is None:
         y = _MKLDNN(xc, weight, bias, list(padding), list(stride), list(dilation), groups, unary, scalars, "")
         return from_nchw(y, data_format, op)
     oc = to_nchw(other, data_format, op)
-    out = [xc.shape[0], weight.shape[0]] + [
+    out = [xc.shape[0], plain.shape[0]] + [
         (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(xc.shape[2:], padding, dilation, weight.shape[2:], stride, strict=True)]
+        for size, p, d, k, s in zip(xc.shape[2:], padding, dilation, plain.shape[2:], stride, strict=True)]
     if list(oc.shape) != out or oc.dtype != x.dtype or not oc.is_contiguous(memory_format=layout):
         return None
     y = _MKLDNN.binary(xc, oc, weight, bias, list(padding), list(stride), list(dilation), groups, "add", None,
@@ -172,6 +188,7 @@ def _onednn(conv: Any, x: torch.Tensor, weight: torch.Tensor, groups: int, bias:
 def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
     """The step function ``(x, filter, *operands) -> y`` of a convolution chain."""
     cache = _Cache()
+    packs: dict[Any, torch.Tensor] = {}  # the cached filter, pre-packed per input shape
     channel = 1 if str(conv.kwargs.get("data_format", "NHWC")).startswith("NC") else -1
     sums = [link.operands[0] for link in links if link.mode == "sum"]
     act = links[-1].mode if links and links[-1].mode in ("relu", "relu6") else None
@@ -201,7 +218,8 @@ def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
             else:
                 weight, groups, bias = _fold(conv, links, x, filter, operands)
                 cache.store(params, extra, (weight, groups, bias))
-            y = None if grad else _onednn(conv, x, weight, groups, bias, other, act)
+                packs.clear()
+            y = None if grad else _onednn(conv, x, weight, groups, bias, other, act, packs)
             if y is None:
                 y = _tail(conv_layout(conv.op, x, weight, groups, bias=bias, **conv.kwargs), other, act, grad)
         except NotFoldable:
