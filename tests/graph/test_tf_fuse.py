@@ -51,6 +51,12 @@ def build_keras3_style(tf):
     tf.identity(tf.reduce_mean(h, axis=[1, 2]), name="y")
 
 
+def _unfused_calls(graph, fetch, feed="x"):
+    """How often the fused steps of the plan fell back to the original ops."""
+    steps = graph.plan([(fetch, 0)], frozenset({(feed, 0)})).fused_steps
+    return sum(getattr(s.func, "unfused_calls", 0) for s in steps if "+" in s.op)
+
+
 def test_keras3_style_conv_bias_and_batch_norm_fold_in_run_and_module(tmp_path):
     x = _images(3, 8, 8, 3)
     made = build_tf_graph(tmp_path, build_keras3_style, ["y:0"], {"x:0": x})
@@ -72,6 +78,7 @@ def test_keras3_style_conv_bias_and_batch_norm_fold_in_run_and_module(tmp_path):
     assert "bn3/moving_variance" in module.state_dict()
     # batch 1 and the second call (the cached folded filter) agree too
     assert_same(graph.run("y:0", {"x:0": x[:1]}), made.expected[0][:1], **TOL)
+    assert _unfused_calls(graph, "y") == 0
 
 
 def build_cnn_with_gradients(tf):
@@ -109,6 +116,8 @@ def test_module_trains_the_unfolded_variables_with_tf_gradients(tmp_path):
     assert {"bn/moving_mean", "bn/moving_variance"} <= set(module.state_dict())
     loss = module(torch.from_numpy(x))
     assert_same(loss.detach().numpy(), made.expected[0], **TOL)
+    fused = [n.target for n in module.graph.nodes if hasattr(n.target, "unfused_calls")]
+    assert len(fused) == 1 and fused[0].unfused_calls == 0
     loss.backward()
     for name, expected in zip(GRADS, made.expected[1:], strict=True):
         assert_same(params[name].grad.numpy(), expected, rtol=1e-4, atol=1e-4)
@@ -164,6 +173,7 @@ def test_a_vector_that_is_not_per_channel_runs_the_original_ops(tmp_path):
     module = graph.to_module(inputs="x:0", outputs="y:0")
     with torch.no_grad():
         assert_same(module(torch.from_numpy(x)).numpy(), made.expected[0], **TOL)
+    assert _unfused_calls(graph, "y") == 1  # the step ran the original ops
 
 
 def _keep_memory_in_child(env_value):
@@ -184,11 +194,13 @@ def _keep_memory_in_child(env_value):
             "for _ in range(2):\n"
             "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "    for n in sizes:\n"
-            "        p = libc.malloc(ctypes.c_size_t(n)); ctypes.memset(p, 1, n); libc.free(ctypes.c_void_p(p))\n"
+            "        p = libc.malloc(ctypes.c_size_t(n))\n"
+            "        ctypes.memset(p, 1, n)\n"
+            "        libc.free(ctypes.c_void_p(p))\n"
             "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)\n")
     env = dict(os.environ, LIGHTNING_SAVER_KEEP_FREED_MEMORY=env_value)
-    out = subprocess.run([sys.executable, "-c", code, memory.__file__], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, memory.__file__], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     ok, faults = out.stdout.split()
     return ok == "True", int(faults)

@@ -108,7 +108,8 @@ def _fold(conv: Any, links: Sequence[Link], x: torch.Tensor, filter: torch.Tenso
     for link in links:
         values = operands[link.operands[0]:link.operands[1]]
         if link.mode == "bn":
-            gamma, beta, mean, variance = (_vector(v, out, True, dtype) for v in values)
+            # batch-norm vectors are 1-D, whatever the data format
+            gamma, beta, mean, variance = (_vector(v, out, False, dtype) for v in values)
             a = gamma * torch.rsqrt(variance + float(link.step.kwargs.get("epsilon", 1e-4)))
             scale = a if scale is None else scale * a
             shift = beta - mean * a if shift is None else shift * a + (beta - mean * a)
@@ -194,6 +195,7 @@ def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
     act = links[-1].mode if links and links[-1].mode in ("relu", "relu6") else None
 
     def unfused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        fused.unfused_calls += 1  # type: ignore[attr-defined]  # tests check the fold did happen
         y = conv.func(x, filter, **conv.kwargs)
         for link in links:
             args = list(operands[link.operands[0]:link.operands[1]])
@@ -228,6 +230,7 @@ def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
         # is off, so a following activation can run in place
         return y if grad else y.detach()
 
+    fused.unfused_calls = 0  # type: ignore[attr-defined]
     fused.__name__ = fused.__qualname__ = "_".join(
         [_snake(conv.op)] + [_snake(link.step.op) for link in links]) + "_folded"
     return fused
