@@ -258,6 +258,9 @@ def _cases() -> dict[str, Case]:
         "as_strided_after_permute": Case(fn(lambda x: (F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), 1),
                                                        F.adaptive_avg_pool2d(x.permute(0, 2, 3, 1), (2, 2)))),
                                          (img,)),
+        "clamp_tensors_where_broadcast": Case(fn(lambda x, y: (
+            torch.clamp(x, min=y, max=y + 0.5), torch.clamp_min(x, y), torch.clamp_max(x, y),
+            torch.where(x > 0, x, y), torch.where(y > 0, 1.0, x), 1 - x)), (img, _randn(2, 4, 1, 8, seed=9))),
         "cast_int_to_float": Case(fn(lambda x: x.float() * 0.5 + x.sum(dim=1, keepdim=True)), (tok,)),
     }
     return c

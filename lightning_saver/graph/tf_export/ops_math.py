@@ -170,12 +170,12 @@ def clamp(cx: Ctx, x: TfTensor, min: Any = None, max: Any = None) -> TfTensor:
     return _clamp(cx, x, min, max)
 
 
-@TF_EXPORT.register(aten.clamp_min.default)
+@TF_EXPORT.register(aten.clamp_min.default, aten.clamp_min.Tensor)
 def clamp_min(cx: Ctx, x: TfTensor, min: Any) -> TfTensor:
     return _clamp(cx, x, min, None)
 
 
-@TF_EXPORT.register(aten.clamp_max.default)
+@TF_EXPORT.register(aten.clamp_max.default, aten.clamp_max.Tensor)
 def clamp_max(cx: Ctx, x: TfTensor, max: Any) -> TfTensor:
     return _clamp(cx, x, None, max)
 
