@@ -3,6 +3,7 @@
 Lightning's launcher starts rank 1 by re-running this script; each rank writes a small JSON report.
 Usage: python sharded_fit_run.py ROOT fit      (3 epochs uninterrupted into full/, then 2 epochs into ckpt/)
        python sharded_fit_run.py ROOT resume   (from "last" of ckpt/ to 3 epochs, in new processes)
+       python sharded_fit_run.py ROOT reshard SET   (1 process restores SET, written by 2)
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ class ShardedDigits(DigitsClassifier):
         fully_shard(self, mesh=mesh)
 
 
-def main(root: Path, tag: str, max_epochs: int, ckpt_path: str | None, directory: str = "ckpt") -> None:
+def main(root: Path, tag: str, max_epochs: int, ckpt_path: str | None, directory: str = "ckpt",
+         devices: int = 2) -> None:
     pl.seed_everything(0, verbose=False)
     ShardedDigits.batches_here = 0
     model = ShardedDigits(hidden=32, lr_step=1)
     # the run that writes the sets resumed from saves asynchronously (each rank in the background)
     saver = Saver(dirpath=str(root / directory), max_to_keep=2, async_save=tag == "fit")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_epochs=max_epochs,
+        accelerator="cpu", devices=devices, strategy=ModelParallelStrategy(), max_epochs=max_epochs,
         default_root_dir=str(root), callbacks=[saver], logger=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
     )
@@ -74,5 +76,7 @@ if __name__ == "__main__":
         # two Trainers in the same processes: Lightning launches rank 1 only once
         main(root, "full", 3, None, directory="full")
         main(root, "fit", 2, None)
-    else:
+    elif sys.argv[2] == "resume":
         main(root, "resume", 3, "last")
+    else:  # one process restores the 2-process set of epoch 2 (resharding) and has nothing left to train
+        main(root, "reshard", 2, sys.argv[3], devices=1)

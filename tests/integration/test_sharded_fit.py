@@ -12,15 +12,15 @@ from pathlib import Path
 SCRIPT = Path(__file__).with_name("sharded_fit_run.py")
 
 
-def run(root: Path, mode: str) -> None:
+def run(root: Path, mode: str, *extra: str) -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(SCRIPT), str(root), mode], env=env,
+    done = subprocess.run([sys.executable, str(SCRIPT), str(root), mode, *extra], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def reports(root: Path, tag: str) -> list[dict]:
-    return [json.loads((root / f"{tag}_rank{r}.json").read_text()) for r in (0, 1)]
+def reports(root: Path, tag: str, world: int = 2) -> list[dict]:
+    return [json.loads((root / f"{tag}_rank{r}.json").read_text()) for r in range(world)]
 
 
 def test_model_parallel_fit_and_resume_from_last_is_bit_identical(tmp_path):
@@ -47,3 +47,9 @@ def test_model_parallel_fit_and_resume_from_last_is_bit_identical(tmp_path):
     assert [r["digest"] for r in resumed] == [r["digest"] for r in full]
     kept = sorted(p for p in os.listdir(tmp_path / "ckpt") if p.endswith(".index.json"))
     assert kept == sorted(f"model_{s * epoch}.safetensors.index.json" for s in (2, 3))
+
+    # 2 -> 1: one process restores the epoch-2 set; weights and Adam's moments, gathered, are those saved
+    run(tmp_path, "reshard", last)
+    (alone,) = reports(tmp_path, "reshard", world=1)
+    assert alone["ckpt_path"] == last and alone["batches_here"] == 0
+    assert alone["digest"] == first[0]["digest"]
