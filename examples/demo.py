@@ -40,10 +40,10 @@ import json, sys
 sys.path.insert(0, {here!r})
 from demo import fingerprint, make_model
 from lightning_saver import latest_checkpoint
-from lightning_saver.saving.saver import CheckpointSaver  # Saver minus the Lightning callback: quick import
+from lightning_saver import Saver  # no Lightning in this program: the standalone saver, no Lightning import
 path = latest_checkpoint({directory!r}, verify=True)
 model = make_model()
-CheckpointSaver().restore(model, path)
+Saver().restore(model, path)
 print(json.dumps({{"path": path, "weights": fingerprint(model)}}))
 """
 

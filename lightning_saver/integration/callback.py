@@ -85,6 +85,7 @@ class SaverHooks:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         s: Any = self
         s.last_saved_step = state_dict.get("last_saved_step")
+        s.last_model_path = state_dict.get("last_model_path", "")
         s._train_seconds = float(state_dict.get("train_seconds", 0.0))
         s._time_at_save = s._train_seconds  # the resumed-from checkpoint was the last save
         s._timer_start = time.monotonic()
