@@ -48,7 +48,8 @@ def copy_crc32c(dst: int, src: int, nbytes: int, *, crc: int = 0, nontemporal: b
     return checksum.extend_address(crc, dst, nbytes)
 
 
-def _pieces(regions: Sequence[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:
+def split_regions(regions: Sequence[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:
+    """``(dst, src, nbytes)`` regions cut into pieces of at most ``size`` bytes."""
     return [(d + s, r + s, min(size, n - s)) for d, r, n in regions for s in range(0, n, size)]
 
 
@@ -70,7 +71,7 @@ def copy_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 2) -
     # at least 16 pieces, so the two threads end together; large ones where the total allows, as
     # glibc's memmove bypasses the cache above a size threshold: 1 GiB took 0.064 s in 32 MiB
     # pieces and 0.084 s in 8 MiB pieces (15 reps, two threads)
-    pieces = _pieces(regions, min(BIG_PIECE, max(PIECE, total // 16)))
+    pieces = split_regions(regions, min(BIG_PIECE, max(PIECE, total // 16)))
     todo = iter(range(len(pieces)))
     future = checksum.run_beside(lambda: _copy_some(pieces, todo))
     try:

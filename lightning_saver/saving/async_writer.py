@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -57,6 +58,11 @@ class AsyncWriter:
 
     Args:
         max_in_flight: how many submitted jobs may be pending before ``snapshot``/``submit`` block.
+        niceness: on Linux the writer thread runs this much nicer than the process (0: as nice),
+            so that training keeps the cores: measured on 2 busy cores, training steps ran 1.9-2.2x
+            slower while a writer at the process's priority saved, 1.2-1.35x with 10 (the write
+            itself then took longer, 4x there, on a machine with no idle core). A training thread
+            that needs a deferred copy does the copying itself, so it never waits on the slow writer.
 
     Raises:
         ValueError: ``max_in_flight`` is smaller than 1.
@@ -69,10 +75,11 @@ class AsyncWriter:
         writer.wait()
     """
 
-    def __init__(self, max_in_flight: int = 1) -> None:
+    def __init__(self, max_in_flight: int = 1, *, niceness: int = 10) -> None:
         if max_in_flight < 1:
             raise ValueError(f"AsyncWriter: max_in_flight must be >= 1, got {max_in_flight}")
         self.max_in_flight = max_in_flight
+        self.niceness = niceness
         self._cond = threading.Condition()
         self._jobs: deque[Callable[[], object]] = deque()
         self._pending = 0
@@ -207,6 +214,7 @@ class AsyncWriter:
             self._thread.start()
 
     def _run(self) -> None:
+        _lower_priority(self.niceness)
         while True:
             with self._cond:
                 while not self._jobs and not self._closed:
@@ -234,6 +242,19 @@ class AsyncWriter:
         self._pending = 0
         self._thread = None
         self._fence = self._unsubmitted = None
+
+
+def _lower_priority(niceness: int) -> None:
+    """Make the calling thread ``niceness`` nicer (Linux only: elsewhere ``setpriority`` on a
+    thread id would renice the whole process)."""
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + niceness))
+    except OSError as exc:  # a sandbox that forbids it: the writer just keeps the default priority
+        logger.debug("could not lower the writer thread's priority: %s", exc)
 
 
 def _copy_then(copy: DeferredCopy, job: Callable[[], object]) -> object:

@@ -15,7 +15,7 @@ holds those copies:
 
 Example::
 
-    copy = DeferredCopy(lambda: memcopy.copy_regions(regions))
+    copy = DeferredCopy([partial(ctypes.memmove, dst, src, n) for dst, src, n in regions])
     ...                      # forward, backward: parameters are only read
     copy.wait()              # before optimizer.step(): the copy is complete (or runs now)
 """
@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,34 +34,57 @@ __all__ = ["DeferredCopy", "start_device_copies", "step_only_names"]
 class DeferredCopy:
     """Host copies to run once, and device copies in flight on side streams (see the module docs).
 
+    The host copies come in pieces (a few MiB each) that whoever works on them takes one at a time:
+    the writer thread, and a training thread that must not wait any longer. So a training thread
+    that arrives while the (lower-priority) writer is copying takes the remaining pieces itself and
+    waits at most for the piece in progress.
+
     Args:
-        host: the host copies; run at most once, by whoever comes first. It holds whatever keeps
-            the copy's source and destination memory alive; it is dropped once it ran.
+        pieces: the host copies; each runs exactly once, on whichever thread takes it.
         device_events: ``(device, event)`` recorded on each side stream after its copies.
+        keep_alive: what keeps the copies' source and destination memory alive; dropped once
+            every piece ran (so the arena can be reused).
     """
 
-    def __init__(self, host: Callable[[], None], device_events: list[tuple[torch.device, Any]] | None = None):
-        self._host: Callable[[], None] | None = host
+    def __init__(
+        self,
+        pieces: Sequence[Callable[[], object]],
+        device_events: list[tuple[torch.device, Any]] | None = None,
+        keep_alive: object = None,
+    ) -> None:
+        self._pieces = list(pieces)
         self._events = device_events or []
+        self._keep_alive = keep_alive
         self._lock = threading.Lock()
-        self._claimed = False
+        self._next = 0
+        self._left = len(self._pieces)
         self._done = threading.Event()
         self._error: BaseException | None = None
+        if not self._pieces:
+            self._finish()
 
-    def _run_once(self) -> None:
-        with self._lock:
-            first, self._claimed = not self._claimed, True
-        if not first:
-            self._done.wait()
-            return
-        try:
-            assert self._host is not None
-            self._host()
-        except BaseException as exc:  # raised by complete(), i.e. by the save's job
-            self._error = exc
-        finally:
-            self._host = None  # the memory it kept alive is free to go (and the arena to be reused)
-            self._done.set()
+    def _finish(self) -> None:
+        self._pieces, self._keep_alive = [], None  # the memory they kept alive is free to go
+        self._done.set()
+
+    def _work(self) -> None:
+        """Take pieces until none is left, then wait for those other threads took."""
+        while True:
+            with self._lock:
+                if self._next >= len(self._pieces):
+                    break
+                piece = self._pieces[self._next]
+                self._next += 1
+            try:
+                piece()
+            except BaseException as exc:  # raised by complete(), i.e. by the save's job
+                self._error = self._error or exc
+            del piece
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self._finish()
+        self._done.wait()
 
     @property
     def done(self) -> bool:
@@ -69,12 +92,12 @@ class DeferredCopy:
         return self._done.is_set() and all(event.query() for _, event in self._events)
 
     def wait(self) -> None:
-        """Before the source tensors change: host copies done (run here if not started yet), and the
-        current CUDA stream of each device ordered after the device copies (no CPU wait for those).
+        """Before the source tensors change: host copies done (the pieces left are copied here), and
+        the current CUDA stream of each device ordered after the device copies (no CPU wait for those).
 
         A failed copy is not raised here: the save it belongs to fails and reports it.
         """
-        self._run_once()
+        self._work()
         for device, event in self._events:
             torch.cuda.current_stream(device).wait_event(event)
 
@@ -84,7 +107,7 @@ class DeferredCopy:
         Raises:
             Exception: the error of a host copy.
         """
-        self._run_once()
+        self._work()
         for _, event in self._events:
             event.synchronize()
         if self._error is not None:

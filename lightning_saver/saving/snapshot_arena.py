@@ -14,8 +14,10 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -232,11 +234,15 @@ def snapshot_deferred(
     events = start_device_copies(device_pairs) if device_pairs else []
     # the host copies go by address: keep the arena and every source alive until they ran
     alive = (buffer, [t for b in blocks if deferred(b) for _, t in b.members])
+    pieces: list[Callable[[], object]] = [
+        partial(ctypes.memmove, d, s, n) for d, s, n in memcopy.split_regions(host.cpu, memcopy.PIECE)
+    ]
+    pieces += [partial(_copy_tensor, d, s) for d, s in host.tensors]
+    return out, DeferredCopy(pieces, events, keep_alive=alive)
 
-    def copy_later(keep: object = alive) -> None:
-        host.run(pinned=False, threads=1)  # one thread: this runs beside training's own threads
 
-    return out, DeferredCopy(copy_later, events)
+def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
 
 
 def _use_count(t: torch.Tensor) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
@@ -106,23 +108,62 @@ def test_step_only_names_are_parameters_and_optimizer_state():
     assert step_only_names({"f": frozen.weight}, [opt]) == set()
 
 
-def test_the_copy_runs_once_whoever_comes_first():
-    runs: list[str] = []
-    copy = DeferredCopy(lambda: runs.append(threading.current_thread().name))
+def test_every_piece_runs_once_whoever_takes_it():
+    runs: list[int] = []
+    copy = DeferredCopy([lambda i=i: runs.append(i) for i in range(50)])
     threads = [threading.Thread(target=copy.wait) for _ in range(4)]
     threads.append(threading.Thread(target=copy.complete))
     for t in threads:
         t.start()
     for t in threads:
         t.join(5)
-    assert len(runs) == 1 and copy.done
+    assert sorted(runs) == list(range(50)) and copy.done
+
+
+def test_a_waiting_thread_takes_the_pieces_a_slow_writer_has_not_reached():
+    slow_started, release = threading.Event(), threading.Event()
+    ran_by: dict[int, str] = {}
+
+    def piece(i: int) -> None:
+        ran_by[i] = threading.current_thread().name
+        if i == 0:
+            slow_started.set()
+            assert release.wait(5)
+
+    copy = DeferredCopy([lambda i=i: piece(i) for i in range(6)])
+    writer = threading.Thread(target=copy.complete, name="writer")
+    writer.start()
+    assert slow_started.wait(5)  # the writer is stuck in piece 0
+    waiter = threading.Thread(target=copy.wait, name="trainer")
+    waiter.start()
+    waiter.join(0.5)
+    # the trainer copied pieces 1-5 itself and now waits only for the piece in progress
+    assert {i: ran_by.get(i) for i in range(1, 6)} == {i: "trainer" for i in range(1, 6)}
+    assert waiter.is_alive() and not copy.done
+    release.set()
+    waiter.join(5)
+    writer.join(5)
+    assert copy.done and ran_by[0] == "writer"
+
+
+def test_the_writer_thread_runs_nicer_than_the_process():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux feature")
+    writer = AsyncWriter()
+    seen: list[int] = []
+    writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    writer.wait()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [min(19, base + 10)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
+    writer.close()
 
 
 def test_a_failed_copy_fails_the_save_not_the_step():
     def broken() -> None:
         raise OSError("copy failed")
 
-    copy = DeferredCopy(broken)
+    copy = DeferredCopy([broken])
     copy.wait()  # the training loop goes on
     with pytest.raises(OSError, match="copy failed"):
         copy.complete()  # the save's job reports it
@@ -165,7 +206,7 @@ def test_a_deferred_copy_keeps_its_source_and_destination_alive(monkeypatch):
     fence = writer._fence
     assert fence is not None and not fence.done
     writer.wait_snapshot()  # copies between memory that is still alive (no crash, no garbage)
-    assert fence.done and fence._host is None  # references released once copied
+    assert fence.done and fence._keep_alive is None and fence._pieces == []  # released once copied
     writer.close()
 
 
@@ -174,7 +215,7 @@ def test_device_copies_start_on_a_side_stream_where_a_gpu_exists():
         pytest.skip("no CUDA device here: the side-stream device-to-host path is exercised on GPU machines")
     src = torch.randn(1 << 20, device="cuda")
     dst = torch.empty(src.shape, pin_memory=True)
-    copy = DeferredCopy(lambda: None, deferred_copy.start_device_copies([(dst, src)]))
+    copy = DeferredCopy([], deferred_copy.start_device_copies([(dst, src)]))
     copy.wait()  # the current stream now waits for the copy; the CPU does not
     src.add_(1.0)  # queued after the copy on the current stream
     copy.complete()
