@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_saver.errors import LightningSaverError, StateMismatchError
+from lightning_saver.errors import CorruptCheckpointError, LightningSaverError, StateMismatchError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "int64": torch.int64, "int32": torch.int32}
@@ -80,7 +80,10 @@ def load_weights(checkpoint: str, storage_options: dict[str, Any] | None = None)
     metadata = _formats.read_metadata(fmt, path, storage_options)
     if state_codec.has_state(metadata):
         state = state_codec.decode_state(tensors, metadata, source=path)
-        return dict(state["state_dict"])
+        weights = state.get("state_dict")
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise CorruptCheckpointError(f"{path}: its training state has no state_dict of tensors")
+        return dict(weights)
     return tensors
 
 

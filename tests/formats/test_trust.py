@@ -392,3 +392,13 @@ def test_fuzz_the_training_state_decoder(state):
             decode_state({"w": torch.zeros(2)}, {STATE_KEY: json.dumps(doc)}, source="f")
         except LightningSaverError:
             pass
+
+
+def test_export_of_a_state_without_weights_is_our_error(tmp_path, capsys):
+    path = tmp_path / "s.safetensors"
+    state = encode_state({"epoch": 3})
+    sio.save_file(state.tensors, path, metadata=state.metadata)
+    code = cli_main(["export", "--checkpoint", str(path), "--model-class", "torch.nn.Linear", "--init-args",
+                     '{"in_features": 2, "out_features": 1}', "--onnx", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and "s.safetensors: its training state has no state_dict" in err
