@@ -23,7 +23,7 @@ import torch
 from lightning_saver.formats.safetensors_header import DTYPES
 from lightning_saver.formats.state_codec import decode_state, encode_state, has_state
 from lightning_saver.integration import compat
-from lightning_saver.saving import names, sharded
+from lightning_saver.saving import names
 
 __all__ = ["is_sharded_strategy", "install", "load_set_checkpoint", "load_set_state"]
 
@@ -67,6 +67,8 @@ def load_set_checkpoint(strategy: Strategy, path: str, *, verify: bool = True,
         set_optimizer_state_dict,
     )
 
+    from lightning_saver.saving import sharded  # torch.distributed.checkpoint: only when a set is read
+
     model = strategy.model
     assert model is not None  # load happens after setup (restore_checkpoint_after_setup)
     optimizers = [getattr(o, "_optimizer", o) for o in strategy.optimizers]
@@ -93,6 +95,8 @@ def load_set_checkpoint(strategy: Strategy, path: str, *, verify: bool = True,
 def load_set_state(path: str, *, verify: bool = True, allow_pickle: bool = False) -> dict[str, Any]:
     """A set as one Lightning checkpoint dict of whole tensors, in this process alone (DDP, one
     process, ``validate``/``test`` with an unsharded module)."""
+    from lightning_saver.saving import sharded
+
     index = sharded.read_index(path)
     tensors = sharded.load_set(path, verify=verify)
     if has_state(index.metadata):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -485,9 +486,11 @@ class CheckpointSaver:
 
 def _sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
     """DTensors are saved as a set (one file per rank); anything else as one file."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(t, DTensor) for t in tensors.values())
+    # no import here: importing torch.distributed.tensor took ~1 s in a process's first save, and
+    # where it was never imported no value can be a DTensor
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors.values())
 
 
 def _in_series(series: Series, name: str) -> bool:
