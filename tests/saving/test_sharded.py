@@ -145,6 +145,11 @@ def test_killing_one_rank_mid_save_leaves_the_previous_set_latest(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "loop"],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True) for r in (0, 1)]
+    import threading
+
+    # a job that never gets going (a port taken, a hang) must not hang the suite: kill it after 180 s
+    watchdog = threading.Timer(180, lambda: [p.kill() for p in procs])
+    watchdog.start()
     try:
         # wait for two committed saves, time them, then kill the victim at a random instant of a save
         assert procs[0].stdout is not None
@@ -156,6 +161,7 @@ def test_killing_one_rank_mid_save_leaves_the_previous_set_latest(tmp_path):
         procs[victim].send_signal(signal.SIGKILL)
         procs[victim].wait(timeout=30)
     finally:
+        watchdog.cancel()
         for p in procs:
             p.kill()
             p.wait(timeout=30)
