@@ -1,9 +1,11 @@
 """How fast do we read and write TF V2 checkpoints, next to TensorFlow's own reader and savers?
 
 One process, one set of float32 tensors (about 1 GiB in 16 tensors; ``--quick``: 8 MiB), interleaved:
-every repetition runs every write method once, then every read method once, each group starting one
-method later than in the previous repetition (position in the sequence mattered on a shared machine:
-whoever follows a big write pays for its writeback), and the table reports the median per method.
+every repetition runs every write method once, then every read method once, each group in an order
+shuffled anew per repetition (position in the sequence mattered on a shared machine: whoever follows
+a big write pays for its writeback), and the table reports the median per method. Every write makes
+new files (both libraries write temporary files and rename them into place). For reads, each in a
+process of its own as a user's load runs, see ``benchmarks/tf_read.py``.
 
 Writes (the rows marked "+ fsync" buy the same durability: our writer always fsyncs; for TF's savers
 we fsync their files right after they return):
@@ -26,6 +28,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -129,9 +132,10 @@ def run(size_mib: int, reps: int, directory: str) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in methods}
     writes = [name for name in methods if name.startswith("write")]
     reads = [name for name in methods if not name.startswith("write")]
-    for rep in range(reps):
+    shuffler = random.Random(0)
+    for _rep in range(reps):
         for group in (writes, reads):
-            for name in group[rep % len(group) :] + group[: rep % len(group)]:
+            for name in shuffler.sample(group, len(group)):  # a new order every repetition
                 samples[name].append(_timed(methods[name]))
     for prefix in (ours, theirs):
         if read_checkpoint(prefix, names=[one])[one].tobytes() != tensors[one].tobytes():
