@@ -197,9 +197,11 @@ def worker(side: str, threads: int) -> None:
 
 
 class Worker:
-    def __init__(self, side: str, threads: int) -> None:
+    def __init__(self, side: str, threads: int, wait_policy: str | None = None) -> None:
         self.threads = threads
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if wait_policy:
+            env["OMP_WAIT_POLICY"] = wait_policy
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", side, "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -259,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed calls per side per round")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest output difference from TF allowed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random side order")
+    parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None,
+                        help="OMP_WAIT_POLICY for every worker (default: the environment's); PASSIVE "
+                        "stops OpenMP threads spinning at barriers, which stalls torch on a busy machine")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as directory:
         models = build_models(names, args.quick, directory)
         for threads in [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]:
-            workers = {side: Worker(side, threads) for side in SIDES}
+            workers = {side: Worker(side, threads, args.omp_wait_policy) for side in SIDES}
             try:
                 for name in names:
                     for batch in batches:
@@ -302,7 +307,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, load_before: t
 
     summary = {
         "benchmark": "tf_import", "quick": args.quick, "rounds": args.rounds, "reps": args.reps,
-        "machine": machine(), "torch": torch.__version__,
+        "machine": machine(), "torch": torch.__version__, "omp_wait_policy": args.omp_wait_policy,
         "loadavg_before": [round(v, 2) for v in load_before],
         "rows": [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "worst_run_ratio": round(max(r["run_ratio"] for r in rows), 3),
