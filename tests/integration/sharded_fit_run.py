@@ -4,6 +4,8 @@ Lightning's launcher starts rank 1 by re-running this script; each rank writes a
 Usage: python sharded_fit_run.py ROOT fit      (3 epochs uninterrupted into full/, then 2 epochs into ckpt/)
        python sharded_fit_run.py ROOT resume   (from "last" of ckpt/ to 3 epochs, in new processes)
        python sharded_fit_run.py ROOT reshard SET   (1 process restores SET, written by 2)
+       python sharded_fit_run.py ROOT single        (1 process, 1 epoch into single/)
+       python sharded_fit_run.py ROOT grow SET      (2 processes restore SET, written by 1)
 """
 
 from __future__ import annotations
@@ -78,5 +80,9 @@ if __name__ == "__main__":
         main(root, "fit", 2, None)
     elif sys.argv[2] == "resume":
         main(root, "resume", 3, "last")
-    else:  # one process restores the 2-process set of epoch 2 (resharding) and has nothing left to train
+    elif sys.argv[2] == "reshard":  # one process restores the 2-process set of epoch 2, nothing left to train
         main(root, "reshard", 2, sys.argv[3], devices=1)
+    elif sys.argv[2] == "single":  # a 1-process ModelParallelStrategy run writes its checkpoint
+        main(root, "single", 1, None, directory="single", devices=1)
+    else:  # 2 processes restore the 1-process set of epoch 1 (resharding 1 -> 2), nothing left to train
+        main(root, "grow", 1, sys.argv[3], directory="grow")

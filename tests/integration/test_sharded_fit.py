@@ -53,3 +53,18 @@ def test_model_parallel_fit_and_resume_from_last_is_bit_identical(tmp_path):
     (alone,) = reports(tmp_path, "reshard", world=1)
     assert alone["ckpt_path"] == last and alone["batches_here"] == 0
     assert alone["digest"] == first[0]["digest"]
+
+
+def test_model_parallel_checkpoint_of_one_process_resumes_on_two(tmp_path):
+    run(tmp_path, "single")
+    (single,) = reports(tmp_path, "single", world=1)
+    (saved,) = single["saved"]  # the one epoch-end save
+    assert os.path.exists(saved), saved
+    assert saved.endswith(".safetensors.index.json")  # a set of one shard, not a single file
+    # 1 -> 2: each rank takes its rows of every tensor; weights and Adam's moments, gathered, are those saved
+    run(tmp_path, "grow", saved)
+    grown = reports(tmp_path, "grow")
+    assert [r["ckpt_path"] for r in grown] == [saved, saved]
+    assert [r["global_step"] for r in grown] == [single["global_step"]] * 2
+    assert [r["batches_here"] for r in grown] == [0, 0]
+    assert [r["digest"] for r in grown] == [single["digest"]] * 2
