@@ -47,13 +47,14 @@ from torch.futures import Future
 
 from lightning_saver.errors import CorruptCheckpointError, EncodingError
 from lightning_saver.formats import checksum, safetensors_io
-from lightning_saver.formats.safetensors_header import DTYPE_NAMES, DTYPES, Header, read_header
+from lightning_saver.formats.safetensors_header import DTYPE_NAMES, DTYPES, Header
 from lightning_saver.formats.safetensors_io import _check_crc, _read_exact
 from lightning_saver.formats.safetensors_writer import CHUNK
 from lightning_saver.formats.shard_index import Piece, ShardIndex, TensorEntry, dump_index
 from lightning_saver.saving import names
 from lightning_saver.saving.names import Series
-from lightning_saver.storage import Sink, storage_for
+from lightning_saver.saving.store_io import read_header_at
+from lightning_saver.storage import Sink, Storage, storage_for
 
 __all__ = ["SetWriter", "SetReader", "Committed"]
 
@@ -94,8 +95,10 @@ class SetWriter(StorageWriter):
         metadata: dict[str, str],
         on_commit: Callable[[Committed], None] | None = None,
         before_write: Callable[[int], None] | None = None,
+        store: Storage | None = None,
     ) -> None:
         super().__init__()
+        self.store = store or storage_for(series.directory)
         self.series, self.step, self.info, self.metadata = series, step, info, metadata
         self.on_commit, self.before_write = on_commit, before_write
         self.rank = 0
@@ -125,7 +128,7 @@ class SetWriter(StorageWriter):
         return [replace(plan, storage_data=(rank, len(plans))) for rank, plan in enumerate(plans)]
 
     def shard_path(self, rank: int, world: int) -> str:
-        return os.path.join(self.series.directory, names.shard_name(self.series, self.step, rank, world))
+        return self.store.join(self.series.directory, names.shard_name(self.series, self.step, rank, world))
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self.rank, self.world = plan.storage_data
@@ -152,7 +155,7 @@ class SetWriter(StorageWriter):
             return safetensors_io.write_to_fd(tensors, fd, info=info)
 
         try:
-            result = storage_for(path).write_atomic(path, produce, nbytes=nbytes)
+            result = self.store.write_atomic(path, produce, nbytes=nbytes)
         except OSError as exc:
             raise type(exc)(exc.errno, f"rank {self.rank} of {self.world}: {exc.strerror}", path) from exc
         self.written = path
@@ -166,8 +169,8 @@ class SetWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         index = self._index(metadata, results)
         data = dump_index(index)
-        path = os.path.join(self.series.directory, names.set_index_name(self.series, self.step))
-        storage_for(path).write_bytes(path, data)
+        path = self.store.join(self.series.directory, names.set_index_name(self.series, self.step))
+        self.store.write_bytes(path, data)
         sizes = {w.storage_data.file: w.storage_data.file_bytes for rank in results for w in rank}
         import google_crc32c
 
@@ -176,7 +179,7 @@ class SetWriter(StorageWriter):
             try:
                 self.on_commit(done)
             except BaseException:
-                _remove(path)  # no state file, no set: every rank then removes its shard
+                self.store.delete(path)  # no state file, no set: every rank then removes its shard
                 raise
 
     def _index(self, metadata: Metadata, results: list[list[WriteResult]]) -> ShardIndex:
@@ -203,13 +206,6 @@ class SetWriter(StorageWriter):
         return ShardIndex(step, wall, world, files, tensors, dict(self.metadata), info)
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def metadata_of(index: ShardIndex) -> Metadata:
     """DCP's view of an index: global shapes and the chunks each file holds."""
     state: dict[str, Any] = {}
@@ -226,11 +222,16 @@ def metadata_of(index: ShardIndex) -> Metadata:
 
 
 class SetReader(StorageReader):
-    """Serves DCP's read plan from a set's files (``directory`` holds them), verifying as it reads."""
+    """Serves DCP's read plan from a set's files (``directory`` holds them), verifying as it reads.
 
-    def __init__(self, directory: str, index: ShardIndex, *, verify: bool = True) -> None:
+    Local shards are read with ``pread`` (row ranges when resharding); shards in an object store
+    by ranged requests of the pieces asked for."""
+
+    def __init__(self, directory: str, index: ShardIndex, *, verify: bool = True,
+                 store: Storage | None = None) -> None:
         super().__init__()
         self.directory, self.index, self.verify = directory, index, verify
+        self.store = store or storage_for(directory)
         self.storage: dict[MetadataIndex, Piece] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -262,8 +263,8 @@ class SetReader(StorageReader):
         return _done(None)
 
     def _read_file(self, file: int, reqs: list[ReadItem], planner: LoadPlanner) -> None:
-        path = os.path.join(self.directory, self.index.files[file])
-        header = read_header(path)
+        path = self.store.join(self.directory, self.index.files[file])
+        header = read_header_at(self.store, path)
         direct: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
         rows: list[tuple[ReadItem, torch.Tensor, tuple[int, int]]] = []
@@ -281,7 +282,8 @@ class SetReader(StorageReader):
             if (whole and count[fqn] == 1 and target.device.type == "cpu" and target.is_contiguous()
                     and target.dtype == DTYPES[self.index.tensors[fqn].dtype]):
                 direct[fqn] = target  # read straight into the destination, no copy
-            elif count[fqn] == 1 and (span := _row_range(req, piece, target, dtype)) is not None:
+            elif (count[fqn] == 1 and header.source is None
+                  and (span := _row_range(req, piece, target, dtype)) is not None):
                 rows.append((req, target, span))  # resharding: only its rows, into the destination
                 continue
             elif fqn not in buffers:

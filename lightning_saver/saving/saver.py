@@ -15,7 +15,6 @@ in the directory's state file (``state_file.py``), and only then deletes what ro
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -33,7 +32,6 @@ from lightning_saver.errors import (
     ConcurrentSaverError,
     CorruptCheckpointError,
     FormatVersionError,
-    StorageError,
 )
 from lightning_saver.formats import safetensors_io
 from lightning_saver.saving import deleter, lock, names, rotation, state_file, tf_restore
@@ -263,7 +261,9 @@ class CheckpointSaver:
             self._series[series] = current = updated
             for gone in decision.delete:
                 gone_path = store.join(directory, gone.name)
-                if store.local_path(gone_path) is None:
+                if names.is_set_index(gone_path) and store.local_path(gone_path) is None:
+                    _delete_remote_set(store, gone_path)
+                elif store.local_path(gone_path) is None:
                     _delete_object(store, gone_path)
                 else:
                     self._delete(gone_path)
@@ -362,13 +362,11 @@ class CheckpointSaver:
         """A sharded save (``sharded.py``), called on every rank; rank 0 records the committed set."""
         from lightning_saver.saving import sharded
 
-        if is_url(series.directory):
-            raise StorageError(errno.EOPNOTSUPP, f"{series.directory}: sharded sets are saved to local "
-                               "(or mounted) folders only; use a local directory", series.directory)
+        store = self._store(series.directory)
         if series.directory:
-            os.makedirs(series.directory, exist_ok=True)
+            store.makedirs(series.directory)
         save = partial(sharded.save_set, series=series, step=info["global_step"], info=info,
-                       metadata=metadata, on_commit=partial(self._record_set, series, info))
+                       metadata=metadata, on_commit=partial(self._record_set, series, info), store=store)
         if not self.async_save:
             return save(tensors)
         # each rank snapshots its own pieces and writes in the background; DCP's collectives run on
@@ -378,13 +376,14 @@ class CheckpointSaver:
         if getattr(self, "_set_group", None) is None:
             self._set_group = sharded.new_group()
         writer.submit(partial(save, frozen, process_group=self._set_group))
-        return os.path.join(series.directory, names.set_index_name(series, info["global_step"]))
+        return store.join(series.directory, names.set_index_name(series, info["global_step"]))
 
     def _record_set(self, series: Series, info: dict[str, Any], committed: Any) -> None:
         with self._directory_lock(series.directory):
             whole = self._directory_state(series.directory)
             current = self._series_state(series, whole)
-            record = rotation.Record(os.path.basename(committed.index_path), info["global_step"],
+            name = self._store(series.directory).split(committed.index_path)[1]
+            record = rotation.Record(name, info["global_step"],
                                      info["wall_time"], info.get("metric"), size=committed.nbytes,
                                      checksum=committed.checksum)
             self._record(series, current, record, whole)
@@ -476,7 +475,7 @@ class CheckpointSaver:
         if names.is_set_index(path):
             from lightning_saver.saving import sharded
 
-            missing, unexpected = sharded.restore_set(model, path, strict=strict,
+            missing, unexpected = sharded.restore_set(model, path, strict=strict, store=store,
                                                       verify=self.verify if verify is None else verify)
             return RestoreResult(missing, unexpected)
         header = read_header_at(store, path)
@@ -552,7 +551,7 @@ def _verify_record(store: Storage, path: str, record: rotation.Record) -> None:
     if names.is_set_index(path):
         from lightning_saver.saving import sharded
 
-        sharded.verify_set(path)
+        sharded.verify_set(path, store)
         return
     header = safetensors_io.verify_header(read_header_at(store, path))
     expected = record.checksum
@@ -602,6 +601,16 @@ def read_metadata(
     """The checkpoint's safetensors ``__metadata__``; our own entry is JSON under ``"lightning_saver"``."""
     store, text = store_of(path, storage_options)
     return dict(read_header_at(store, resolve(store, text)).metadata)
+
+
+def _delete_remote_set(store: Storage, index_path: str) -> None:
+    """A whole old set in an object store: its index (un-committing it), then its shards."""
+    from lightning_saver.saving import sharded
+
+    try:
+        sharded.delete_set(index_path, store=store)
+    except OSError as exc:
+        log.warning("could not delete old sharded checkpoint %s: %s", index_path, exc)
 
 
 def _delete_object(store: Storage, path: str) -> None:

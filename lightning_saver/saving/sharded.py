@@ -6,7 +6,9 @@ A set of step 95 written by 2 processes (names built in ``names.py``)::
     ckpts/model_95-00001-of-00002.safetensors    rank 1's pieces
     ckpts/model_95.safetensors.index.json        written last by rank 0: the set exists from here on
 
-The commit protocol across ranks: every rank writes and fsyncs its shard (temp name, rename); DCP
+The commit protocol across ranks: every rank writes and fsyncs its shard (temp name, rename; in an
+object store: one complete upload under the final name, aborted on failure, through the same
+``Storage.write_atomic``); DCP
 gathers every rank's outcome on rank 0; only when all succeeded does rank 0 write the index and
 then the state file (``on_commit``); the outcome is broadcast, so a failure on any rank fails
 ``save`` on every rank, and each rank removes its own shard. Shards without an index are leftovers
@@ -42,12 +44,13 @@ from torch.distributed.tensor import DTensor
 
 from lightning_saver.errors import CheckpointNotFoundError, LightningSaverError, StateMismatchError
 from lightning_saver.formats import safetensors_io
-from lightning_saver.formats.safetensors_header import DTYPE_NAMES, read_header
+from lightning_saver.formats.safetensors_header import DTYPE_NAMES
 from lightning_saver.formats.shard_index import ShardIndex, parse_index
-from lightning_saver.saving import commit, names
+from lightning_saver.saving import names
 from lightning_saver.saving.dcp_storage import Committed, SetReader, SetWriter, _check_piece
 from lightning_saver.saving.names import Series
-from lightning_saver.storage import is_url
+from lightning_saver.saving.store_io import read_header_at
+from lightning_saver.storage import Storage, storage_for
 
 __all__ = [
     "has_dtensors",
@@ -96,8 +99,12 @@ def save_set(
     metadata: Mapping[str, str] | None = None,
     on_commit: Callable[[Committed], None] | None = None,
     process_group: Any = None,
+    store: Storage | None = None,
 ) -> str:
     """Write ``tensors`` (DTensors and plain tensors) as one set; call on every rank.
+
+    ``store`` holds ``series.directory`` (a local folder every rank sees, or an object store: each
+    rank then uploads its shard as one complete object under its final name).
 
     Returns:
         The index path (the set's name), e.g. ``"ckpts/model_95.safetensors.index.json"``.
@@ -106,36 +113,34 @@ def save_set(
         DiskFullError / OSError: a rank could not write its shard; raised on every rank, naming the
             failing rank and its file. Nothing of this set is left; earlier sets are untouched.
     """
-    if is_url(series.directory):
-        raise NotImplementedError(f"sharded checkpoints are written to a file system every rank sees; "
-                                  f"{series.directory!r} is a URL (object stores: not yet for sets)")
-    index_path = os.path.join(series.directory, names.set_index_name(series, step))
+    store = store or storage_for(series.directory)
+    index_path = store.join(series.directory, names.set_index_name(series, step))
     writer = SetWriter(series, step, info=info, metadata=dict(metadata or {}), on_commit=on_commit,
-                       before_write=lambda world: _before_write(series, step))
+                       before_write=lambda world: _before_write(store, series, step), store=store)
     try:
         with _quiet():
             dcp.save(dict(tensors), storage_writer=writer, planner=DefaultSavePlanner(),
                      process_group=process_group, no_dist=not _distributed())
     except CheckpointException as exc:
         if writer.written:
-            _remove(writer.written)
+            _remove(store, writer.written)
         raise _translate(exc, f"sharded save of {index_path}", _world(process_group)) from None
     except BaseException:
         if writer.written:
-            _remove(writer.written)
+            _remove(store, writer.written)
         raise
     return index_path
 
 
-def _before_write(series: Series, step: int | None) -> None:
+def _before_write(store: Storage, series: Series, step: int | None) -> None:
     """Rank 0, before any rank writes: un-commit a set of the same step, remove leftovers."""
-    index = os.path.join(series.directory, names.set_index_name(series, step))
-    if os.path.exists(index):
+    index = store.join(series.directory, names.set_index_name(series, step))
+    if store.exists(index):
         log.warning("replacing the existing sharded checkpoint %s", index)
-        _remove(index)
-    for temp in commit.remove_stale_temps(series.directory):
+        _remove(store, index)
+    for temp in store.remove_incomplete(series.directory):
         log.info("removed leftover temporary file %s", temp)
-    for path in remove_orphans(series.directory, series):
+    for path in remove_orphans(series.directory, series, store=store):
         log.info("removed a shard of an uncommitted set: %s", path)
 
 
@@ -158,11 +163,8 @@ def _translate(exc: CheckpointException, what: str, world: int) -> BaseException
     return new
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+def _remove(store: Storage, path: str) -> None:
+    store.delete(path)  # a missing one is not an error
 
 
 def snapshot(writer: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,18 +190,18 @@ def new_group() -> Any:
 # ---------------------------------------------------------------- reading
 
 
-def read_index(path: str | os.PathLike[str]) -> ShardIndex:
-    """Parse a set's index.
+def read_index(path: str | os.PathLike[str], store: Storage | None = None) -> ShardIndex:
+    """Parse a set's index (a local file, or an object of ``store``).
 
     Raises:
         CheckpointNotFoundError: no such file.
         CorruptCheckpointError / FormatVersionError: not a valid index.
     """
     path = os.fspath(path)
+    store = store or storage_for(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+        data = store.read_bytes(path)
+    except (FileNotFoundError, CheckpointNotFoundError):
         raise CheckpointNotFoundError(f"sharded checkpoint index {path!r} does not exist") from None
     return parse_index(path, data)
 
@@ -232,11 +234,13 @@ def check_fits(path: str, index: ShardIndex, targets: Mapping[str, Any], *, stri
 
 
 def load_into(path: str, index: ShardIndex, targets: dict[str, Any], *, verify: bool,
-              collective: bool) -> None:
+              collective: bool, store: Storage | None = None) -> None:
     """Fill ``targets`` (DTensors: this rank's shards; plain tensors: whole) from the set at ``path``.
 
-    ``collective``: every rank calls it (a failure on one rank then fails it on all)."""
-    reader = SetReader(os.path.dirname(path), index, verify=verify)
+    ``collective``: every rank calls it (a failure on one rank then fails it on all). Shards in an
+    object store are read by ranged requests (only the pieces this process needs)."""
+    store = store or storage_for(path)
+    reader = SetReader(store.split(path)[0], index, verify=verify, store=store)
     try:
         with _quiet():
             dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True),
@@ -246,7 +250,7 @@ def load_into(path: str, index: ShardIndex, targets: dict[str, Any], *, verify: 
 
 
 def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = True,
-                verify: bool = True) -> tuple[list[str], list[str]]:
+                verify: bool = True, store: Storage | None = None) -> tuple[list[str], list[str]]:
     """Load a set into ``target``: a module (sharded with DTensors, or plain) or a mapping of tensors.
 
     A module with DTensor parameters must be restored on every rank (the load is collective); a
@@ -256,7 +260,8 @@ def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = Tru
         ``(missing_keys, unexpected_keys)``.
     """
     path = os.fspath(path)
-    index = read_index(path)
+    store = store or storage_for(path)
+    index = read_index(path, store)
     if isinstance(target, nn.Module):
         sharded = any(isinstance(p, DTensor) for p in target.parameters())
         state: dict[str, Any]
@@ -268,7 +273,7 @@ def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = Tru
             state = target.state_dict()
         result = check_fits(path, index, state, strict=strict)
         common = {k: v for k, v in state.items() if k in index.tensors}
-        load_into(path, index, common, verify=verify, collective=sharded)
+        load_into(path, index, common, verify=verify, collective=sharded, store=store)
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -278,18 +283,18 @@ def restore_set(target: Any, path: str | os.PathLike[str], *, strict: bool = Tru
         return result
     if isinstance(target, MutableMapping):
         if not target:
-            target.update(load_set(path, verify=verify))
+            target.update(load_set(path, verify=verify, store=store))
             return [], []
         result = check_fits(path, index, target, strict=strict)
         common = {k: v for k, v in target.items() if k in index.tensors}
-        load_into(path, index, common, verify=verify, collective=has_dtensors(common))
+        load_into(path, index, common, verify=verify, collective=has_dtensors(common), store=store)
         return result
     raise TypeError(f"restore target must be an nn.Module or a mutable mapping of tensors, "
                     f"found {type(target).__name__}")
 
 
 def load_set(path: str | os.PathLike[str], *, names_: list[str] | None = None,
-             verify: bool = True) -> dict[str, torch.Tensor]:
+             verify: bool = True, store: Storage | None = None) -> dict[str, torch.Tensor]:
     """Full (gathered) CPU tensors of a set, in this process alone.
 
     Example:
@@ -299,17 +304,18 @@ def load_set(path: str | os.PathLike[str], *, names_: list[str] | None = None,
     from lightning_saver.formats.safetensors_header import DTYPES
 
     path = os.fspath(path)
-    index = read_index(path)
+    store = store or storage_for(path)
+    index = read_index(path, store)
     wanted = list(index.tensors) if names_ is None else names_
     missing = [n for n in wanted if n not in index.tensors]
     if missing:
         raise StateMismatchError(f"{path}: no tensor named {', '.join(map(repr, missing[:10]))}")
     out = {n: torch.empty(index.tensors[n].shape, dtype=DTYPES[index.tensors[n].dtype]) for n in wanted}
-    load_into(path, index, out, verify=verify, collective=False)
+    load_into(path, index, out, verify=verify, collective=False, store=store)
     return out
 
 
-def verify_set(path: str | os.PathLike[str]) -> ShardIndex:
+def verify_set(path: str | os.PathLike[str], store: Storage | None = None) -> ShardIndex:
     """Check that every shard is the one the index was committed with, and every piece's CRC-32C.
 
     Raises:
@@ -317,71 +323,70 @@ def verify_set(path: str | os.PathLike[str]) -> ShardIndex:
         CorruptCheckpointError: a shard differs from the index, or a checksum differs.
     """
     path = os.fspath(path)
-    index = read_index(path)
-    directory = os.path.dirname(path)
+    store = store or storage_for(path)
+    index = read_index(path, store)
+    directory = store.split(path)[0]
     headers = {}
     for i, name in enumerate(index.files):
-        headers[i] = read_header(os.path.join(directory, name))
+        headers[i] = read_header_at(store, store.join(directory, name))
     for fqn, entry in index.tensors.items():
         for piece in entry.pieces:
             _check_piece(headers[piece.file], fqn, piece, entry)
     for header in headers.values():
-        safetensors_io.verify_file(header.path)
+        safetensors_io.verify_header(header)
     return index
 
 
-def _ours(path: str) -> bool:
+def _ours(store: Storage, path: str) -> bool:
     """A shard written by lightning_saver (never delete another tool's ``-0000N-of-0000M`` file)."""
     try:
-        return isinstance(read_header(path).info.get("shard"), dict)
+        return isinstance(read_header_at(store, path).info.get("shard"), dict)
     except (LightningSaverError, OSError):
         return False
 
 
-def set_files(index_path: str) -> list[str]:
+def set_files(index_path: str, store: Storage | None = None) -> list[str]:
     """The shard paths of the set named by ``index_path`` found beside it (read from the listing)."""
-    directory, name = os.path.split(index_path)
+    store = store or storage_for(index_path)
+    directory, name = store.split(index_path)
     stem = names.set_stem(name)
-    try:
-        entries = os.listdir(directory or ".")
-    except FileNotFoundError:
-        return []
     out = []
-    for entry in entries:
+    for entry in store.listdir(directory):
         parsed = names.parse_shard_name(entry)
-        if parsed is not None and parsed[0] == stem and _ours(os.path.join(directory, entry)):
-            out.append(os.path.join(directory, entry))
+        if parsed is not None and parsed[0] == stem and _ours(store, store.join(directory, entry)):
+            out.append(store.join(directory, entry))
     return sorted(out)
 
 
-def delete_set(index_path: str, *, discard: Callable[[str], None] | None = None) -> None:
+def delete_set(index_path: str, *, discard: Callable[[str], None] | None = None,
+               store: Storage | None = None) -> None:
     """Delete a set: the index first (un-committing it), then its shards (through ``discard``,
-    e.g. the saver's background deleter, when given)."""
-    shards = set_files(index_path)
-    _remove(index_path)
+    e.g. the saver's background deleter, when given; else the store's delete)."""
+    store = store or storage_for(index_path)
+    shards = set_files(index_path, store)
+    _remove(store, index_path)
     for shard in shards:
-        (discard or _remove)(shard)
+        (discard or store.delete)(shard)
 
 
-def remove_orphans(directory: str, series: Series | None = None) -> list[str]:
+def remove_orphans(directory: str, series: Series | None = None, *,
+                   store: Storage | None = None) -> list[str]:
     """Delete shards whose set has no index (a save killed before its commit); return them.
 
     With ``series``, only that series' shards: another run saving another prefix into the same
     folder may be between renaming its shards and writing its index."""
-    try:
-        entries = os.listdir(directory or ".")
-    except FileNotFoundError:
-        return []
+    store = store or storage_for(directory)
+    entries = store.listdir(directory)
     present = set(entries)
     removed = []
     for entry in entries:
         parsed = names.parse_shard_name(entry)
-        path = os.path.join(directory, entry)
+        path = store.join(directory, entry)
         if parsed is None or parsed[0] + names.INDEX_SUFFIX in present:
             continue
         if series is not None and series.parse(parsed[0]) is None and parsed[0] != series.name(None):
             continue
-        if _ours(path):
-            _remove(path)
+        if _ours(store, path):
+            _remove(store, path)
             removed.append(path)
     return removed
