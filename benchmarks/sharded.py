@@ -41,6 +41,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sharded_lightning  # noqa: E402
 import timing  # noqa: E402
 
 METHODS = ("ours", "dcp_fs", "dcp_hf")
@@ -222,6 +223,12 @@ def main() -> None:
             for rank in range(world):
                 with open(os.path.join(out, f"rank{rank}_w{world}.json")) as f:
                     rows += [dict(r, rank=rank) for r in json.load(f)]
+        pl_args = (2, _port(), args.mib, args.repeats, COLS, TENSORS, base, out)
+        mp.spawn(sharded_lightning.worker, args=pl_args, nprocs=2)
+        pl_rows: list[dict[str, Any]] = []
+        for rank in range(2):
+            with open(os.path.join(out, f"pl_rank{rank}_w2.json")) as f:
+                pl_rows += [dict(r, rank=rank) for r in json.load(f)]
     finally:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -235,8 +242,13 @@ def main() -> None:
     ratios = _ratios(rows)
     for key, value in ratios.items():
         print(f"{key}: {value}")
+    lightning = sharded_lightning.summary(pl_rows)
+    print(f"Lightning, 2 processes: Saver {lightning['saver_save_s']:.3f} s, "
+          f"ModelCheckpoint's save_checkpoint {lightning['lightning_save_s']:.3f} s, "
+          f"ratio (paired) {lightning['saver_over_lightning']}")
     print(json.dumps({"benchmark": "sharded", "mib": args.mib, "repeats": args.repeats, "summary": summary,
-                      "ratios": ratios, "machine_before": before, "machine_after": timing.machine()}))
+                      "ratios": ratios, "lightning_w2": lightning,
+                      "machine_before": before, "machine_after": timing.machine()}))
 
 
 if __name__ == "__main__":
