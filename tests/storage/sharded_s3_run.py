@@ -1,7 +1,8 @@
 """Run by test_sharded_s3.py as a script: a 2-rank gloo job saving FSDP2 sets to S3 (moto).
 
 Usage: python sharded_s3_run.py URL ENDPOINT OUTDIR
-  save steps 1..3 of ``URL/model`` (max_to_keep=2), restore the latest into a fresh sharded model, then a
+  save steps 1..3 of ``URL/model`` (max_to_keep=2), restore the latest into a fresh sharded model, an
+  async save to ``URL/async/model`` restored after the weights changed, then a
   save of step 4 whose rank 1 upload the parent's fault proxy (ENDPOINT) refuses; rank 0 writes the
   gathered reference tensors to OUTDIR/ref.safetensors. Each rank writes OUTDIR/rank<R>.json.
 """
@@ -15,6 +16,7 @@ import sys
 import warnings
 
 import safetensors.torch
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -43,6 +45,17 @@ def job(rank: int, url: str, endpoint: str, out: str) -> dict:
     _, _, target = fresh(2)
     saver.restore(target, paths[-1])
     report["same_world_differs"] = equal(gathered(target), ref)
+    # async: each rank snapshots its pieces and uploads in the background; later changes do not reach it
+    background = CheckpointSaver(max_to_keep=None, async_save=True, storage_options=options)
+    pending = background.save(state, f"{url}/async/model", global_step=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    background.wait()
+    background.close()
+    _, _, target = fresh(2)
+    saver.restore(target, pending)
+    report["async_differs"] = equal(gathered(target), ref)
     try:  # the proxy refuses rank 1's upload of step 4
         saver.save(state, f"{url}/model", global_step=4)
         report["failed"] = None

@@ -33,6 +33,7 @@ def test_a_set_on_s3_saves_rotates_restores_reshards_and_survives_a_failing_rank
     final = f"{url}/model_3.safetensors.index.json"
     assert [r["paths"][-1] for r in reports] == [final, final]
     assert [r["same_world_differs"] for r in reports] == [[], []]
+    assert [r["async_differs"] for r in reports] == [[], []]
 
     # rank 1's upload was refused: the save failed on BOTH ranks, naming rank 1, and step 3 stays latest
     assert faults.failed >= 1
@@ -41,7 +42,7 @@ def test_a_set_on_s3_saves_rotates_restores_reshards_and_survives_a_failing_rank
         assert "rank 1 of 2" in report["failed"]["message"], report["failed"]
         assert report["latest_after_failure"] == final
     # max_to_keep=2 deleted step 1's whole set; nothing of the failed step 4 is left under any name
-    listing = sorted(p.rsplit("/", 1)[1] for p in s3.fs().ls(url, refresh=True))
+    listing = sorted(p.rsplit("/", 1)[1] for p in s3.fs().ls(url, refresh=True) if not p.endswith("/async"))
     assert listing == [
         "lightning_saver_state.json",
         "model_2-00000-of-00002.safetensors", "model_2-00001-of-00002.safetensors",
