@@ -11,16 +11,17 @@ Example (the seed's TensorFlow.jl session, in Python)::
 
 A save writes the file with the commit protocol (``storage/``: local or object store), records it
 in the directory's state file (``state_file.py``), and only then deletes what rotation drops.
+The read side (``latest_checkpoint``, ``load``, ``read_metadata``, restore dispatch) lives in
+``reading.py`` and the write-side helpers in ``writing.py``; both are re-exported or used here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
@@ -30,33 +31,17 @@ from torch import nn
 
 from lightning_saver.errors import (
     ConcurrentSaverError,
-    CorruptCheckpointError,
-    FormatVersionError,
 )
 from lightning_saver.formats import safetensors_io
-from lightning_saver.saving import deleter, lock, names, rotation, state_file, tf_restore
-from lightning_saver.saving.loading import RestoreResult, restore_into
+from lightning_saver.saving import deleter, lock, names, rotation, state_file, writing
 from lightning_saver.saving.names import Series
-from lightning_saver.saving.store_io import read_header_at, resolve, store_of
-from lightning_saver.storage import Sink, Storage, is_url, storage_for
+from lightning_saver.saving.reading import RestoreResult, latest_checkpoint, load, read_metadata, restore_path
+from lightning_saver.saving.store_io import store_of
+from lightning_saver.storage import Storage, is_url, storage_for
 
 __all__ = ["CheckpointSaver", "latest_checkpoint", "load", "read_metadata", "RestoreResult"]
 
 log = logging.getLogger("lightning_saver")
-
-
-def _tensors_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(model, nn.Module):
-        return dict(model.state_dict())
-    if isinstance(model, Mapping):
-        for key, value in model.items():
-            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"save expects a mapping of str to torch.Tensor; entry {key!r} is "
-                    f"{type(key).__name__} -> {type(value).__name__}"
-                )
-        return dict(model)
-    raise TypeError(f"save expects an nn.Module or a mapping of tensors, found {type(model).__name__}")
 
 
 class CheckpointSaver:
@@ -160,7 +145,7 @@ class CheckpointSaver:
             >>> CheckpointSaver(max_to_keep=5).save({"x": torch.tensor(5.0)}, "ckpts/variable_file", 95)
             'ckpts/variable_file_95.safetensors'
         """
-        tensors = _tensors_of(model)
+        tensors = writing.tensors_of(model)
         store, save_path = self._store_of(save_path)
         step = None if global_step is None else names.check_step(global_step)
         path = names.series_of(save_path).path(step)
@@ -168,7 +153,7 @@ class CheckpointSaver:
         info: dict[str, Any] = {"global_step": step, "wall_time": time.time()}
         if metric is not None:
             info["metric"] = float(metric)
-        if _sharded(tensors):
+        if writing.sharded(tensors):
             return self._save_set(tensors, series, info, metadata)
         nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=info)  # validates early
         store.makedirs(series.directory)
@@ -214,7 +199,7 @@ class CheckpointSaver:
                 info = dict(info, directory_id=whole.directory_id)
                 result = store.write_atomic(
                     path,
-                    partial(_write_safetensors, tensors, metadata, info),
+                    partial(writing.write_safetensors, tensors, metadata, info),
                     nbytes=nbytes,
                 )
                 record = rotation.Record(
@@ -255,16 +240,16 @@ class CheckpointSaver:
                 # a save commits whole or not at all: the unrecorded new file goes (unless it replaced a
                 # recorded one of the same name), rotation deletes nothing
                 if new_file is not None and record.name not in {r.name for r in current.checkpoints}:
-                    _remove_quietly(store, new_file)
+                    writing.remove_quietly(store, new_file)
                 raise
             # only now, with the state durable, does this saver forget and delete what rotation dropped
             self._series[series] = current = updated
             for gone in decision.delete:
                 gone_path = store.join(directory, gone.name)
                 if names.is_set_index(gone_path) and store.local_path(gone_path) is None:
-                    _delete_remote_set(store, gone_path)
+                    writing.delete_remote_set(store, gone_path)
                 elif store.local_path(gone_path) is None:
-                    _delete_object(store, gone_path)
+                    writing.delete_object(store, gone_path)
                 else:
                     self._delete(gone_path)
             self.last_checkpoints = [
@@ -469,165 +454,14 @@ class CheckpointSaver:
         """
         self.wait()
         store, path = self._store_of(save_path)
-        if tf_restore.is_tf_prefix(path):  # a TF checkpoint of one of our exported graphs
-            return tf_restore.restore_tf(model, path, strict=strict)
-        path = resolve(store, path)
-        if names.is_set_index(path):
-            from lightning_saver.saving import sharded
-
-            missing, unexpected = sharded.restore_set(model, path, strict=strict, store=store,
-                                                      verify=self.verify if verify is None else verify)
-            return RestoreResult(missing, unexpected)
-        header = read_header_at(store, path)
-        return restore_into(model, header, strict=strict, verify=self.verify if verify is None else verify,
-                            dtype=dtype, map_location=map_location)
-
-
-def _sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """DTensors are saved as a set (one file per rank); anything else as one file."""
-    # no import here: importing torch.distributed.tensor took ~1 s in a process's first save, and
-    # where it was never imported no value can be a DTensor
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
-    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors.values())
+        return restore_path(model, store, path, strict=strict,
+                            verify=self.verify if verify is None else verify, dtype=dtype,
+                            map_location=map_location)
 
 
 def _in_series(series: Series, name: str) -> bool:
     stem = names.set_stem(name)  # a sharded set is named by its index
     return series.parse(stem) is not None or stem == series.name(None)
-
-
-def _remove_quietly(store: Storage, path: str) -> None:
-    try:
-        store.delete(path)
-    except OSError as exc:
-        log.warning("could not remove the unrecorded checkpoint %s: %s", path, exc)
-
-
-def _matches_prefix(name: str, prefix: str | None) -> bool:
-    if prefix is None:
-        return True
-    name = names.set_stem(name)
-    stem, ext = os.path.splitext(name)
-    return stem == prefix or Series("", prefix, ext).parse(name) is not None
-
-
-def latest_checkpoint(
-    directory: str | os.PathLike[str], prefix: str | None = None, *, verify: bool = False,
-    storage_options: Mapping[str, Any] | None = None,
-) -> str | None:
-    """The newest checkpoint in ``directory`` (optionally of one prefix), or ``None``.
-
-    Reads the state file, falling back to scanning the directory when it is missing or damaged.
-    With ``verify=True`` a corrupt newest checkpoint is skipped (with a warning naming it) in favour
-    of the newest valid one.
-
-    Example:
-        >>> latest_checkpoint("ckpts")
-        'ckpts/variable_file_95.safetensors'
-    """
-    store, directory = store_of(directory, storage_options)
-    tried: set[str] = set()
-    present = set(store.listdir(directory))
-    for record in _newest_first(store, directory):
-        if record.name in tried or not _matches_prefix(record.name, prefix):
-            continue
-        tried.add(record.name)
-        path = store.join(directory, record.name)
-        if record.name not in present:
-            continue
-        if verify:
-            try:
-                _verify_record(store, path, record)
-            except (CorruptCheckpointError, FormatVersionError, OSError) as exc:
-                log.warning("skipping corrupt checkpoint %s: %s", path, exc)
-                continue
-        return path
-    return None
-
-
-def _verify_record(store: Storage, path: str, record: rotation.Record) -> None:
-    """Every tensor's checksum, and the header against the checksum the state file recorded."""
-    if names.is_set_index(path):
-        from lightning_saver.saving import sharded
-
-        sharded.verify_set(path, store)
-        return
-    header = safetensors_io.verify_header(read_header_at(store, path))
-    expected = record.checksum
-    if expected and expected.startswith("crc32c:") and expected != f"crc32c:{header.header_crc32c}":
-        raise CorruptCheckpointError(
-            f"{path}: its header changed after it was saved (state file records {expected}, the file has "
-            f"crc32c:{header.header_crc32c})"
-        )
-
-
-def _newest_first(store: Storage, directory: str) -> Iterator[rotation.Record]:
-    """Recorded checkpoints (the state file's latest first), then, only if needed, a directory scan."""
-    whole = state_file.load_state(directory, store)
-    records = whole.all_records() if whole else []
-    if whole and whole.latest:
-        records.sort(key=lambda r: r.name == whole.latest)
-    yield from reversed(records)
-    yield from reversed(state_file.scan_checkpoints(directory, store=store))
-
-
-def load(
-    path: str | os.PathLike[str], *, verify: bool = True, device: str = "cpu",
-    keys: Collection[str] | None = None, storage_options: Mapping[str, Any] | None = None,
-) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, checksums checked; tied keys share one tensor.
-
-    Example:
-        >>> load("ckpts/variable_file_95.safetensors")["x"]
-        tensor(5.)
-    """
-    store, text = store_of(path, storage_options)
-    if tf_restore.is_tf_prefix(text):  # a TF checkpoint of one of our exported graphs
-        tensors = tf_restore.load_tf(text)
-        tensors = tensors if keys is None else {k: tensors[k] for k in keys}
-    else:
-        header = read_header_at(store, resolve(store, text))
-        tensors = safetensors_io.load_tensors(header, names=keys, verify=verify)
-    if torch.device(device).type == "cpu":
-        return tensors
-    moved: dict[int, torch.Tensor] = {}
-    return {k: moved.setdefault(id(t), t.to(device)) for k, t in tensors.items()}
-
-
-def read_metadata(
-    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
-) -> dict[str, str]:
-    """The checkpoint's safetensors ``__metadata__``; our own entry is JSON under ``"lightning_saver"``."""
-    store, text = store_of(path, storage_options)
-    return dict(read_header_at(store, resolve(store, text)).metadata)
-
-
-def _delete_remote_set(store: Storage, index_path: str) -> None:
-    """A whole old set in an object store: its index (un-committing it), then its shards."""
-    from lightning_saver.saving import sharded
-
-    try:
-        sharded.delete_set(index_path, store=store)
-    except OSError as exc:
-        log.warning("could not delete old sharded checkpoint %s: %s", index_path, exc)
-
-
-def _delete_object(store: Storage, path: str) -> None:
-    """One DELETE request; a failure leaves a leftover, never fails the save."""
-    try:
-        store.delete(path)
-    except OSError as exc:
-        log.warning("could not delete old checkpoint %s: %s", path, exc)
-
-
-def _write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-                       info: Mapping[str, Any], sink: Sink) -> safetensors_io.WriteResult:
-    """The in-place fast path when the sink has a descriptor (local file, spool), else a stream."""
-    fd = sink.fileno()
-    if fd is not None:
-        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info)
-    return safetensors_io.write_to_sink(tensors, sink, metadata=metadata, info=info)
 
 
 def _absolute(path: str) -> str:
