@@ -62,11 +62,16 @@ __all__ = [
     "FORMAT_VERSION", "RESERVED_KEY", "TensorInfo", "Header", "WriteResult",
     "save_file", "write_to_fd", "planned_nbytes", "load_file", "read_into", "read_header",
     "read_index", "read_metadata", "read_info", "verify_file", "load_tensors", "verify_header",
-    "write_to_sink",
+    "write_to_sink", "read_exact", "check_crc",
 ]  # fmt: skip
 
 
-def _read_exact(fd: int, offset: int, address: int, nbytes: int, path: str) -> None:
+def read_exact(fd: int, offset: int, address: int, nbytes: int, path: str) -> None:
+    """Read ``nbytes`` at ``offset`` of ``fd`` into memory at ``address``.
+
+    Raises:
+        CorruptCheckpointError: the file (``path``) ends first.
+    """
     done = 0
     while done < nbytes:
         got = os.preadv(fd, [memory_view(address + done, min(CHUNK, nbytes - done))], offset + done)
@@ -90,7 +95,12 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return read_header(path).info
 
 
-def _check_crc(header: Header, name: str, computed: int) -> None:
+def check_crc(header: Header, name: str, computed: int) -> None:
+    """Compare tensor ``name``'s stored crc32c (if any) with ``computed``.
+
+    Raises:
+        CorruptCheckpointError: naming the file, the tensor, the stored and the computed checksum.
+    """
     stored = header.tensors[name].crc32c
     if stored is not None and stored != checksum.format_crc(computed):
         raise CorruptCheckpointError(
@@ -106,7 +116,7 @@ def _crc_region(fd: int, header: Header, name: str) -> int:
     crc = 0
     for start in range(0, info.nbytes, CHUNK):
         size = min(CHUNK, info.nbytes - start)
-        _read_exact(fd, header.data_start + info.offset + start, scratch.data_ptr(), size, header.path)
+        read_exact(fd, header.data_start + info.offset + start, scratch.data_ptr(), size, header.path)
         crc = checksum.extend_address(crc, scratch.data_ptr(), size)
     return crc
 
@@ -138,7 +148,7 @@ def _read_unit(fd: int, path: str, unit: _Piece, verify: bool) -> int:
     crc = 0
     for start in range(0, unit.nbytes, _READ_CHUNK):
         size = min(_READ_CHUNK, unit.nbytes - start)
-        _read_exact(fd, unit.offset + start, unit.address + start, size, path)
+        read_exact(fd, unit.offset + start, unit.address + start, size, path)
         if verify:
             crc = checksum.extend_address(crc, unit.address + start, size)
     return crc
@@ -269,7 +279,7 @@ def _check_alias_bytes(fd: int, header: Header, name: str, owner: torch.Tensor) 
     scratch = torch.empty(min(info.nbytes, CHUNK), dtype=torch.uint8)
     for start in range(0, info.nbytes, CHUNK):
         size = min(CHUNK, info.nbytes - start)
-        _read_exact(fd, header.data_start + info.offset + start, scratch.data_ptr(), size, header.path)
+        read_exact(fd, header.data_start + info.offset + start, scratch.data_ptr(), size, header.path)
         if not torch.equal(scratch[:size], source[start : start + size]):
             raise CorruptCheckpointError(
                 f"{header.path}: tensor {name!r} is recorded as an alias of {header.aliases[name]!r}, but "
@@ -323,10 +333,10 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor], *, verify: bo
         for name in tied:  # after every owner is read
             _check_alias_bytes(fd, header, name, targets[name])
             if verify:
-                _check_crc(header, name, _crc_region(fd, header, name))
+                check_crc(header, name, _crc_region(fd, header, name))
     if verify:
         for name, value in computed.items():
-            _check_crc(header, name, value)
+            check_crc(header, name, value)
 
 
 def load_file(
@@ -401,5 +411,5 @@ def verify_header(header: Header) -> Header:
         return header
     with open(header.path, "rb", buffering=0) as f:
         for name in header.tensors:
-            _check_crc(header, name, _crc_region(f.fileno(), header, name))
+            check_crc(header, name, _crc_region(f.fileno(), header, name))
     return header

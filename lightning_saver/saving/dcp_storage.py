@@ -48,7 +48,7 @@ from torch.futures import Future
 from lightning_saver.errors import CorruptCheckpointError, EncodingError
 from lightning_saver.formats import checksum, safetensors_io
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, DTYPES, Header
-from lightning_saver.formats.safetensors_io import _check_crc, _read_exact
+from lightning_saver.formats.safetensors_io import check_crc, read_exact
 from lightning_saver.formats.safetensors_writer import CHUNK
 from lightning_saver.formats.shard_index import Piece, ShardIndex, TensorEntry, dump_index
 from lightning_saver.saving import names
@@ -327,18 +327,18 @@ def _read_rows(fd: int, header: Header, name: str, span: tuple[int, int], target
     start, length = span
     base = header.data_start + info.offset
     crc = _crc_span(fd, header, base, 0, start) if verify else 0
-    _read_exact(fd, base + start, target.data_ptr(), length, header.path)
+    read_exact(fd, base + start, target.data_ptr(), length, header.path)
     if verify:
         crc = checksum.extend_address(crc, target.data_ptr(), length)
         crc = _crc_span(fd, header, base, start + length, info.nbytes, crc)
-        _check_crc(header, name, crc)
+        check_crc(header, name, crc)
 
 
 def _crc_span(fd: int, header: Header, base: int, begin: int, end: int, crc: int = 0) -> int:
     scratch = torch.empty(min(max(end - begin, 1), CHUNK), dtype=torch.uint8)
     for start in range(begin, end, CHUNK):
         size = min(CHUNK, end - start)
-        _read_exact(fd, base + start, scratch.data_ptr(), size, header.path)
+        read_exact(fd, base + start, scratch.data_ptr(), size, header.path)
         crc = checksum.extend_address(crc, scratch.data_ptr(), size)
     return crc
 
