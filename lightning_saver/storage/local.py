@@ -70,14 +70,34 @@ def parse_temp_name(name: str) -> tuple[str, int] | None:
     return (match["final"], int(match["pid"])) if match else None
 
 
+# where a directory cannot be opened or fsynced at all (Windows: EACCES/EISDIR on open; some network
+# and FUSE file systems: EINVAL/ENOTSUP on fsync), a rename is as durable as that platform makes it
+_NO_DIRECTORY_FSYNC = frozenset(
+    {errno.EACCES, errno.EISDIR, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+)
+
+
 def fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    """Make a rename in ``directory`` durable.
+
+    Platforms and file systems that cannot open or fsync a directory (the errnos in
+    ``_NO_DIRECTORY_FSYNC``) are skipped; any other failure (a missing directory, an I/O error) is
+    raised, since the rename it should make durable may then not survive a crash.
+
+    Raises:
+        OSError: the directory is missing, is not a directory, or the fsync failed.
+    """
     try:
         fd = os.open(directory or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+    except OSError as exc:
+        if exc.errno in _NO_DIRECTORY_FSYNC:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            raise
     finally:
         os.close(fd)
 
