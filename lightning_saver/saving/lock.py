@@ -1,8 +1,7 @@
-"""An advisory lock on a checkpoint directory, held while a saver reads and rewrites its state file.
+"""Compatibility shim: the directory lock is the storage layer's lock verb (``storage/local_lock.py``).
 
-``fcntl.flock`` on the directory itself (no lock file is left behind). The kernel drops the lock
-when its holder dies, so a killed saver never leaves the directory locked. Where ``flock`` is not
-available (Windows, object stores), :func:`locked` does nothing; the storage layer can offer its own.
+``locked(directory)`` is ``LocalStorage().lock(directory, timeout_s=...)``: an advisory ``flock`` on
+the directory itself, waited for up to ``timeout_s``. The Saver calls it through its store.
 
 Example::
 
@@ -14,56 +13,17 @@ Example::
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-from lightning_saver.errors import ConcurrentSaverError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
+from lightning_saver.storage.local_lock import flock
 
 __all__ = ["locked"]
 
-_POLL_S = 0.005
 
-
-@contextmanager
-def locked(directory: str, *, timeout_s: float = 60.0) -> Iterator[None]:
+def locked(directory: str, *, timeout_s: float = 60.0) -> AbstractContextManager[None]:
     """Hold the directory's advisory lock for the ``with`` block.
 
     Raises:
         ConcurrentSaverError: another process held it for longer than ``timeout_s``.
     """
-    fd = _open(directory)
-    if fd is None:
-        yield
-        return
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ConcurrentSaverError(
-                        f"the checkpoint directory {directory or '.'} stayed locked by another saver for "
-                        f"{timeout_s:.0f} s; is another process saving there?"
-                    ) from None
-                time.sleep(_POLL_S)
-        yield
-    finally:
-        os.close(fd)  # also releases the lock
-
-
-def _open(directory: str) -> int | None:
-    if fcntl is None:
-        return None
-    try:
-        return os.open(directory or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return None
+    return flock(directory, timeout_s=timeout_s)

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Collection, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any
 
@@ -33,7 +33,7 @@ from lightning_saver.errors import (
     ConcurrentSaverError,
 )
 from lightning_saver.formats import safetensors_io
-from lightning_saver.saving import deleter, lock, names, rotation, state_file, writing
+from lightning_saver.saving import deleter, names, rotation, state_file, writing
 from lightning_saver.saving.names import Series
 from lightning_saver.saving.reading import RestoreResult, latest_checkpoint, load, read_metadata, restore_path
 from lightning_saver.saving.store_io import store_of
@@ -42,6 +42,8 @@ from lightning_saver.storage import Storage, is_url, storage_for
 __all__ = ["CheckpointSaver", "latest_checkpoint", "load", "read_metadata", "RestoreResult"]
 
 log = logging.getLogger("lightning_saver")
+
+_LOCK_TIMEOUT_S = 60.0  # another saver of the directory holds it for one state-file update
 
 
 class CheckpointSaver:
@@ -257,10 +259,9 @@ class CheckpointSaver:
             ]
 
     def _directory_lock(self, directory: str) -> AbstractContextManager[None]:
-        """The flock of a local directory (``lock.py``); object stores have none (yet)."""
-        if is_url(directory):
-            return nullcontext()
-        return lock.locked(directory)
+        """The store's lock of the whole directory, waited for up to a minute (local: a flock of
+        the directory itself; object stores: none yet)."""
+        return self._store(directory).lock(directory, timeout_s=_LOCK_TIMEOUT_S)
 
     def _directory_state(self, directory: str) -> state_file.DirectoryState:
         """The directory's state. Without one (none yet, lost or damaged), its id is recovered from the

@@ -115,9 +115,12 @@ class Storage(Protocol):
         written: missing or wrong credentials, a missing bucket, a read-only folder."""
         ...
 
-    def lock(self, directory: str, name: str) -> AbstractContextManager[None]:
-        """An exclusive advisory lock held by one saver of ``directory``/``name`` (local: flock on
-        a lock file; remote: best effort, may be a no-op). A second holder gets a clear error."""
+    def lock(self, directory: str, name: str | None = None, *, timeout_s: float = 0.0,
+             ) -> AbstractContextManager[None]:
+        """An exclusive advisory lock held by one saver of ``directory``/``name`` (``name`` None: of
+        the whole directory), waiting up to ``timeout_s`` for another holder (local: flock on a lock
+        file or the directory; remote: best effort, may be a no-op). A second holder past the
+        timeout gets a clear error (``ConcurrentSaverError``)."""
         ...
 
 

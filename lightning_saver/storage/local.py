@@ -23,16 +23,16 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO, TypeVar
 
 from lightning_saver.errors import (
     CheckpointNotFoundError,
-    ConcurrentSaverError,
     CorruptCheckpointError,
     DiskFullError,
     StorageError,
 )
+from lightning_saver.storage import local_lock
 
 __all__ = [
     "LocalStorage",
@@ -50,7 +50,6 @@ _TEMP = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp
 _NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS)
 _active: set[str] = set()  # temp paths this process is writing right now
 _active_lock = threading.Lock()
-_held_locks: set[str] = set()  # lock files this process holds (flock is per open file, not per process)
 
 
 def temp_name(final_name: str, token: str) -> str:
@@ -344,40 +343,13 @@ class LocalStorage:
         if not os.access(directory or ".", os.W_OK | os.X_OK):
             raise StorageError(errno.EACCES, f"checkpoint directory {directory} is not writable", directory)
 
-    @contextmanager
-    def lock(self, directory: str, name: str) -> Iterator[None]:
-        """Hold an exclusive ``flock`` on ``directory/.name.lock`` (no-op where flock is missing).
+    def lock(self, directory: str, name: str | None = None, *, timeout_s: float = 0.0,
+             ) -> AbstractContextManager[None]:
+        """Hold an exclusive ``flock`` on ``directory/.name.lock`` (or on ``directory`` itself when
+        ``name`` is None: no file is left behind), waiting up to ``timeout_s`` for another holder;
+        a no-op where flock is missing (``local_lock.py``).
 
         Raises:
             ConcurrentSaverError: another process (or another saver in this one) holds it.
         """
-        path = os.path.abspath(os.path.join(directory, f".{name}.lock"))
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks; documented as unguarded
-            yield
-            return
-        with _active_lock:
-            if path in _held_locks:
-                raise _locked(path, "another saver in this process")
-            _held_locks.add(path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise _locked(path, "another process") from None
-                yield
-            finally:
-                os.close(fd)  # closing releases the flock
-        finally:
-            with _active_lock:
-                _held_locks.discard(path)
-
-
-def _locked(path: str, holder: str) -> ConcurrentSaverError:
-    return ConcurrentSaverError(
-        f"{path} is locked by {holder}: two savers writing the same directory and prefix would "
-        "overwrite each other's state file. Use another directory or prefix, or close the other saver"
-    )
+        return local_lock.flock(directory, name, timeout_s=timeout_s)

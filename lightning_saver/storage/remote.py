@@ -293,7 +293,8 @@ class FsspecStorage:
         return removed
 
     @contextmanager
-    def lock(self, directory: str, name: str) -> Iterator[None]:
+    def lock(self, directory: str, name: str | None = None, *, timeout_s: float = 0.0,
+             ) -> Iterator[None]:
         """No advisory locks on object stores: two savers of one prefix are not detected there."""
         yield
 

@@ -115,6 +115,33 @@ def test_local_lock_is_exclusive_across_processes(tmp_path):
         pass
 
 
+def test_the_directory_lock_waits_for_its_holder_and_leaves_no_file(tmp_path):
+    """The Saver's lock (``name`` None): the directory itself, waited for up to ``timeout_s``."""
+    import threading
+    import time
+
+    store = LocalStorage()
+    released = threading.Event()
+
+    def hold():
+        with store.lock(str(tmp_path)):
+            held.set()
+            time.sleep(0.3)
+        released.set()
+
+    held = threading.Event()
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    with pytest.raises(ConcurrentSaverError, match="stayed locked by another saver"):
+        with store.lock(str(tmp_path), timeout_s=0.05):
+            pass
+    with store.lock(str(tmp_path), timeout_s=10):  # waits for the holder instead of failing
+        assert released.is_set()
+    holder.join()
+    assert os.listdir(tmp_path) == []
+
+
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     store = LocalStorage()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
