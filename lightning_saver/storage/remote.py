@@ -8,7 +8,9 @@ mid-upload leaves at most an incomplete multipart upload, which no reader lists 
 :meth:`FsspecStorage.remove_incomplete` aborts later. Transient failures (5xx, throttling,
 connection resets, timeouts) are retried with exponential backoff within a bounded total time;
 then the write fails with :class:`StorageError` naming the URL and the last cause. Only the upload
-is retried: the bytes are produced once.
+is retried: the bytes are produced once. On S3, objects above 64 MiB skip the spool: the writer
+streams into a multipart upload (16 MiB parts), aborted on any error, and a retry produces the bytes
+again (measured 0.93-0.97x of ``put_file`` against 1.13-1.18x spooled, 128 MiB on moto, busy box).
 
 Reads are ranged (``cat_file(start, end)``): a header and one tensor cost two small requests.
 """
@@ -40,6 +42,20 @@ T = TypeVar("T")
 log = logging.getLogger("lightning_saver")
 OPTIONS_KEY = "lightning_saver"  # our own entry in storage_options (retry policy); not passed to fsspec
 _ONE_SHOT = 64 << 20  # bytes up to which an object is uploaded from memory in one request
+_STREAM_BLOCK = 16 << 20  # part size of a streamed multipart upload (measured: 16-32 MiB alike)
+
+
+class _StreamSink:
+    """A sink over an fsspec upload: sequential writes, no descriptor (writers stream in order)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return int(self._handle.write(data))
+
+    def fileno(self) -> None:
+        return None
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 _PERMANENT = (
     PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
@@ -182,12 +198,39 @@ class FsspecStorage:
             StorageError: the upload failed (after retries for transient errors); no object was
                 left under ``path`` and the previous one, if any, is unchanged.
         """
+        if nbytes is not None and nbytes > _ONE_SHOT and self._streams():
+            streamed = self._call("uploading", path, lambda: self._stream(path, produce))
+            self._invalidate(path)
+            return streamed
         with tempfile.NamedTemporaryFile(dir=self.spool_dir, prefix=".lightning_saver-spool-") as spool:
             result = produce(FdSink(spool.fileno()))
             spool.flush()
             size = os.fstat(spool.fileno()).st_size
             self._call("uploading", path, lambda: self._upload(spool, size, path))
         self._invalidate(path)
+        return result
+
+    def _streams(self) -> bool:
+        """S3 only: its multipart upload makes the object appear at completion and is aborted by
+        ``discard``; other fsspec files may show partial bytes, so they keep the spool."""
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        return bool(protocols & {"s3", "s3a"})
+
+    def _stream(self, path: str, produce: Callable[[Any], T]) -> T:
+        """``produce`` writes straight into a multipart upload (no spool file); on any error the
+        upload is aborted, so nothing appears under ``path``. A retry produces the bytes again."""
+        handle = self.fs.open(self._key(path), "wb", block_size=_STREAM_BLOCK)
+        try:
+            result = produce(_StreamSink(handle))
+            handle.close()  # completes the multipart upload: the object appears whole
+        except BaseException:
+            try:
+                handle.discard()  # aborts the multipart upload
+            except Exception as exc:  # the abort failing leaves an incomplete upload, never an object
+                log.warning("could not abort the upload of %s: %s", path, exc)
+            finally:
+                handle.closed = True  # else fsspec's __del__ would try to close (complete) it
+            raise
         return result
 
     def _upload(self, spool: Any, size: int, path: str) -> None:
