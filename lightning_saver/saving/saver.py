@@ -29,11 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_saver.errors import (
-    ConcurrentSaverError,
-)
 from lightning_saver.formats import safetensors_io
-from lightning_saver.saving import deleter, names, rotation, state_file, writing
+from lightning_saver.saving import deleter, names, rotation, series_records, state_file, writing
 from lightning_saver.saving.names import Series
 from lightning_saver.saving.reading import RestoreResult, latest_checkpoint, load, read_metadata, restore_path
 from lightning_saver.saving.store_io import store_of
@@ -264,54 +261,16 @@ class CheckpointSaver:
         return self._store(directory).lock(directory, timeout_s=_LOCK_TIMEOUT_S)
 
     def _directory_state(self, directory: str) -> state_file.DirectoryState:
-        """The directory's state. Without one (none yet, lost or damaged), its id is recovered from the
-        newest checkpoint that carries one (a kill can strike before the first state file exists),
-        or a new id is made; it becomes durable with this save's state file."""
-        store = self._store(directory)
-        whole = state_file.load_state(directory, store) or state_file.DirectoryState()
-        if whole.directory_id is None:
-            recovered = state_file.recover_directory_id(directory, store)
-            whole.directory_id = recovered or state_file.new_directory_id()
-        return whole
+        return series_records.directory_state(directory, self._store(directory))
 
     def _series_state(self, series: Series, whole: state_file.DirectoryState) -> state_file.SeriesState:
-        """This series' records, from the state file ``whole`` just read under the directory lock.
-
-        Rotation may delete only what these records name: files of this series that the state file
-        records, plus files of this series whose header carries this directory's id (written here,
-        left unrecorded by a kill before the state file update, or dropped by a rotation a kill
-        interrupted). A copied-in checkpoint, a file of another prefix that merely looks like one of
-        this series, or a name a crafted state file lists outside the series is never touched.
-        """
-        key = state_file.series_key(series)
-        known = whole.series.get(key)
+        """This series' records, from the state file ``whole`` just read under the directory lock
+        (``series_records.py`` says which files a series owns)."""
+        known = whole.series.get(state_file.series_key(series))
         if series in self._series:
-            mine = [r.name for r in self._series[series].checkpoints]
-            if known is not None and [r.name for r in known.checkpoints] != mine:
-                raise ConcurrentSaverError(
-                    f"another saver wrote checkpoints of {os.path.join(series.directory, key)} since this "
-                    f"one's last save (the state file {state_file.STATE_NAME} lists "
-                    f"{[r.name for r in known.checkpoints][-5:]}, this saver wrote {mine[-5:]}). Two savers "
-                    "writing the same directory and prefix at once would delete each other's checkpoints: "
-                    "give each its own directory or prefix"
-                )
+            series_records.check_unchanged(series, known, [r.name for r in self._series[series].checkpoints])
             return self._series[series]
-        store = self._store(series.directory)
-        present = set(store.listdir(series.directory))
-        records = []
-        for r in known.checkpoints if known else []:
-            if not _in_series(series, r.name):
-                log.warning("state file of %s lists %r under series %s; it is not a checkpoint of that "
-                            "series, so rotation leaves it alone", series.directory or ".", r.name, key)
-            elif r.name in present:
-                records.append(r)
-        names_known = {r.name for r in records}
-        scanned = state_file.scan_checkpoints(
-            series.directory, series, store, directory_id=whole.directory_id
-        )
-        adopted = [r for r in scanned if r.name not in names_known]
-        if adopted:
-            records = sorted(records + adopted, key=lambda r: r.wall_time)
+        records = series_records.owned_records(series, whole, self._store(series.directory))
         hours = self._policy.keep_every_n_hours
         next_keep = (
             known.next_keep_time
@@ -458,11 +417,6 @@ class CheckpointSaver:
         return restore_path(model, store, path, strict=strict,
                             verify=self.verify if verify is None else verify, dtype=dtype,
                             map_location=map_location)
-
-
-def _in_series(series: Series, name: str) -> bool:
-    stem = names.set_stem(name)  # a sharded set is named by its index
-    return series.parse(stem) is not None or stem == series.name(None)
 
 
 def _absolute(path: str) -> str:
