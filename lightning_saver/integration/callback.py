@@ -11,7 +11,6 @@ Lightning is looked up in the package of the trainer that calls them.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -19,8 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lightning_saver.formats.state_codec import encode_state
-from lightning_saver.integration import compat, loading, resume, rng_state, sharded
-from lightning_saver.integration.checkpoint_io import SafetensorsIO, checkpoint_io_for
+from lightning_saver.integration import compat, loading, resume, rng_state, sharded, trainer_facts
 from lightning_saver.integration.saver import render_filename
 from lightning_saver.saving import state_file
 from lightning_saver.saving.deferred_copy import step_only_names
@@ -35,11 +33,6 @@ __all__ = ["SaverHooks", "bound_saver_class", "EXTRA_KEY"]
 
 # the entry of the Lightning checkpoint dict holding what Lightning itself does not save
 EXTRA_KEY = "lightning_saver"
-
-
-def _log(trainer: pl.Trainer) -> logging.Logger:
-    # a child of Lightning's logger, so the one line per save shows wherever Lightning's own messages do
-    return logging.getLogger(f"{compat.package_of(trainer)}.lightning_saver")
 
 
 def _checkpoint_bases(package: str) -> tuple[type, ...]:
@@ -104,7 +97,7 @@ class SaverHooks:
                 "state dicts are refused when saving. Tested strategies: single device, DDP and "
                 "ModelParallelStrategy (FSDP2, sharded sets). DeepSpeed is not supported."
             )
-        _install_checkpoint_io(trainer, verify=s.verify, allow_pickle=s.allow_pickle,
+        trainer_facts.install_checkpoint_io(trainer, verify=s.verify, allow_pickle=s.allow_pickle,
                                storage_options=s.storage_options)
         s.dirpath = trainer.strategy.broadcast(self.resolve_dirpath(trainer))
         if is_url(s.dirpath) and trainer.is_global_zero:
@@ -189,7 +182,7 @@ class SaverHooks:
         s.wait_snapshot()
         self._remove_step_hooks()
         if s.save_on_train_end and trainer.global_step != s.last_saved_step:
-            self.save_trainer(trainer, at_epoch_end=_at_epoch_end(trainer))
+            self.save_trainer(trainer, at_epoch_end=trainer_facts.at_epoch_end(trainer))
         if trainer.is_global_zero and s.last_checkpoints:
             self._announce_kept(trainer)
         if (s.export_onnx or s.export_meta_graph) and trainer.is_global_zero:
@@ -236,8 +229,9 @@ class SaverHooks:
             if not self._in_batch:
                 raise KeyboardInterrupt
             self._interrupted = True
-            _log(trainer).warning("Saver: interrupted; saving step %d when it completes (Ctrl-C again "
-                                  "to stop now)", trainer.global_step + 1)
+            trainer_facts.log_of(trainer).warning(
+                "Saver: interrupted; saving step %d when it completes (Ctrl-C again to stop now)",
+                trainer.global_step + 1)
 
         self._previous_sigint, self._sigint_handler = previous, on_sigint
         signal.signal(signal.SIGINT, on_sigint)
@@ -258,7 +252,7 @@ class SaverHooks:
             return
         self._exception_saved = True
         if trainer.global_step != s.last_saved_step and trainer.global_step > 0:
-            self.save_trainer(trainer, at_epoch_end=_at_epoch_end(trainer))
+            self.save_trainer(trainer, at_epoch_end=trainer_facts.at_epoch_end(trainer))
         s.wait()
 
     # ------------------------------------------------------------------ saving
@@ -287,7 +281,8 @@ class SaverHooks:
         shards = sharded.is_sharded_strategy(trainer.strategy)
         if trainer.is_global_zero or shards:
             if state is not None:
-                state[EXTRA_KEY] = {"rng": rng, "at_epoch_end": at_epoch_end, "versions": _versions(trainer)}
+                state[EXTRA_KEY] = {"rng": rng, "at_epoch_end": at_epoch_end,
+                                    "versions": trainer_facts.versions(trainer)}
                 encoded = encode_state(state, allow_pickle=s.allow_pickle, sharded=shards)
                 tensors, metadata = encoded.tensors, encoded.metadata
             else:
@@ -306,7 +301,7 @@ class SaverHooks:
                      step: int, start: float) -> str:
         s: Any = self
         assert s.dirpath is not None  # set in setup()
-        metric = _metric(trainer, s.monitor)
+        metric = trainer_facts.metric(trainer, s.monitor)
         prefix = s.filename
         if s.template_fields:
             values = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": step}
@@ -323,8 +318,8 @@ class SaverHooks:
         if s.save_last and not is_url(path):  # an object store has no links
             s.last_model_path = self._link_last(path)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        _announce(trainer, "Saver: %s (%.1f MB) step %d, caller blocked %.1f ms%s", path, nbytes / 1e6, step,
-                  blocked * 1e3, " (async write)" if s.async_save else "")
+        trainer_facts.announce(trainer, "Saver: %s (%.1f MB) step %d, caller blocked %.1f ms%s", path,
+                               nbytes / 1e6, step, blocked * 1e3, " (async write)" if s.async_save else "")
         return path
 
     def _announce_kept(self, trainer: pl.Trainer) -> None:
@@ -337,7 +332,7 @@ class SaverHooks:
         if s.monitor and s._kept_scores():
             best, score = s._kept_scores()[0]
             line += f", best by {s.monitor} ({s.mode}) {os.path.basename(best)} ({s.monitor}={score:.4g})"
-        _announce(trainer, "%s", line)
+        trainer_facts.announce(trainer, "%s", line)
 
     def _link_last(self, path: str) -> str:
         """Point ``<dirpath>/last.safetensors`` at ``path``: a relative symbolic link, replaced atomically;
@@ -379,7 +374,7 @@ class SaverHooks:
         log_dir = trainer.log_dir if tensorboard else None
         paths = export_graphs(pl_module, example, s.dirpath, onnx=s.export_onnx,
                               meta_graph=s.export_meta_graph, log_dir=log_dir)
-        _announce(trainer, "Saver: exported %s", ", ".join(paths))
+        trainer_facts.announce(trainer, "Saver: exported %s", ", ".join(paths))
 
     # ------------------------------------------------------------------ directories
 
@@ -419,53 +414,11 @@ def _bound_for_pickle(plain: type, packages: tuple[str, ...]) -> type:
     return bound_saver_class(plain, packages)
 
 
-def _at_epoch_end(trainer: pl.Trainer) -> bool:
-    return bool(trainer.fit_loop.epoch_loop._num_ready_batches_reached())
-
-
-def _announce(trainer: pl.Trainer, message: str, *args: Any) -> None:
-    """One line through the progress bar when it shows (so it never lands on the bar's line), else the log."""
-    bar = trainer.progress_bar_callback
-    if bar is not None and getattr(bar, "is_enabled", False) and trainer.is_global_zero:
-        bar.print(message % args)
-        _log(trainer).debug(message, *args)
-    else:
-        _log(trainer).info(message, *args)
-
-
-def _install_checkpoint_io(trainer: pl.Trainer, *, verify: bool, allow_pickle: bool,
-                           storage_options: dict[str, Any]) -> None:
-    io = trainer.strategy.checkpoint_io
-    if not isinstance(io, SafetensorsIO):
-        io = checkpoint_io_for(compat.package_of(trainer))(io, verify=verify, allow_pickle=allow_pickle)
-        trainer.strategy.checkpoint_io = io
-    io.module = trainer.lightning_module
-    if storage_options:
-        io.storage_options = dict(storage_options)
-
-
 def _join(directory: str, name: str) -> str:
     return f"{directory.rstrip('/')}/{name}" if is_url(directory) else os.path.join(directory, name)
-
-
-def _metric(trainer: pl.Trainer, monitor: str | None) -> float | None:
-    if monitor is None:
-        return None
-    value = trainer.callback_metrics.get(monitor)
-    return None if value is None else float(value)
 
 
 def _tensor(value: float) -> Any:
     import torch
 
     return torch.tensor(value)
-
-
-def _versions(trainer: pl.Trainer) -> dict[str, str]:
-    import torch
-
-    from lightning_saver import __version__
-
-    package = compat.package_of(trainer)
-    return {"lightning_saver": __version__, "torch": torch.__version__,
-            package.split(".")[0]: compat.module(package).__version__}
