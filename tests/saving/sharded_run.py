@@ -183,6 +183,12 @@ def worker(rank: int, root: str, mode: str, world: int, port: int) -> None:
     with open(os.path.join(root, f"{mode}_rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
+    # torch's teardown at interpreter exit (the rendezvous store's threads) sometimes aborts with
+    # "terminate called without an active exception" after all our work is done and reported:
+    # leave without running C++ static destructors (seen about 1 run in 5 on the 2-core CI box)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def loop() -> None:
