@@ -11,8 +11,16 @@ from lightning_saver.storage import local
 from lightning_saver.storage.local import fsync_directory
 
 
-def test_an_existing_directory_is_fsynced(tmp_path):
+def test_an_existing_directory_is_fsynced(tmp_path, monkeypatch):
+    real, synced = os.fsync, []
+
+    def recording(fd):
+        synced.append(os.path.samestat(os.fstat(fd), os.stat(tmp_path)))
+        real(fd)
+
+    monkeypatch.setattr(local.os, "fsync", recording)
     fsync_directory(str(tmp_path))  # no error on a real local directory
+    assert synced == [True], "the directory itself was not fsynced"
 
 
 def test_a_missing_directory_is_an_error_not_silence(tmp_path):
