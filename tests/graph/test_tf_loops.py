@@ -6,13 +6,12 @@ Each graph is built once per module (TF graph construction is slow) and fed seve
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from tf_graphs import assert_same, tf_module
+from tf_graphs import assert_same, control_flow, session_values, tf_module
 
 from lightning_saver import Saver, import_meta_graph
 from lightning_saver.errors import GraphImportError
@@ -21,46 +20,6 @@ tf_module()
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 RNG = np.random.default_rng(16)
 X = RNG.normal(size=(2, 3)).astype(np.float32)
-
-
-def _control_flow(v2: bool):
-    """Build with TF1 frames (v2=False) or functional While/If (v2=True)."""
-    from tensorflow.python.ops import control_flow_util
-
-    class Switch:
-        def __enter__(self):
-            self.old = control_flow_util.ENABLE_CONTROL_FLOW_V2
-            control_flow_util.ENABLE_CONTROL_FLOW_V2 = v2
-
-        def __exit__(self, *exc):
-            control_flow_util.ENABLE_CONTROL_FLOW_V2 = self.old
-
-    return Switch()
-
-
-def _session_values(directory, name, build, feeds, fetches, grads=None, v2=True):
-    """Build ``build(tf)``, save (TF Saver) and export it; TF's values (and gradients) per feed."""
-    tf = tf_module()
-    v1 = tf.compat.v1
-    graph = tf.Graph()
-    with graph.as_default():
-        grad_tensors = []
-        with _control_flow(v2):  # tf.gradients must see the control flow the loops were built with
-            build(tf)
-            for target, wrt in (grads or []):
-                grad_tensors += v1.gradients(tf.reduce_sum(graph.get_tensor_by_name(target)),
-                                             [graph.get_tensor_by_name(w) for w in wrt])
-        saver = v1.train.Saver() if v1.global_variables() else None
-        with v1.Session(graph=graph) as sess:
-            sess.run(v1.global_variables_initializer())
-            ckpt = saver.save(sess, os.path.join(directory, f"{name}.ckpt"), write_meta_graph=False) \
-                if saver else None
-            meta = os.path.join(directory, f"{name}.meta")
-            v1.train.export_meta_graph(filename=meta, graph=graph,
-                                       saver_def=saver.as_saver_def() if saver else None)
-            values = [sess.run(fetches, feed) for feed in feeds]
-            grad_values = [sess.run(grad_tensors, feed) for feed in feeds] if grads else None
-    return meta, ckpt, values, grad_values
 
 
 # ---- plain loops and conds, as TF1 frames and as functional ops ----------------------------------
@@ -73,7 +32,7 @@ LOOP_FEEDS = [{"x:0": X, "n:0": 3, "k:0": 0}, {"x:0": -X * 2, "n:0": 0, "k:0": 1
 def _loops(v2):
     def build(tf):
         v1 = tf.compat.v1
-        with _control_flow(v2):
+        with control_flow(v2):
             x = v1.placeholder(tf.float32, [None, 3], name="x")
             n = v1.placeholder(tf.int32, [], name="n")  # the trip count depends on the input
             w = v1.get_variable("w", initializer=RNG.normal(size=(3, 3)).astype(np.float32) * 0.5,
@@ -121,7 +80,7 @@ def loops(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     grads = [("h:0", ["w:0", "x:0"]), ("cond_out:0", ["x:0"]), ("cond_in_loop:0", ["w:0", "x:0"]),
              ("loop_in_cond:0", ["w:0", "x:0"])]
-    made = _session_values(directory, "loops", _loops(v2), LOOP_FEEDS, LOOP_FETCHES, grads, v2)
+    made = session_values(directory, "loops", _loops(v2), LOOP_FEEDS, LOOP_FETCHES, grads, v2)
     return request.param, *made
 
 
@@ -148,10 +107,8 @@ def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
     assert "loop" in module.code and isinstance(module.get_submodule("loop"), torch.nn.Module)
     children = Counter(type(m).__name__ for _, m in module.named_children())
     assert children["LoopModule"] == 4  # the loop in a cond body is inside that cond
-    if kind == "frames":  # one region per TF1 tf.cond (cond_out, loop_in_cond); switch_case is a Case
-        assert children["RegionModule"] == 2 and children["BranchModule"] == 1
-    else:
-        assert children["BranchModule"] == 3
+    # an if/else per tf.cond (cond_out, loop_in_cond; TF1's Switch/Merge too) and one for switch_case
+    assert children["BranchModule"] == 3 and not children["RegionModule"]
     w = dict(module.named_parameters())["w"]
     for feed, expected, want in zip(LOOP_FEEDS, values, grads, strict=True):
         x = torch.tensor(feed["x:0"], requires_grad=True)
@@ -283,7 +240,7 @@ RNN_FEEDS = [{"x:0": RNN_X, "lengths:0": np.array([4, 2, 3], np.int32)},
 
 def _dynamic_rnn(tf):
     v1 = tf.compat.v1
-    with _control_flow(False):
+    with control_flow(False):
         x = v1.placeholder(tf.float32, [None, 4, 2], name="x")
         lengths = v1.placeholder(tf.int32, [None], name="lengths")
         training = v1.placeholder_with_default(False, [], name="training")
@@ -315,7 +272,7 @@ def _dynamic_rnn(tf):
 def dynamic_rnn(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dynamic_rnn")
     grads = [("logits:0", ["rnn/lstm_cell/kernel:0", "bn/gamma:0", "x:0"])]
-    return _session_values(directory, "rnn", _dynamic_rnn, RNN_FEEDS, RNN_FETCHES, grads, v2=False)
+    return session_values(directory, "rnn", _dynamic_rnn, RNN_FEEDS, RNN_FETCHES, grads, v2=False)
 
 
 def test_tf1_dynamic_rnn_restored_from_a_saver_checkpoint(dynamic_rnn):
@@ -368,7 +325,7 @@ def test_tensor_array_v3_ops_match_tensorflow(tmp_path):
     from tf_graphs import check_one_op
 
     def arrays(tf, x):
-        with _control_flow(False):  # TF1 TensorArrayV3 (v2 control flow writes TensorLists)
+        with control_flow(False):  # TF1 TensorArrayV3 (v2 control flow writes TensorLists)
             split = tf.TensorArray(tf.float32, size=2, infer_shape=False, clear_after_read=False)
             split = split.split(x, [1, 3])
             unstacked = tf.TensorArray(tf.float32, size=4).unstack(x)
@@ -401,13 +358,13 @@ def test_malformed_frame_fails_when_needed_and_names_the_frame():
 def test_a_loop_that_assigns_a_variable_is_refused(tmp_path):
     def build(tf):
         v1 = tf.compat.v1
-        with _control_flow(False):
+        with control_flow(False):
             v = v1.get_variable("v", initializer=1.0, use_resource=False)
             counted = tf.while_loop(lambda i: i < 3,
                                     lambda i: i + tf.cast(v1.assign_add(v, 1.0), tf.int32), [0])
             tf.identity(counted, name="counted")
 
-    meta, ckpt, _, _ = _session_values(tmp_path, "assign", build, [], [], v2=False)
+    meta, ckpt, _, _ = session_values(tmp_path, "assign", build, [], [], v2=False)
     graph = import_meta_graph(meta)
     graph.restore(ckpt)
     message = r"node 'while/AssignAdd' in while_loop body 'while/while_context' .* assigns a variable"

@@ -133,3 +133,48 @@ def assert_same(got: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e
         np.testing.assert_array_equal(got, expected)
     else:
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
+
+
+def control_flow(v2: bool) -> Any:
+    """A context that builds loops and conds as TF1 frames (v2=False) or functional While/If (v2=True)."""
+    from tensorflow.python.ops import control_flow_util
+
+    class Switch:
+        def __enter__(self):
+            self.old = control_flow_util.ENABLE_CONTROL_FLOW_V2
+            control_flow_util.ENABLE_CONTROL_FLOW_V2 = v2
+
+        def __exit__(self, *exc):
+            control_flow_util.ENABLE_CONTROL_FLOW_V2 = self.old
+
+    return Switch()
+
+
+def session_values(directory: Any, name: str, build: Callable[[Any], Any], feeds: list[dict[str, Any]],
+                   fetches: list[str], grads: list[tuple[str, list[str]]] | None = None,
+                   v2: bool = True) -> tuple[str, str | None, list[Any], list[Any] | None]:
+    """Build ``build(tf)``, save (TF Saver) and export it; TF's values (and gradients) per feed.
+
+    ``grads`` holds (target, [wrt, ...]): ``tf.gradients(reduce_sum(target), wrt)`` per feed.
+    """
+    tf = tf_module()
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        grad_tensors = []
+        with control_flow(v2):  # tf.gradients must see the control flow the loops were built with
+            build(tf)
+            for target, wrt in (grads or []):
+                grad_tensors += v1.gradients(tf.reduce_sum(graph.get_tensor_by_name(target)),
+                                             [graph.get_tensor_by_name(w) for w in wrt])
+        saver = v1.train.Saver() if v1.global_variables() else None
+        with v1.Session(graph=graph) as sess:
+            sess.run(v1.global_variables_initializer())
+            ckpt = saver.save(sess, os.path.join(directory, f"{name}.ckpt"), write_meta_graph=False) \
+                if saver else None
+            meta = os.path.join(directory, f"{name}.meta")
+            v1.train.export_meta_graph(filename=meta, graph=graph,
+                                       saver_def=saver.as_saver_def() if saver else None)
+            values = [sess.run(fetches, feed) for feed in feeds]
+            grad_values = [sess.run(grad_tensors, feed) for feed in feeds] if grads else None
+    return meta, ckpt, values, grad_values

@@ -1,12 +1,12 @@
-"""TF1 conditionals (``tf.cond`` as ``Switch``/``Merge``), run with TensorFlow's dead-tensor rules.
+"""TF1 conditionals (``tf.cond`` as ``Switch``/``Merge``) run with TensorFlow's dead-tensor rules:
+the fallback for Switch/Merge graphs that ``conditionals.py`` cannot turn into if/else steps.
 
 ``Switch(data, pred)`` forwards ``data`` to output 1 when ``pred`` is true, else to output 0; the
 other output is *dead*. A node with a dead data or control input is dead itself (so the untaken
 branch, whose constants hang off the branch pivot by control edges, never runs), except ``Merge``,
 which forwards its first live input and that input's index. Plans without ``Switch`` never pay
-for this: they use the plain loop in ``plan.py``. Loops (``Enter``/``NextIteration``) are cycles
-and stay unsupported.
-"""
+for this: they use the plain loop in ``plan.py``. Loops (``Enter``/``NextIteration``) were cut out
+of the graph by ``frames.py`` before."""
 
 from __future__ import annotations
 

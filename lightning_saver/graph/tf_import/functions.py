@@ -106,7 +106,9 @@ class CompiledFunction:
             feeds: list[Ref] = [(a, 0) for a in self.args]
             context = f" in {self.kind} {self.name!r} (called by {', '.join(map(repr, self.callers))})"
             self._plan = compile_plan(self.index, self.store, self.outputs, feeds, context)
-            if any(step.kind == "assign" for step in self._plan.steps):
+            from lightning_saver.graph.tf_import.conditionals import walk_steps
+
+            if any(step.kind == "assign" for step in walk_steps(self._plan.steps)):
                 raise GraphImportError(
                     f"{self.kind} {self.name!r} assigns a variable, which is not supported")
         return self._plan

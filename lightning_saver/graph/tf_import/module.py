@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.cond import SWITCH_OPS, conditional_regions, execute_with_deadness
+from lightning_saver.graph.tf_import.conditionals import Conditional
 from lightning_saver.graph.tf_import.functions import (
     Branches,
     CompiledFunction,
@@ -118,7 +119,7 @@ class _Builder:
         if step.kind == "function" and isinstance(step.func, CompiledFunction):
             self.inline(step, step.func)
             return
-        if step.kind == "function" and isinstance(step.func, (WhileLoop, Branches)):
+        if step.kind == "function" and isinstance(step.func, (WhileLoop, Branches, Conditional)):
             self.control_flow(step, step.func)
             return
         if step.kind == "function":
@@ -154,10 +155,14 @@ class _Builder:
         sub = _Builder(function.plan(), function.index, function.store)
         return sub.build([(a, 0) for a in function.args], single=False)
 
-    def control_flow(self, step: Any, func: WhileLoop | Branches) -> None:
+    def control_flow(self, step: Any, func: WhileLoop | Branches | Conditional) -> None:
         """A loop or a branch on a tensor becomes a submodule whose forward is Python control flow."""
         if isinstance(func, WhileLoop):
             child: nn.Module = LoopModule(self.subgraph(func.cond), self.subgraph(func.body), func.n_vars)
+        elif isinstance(func, Conditional):  # a TF1 tf.cond: each branch is a list of this plan's steps
+            branches = [_Builder(self.plan, self.index, self.store).build(
+                func.inputs, single=False, steps=b.steps, fetches=b.outputs) for b in func.branches]
+            child = BranchModule(branches, func.kind)
         else:
             child = BranchModule([self.subgraph(b) for b in func.branches], func.kind)
         self.add_child(step, child, "loop" if isinstance(func, WhileLoop) else "branch")
@@ -172,11 +177,13 @@ class _Builder:
         self.calls[step.name] = self.graph.call_module(target, args)
         self.single[step.name] = False
 
-    def build(self, inputs: list[Ref], single: bool) -> fx.GraphModule:
+    def build(self, inputs: list[Ref], single: bool, steps: list[Any] | None = None,
+              fetches: list[Ref] | None = None) -> fx.GraphModule:
         used: set[str] = set()
         for ref in inputs:
             self.placeholder(ref, used)
-        steps, fetches = _with_region(self.plan.fused_steps, self.plan.fetches)
+        steps, fetches = _with_region(self.plan.fused_steps if steps is None else steps,
+                                      self.plan.fetches if fetches is None else fetches)
         for step in steps:
             self.step(step)
         outs = [self.value(r) for r in fetches]
@@ -228,8 +235,9 @@ class BranchModule(nn.Module):
 
 
 class RegionModule(nn.Module):
-    """The steps after a ``tf.cond`` decided at run time (TF1 ``Switch``), run with TF's dead-tensor
-    rules (``cond.py``): ``forward`` takes the tensors the steps read and returns the fetched ones."""
+    """Steps run with TF's dead-tensor rules (``cond.py``), the fallback for Switch/Merge graphs that
+    ``conditionals.py`` cannot structure: ``forward`` takes the tensors the steps read and returns
+    the fetched ones."""
 
     def __init__(self, steps: list[Any], inputs: list[Ref], outputs: list[Ref]) -> None:
         super().__init__()

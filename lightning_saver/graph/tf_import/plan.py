@@ -19,6 +19,7 @@ import torch
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
 from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
+from lightning_saver.graph.tf_import.conditionals import structure_conditionals
 from lightning_saver.graph.tf_import.frames import INTERIOR_OP
 from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op, pick_branch
 from lightning_saver.graph.tf_import.fuse import fuse_convolutions
@@ -114,6 +115,7 @@ class Step:
     kwargs: dict[str, Any] = field(default_factory=dict)
     variable: str | None = None
     controls: tuple[Ref, ...] = ()  # only filled in plans with tf.cond (dead inputs propagate)
+    pure: bool = False  # a call that may be folded once its inputs are constants
 
 
 @dataclass
@@ -341,7 +343,8 @@ class _Compiler:
             self.fold(name, func, refs, kwargs)
             return
         self.read_variables(refs)
-        self.steps.append(Step(name, op, "call", func, tuple(refs), kwargs, None, controls))
+        self.steps.append(Step(name, op, "call", func, tuple(refs), kwargs, None, controls,
+                               _foldable(self.index, op)))
 
     def fold(self, name: str, func: Callable[..., Any], refs: list[Ref], kwargs: dict[str, Any]) -> None:
         try:
@@ -368,8 +371,13 @@ class _Compiler:
                                    "branch that was not taken")
         fetches = [r if r in self.feeds else self.alias.get(r, r) for r in self.fetches]
         self.read_variables(fetches)
-        conditional = any(step.op in SWITCH_OPS for step in self.steps)
-        return Plan(self.steps, self.consts, fetches, self.feeds, self.store, conditional)
+        steps = self.steps
+        conditional = any(step.op in SWITCH_OPS for step in steps)
+        if conditional:  # each tf.cond decided at run time becomes an if/else step, where it can
+            structured = structure_conditionals(steps, fetches, self.consts)
+            if structured is not None:
+                (steps, fetches), conditional = structured, False
+        return Plan(steps, self.consts, fetches, self.feeds, self.store, conditional)
 
 
 def compile_plan(index: GraphIndex, store: VariableStore, fetches: list[Ref], feeds: Iterable[Ref],

@@ -1,0 +1,195 @@
+"""TF1 ``tf.cond`` decided at run time (``Switch``/``Merge`` on a fed input), built in real TensorFlow:
+``graph.run`` and ``to_module`` run one structured if/else per cond, computing only the branch taken,
+and match ``session.run`` and ``tf.gradients``; the module saves with our Saver and loads into a fresh one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from tf_graphs import assert_same, control_flow, session_values, tf_module
+
+from lightning_saver import Saver, import_meta_graph
+
+tf_module()
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+RNG = np.random.default_rng(61)
+X = RNG.normal(size=(2, 3)).astype(np.float32)
+# p = sum(x) > 0 and q = mean(x) > 0.5 take every combination; n is the while_loop's trip count
+FEEDS = [{"x:0": np.abs(X) + 1.0, "n:0": 3}, {"x:0": np.abs(X) * 0.1, "n:0": 4},
+         {"x:0": -np.abs(X) - 0.2, "n:0": 0}, {"x:0": np.concatenate([X, -X * 2.0]), "n:0": 5}]
+FETCHES = ["nested:0", "two_0:0", "two_1:0", "again:0", "merged:0", "merge_index:0", "guarded:0",
+           "looped:0"]
+# (fetch, what tf.gradients differentiates it by): every pair is connected in some branch
+GRADS = [("nested:0", ["w:0", "x:0"]), ("two_0:0", ["w:0", "x:0"]), ("two_1:0", ["w:0", "x:0"]),
+         ("again:0", ["w:0", "x:0"]), ("guarded:0", ["x:0"]), ("looped:0", ["w:0", "x:0"])]
+
+
+def _conds(tf):
+    from tensorflow.python.ops import control_flow_ops
+
+    v1 = tf.compat.v1
+    with control_flow(False):
+        x = v1.placeholder(tf.float32, [None, 3], name="x")
+        n = v1.placeholder(tf.int32, [], name="n")
+        w = v1.get_variable("w", initializer=RNG.normal(size=(3, 3)).astype(np.float32) * 0.5,
+                            use_resource=False)
+        p = tf.reduce_sum(x) > 0
+        q = tf.reduce_mean(x) > 0.5
+        # nested, with branches of different lengths (five ops, one op, one op)
+        inner = lambda: tf.cond(q, lambda: tf.tanh(tf.matmul(x, w)) * 2.0 + w[0], lambda: x * w[1])  # noqa: E731
+        tf.identity(tf.cond(p, inner, lambda: x - 1.0), name="nested")
+        # two results; the else branch passes x through and returns a constant (hung off its pivot)
+        two = tf.cond(p, lambda: (tf.matmul(x, w), tf.reduce_sum(x * w[2])), lambda: (x, tf.constant(0.5)))
+        tf.identity(two[0], name="two_0")
+        tf.identity(two[1], name="two_1")
+        # the same predicate twice, with a step outside between the two conds
+        first = tf.cond(p, lambda: x * 2.0, lambda: tf.sin(x))
+        middle = tf.matmul(first, w)
+        tf.identity(tf.cond(p, lambda: middle + 1.0, lambda: middle * w[0]), name="again")
+        # Switch and Merge written by hand: one Switch, one Merge of its two sides and the index taken
+        false_x, true_x = control_flow_ops.switch(x, p)
+        merged, index = control_flow_ops.merge([false_x * 2.0, tf.matmul(true_x, w)])
+        tf.identity(merged, name="merged")
+        tf.identity(index, name="merge_index")
+
+        # each branch asserts it was taken: running the other branch too would fail
+        def then():
+            with tf.control_dependencies([tf.debugging.Assert(p, ["the then branch ran with p false"])]):
+                return tf.identity(x * 3.0)
+
+        def otherwise():
+            with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(p), ["the else branch ran"])]):
+                return tf.identity(tf.exp(x))
+
+        tf.identity(tf.cond(p, then, otherwise), name="guarded")
+
+        # conds (one nested) in a while_loop body
+        def body(i, h):
+            positive = lambda: tf.cond(tf.reduce_sum(h) > 0, lambda: tf.tanh(tf.matmul(h, w)),  # noqa: E731
+                                       lambda: h * 0.5)
+            return i + 1, tf.cond(tf.equal(i % 2, 0), positive, lambda: h + w[2])
+
+        tf.identity(tf.while_loop(lambda i, h: i < n, body, [0, x])[1], name="looped")
+
+
+@pytest.fixture(scope="module")
+def conds(tmp_path_factory):
+    return session_values(tmp_path_factory.mktemp("conds"), "conds", _conds, FEEDS, FETCHES, GRADS, v2=False)
+
+
+def _branch_modules(module):
+    kinds = Counter(type(m).__name__ for m in module.modules())
+    assert not kinds["RegionModule"]  # never the dead-tensor fallback
+    return kinds["BranchModule"]
+
+
+def _grads(output, wrt):
+    """d sum(output) / d wrt; zeros where the branch taken does not read it (as TF reports)."""
+    if not output.requires_grad:  # the branch taken returned a constant
+        return [torch.zeros_like(t) for t in wrt]
+    got = torch.autograd.grad(output.sum(), wrt, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt, strict=True)]
+
+
+def test_tf1_conds_run_like_session_run(conds):
+    meta, ckpt, values, _ = conds
+    graph = import_meta_graph(meta)
+    ops = Counter(n.op for n in graph.meta_graph_def.graph_def.node)
+    assert ops["Switch"] >= 10 and ops["Merge"] >= 8 and not ops["If"] + ops["StatelessIf"]
+    graph.restore(ckpt)
+    plan = graph.plan([graph._ref(f) for f in FETCHES], frozenset([("x", 0), ("n", 0)]))
+    assert not plan.conditional and not [s for s in plan.steps if s.op in ("Switch", "Merge")]
+    for feed, expected in zip(FEEDS, values, strict=True):
+        for name, ours, theirs in zip(FETCHES, graph.run(FETCHES, feed), expected, strict=True):
+            assert_same(ours, theirs, **TOL), name
+
+
+def test_tf1_conds_module_is_if_else_and_trains_like_tf_gradients(conds):
+    meta, ckpt, values, grads = conds
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    module = graph.to_module(inputs=["x:0", "n:0"], outputs=FETCHES)
+    top = Counter(type(m).__name__ for _, m in module.named_children())
+    # nested: 1 (its inner cond inside), two: 1, again: 2 (an op between), hand-written: 1, guarded: 1
+    assert top["BranchModule"] == 6 and top["LoopModule"] == 1
+    assert _branch_modules(module) == 6 + 1 + 2  # + nested's inner cond + the loop body's two
+    w = dict(module.named_parameters())["w"]
+    at = {name: k for k, name in enumerate(FETCHES)}
+    for feed, expected, want in zip(FEEDS, values, grads, strict=True):
+        x = torch.tensor(feed["x:0"], requires_grad=True)
+        outs = module(x, torch.tensor(feed["n:0"]))
+        for ours, theirs in zip(outs, expected, strict=True):
+            assert_same(ours.detach().numpy(), theirs, **TOL)
+        got = [g for target, wrt in GRADS for g in _grads(outs[at[target]], [w, x][-len(wrt):])]
+        for ours, theirs in zip(got, want, strict=True):
+            assert_same(ours.numpy(), theirs, **TOL)
+
+
+def test_tf1_cond_module_saves_with_the_saver_and_loads_into_a_fresh_module(conds, tmp_path):
+    meta, ckpt, _, _ = conds
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    module = graph.to_module(inputs=["x:0", "n:0"], outputs=FETCHES)
+    with torch.no_grad():
+        dict(module.named_parameters())["w"].mul_(-0.7)  # as a training step would
+    path = Saver(max_to_keep=1).save(module, str(tmp_path / "conds"), global_step=3)
+    # a module built afresh (w from its initializer), then loaded from our checkpoint
+    fresh = import_meta_graph(meta).to_module(inputs=["x:0", "n:0"], outputs=FETCHES)
+    Saver().restore(fresh, path)
+    for feed in FEEDS:
+        args = torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"])
+        for ours, theirs in zip(fresh(*args), module(*args), strict=True):
+            assert_same(ours.detach().numpy(), theirs.detach().numpy(), rtol=0, atol=0)
+    # and graph.run reads the same checkpoint by the TF variable names
+    restored = import_meta_graph(meta)
+    assert restored.restore(path) == ["w"]
+    args = torch.from_numpy(FEEDS[0]["x:0"]), torch.tensor(FEEDS[0]["n:0"])
+    assert_same(restored.run("nested:0", FEEDS[0]), module(*args)[0].detach().numpy(), **TOL)
+
+
+# ---- TF1 batch norm inside tf.cond(is_training, ...): folded when unfed, an if/else when fed ------
+BN_FEEDS = [{"x:0": RNG.normal(size=(4, 2, 2, 3)).astype(np.float32), "training:0": t} for t in (True, False)]
+
+
+def _batch_norm(tf):
+    v1 = tf.compat.v1
+    with control_flow(False):
+        x = v1.placeholder(tf.float32, [None, 2, 2, 3], name="x")
+        training = v1.placeholder_with_default(False, [], name="training")
+        gamma = v1.get_variable("gamma", initializer=np.float32([1.0, 0.5, 2.0]))
+        beta = v1.get_variable("beta", initializer=np.float32([0.1, 0.0, -0.3]))
+        mean = v1.get_variable("moving_mean", initializer=np.float32([0.2, -0.1, 0.0]), trainable=False)
+        var = v1.get_variable("moving_variance", initializer=np.float32([1.5, 0.8, 1.0]), trainable=False)
+        y = tf.cond(training,
+                    lambda: v1.nn.fused_batch_norm(x, gamma, beta, epsilon=1e-3, is_training=True)[0],
+                    lambda: v1.nn.fused_batch_norm(x, gamma, beta, mean, var, epsilon=1e-3,
+                                                   is_training=False)[0])
+        tf.identity(tf.nn.relu(y) * 2.0, name="y")
+
+
+def test_tf1_batch_norm_in_cond_is_training_folded_or_branched(tmp_path):
+    grads = [("y:0", ["gamma:0", "beta:0", "x:0"])]
+    meta, ckpt, values, want = session_values(tmp_path, "bn", _batch_norm, BN_FEEDS, ["y:0"], grads, v2=False)
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    for feed, (expected,) in zip(BN_FEEDS, values, strict=True):
+        assert_same(graph.run("y:0", feed), expected, **TOL)
+    # is_training left at its default: the cond is decided now, the module has no branch
+    folded = graph.to_module(inputs="x:0", outputs="y:0")
+    assert _branch_modules(folded) == 0
+    assert_same(folded(torch.from_numpy(BN_FEEDS[1]["x:0"])).detach().numpy(), values[1][0], **TOL)
+    # is_training an input: one if/else, trained through the branch the flag picks
+    module = graph.to_module(inputs=["x:0", "training:0"], outputs="y:0")
+    assert _branch_modules(module) == 1
+    params = dict(module.named_parameters())
+    for feed, (expected,), grad in zip(BN_FEEDS, values, want, strict=True):
+        x = torch.tensor(feed["x:0"], requires_grad=True)
+        y = module(x, torch.tensor(feed["training:0"]))
+        assert_same(y.detach().numpy(), expected, **TOL)
+        got = torch.autograd.grad(y.sum(), [params["gamma"], params["beta"], x])
+        for ours, theirs in zip(got, grad, strict=True):
+            assert_same(ours.numpy(), theirs, rtol=1e-4, atol=1e-4)
