@@ -192,4 +192,4 @@ def test_tf1_batch_norm_in_cond_is_training_folded_or_branched(tmp_path):
         assert_same(y.detach().numpy(), expected, **TOL)
         got = torch.autograd.grad(y.sum(), [params["gamma"], params["beta"], x])
         for ours, theirs in zip(got, grad, strict=True):
-            assert_same(ours.numpy(), theirs, rtol=1e-4, atol=1e-4)
+            assert_same(ours.numpy(), theirs, **TOL)

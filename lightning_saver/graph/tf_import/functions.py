@@ -26,7 +26,8 @@ IF_OPS = frozenset({"If", "StatelessIf"})
 CASE_OPS = frozenset({"Case", "StatelessCase"})
 WHILE_OPS = frozenset({"While", "StatelessWhile"})
 FUNCTION_OPS = IF_OPS | CASE_OPS | WHILE_OPS | {"PartitionedCall", "StatefulPartitionedCall"}
-# output arg names of multi-output ops whose OpDefs a function body's graph may lack
+# output arg names of multi-output ops whose OpDefs a function body's graph may lack (a MetaGraph's
+# stripped_op_list holds only the ops of the graph itself, not of its functions)
 _OUTPUT_NAMES = {
     "FusedBatchNorm": ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"),
     "FusedBatchNormV2": ("y", "batch_mean", "batch_variance", "reserve_space_1", "reserve_space_2"),
@@ -36,6 +37,9 @@ _OUTPUT_NAMES = {
     "SparseSoftmaxCrossEntropyWithLogits": ("loss", "backprop"),
     "TopKV2": ("values", "indices"),
     "Unique": ("y", "idx"),
+    "TensorListPopBack": ("output_handle", "tensor"),
+    "TensorArrayV3": ("handle", "flow"),
+    "TensorArrayConcatV3": ("value", "lengths"),
 }
 
 
