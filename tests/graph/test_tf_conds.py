@@ -13,6 +13,7 @@ import torch
 from tf_graphs import assert_same, control_flow, session_values, tf_module
 
 from lightning_saver import Saver, import_meta_graph
+from lightning_saver.errors import GraphImportError
 
 tf_module()
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -193,3 +194,74 @@ def test_tf1_batch_norm_in_cond_is_training_folded_or_branched(tmp_path):
         got = torch.autograd.grad(y.sum(), [params["gamma"], params["beta"], x])
         for ours, theirs in zip(got, grad, strict=True):
             assert_same(ours.numpy(), theirs, **TOL)
+
+
+def test_module_names_the_tensors_it_was_asked_for(conds):
+    meta, ckpt, _, _ = conds
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    module = graph.to_module(inputs=["x:0", "n:0"], outputs=FETCHES)
+    assert module.tf_inputs == ["x:0", "n:0"] and module.tf_outputs == FETCHES
+
+
+# ---- more of what TF1 writes with Switch/Merge ---------------------------------------------------
+MORE_FETCHES = ["case_v1:0", "cond_in_condition:0", "shape_out:0", "max_or_min:0", "pred_from_cond:0",
+                "bn_like:0"]
+MORE_FEEDS = [{"x:0": X * s, "k:0": k, "training:0": t} for k, s, t in
+              [(0, 1.0, False), (0, -1.0, True), (1, 1.0, True), (1, 2.0, False), (2, -1.0, False),
+               (2, 1.0, True)]]
+
+
+def _more(tf):
+    v1 = tf.compat.v1
+    with control_flow(False):
+        x = v1.placeholder(tf.float32, [None, 3], name="x")
+        k = v1.placeholder(tf.int32, [], name="k")
+        training = v1.placeholder_with_default(False, [], name="training")
+        w = v1.get_variable("w", initializer=RNG.normal(size=(3, 3)).astype(np.float32), use_resource=False)
+        moving = v1.get_variable("moving", initializer=np.zeros(3, np.float32), trainable=False,
+                                 use_resource=False)
+        # tf.compat.v1.case: a chain of nested conds
+        pairs = [(tf.equal(k, 0), lambda: x * 2.0), (tf.equal(k, 1), lambda: tf.matmul(x, w))]
+        tf.identity(v1.case(pairs, default=lambda: tf.sin(x), exclusive=False), name="case_v1")
+        # a cond in a while_loop's condition
+        below = lambda i: tf.cond(k > 0, lambda: i < k * 2, lambda: i < 3)  # noqa: E731
+        tf.identity(tf.while_loop(below, lambda i: i + 1, [0]), name="cond_in_condition")
+        # an int and a float out of one cond
+        size, extreme = tf.cond(tf.reduce_sum(x) > 0, lambda: (tf.shape(x)[0], tf.reduce_max(x)),
+                                lambda: (tf.constant(7), tf.reduce_min(x)))
+        tf.identity(size, name="shape_out")
+        tf.identity(extreme, name="max_or_min")
+        # a predicate that is itself a cond's result
+        which = tf.cond(k > 1, lambda: tf.reduce_sum(x) > 0, lambda: tf.reduce_sum(x) < 0)
+        tf.identity(tf.cond(which, lambda: x + 10.0, lambda: x * w[0]), name="pred_from_cond")
+
+        # a moving average assigned in the branch taken when training (a ref variable through RefSwitch)
+        def train():
+            mean = tf.reduce_mean(x, 0)
+            with tf.control_dependencies([v1.assign(moving, moving * 0.9 + mean * 0.1)]):
+                return tf.identity(x - mean)
+
+        tf.identity(tf.cond(training, train, lambda: x - moving), name="bn_like")
+
+
+def test_tf1_case_cond_in_a_loop_condition_and_an_assignment_in_a_branch(tmp_path):
+    meta, ckpt, values, _ = session_values(tmp_path, "more", _more, MORE_FEEDS, MORE_FETCHES, v2=False)
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    feeds = frozenset([("x", 0), ("k", 0), ("training", 0)])
+    assert not graph.plan([graph._ref(f) for f in MORE_FETCHES], feeds).conditional
+    # one graph fed in TF's order: the moving average moves only when the training branch runs
+    for feed, expected in zip(MORE_FEEDS, values, strict=True):
+        for ours, theirs in zip(graph.run(MORE_FETCHES, feed), expected, strict=True):
+            assert_same(ours, theirs, **TOL)
+    assert not np.allclose(graph.variable_values()["moving"].numpy(), 0.0)
+    pure = MORE_FETCHES[:-1]
+    module = graph.to_module(inputs=["x:0", "k:0", "training:0"], outputs=pure)
+    assert _branch_modules(module) >= 6
+    for feed, expected in zip(MORE_FEEDS, values, strict=True):
+        args = torch.from_numpy(feed["x:0"]), torch.tensor(feed["k:0"]), torch.tensor(feed["training:0"])
+        for ours, theirs in zip(module(*args), expected[:-1], strict=True):
+            assert_same(ours.detach().numpy(), theirs, **TOL)
+    with pytest.raises(GraphImportError, match=r"changes variable 'moving'"):
+        graph.to_module(inputs=["x:0", "training:0"], outputs="bn_like:0")

@@ -277,4 +277,6 @@ class ImportedGraph:
         if not out_refs:
             raise GraphImportError("to_module needs at least one output, e.g. outputs=['logits:0']")
         plan = compile_plan(self._index, self._store, out_refs, frozenset(in_refs))
-        return build_module(plan, self._index, self._store, in_refs, single)
+        module = build_module(plan, self._index, self._store, in_refs, single)
+        module.tf_outputs = [ref_name(r) for r in out_refs]  # the names asked for, not what they alias
+        return module

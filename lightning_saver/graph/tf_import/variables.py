@@ -31,6 +31,8 @@ ASSIGN_OPS = {
     "AssignSub": "sub", "AssignSubVariableOp": "sub",
 }
 _PASS_THROUGH = frozenset({"Identity", "Snapshot"})
+# a TF1 tf.cond hands a branch its variables through a Switch (RefSwitch for ref variables)
+_TO_VARIABLE = _PASS_THROUGH | {"Switch", "RefSwitch"}
 _COLLECTIONS = ("variables", "local_variables", "trainable_variables", "model_variables")
 
 
@@ -58,7 +60,7 @@ def variable_name(param: str) -> str:
 
 
 def resolve_variable(index: GraphIndex, ref: Ref) -> str | None:
-    """The variable node a tensor refers to, following Identity; None when it is not a variable."""
+    """The variable node a tensor refers to, following Identity and Switch; None when it is not a variable."""
     name = ref[0]
     for _ in range(64):
         node = index.nodes.get(name)
@@ -66,7 +68,7 @@ def resolve_variable(index: GraphIndex, ref: Ref) -> str | None:
             return None
         if node.op in VARIABLE_OPS:
             return name
-        if node.op not in _PASS_THROUGH or not index.inputs[name]:
+        if node.op not in _TO_VARIABLE or not index.inputs[name]:
             return None
         name = index.inputs[name][0][0]
     return None
