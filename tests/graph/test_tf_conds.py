@@ -265,3 +265,24 @@ def test_tf1_case_cond_in_a_loop_condition_and_an_assignment_in_a_branch(tmp_pat
             assert_same(ours.detach().numpy(), theirs, **TOL)
     with pytest.raises(GraphImportError, match=r"changes variable 'moving'"):
         graph.to_module(inputs=["x:0", "training:0"], outputs="bn_like:0")
+
+
+def test_a_branch_that_fails_fails_only_when_taken(tmp_path):
+    """A constant computation that cannot run (TF's shape inference could not see it) in one branch."""
+
+    def build(tf):
+        v1 = tf.compat.v1
+        with control_flow(False):
+            x = v1.placeholder(tf.float32, [None, 3], name="x")
+            shape = v1.placeholder_with_default([2, 2], [2], name="shape")  # unfed: a constant here
+            broken = lambda: x + tf.reduce_sum(tf.reshape(tf.constant([1.0, 2.0, 3.0]), shape))  # noqa: E731
+            tf.identity(tf.cond(tf.reduce_sum(x) > 0, broken, lambda: x * 2.0), name="y")
+
+    negative = {"x:0": -np.abs(X)}
+    meta, _, (expected,), _ = session_values(tmp_path, "broken", build, [negative], ["y:0"], v2=False)
+    graph = import_meta_graph(meta)
+    assert_same(graph.run("y:0", negative), expected[0], **TOL)
+    module = graph.to_module(inputs="x:0", outputs="y:0")
+    assert_same(module(torch.from_numpy(negative["x:0"])).detach().numpy(), expected[0], **TOL)
+    with pytest.raises(RuntimeError, match="shape"):  # TF: "Input to reshape is a tensor with 3 values"
+        graph.run("y:0", {"x:0": np.abs(X)})

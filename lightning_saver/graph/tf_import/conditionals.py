@@ -277,7 +277,11 @@ class _Level:
         kept = []
         for step in steps:
             if step.kind == "call" and step.pure and all(r in self.consts for r in step.inputs):
-                out = step.func(*[self.consts[r] for r in step.inputs], **step.kwargs)
+                try:
+                    out = step.func(*[self.consts[r] for r in step.inputs], **step.kwargs)
+                except Exception:  # noqa: BLE001 - raised if the branch runs, as in TensorFlow
+                    kept.append(step)
+                    continue
                 if type(out) is tuple or type(out) is list:
                     for k, value in enumerate(out):
                         self.consts[(step.name, k)] = value

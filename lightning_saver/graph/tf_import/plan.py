@@ -19,7 +19,7 @@ import torch
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
 from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
-from lightning_saver.graph.tf_import.conditionals import structure_conditionals
+from lightning_saver.graph.tf_import.conditionals import structure_conditionals, walk_steps
 from lightning_saver.graph.tf_import.frames import INTERIOR_OP
 from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op, pick_branch
 from lightning_saver.graph.tf_import.fuse import fuse_convolutions
@@ -148,7 +148,7 @@ class Plan:
             drops[i].append(ref)
         produced = {s.name for s in steps if s.kind == "call"}
         # without assignments, a variable reads the same all along: read each once, up front
-        pure = not any(s.kind == "assign" for s in steps)
+        pure = not any(s.kind == "assign" for s in walk_steps(steps))  # in if/else branches too
         self._reads = list({(s.name, 0): s.variable for s in steps if pure and s.kind == "read"}.items())
         self._fast, self._fast_steps = [], []
         for i, (s, drop) in enumerate(zip(steps, drops, strict=True)):
