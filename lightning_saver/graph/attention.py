@@ -22,7 +22,7 @@ import torch
 aten = torch.ops.aten
 
 # the SDPA overloads torch.export may leave in a program before decomposition
-_SDPA_OPS = (aten.scaled_dot_product_attention.default,)
+SDPA_OPS = (aten.scaled_dot_product_attention.default,)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -52,16 +52,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     return torch.matmul(probs, value)
 
 
-def lower_attention(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with only SDPA lowered by ``sdpa`` (for exporters that decompose the rest themselves)."""
-    if not any(node.target in _SDPA_OPS for node in program.graph.nodes):
-        return program
-    return program.run_decompositions(dict.fromkeys(_SDPA_OPS, sdpa))
-
-
 def decompositions() -> dict[Any, Any]:
     """torch.export's default decomposition table, with SDPA lowered by ``sdpa``."""
     table = dict(torch.export.default_decompositions())
-    for op in _SDPA_OPS:
+    for op in SDPA_OPS:
         table[op] = sdpa
     return table

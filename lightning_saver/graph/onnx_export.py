@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_saver.errors import CaptureError
-from lightning_saver.graph.attention import lower_attention
-from lightning_saver.graph.capture import capture, eval_mode
+from lightning_saver.errors import CaptureError, UnsupportedOpError
+from lightning_saver.graph.capture import capture, describe_node, eval_mode
+from lightning_saver.graph.onnx_lowering import lower_for_onnx
 from lightning_saver.storage import storage_for
 
 __all__ = ["export_onnx"]
@@ -75,6 +76,7 @@ def export_onnx(model: nn.Module, args: Sequence[Any], path: str | os.PathLike[s
 
     Raises:
         CaptureError: the model cannot be captured or converted (the message says why).
+        UnsupportedOpError: PyTorch's ONNX exporter has no translation for an op (named, with its node).
         ValueError: ``exporter`` is neither ``"dynamo"`` nor ``"torchscript"``.
 
     Example::
@@ -114,13 +116,16 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp
     if exporter == "dynamo":
         captured = capture(model, args, kwargs, dynamic_batch=dynamic_batch, decompose=False)
         with _quiet():
+            # ops torch.onnx cannot translate or gets wrong (SDPA on GPT-2/T5, scatter means...)
+            lowered = lower_for_onnx(captured.program)
             try:
-                # torch.onnx's own SDPA decomposition fails on GPT-2/T5's head layout: lower it first
-                lowered = lower_attention(captured.program)
                 program = torch.onnx.export(lowered, args, kwargs=kwargs, dynamo=True,
                                             output_names=output_names,
                                             opset_version=opset_version, optimize=True)
             except Exception as error:
+                missing = _untranslated_op(error, lowered)
+                if missing:
+                    raise UnsupportedOpError(missing) from error
                 raise CaptureError(f"torch.onnx could not convert {type(model).__name__}: "
                                    f"{str(error).strip().splitlines()[0]}") from error
             program.save(tmp)
@@ -134,6 +139,27 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp
         with eval_mode(model), _quiet():
             torch.onnx.export(model, args, tmp, dynamo=False, input_names=names, output_names=output_names,
                               dynamic_axes=axes, opset_version=opset_version)
+
+
+_NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
+_NODE = re.compile(r"Error when translating node %(\w+) ")
+
+
+def _untranslated_op(error: BaseException, program: torch.export.ExportedProgram) -> str | None:
+    """The message for an op torch.onnx has no translation for (None: the export failed otherwise)."""
+    text, cause = "", error
+    while cause is not None:  # the op is named in the exporter's chained DispatchError
+        text += str(cause) + "\n"
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    found = _NO_FUNCTION.search(text)
+    if not found:
+        return None
+    op = f"{found.group(1)}.{found.group(2)}"
+    named = _NODE.search(text)
+    nodes = [n for n in program.graph.nodes if named and n.name == named.group(1)]
+    where = f" {describe_node(nodes[0])}" if nodes else ""
+    return (f"ONNX export: PyTorch's ONNX exporter has no translation for op {op}{where}; rewrite that "
+            "part of the model with other ops, or use export_meta_graph (TensorFlow) for it")
 
 
 def _batched(value: Any) -> bool:

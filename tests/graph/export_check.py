@@ -199,6 +199,60 @@ def assert_attrs_tf_knows_and_not_default(graph_def: Any) -> None:
                 f"{node.name}: attr {name} written at its default"
 
 
+class SideBySide(torch.nn.Module):
+    """Several one-op models as one (a ModuleDict keyed by case name, so an export error names the case's
+    module ``cases.<name>``): inputs concatenated in case order, outputs flattened in case order."""
+
+    def __init__(self, cases: dict[str, tuple[torch.nn.Module, tuple[Any, ...]]]) -> None:
+        super().__init__()
+        self.counts = [len(args) for _, args in cases.values()]
+        self.cases = torch.nn.ModuleDict({name: model for name, (model, _) in cases.items()})
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[Any, ...]:
+        outs, k = [], 0
+        for model, count in zip(self.cases.values(), self.counts, strict=True):
+            outs.append(model(*inputs[k:k + count]))
+            k += count
+        return tuple(outs)
+
+
+def run_side_by_side(cases: dict[str, tuple[torch.nn.Module, tuple[Any, ...]]], folder: Path
+                     ) -> dict[str, dict[str, list[np.ndarray]]]:
+    """Export ``cases`` once per format (captured on their args, run at ``other_batch`` of them) and run
+    them on unit-variance inputs and small-variance ones (x 1e-2) in TensorFlow as shipped (oneDNN and
+    grappler rewrites on; a session.run per case, so each is optimised as if alone), TensorFlow with
+    both off (a child process) and ONNX Runtime. Returns ``{peer: {case: outputs}}``, peers named
+    ``"TensorFlow"``, ``"TensorFlow plain"``, ``"ONNX Runtime"``, each also with a ``" small"`` suffix."""
+    model = SideBySide(cases).eval()
+    args = tuple(a for _, xs in cases.values() for a in xs)
+    run_args = tuple(a for _, xs in cases.values() for a in other_batch(xs))
+    small_args = small_variance(run_args)
+    meta = export_meta_graph(model, args, folder / "all.meta")
+    groups = [len(torch_outputs(m, xs)) for m, xs in cases.values()]
+    from tensorboard.compat.proto import meta_graph_pb2
+
+    with open(meta, "rb") as f:
+        graph = meta_graph_pb2.MetaGraphDef.FromString(f.read()).graph_def
+    names = [n.name for n in graph.node if n.op == "Placeholder"]
+    feed_sets = [dict(zip(names, (a.numpy() for a in xs), strict=True)) for xs in (run_args, small_args)]
+    tf_unit, tf_small = run_tf_many(meta, feed_sets, sum(groups), groups=groups)
+    plain_unit, plain_small = run_tf_plain(meta, feed_sets, sum(groups))
+    path = export_onnx(model, args, folder / "all.onnx")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ort = [session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), xs, strict=True)})
+           for xs in (run_args, small_args)]
+
+    def split(flat: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+        bounds = np.cumsum([0, *groups])
+        return {name: list(flat[a:b]) for name, a, b in zip(cases, bounds[:-1], bounds[1:], strict=True)}
+
+    return {"TensorFlow": split(tf_unit), "TensorFlow small": split(tf_small),
+            "TensorFlow plain": split(plain_unit), "TensorFlow plain small": split(plain_small),
+            "ONNX Runtime": split(ort[0]), "ONNX Runtime small": split(ort[1])}
+
+
 def _main(meta: str, inputs: str, n_outputs: str, restore: str, groups: str) -> None:
     """Child side of ``run_tf_plain``: feeds ``<set>/<name>`` in, ``<set>/<output>`` out."""
     with np.load(inputs) as data:

@@ -21,6 +21,7 @@ from lightning_saver.formats import tf_dtypes
 from lightning_saver.graph.capture import static_size
 from lightning_saver.graph.tf_export.builder import GraphBuilder, TfTensor
 from lightning_saver.graph.tf_export.ops_math import axes, operand
+from lightning_saver.graph.tf_export.ops_select import bool_index, masked_index, masked_put
 from lightning_saver.graph.tf_export.ops_shape import _positive_index, _strided_slice, dim_size
 from lightning_saver.graph.tf_export.table import TF_EXPORT, Ctx
 
@@ -114,8 +115,9 @@ class _Indexing:
     def __init__(self, g: GraphBuilder, x: TfTensor, indices: Sequence[TfTensor | None]) -> None:
         used = [(i, t) for i, t in enumerate(indices) if t is not None]
         if not used or any(t.dtype == BOOL for _, t in used):
-            raise UnsupportedOpError("TensorFlow export: indexing with a boolean mask has a data-dependent "
-                                     "shape; use torch.where or masked_fill")
+            raise UnsupportedOpError("TensorFlow export: a boolean mask together with other index tensors "
+                                     "(x[mask, idx]) is not supported; supported: one mask (x[mask], "
+                                     "x[:, mask]) or integer index tensors")
         rank = x.rank or 0
         self.positions = [i for i, _ in used]
         self.rest = [a for a in range(rank) if a not in self.positions]
@@ -138,6 +140,9 @@ class _Indexing:
 @TF_EXPORT.register(aten.index.Tensor)
 def index(cx: Ctx, x: TfTensor, indices: Sequence[TfTensor | None]) -> TfTensor:
     g = cx.g
+    mask = bool_index(indices)
+    if mask is not None:  # x[mask]: as many rows as the mask has true elements
+        return masked_index(g, x, *mask)
     plan = _Indexing(g, x, indices)
     picked = g.op("GatherNd", g.transpose(x, plan.perm), plan.coords)
     return g.transpose(picked, plan.result_perm())
@@ -177,8 +182,7 @@ def _put_mask(cx: Ctx, x: TfTensor, used: tuple[int, TfTensor], values: TfTensor
     g = cx.g
     first, mask = used
     if values.shape is None or int(np.prod([d or 0 for d in values.shape])) != 1:
-        raise UnsupportedOpError("TensorFlow export: x[mask] = values needs one value (a scalar): "
-                                 "other values depend on how many elements the mask selects")
+        return masked_put(g, x, first, mask, values, accumulate)  # one value per true element
     rank, mask_rank = x.rank or 0, mask.rank or 0
     # the mask covers axes first .. first + mask_rank; trailing axes broadcast
     sizes = [dim_size(g, mask, a) for a in range(mask_rank)]

@@ -77,9 +77,14 @@ def sunk(g: GraphBuilder, inputs: Sequence[TfTensor], make: Callable[..., TfTens
     return make(*inputs)
 
 
+_ON_BOOL = {"Mul": "LogicalAnd", "AddV2": "LogicalOr"}
+
+
 def _binary(tf_op: str, swap: bool = False) -> Any:
     def convert(cx: Ctx, x: Any, y: Any, alpha: Any = 1) -> TfTensor:
         a, b = operand(cx, x, cx.dtype), operand(cx, y, cx.dtype)
+        if cx.dtype == tf_dtypes.DT_BOOL and tf_op in _ON_BOOL:  # isfinite lowers to a bool product
+            return cx.g.op(_ON_BOOL[tf_op], a, b)
         if alpha != 1:
             b = cx.g.op("Mul", b, cx.g.scalar(alpha, cx.dtype))
         pair = [b, a] if swap else [a, b]

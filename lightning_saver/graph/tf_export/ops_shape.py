@@ -246,6 +246,8 @@ def ones_like(cx: Ctx, x: TfTensor, **_: Any) -> TfTensor:
 
 @TF_EXPORT.register(aten.scalar_tensor.default)
 def scalar_tensor(cx: Ctx, value: Any, **_: Any) -> TfTensor:
+    if isinstance(value, TfTensor):  # a symbolic size (torch.tensor([x.numel()]))
+        return cx.g.cast(value, cx.dtype)
     return cx.g.scalar(value, cx.dtype)
 
 

@@ -35,7 +35,11 @@ def load_converters() -> OpTable:
         ops_math,
         ops_nn,
         ops_reduce,
+        ops_sample,
+        ops_segment,
+        ops_select,
         ops_shape,
+        ops_unary,
     )
 
     return TF_EXPORT
