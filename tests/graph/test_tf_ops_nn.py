@@ -179,6 +179,27 @@ def test_pool(op, image, ksize, stride, padding, data_format):
     check_image_op(op, "input" if op == "MaxPool" else "value", rand(*image) - 3.0, {}, attrs, data_format)
 
 
+@pytest.mark.parametrize(("image", "ksize", "padding"), [
+    ((8, 32, 32, 16), (2, 2), "VALID"),   # the small CNN's pooling at batch 8
+    ((2, 24, 36, 40), (3, 2), "SAME"),    # tiles that cover the image: SAME pads nothing
+    ((1, 64, 64, 16), (1, 4), "VALID"),
+])
+def test_max_pool_over_exact_tiles_matches_tf(image, ksize, padding):
+    # big enough for the tiled path (ops_nn._max_pool_tiles); negative data, as in test_pool
+    attrs = {"ksize": [1, *ksize, 1], "strides": [1, *ksize, 1], "padding": padding}
+    x = rand(*image) - 3.0
+    expected = tf.raw_ops.MaxPool(input=x, **attrs).numpy()
+    np.testing.assert_array_equal(ours("MaxPool", [x], attrs).numpy(), expected)
+    # under autograd the gradient goes to one input per window, as TF's (torch's pooling runs)
+    xt = torch.from_numpy(x).requires_grad_()
+    table.call("MaxPool", [xt], attrs).sum().backward()
+    with tf.GradientTape() as tape:
+        xv = tf.constant(x)
+        tape.watch(xv)
+        y = tf.reduce_sum(tf.raw_ops.MaxPool(input=xv, **attrs))
+    np.testing.assert_array_equal(xt.grad.numpy(), tape.gradient(y, xv).numpy())
+
+
 def test_max_pool_v2_reads_ksize_and_strides_from_inputs():
     image = rand(1, 7, 6, 2)
     ksize, strides = np.array([1, 3, 3, 1], np.int32), np.array([1, 2, 2, 1], np.int32)

@@ -20,12 +20,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from lightning_saver.graph.tf_import.fused_conv import Link, fused_conv
 
 CONVS = frozenset({"Conv2D", "DepthwiseConv2dNative"})
 BATCH_NORMS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
 # op -> how a per-channel vector v changes (s, t): "add" t += v, "sub" t -= v, "mul" s, t *= v
 _AFFINE = {"BiasAdd": "add", "BiasAddV1": "add", "Add": "add", "AddV2": "add", "Sub": "sub", "Mul": "mul"}
+_PADS = {"Pad": 2, "PadV2": 3}  # op -> its number of inputs
 _ACTIVATIONS = {"Relu": "relu", "Relu6": "relu6"}
 _AFTER = {"sum": ("relu", "relu6"), "relu": (), "relu6": ()}  # what may follow a non-affine link
 
@@ -85,6 +88,24 @@ def _chain(conv: Any, uses: Counter[Any], consumers: dict[Any, Any], static: set
     return links, inputs
 
 
+def _spatial_pad(step: Any, consts: Any, data_format: str) -> tuple[tuple[int, int], ...] | None:
+    """The spatial (before, after) amounts of a zero ``Pad``/``PadV2`` of a 4-D image, else None."""
+    if step.kind != "call" or step.controls or step.op not in _PADS or len(step.inputs) != _PADS[step.op]:
+        return None
+    if any(ref not in consts for ref in step.inputs[1:]):
+        return None
+    if step.op == "PadV2" and torch.as_tensor(consts[step.inputs[2]]).item() != 0:
+        return None
+    amounts = torch.as_tensor(consts[step.inputs[1]])
+    if tuple(amounts.shape) != (4, 2) or amounts.is_floating_point():
+        return None
+    rows = [tuple(int(v) for v in row) for row in amounts.tolist()]
+    outer, spatial = (rows[:2], rows[2:]) if data_format.startswith("NC") else ((rows[0], rows[3]), rows[1:3])
+    if any(outer[0] + outer[1]) or min(min(row) for row in spatial) < 0:
+        return None
+    return tuple((a, b) for a, b in spatial)
+
+
 def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
                       make_step: Callable[..., Any]) -> list[Any]:
     """``steps`` with each Conv2D/DepthwiseConv2dNative and the ops after it as one step."""
@@ -95,6 +116,7 @@ def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
         for ref in step.inputs:
             consumers.setdefault(ref, step)
     static = _static_refs(steps, consts)
+    producers = {step.name: step for step in steps if step.kind == "call"}
     replaced: dict[str, Any] = {}
     for conv in steps:
         if conv.op not in CONVS or conv.kind != "call" or conv.controls or len(conv.inputs) != 2:
@@ -104,8 +126,16 @@ def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
         for link in links:
             replaced[link.step.name] = None
         replaced[conv.name] = None
-        replaced[last.name] = make_step(last.name, "+".join([conv.op] + [k.step.op for k in links]), "call",
-                                        fused_conv(conv, links), tuple(inputs), {})
+        # a Pad feeding only this convolution becomes its padding (Keras' ZeroPadding2D)
+        pad = producers.get(conv.inputs[0][0]) if conv.inputs[0][1] == 0 else None
+        pre = None
+        if pad is not None and uses[conv.inputs[0]] == 1 and pad.name not in replaced:
+            pre = _spatial_pad(pad, consts, conv.kwargs.get("data_format", "NHWC"))
+        names = [conv.op] + [k.step.op for k in links]
+        if pre is not None and pad is not None:
+            replaced[pad.name], inputs[0], names = None, pad.inputs[0], [pad.op, *names]
+        replaced[last.name] = make_step(last.name, "+".join(names), "call", fused_conv(conv, links, pre),
+                                        tuple(inputs), {})
     if not replaced:
         return steps
     return [replaced.get(step.name, step) if step.kind == "call" and step.name in replaced else step

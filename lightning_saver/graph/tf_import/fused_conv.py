@@ -17,26 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from lightning_saver.graph.tf_import.layout import (
-    from_nchw,
-    pad_spatial,
-    spatial_attr,
-    spatial_pads,
-    symmetric,
-    to_nchw,
-)
+from lightning_saver.graph.tf_import.conv_kernels import Prepared
+from lightning_saver.graph.tf_import.layout import Pads, spatial_attr, spatial_pads, to_nchw
 from lightning_saver.graph.tf_import.ops_nn import conv_layout, conv_weight
 
 _FLOATS = (torch.float32, torch.float64)
 _SMALL = 1 << 16  # vectors up to this size are compared by value when their tensor changes
 _ONES = (1, 1, 1, 1)
-_MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-_REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
-if not torch.backends.mkldnn.is_available() or _REORDER is None:
-    _MKLDNN = None
-_PACKED_SHAPES = 4  # filters pre-packed for this many input shapes per convolution
-_UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
+_PREPARED_SHAPES = 4  # kernels prepared for this many input shapes per convolution
 
 
 class NotFoldable(Exception):
@@ -140,62 +130,51 @@ def _tail(y: torch.Tensor, other: torch.Tensor | None, act: str | None, grad: bo
     return y
 
 
-def _onednn(conv: Any, x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None,
-            other: torch.Tensor | None, act: str | None,
-            packs: dict[Any, torch.Tensor]) -> torch.Tensor | None:
-    """oneDNN's convolution with bias, residual and activation fused; None where it does not apply.
+def _pad_input(x: torch.Tensor, pre: Pads, channels_first: bool) -> torch.Tensor:
+    """TF's ``Pad`` (zeros) of the spatial dimensions, for an absorbed ``Pad`` on the plain path."""
+    flat: list[int] = [0, 0] if not channels_first else []
+    for before, after in reversed(pre):
+        flat += [before, after]
+    return F.pad(x, flat)
 
-    The filter is reordered into oneDNN's blocked layout once per input shape (``packs``); given
-    a plain tensor, oneDNN would reorder it on every call, which at batch 1 costs as much as the
-    convolution (ResNet50: 100 MB of filters).
-    """
+
+def _prepare(conv: Any, x: torch.Tensor, folded: tuple[torch.Tensor, int, torch.Tensor | None], pre: Pads,
+             act: str | None, residual: bool) -> Prepared:
     kwargs, op = conv.kwargs, conv.op
     data_format = kwargs.get("data_format", "NHWC")
-    if _MKLDNN is None or x.dtype != torch.float32 or x.dim() != 4:
-        return None
+    weight, groups, bias = folded
     stride = spatial_attr(kwargs["strides"], data_format, "strides", op)
     dilation = spatial_attr(kwargs.get("dilations", _ONES), data_format, "dilations", op)
     xc = to_nchw(x, data_format, op)
-    pads = spatial_pads(xc.shape[2:], weight.shape[2:], stride, dilation, kwargs["padding"],
-                        kwargs.get("explicit_paddings", ()), data_format, op)
-    padding = symmetric(pads)
-    if padding is None:
-        xc, padding = pad_spatial(xc, pads), (0, 0)
-    layout = torch.contiguous_format if data_format.startswith("NC") else torch.channels_last
-    xc = xc.contiguous(memory_format=layout)
-    unary, scalars = _UNARY[act]
-    key = (tuple(xc.shape), padding)
-    packed = packs.get(key)
-    if packed is None:
-        if len(packs) >= _PACKED_SHAPES:
-            packs.pop(next(iter(packs)))
-        packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(xc.shape))
-        packs[key] = packed
-    plain, weight = weight, packed
-    if other is None:
-        y = _MKLDNN(xc, weight, bias, list(padding), list(stride), list(dilation), groups, unary, scalars, "")
-        return from_nchw(y, data_format, op)
-    oc = to_nchw(other, data_format, op)
-    out = [xc.shape[0], plain.shape[0]] + [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(xc.shape[2:], padding, dilation, plain.shape[2:], stride, strict=True)]
-    if list(oc.shape) != out or oc.dtype != x.dtype or not oc.is_contiguous(memory_format=layout):
-        return None
-    y = _MKLDNN.binary(xc, oc, weight, bias, list(padding), list(stride), list(dilation), groups, "add", None,
-                       unary if act else None, scalars, None)
-    return from_nchw(y, data_format, op)
+    padded = [size + a + b for size, (a, b) in zip(xc.shape[2:], pre, strict=True)]
+    own = spatial_pads(padded, weight.shape[2:], stride, dilation, kwargs["padding"],
+                       kwargs.get("explicit_paddings", ()), data_format, op)
+    pads = tuple((a + c, b + d) for (a, b), (c, d) in zip(pre, own, strict=True))
+    nhwc = data_format == "NHWC"
+    return Prepared(xc.shape, weight, groups, bias, stride, dilation, pads, act, nhwc, residual)
 
 
-def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
-    """The step function ``(x, filter, *operands) -> y`` of a convolution chain."""
+def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Callable[..., torch.Tensor]:
+    """The step function ``(x, filter, *operands) -> y`` of a convolution chain.
+
+    ``pre``: the spatial (before, after) zero padding of an absorbed ``Pad`` that fed the
+    convolution; ``x`` is then the ``Pad``'s input.
+    """
     cache = _Cache()
-    packs: dict[Any, torch.Tensor] = {}  # the cached filter, pre-packed per input shape
-    channel = 1 if str(conv.kwargs.get("data_format", "NHWC")).startswith("NC") else -1
+    prepared: dict[Any, Prepared] = {}  # per input shape, for the cached fold
+    data_format = str(conv.kwargs.get("data_format", "NHWC"))
+    channels_first = data_format.startswith("NC")
+    channel = 1 if channels_first else -1
     sums = [link.operands[0] for link in links if link.mode == "sum"]
+    vector_at = [i for i in range(links[-1].operands[1] if links else 0) if i not in sums]
     act = links[-1].mode if links and links[-1].mode in ("relu", "relu6") else None
+    no_pad = ((0, 0), (0, 0))
+    hot: list[Any] = []  # the last fast call: shape, dtype, threads, params, versions, prepared kernel
 
     def unfused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
         fused.unfused_calls += 1  # type: ignore[attr-defined]  # tests check the fold did happen
+        if pre is not None:
+            x = _pad_input(x, pre, channels_first)
         y = conv.func(x, filter, **conv.kwargs)
         for link in links:
             args = list(operands[link.operands[0]:link.operands[1]])
@@ -204,35 +183,64 @@ def fused_conv(conv: Any, links: Sequence[Link]) -> Callable[..., torch.Tensor]:
             y = y[0] if link.mode == "bn" else y
         return y
 
+    def fast(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor | None:
+        """Without autograd, with the fold cached: the prepared kernel for ``x``'s shape."""
+        key = (x.shape, x.dtype, torch.get_num_threads())
+        run = prepared.get(key)
+        if run is None:
+            if x.dtype != torch.float32 or x.dim() != 4 or data_format not in ("NHWC", "NCHW"):
+                return None
+            if len(prepared) >= _PREPARED_SHAPES:
+                prepared.pop(next(iter(prepared)))
+            run = prepared[key] = _prepare(conv, x, cache.value, pre or no_pad, act, other is not None)
+        hot[:] = [x.shape, x.dtype, key[2], cache.params, cache.versions, run]
+        return run(x, other)
+
+    def is_hot(x: torch.Tensor, filter: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> bool:
+        """The last fast call's shape, threads and unchanged parameters (the common case, checked first)."""
+        shape, dtype, threads, params, versions, _ = hot
+        if x.shape != shape or x.dtype is not dtype or filter is not params[0]:
+            return False
+        if filter._version != versions[0]:
+            return False
+        for k, i in enumerate(vector_at, 1):
+            if operands[i] is not params[k] or params[k]._version != versions[k]:
+                return False
+        return torch.get_num_threads() == threads
+
     def fused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
         other = operands[sums[0]] if sums else None
-        params = (filter, *[v for i, v in enumerate(operands) if i not in sums])
+        if hot and not torch.is_grad_enabled() and is_hot(x, filter, operands):
+            y = hot[-1](x, other)
+            if y is not None:
+                return y
+        params = (filter, *[operands[i] for i in vector_at])
         if x.dtype not in _FLOATS or any(p.dtype != x.dtype for p in params):
             return unfused(x, filter, *operands)
         grad = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or x.requires_grad or (
             other is not None and other.requires_grad))
         extra = (x.dtype, x.shape[channel] if x.dim() > 2 else None)
         try:
-            if grad:
-                weight, groups, bias = _fold(conv, links, x, filter, operands)
-            elif cache.hit(params, extra):
-                weight, groups, bias = cache.value
-            else:
-                weight, groups, bias = _fold(conv, links, x, filter, operands)
-                cache.store(params, extra, (weight, groups, bias))
-                packs.clear()
-            y = None if grad else _onednn(conv, x, weight, groups, bias, other, act, packs)
-            if y is None:
-                y = _tail(conv_layout(conv.op, x, weight, groups, bias=bias, **conv.kwargs), other, act, grad)
+            if not grad:
+                if not cache.hit(params, extra):
+                    cache.store(params, extra, _fold(conv, links, x, filter, operands))
+                    prepared.clear()
+                    hot.clear()
+                y = fast(x, other)
+                if y is not None:
+                    return y
+            if pre is not None:
+                x = _pad_input(x, pre, channels_first)
+            weight, groups, bias = _fold(conv, links, x, filter, operands) if grad else cache.value
+            return _tail(conv_layout(conv.op, x, weight, groups, bias=bias, **conv.kwargs), other, act, grad)
         except NotFoldable:
             return unfused(x, filter, *operands)
-        # y is a layout view of the conv's private buffer: handed on as a plain tensor when autograd
-        # is off, so a following activation can run in place
-        return y if grad else y.detach()
 
     fused.unfused_calls = 0  # type: ignore[attr-defined]
+    fused.prepared = prepared  # type: ignore[attr-defined]  # tests read which kernels ran
     fused.__name__ = fused.__qualname__ = "_".join(
-        [_snake(conv.op)] + [_snake(link.step.op) for link in links]) + "_folded"
+        (["pad"] if pre is not None else []) + [_snake(conv.op)] + [_snake(link.step.op) for link in links]
+    ) + "_folded"
     return fused
 
 

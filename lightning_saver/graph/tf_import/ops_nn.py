@@ -243,7 +243,39 @@ def max_pool(
     explicit_paddings: Sequence[int] = (),
     data_format: str = "NHWC",
 ) -> torch.Tensor:
+    if (data_format == "NHWC" and list(ksize) == list(strides) and padding in ("VALID", "SAME")
+            and len(ksize) == 4 and ksize[0] == ksize[3] == 1):
+        tiled = _max_pool_tiles(input, int(ksize[1]), int(ksize[2]))
+        if tiled is not None:
+            return tiled
     return _pool("MaxPool", _max_pool, input, ksize, strides, padding, explicit_paddings, data_format)
+
+
+_TILED_MIN_SIZE = 1 << 15  # below this torch's pooling was as fast (1x32x32x16: 15 us either way)
+
+
+def _max_pool_tiles(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor | None:
+    """Max over non-overlapping ``kh x kw`` tiles of an NHWC image that they cover exactly, as
+    element-wise maxima of strided views; None where that does not apply.
+
+    torch's channels-last ``max_pool2d`` took 81 us on 8x32x32x16 (2x2, stride 2) against 44 us
+    this way. Not under autograd: ``torch.maximum`` splits a tie's gradient where TF's pooling
+    gives it to one input.
+    """
+    if (x.dim() != 4 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled())
+            or x.numel() < _TILED_MIN_SIZE or not x.is_contiguous()):
+        return None
+    n, h, w, c = x.shape
+    if h % kh or w % kw or kh * kw == 1:
+        return None
+    tiles = x.view(n, h // kh, kh, w // kw, kw * c)
+    rows = tiles[:, :, 0]
+    for i in range(1, kh):
+        rows = torch.maximum(rows, tiles[:, :, i])
+    out = rows[..., :c]
+    for j in range(1, kw):
+        out = torch.maximum(out, rows[..., j * c:(j + 1) * c])
+    return out
 
 
 def _max_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
