@@ -7,8 +7,8 @@ Two kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolutio
   convolutions), its filter reordered once into oneDNN's blocked layout (given a plain tensor,
   oneDNN reorders it on every call, which at batch 1 costs as much as the convolution);
 * ``native``: torch's ``conv2d`` on channels-last tensors, the sum and activation in place after it
-  (groups of 1 only). Small convolutions at batch 1 skip oneDNN's per-call setup this way: the
-  small CNN's 16x16x16 -> 32 convolution took 35 us against oneDNN's 85 us.
+  (small convolutions with groups of 1 only). Small convolutions at batch 1 skip oneDNN's per-call
+  setup this way: the small CNN's 16x16x16 -> 32 convolution took 35 us against oneDNN's 85 us.
 
 Which one is faster depends on the shapes, the thread count and the CPU, so a prepared shape
 times both on its first calls (which still return their results) and keeps the faster one.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from math import prod
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ if not torch.backends.mkldnn.is_available() or _REORDER is None:
     _MKLDNN = None
 _UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 TRIALS = 3  # timed calls per kernel (after one untimed) before the faster is kept
+# torch's conv2d is only tried on small convolutions, where oneDNN's fixed cost per call (about
+# 30 us) can dominate: the small CNN's (0.4M and 1.2M multiply-adds), MobileNetV2's 1x1 ones at
+# 7x7 and 14x14 (7.5M: 161 against 186 us); ResNet50's start at 51M, and timing both on a loaded
+# machine there sometimes kept the slower one
+NATIVE_MAX_MACS = 1 << 25
 
 Kernel = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -93,7 +99,8 @@ class Prepared:
         if _MKLDNN is not None:
             packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(x_shape))
             kernels["onednn"] = self._onednn(packed, residual)
-        if groups == 1 or _MKLDNN is None:
+        macs = prod(self.out) * prod(weight.shape[1:])
+        if (groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
             kernels["native"] = self._native(weight)
         self.kernels = kernels
         self.kernel: Kernel | None = next(iter(kernels.values())) if len(kernels) == 1 else None
