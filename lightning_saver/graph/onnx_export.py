@@ -118,16 +118,12 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp
         with _quiet():
             # ops torch.onnx cannot translate or gets wrong (SDPA on GPT-2/T5, scatter means...)
             lowered = lower_for_onnx(captured.program)
-            try:
-                program = torch.onnx.export(lowered, args, kwargs=kwargs, dynamo=True,
-                                            output_names=output_names,
-                                            opset_version=opset_version, optimize=True)
-            except Exception as error:
-                missing = _untranslated_op(error, lowered)
-                if missing:
-                    raise UnsupportedOpError(missing) from error
-                raise CaptureError(f"torch.onnx could not convert {type(model).__name__}: "
-                                   f"{str(error).strip().splitlines()[0]}") from error
+            convert = partial(_convert, model, lowered, args, kwargs, output_names, opset_version)
+            program = convert(optimize=True)
+            if not _in_order(program.model_proto.graph):
+                # torch.onnx's optimizer merges equal nodes (x.clamp(-1, 1) used twice) and can put
+                # the survivor after a node that reads it: the checker refuses such a graph
+                program = convert(optimize=False)
             program.save(tmp)
     else:
         if kwargs:
@@ -139,6 +135,30 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tmp
         with eval_mode(model), _quiet():
             torch.onnx.export(model, args, tmp, dynamo=False, input_names=names, output_names=output_names,
                               dynamic_axes=axes, opset_version=opset_version)
+
+
+def _convert(model: nn.Module, program: torch.export.ExportedProgram, args: tuple[Any, ...],
+             kwargs: dict[str, Any], output_names: list[str], opset_version: int | None, *,
+             optimize: bool) -> Any:
+    try:
+        return torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, output_names=output_names,
+                                 opset_version=opset_version, optimize=optimize)
+    except Exception as error:
+        missing = _untranslated_op(error, program)
+        if missing:
+            raise UnsupportedOpError(missing) from error
+        raise CaptureError(f"torch.onnx could not convert {type(model).__name__}: "
+                           f"{str(error).strip().splitlines()[0]}") from error
+
+
+def _in_order(graph: Any) -> bool:
+    """Whether every node of an ONNX graph reads only values defined before it."""
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if any(name not in known for name in node.input):
+            return False
+        known.update(node.output)
+    return True
 
 
 _NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
