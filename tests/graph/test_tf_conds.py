@@ -286,3 +286,47 @@ def test_a_branch_that_fails_fails_only_when_taken(tmp_path):
     assert_same(module(torch.from_numpy(negative["x:0"])).detach().numpy(), expected[0], **TOL)
     with pytest.raises(RuntimeError, match="shape"):  # TF: "Input to reshape is a tensor with 3 values"
         graph.run("y:0", {"x:0": np.abs(X)})
+
+
+# ---- TF2 conds frozen the default way: If lowered to Switch/Merge, Case to _SwitchN/Merge ---------
+LOWERED_FEEDS = [(np.abs(X) + 1.0, 0), (np.abs(X) + 1.0, 1), (np.abs(X) * 0.1, 1), (-np.abs(X), 0),
+                 (np.abs(X) + 1.0, 5)]  # 5: out of range, switch_case's default (the last branch)
+
+
+def test_frozen_tf2_conds_lowered_to_switch_merge_and_switchn(tmp_path):
+    tf = tf_module()
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    w = tf.constant(RNG.normal(size=(3, 3)).astype(np.float32))
+
+    @tf.function
+    def model(x, k):
+        y = tf.cond(tf.reduce_sum(x) > 0, lambda: tf.matmul(x, w) * 2.0, lambda: tf.tanh(x) - 1.0)
+        z = tf.cond(tf.reduce_mean(x) > 0.5, lambda: tf.cond(k > 0, lambda: y + 1.0, lambda: y * w[0]),
+                    lambda: y)
+        return tf.switch_case(k, [lambda: z * 2.0, lambda: tf.sin(z), lambda: tf.exp(-z)])
+
+    concrete = model.get_concrete_function(tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([], tf.int32))
+    graph_def = convert_variables_to_constants_v2(concrete, lower_control_flow=True).graph.as_graph_def()
+    ops = Counter(n.op for n in graph_def.node)
+    assert ops["_SwitchN"] and ops["Switch"] and ops["Merge"] and not ops["If"] + ops["Case"]
+    expected, grads = [], []
+    for x, k in LOWERED_FEEDS:
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x, tf.constant(k))
+        expected.append(y.numpy())
+        grads.append(tape.gradient(y, x).numpy())
+    path = str(tmp_path / "lowered.meta")
+    with tf.Graph().as_default():
+        tf.compat.v1.train.export_meta_graph(filename=path, graph_def=graph_def)
+    graph = import_meta_graph(path)
+    module = graph.to_module(inputs=["x:0", "k:0"], outputs="Identity:0")
+    assert _branch_modules(module) == 4  # two conds, the one nested in a branch, the switch_case
+    for (x, k), want, want_grad in zip(LOWERED_FEEDS, expected, grads, strict=True):
+        assert_same(graph.run("Identity:0", {"x:0": x, "k:0": k}), want, **TOL)
+        x = torch.tensor(x, requires_grad=True)
+        y = module(x, torch.tensor(k, dtype=torch.int32))
+        assert_same(y.detach().numpy(), want, **TOL)
+        assert_same(torch.autograd.grad(y.sum(), x)[0].numpy(), want_grad, **TOL)

@@ -4,7 +4,8 @@ the fallback for Switch/Merge graphs that ``conditionals.py`` cannot turn into i
 ``Switch(data, pred)`` forwards ``data`` to output 1 when ``pred`` is true, else to output 0; the
 other output is *dead*. A node with a dead data or control input is dead itself (so the untaken
 branch, whose constants hang off the branch pivot by control edges, never runs), except ``Merge``,
-which forwards its first live input and that input's index. Plans without ``Switch`` never pay
+which forwards its first live input and that input's index, and is dead only when all its data
+inputs are (its control inputs order it, dead or not). Plans without ``Switch`` never pay
 for this: they use the plain loop in ``plan.py``. Loops (``Enter``/``NextIteration``) were cut out
 of the graph by ``frames.py`` before."""
 
@@ -17,8 +18,24 @@ import torch
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.importer import Ref, ref_name
 
-SWITCH_OPS = frozenset({"Switch", "RefSwitch"})
+# _SwitchN(data, index) is what freezing a TF2 Case with lower_control_flow=True writes
+SWITCH_OPS = frozenset({"Switch", "RefSwitch", "_SwitchN"})
 MERGE_OPS = frozenset({"Merge", "RefMerge"})
+
+
+def switch_outputs(op: str, kwargs: dict[str, Any]) -> int:
+    """How many outputs a Switch has (one per branch)."""
+    return int(kwargs.get("num_outs", 2)) if op == "_SwitchN" else 2
+
+
+def switch_output(op: str, selector: Any, count: int) -> int:
+    """The output a Switch forwards its data to: 1 when the predicate is true (0 when false); for
+    ``_SwitchN`` the index, out-of-range indices going to the last output (a Case's default)."""
+    if op == "_SwitchN":
+        index = int(torch.as_tensor(selector))
+        return index if 0 <= index < count else count - 1
+    tensor = torch.as_tensor(selector)
+    return int(bool(tensor) if tensor.numel() == 1 else tensor.numel() > 0)
 
 
 def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[Ref]) -> list[Any]:
@@ -37,7 +54,7 @@ def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[R
         name = step.name
         if step.op in MERGE_OPS:
             live = [(k, ref) for k, ref in enumerate(step.inputs) if not is_dead(ref)]
-            if not live or any(is_dead(c) for c in step.controls):
+            if not live:  # dead control inputs do not kill a Merge (TF's executor only waits for them)
                 dead_nodes.add(name)
             else:
                 env[(name, 0)] = env[live[0][1]]
@@ -48,9 +65,10 @@ def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[R
             continue
         if step.op in SWITCH_OPS:
             data, pred = (env[r] for r in step.inputs)
-            taken = 1 if bool(torch.as_tensor(pred)) else 0
+            count = switch_outputs(step.op, step.kwargs)
+            taken = switch_output(step.op, pred, count)
             env[(name, taken)] = data
-            dead_refs.add((name, 1 - taken))
+            dead_refs.update((name, k) for k in range(count) if k != taken)
             continue
         try:
             out = step.func(*[env[r] for r in step.inputs], **step.kwargs)

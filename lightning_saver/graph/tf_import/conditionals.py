@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS
-from lightning_saver.graph.tf_import.functions import truth
+from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, switch_outputs
+from lightning_saver.graph.tf_import.functions import pick_branch
 from lightning_saver.graph.tf_import.importer import Ref, ref_name
 
 Guard = frozenset[tuple[Ref, int]]
@@ -46,15 +46,16 @@ class Branch:
 
 @dataclass
 class Conditional:
-    """``then if pred else otherwise``: ``__call__(pred, *inputs)`` runs one branch, returns its outputs."""
+    """``then if pred else otherwise``, or the branch an index picks (``_SwitchN``, kind "case"):
+    ``__call__(selector, *inputs)`` runs one branch and returns its outputs."""
 
     name: str
     inputs: list[Ref]
-    branches: list[Branch]  # [then, else], as ``If``: a true predicate picks 0
+    branches: list[Branch]  # as ``If`` ([then, else]: a true predicate picks 0) or ``Case``
     kind: str = field(default="if")
 
-    def __call__(self, pred: Any, *values: Any) -> tuple[Any, ...]:
-        branch = self.branches[0 if truth(pred) else 1]
+    def __call__(self, selector: Any, *values: Any) -> tuple[Any, ...]:
+        branch = self.branches[pick_branch(self.kind, selector, len(self.branches))]
         env = dict(zip(self.inputs, values, strict=True))
         return tuple(run_steps(branch.steps, env, branch.outputs))
 
@@ -93,16 +94,24 @@ class _Guards:
     def __init__(self, steps: list[Any]) -> None:
         self.guard: dict[str, Guard] = {}
         self.pred: dict[str, Ref] = {}
-        self.ends: dict[str, Ref] = {}  # Merge -> the predicate whose two branches it joins
+        self.ends: dict[str, Ref] = {}  # Merge -> the predicate whose branches it joins
+        self.arity: dict[Ref, int] = {}  # predicate -> its Switches' outputs (branches)
+        self.indexed: set[Ref] = set()  # predicates of _SwitchN: an index, not a boolean
         self.first: dict[str, int] = {}  # Merge -> the input it always forwards
         for step in steps:
             controls = _EMPTY.union(*[self.of(c) for c in step.controls])
-            if step.op in MERGE_OPS:
-                self.guard[step.name] = self._merge(step) | controls
+            if step.op in MERGE_OPS:  # TF's executor: a Merge's control inputs order it, dead or not
+                self.guard[step.name] = self._merge(step)
             else:
                 self.guard[step.name] = _EMPTY.union(*[self.of(r) for r in step.inputs]) | controls
             if step.op in SWITCH_OPS:
                 self.pred[step.name] = step.inputs[1]
+                count = switch_outputs(step.op, step.kwargs)
+                if step.op == "_SwitchN":
+                    self.indexed.add(step.inputs[1])
+                if self.arity.setdefault(step.inputs[1], count) != count:
+                    raise NotStructured(f"Switch {step.name!r} has {count} outputs, another on its predicate "
+                                        f"{self.arity[step.inputs[1]]}")
 
     def of(self, ref: Ref) -> Guard:
         found = self.guard.get(ref[0], _EMPTY)
@@ -121,15 +130,17 @@ class _Guards:
             return common
         preds = {p for _, g in rest for p, _ in g}
         sides = {b for _, g in rest for _, b in g}
-        if len(preds) != 1 or any(len(g) != 1 for _, g in rest) or len(sides) != 2:
-            raise NotStructured(f"Merge {step.name!r} does not join the two branches of one tf.cond")
+        if len(preds) != 1 or any(len(g) != 1 for _, g in rest) or \
+                sides != set(range(self.arity.get(next(iter(preds)), 2))):
+            raise NotStructured(f"Merge {step.name!r} does not join the branches of one tf.cond")
         self.ends[step.name] = preds.pop()
         return common
 
 
 def dead(guard: Guard) -> bool:
-    """Live under both branches of one predicate: never runs."""
-    return any((p, 1 - b) in guard for p, b in guard)
+    """Live under two branches of one predicate: never runs."""
+    seen: dict[Ref, int] = {}
+    return any(seen.setdefault(p, b) != b for p, b in guard)
 
 
 class _Level:
@@ -223,8 +234,10 @@ class _Level:
         for ref in outputs:
             if g.ends.get(ref[0]) != pred or g.guard[ref[0]]:
                 raise NotStructured(f"tensor {ref_name(ref)} of a tf.cond branch is read outside the cond")
+        count = g.arity[pred]
         branches = []
-        for taken in (1, 0):
+        kind = "case" if pred in g.indexed else "if"
+        for taken in (range(count) if kind == "case" else (1, 0)):
             branch_steps, branch_outputs = self.branch(pred, taken, steps, outputs)
             level = _Level(branch_steps, branch_outputs, self.consts, self.names)
             branches.append(Branch(*level.structure()))
@@ -241,7 +254,7 @@ class _Level:
         names = {s.name for s in steps}
         controls = tuple(dict.fromkeys(c for s in steps for c in s.controls if c[0] not in names))
         name = self.fresh(f"{ref_name(pred)}#if")
-        func = Conditional(name, list(inputs), branches)
+        func = Conditional(name, list(inputs), branches, kind)
         return replace(steps[0], name=name, op="If", kind="function", func=func, inputs=(pred, *inputs),
                        kwargs={}, variable=None, controls=controls, pure=False)
 
@@ -253,7 +266,7 @@ class _Level:
         kept = []
         for step in steps:
             guard = g.guard[step.name]
-            if (pred, 1 - taken) in guard or dead(guard):
+            if any(p == pred and b != taken for p, b in guard) or dead(guard):
                 continue
             if step.op in SWITCH_OPS and g.pred[step.name] == pred:
                 alias[(step.name, taken)] = alias.get(step.inputs[0], step.inputs[0])

@@ -18,10 +18,16 @@ import torch
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_attrs
-from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, execute_with_deadness
+from lightning_saver.graph.tf_import.cond import (
+    MERGE_OPS,
+    SWITCH_OPS,
+    execute_with_deadness,
+    switch_output,
+    switch_outputs,
+)
 from lightning_saver.graph.tf_import.conditionals import structure_conditionals, walk_steps
 from lightning_saver.graph.tf_import.frames import INTERIOR_OP
-from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op, pick_branch
+from lightning_saver.graph.tf_import.functions import CASE_OPS, FUNCTION_OPS, IF_OPS, function_op
 from lightning_saver.graph.tf_import.fuse import fuse_convolutions
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
 from lightning_saver.graph.tf_import.memory import keep_freed_memory
@@ -259,7 +265,7 @@ class _Compiler:
         """Fold a Switch on a constant predicate, a Merge with one live input, or a dead node."""
         if op in MERGE_OPS:
             live = [(k, ref) for k, ref in enumerate(refs) if not self.is_dead(raw[k])]
-            if not live or any(c in self.dead_nodes for c in self.index.controls[name]):
+            if not live:  # a Merge's dead control inputs do not kill it
                 self.dead_nodes.add(name)
                 return True
             if len(live) == 1 and not self.maybe_dead & {r[0] for r in raw}:
@@ -271,11 +277,15 @@ class _Compiler:
             self.dead_nodes.add(name)
             return True
         if op in SWITCH_OPS and refs[1] in self.consts and raw[0][0] not in self.maybe_dead:
-            taken = pick_branch("if", self.consts[refs[1]], 2) ^ 1  # true -> output 1
+            count = switch_outputs(op, self.switch_kwargs(name, op))
+            taken = switch_output(op, self.consts[refs[1]], count)
             self.alias[(name, taken)] = refs[0]
-            self.dead_refs.add((name, 1 - taken))
+            self.dead_refs.update((name, k) for k in range(count) if k != taken)
             return True
         return False
+
+    def switch_kwargs(self, name: str, op: str) -> dict[str, Any]:
+        return {"num_outs": self.index.nodes[name].attr["num_outs"].i} if op == "_SwitchN" else {}
 
     def add(self, name: str) -> None:
         node = self.index.nodes[name]
@@ -313,7 +323,8 @@ class _Compiler:
             if op in MERGE_OPS:  # inputs from branches decided now never run
                 refs = [ref for ref, r in zip(refs, raw, strict=True) if not self.is_dead(r)]
             self.read_variables(refs)
-            self.steps.append(Step(name, op, "cond", _no_converter, tuple(refs), {}, None, controls))
+            kwargs = self.switch_kwargs(name, op)
+            self.steps.append(Step(name, op, "cond", _no_converter, tuple(refs), kwargs, None, controls))
             return
         if op in _ALIASES and len(refs) == 1 and not controls:
             load_converters().lookup(op, self.where(name))
