@@ -217,12 +217,13 @@ class SideBySide(torch.nn.Module):
 
 
 def run_side_by_side(cases: dict[str, tuple[torch.nn.Module, tuple[Any, ...]]], folder: Path
-                     ) -> dict[str, dict[str, list[np.ndarray]]]:
+                     ) -> dict[str, Any]:
     """Export ``cases`` once per format (captured on their args, run at ``other_batch`` of them) and run
     them on unit-variance inputs and small-variance ones (x 1e-2) in TensorFlow as shipped (oneDNN and
     grappler rewrites on; a session.run per case, so each is optimised as if alone), TensorFlow with
     both off (a child process) and ONNX Runtime. Returns ``{peer: {case: outputs}}``, peers named
-    ``"TensorFlow"``, ``"TensorFlow plain"``, ``"ONNX Runtime"``, each also with a ``" small"`` suffix."""
+    ``"TensorFlow"``, ``"TensorFlow plain"``, ``"ONNX Runtime"``, each also with a ``" small"`` suffix,
+    and ``"meta"`` (the ``.meta`` path) and ``"feeds"`` (the unit-variance feeds by placeholder name)."""
     model = SideBySide(cases).eval()
     args = tuple(a for _, xs in cases.values() for a in xs)
     run_args = tuple(a for _, xs in cases.values() for a in other_batch(xs))
@@ -250,7 +251,8 @@ def run_side_by_side(cases: dict[str, tuple[torch.nn.Module, tuple[Any, ...]]], 
 
     return {"TensorFlow": split(tf_unit), "TensorFlow small": split(tf_small),
             "TensorFlow plain": split(plain_unit), "TensorFlow plain small": split(plain_small),
-            "ONNX Runtime": split(ort[0]), "ONNX Runtime small": split(ort[1])}
+            "ONNX Runtime": split(ort[0]), "ONNX Runtime small": split(ort[1]),
+            "meta": meta, "feeds": feed_sets[0]}
 
 
 def _main(meta: str, inputs: str, n_outputs: str, restore: str, groups: str) -> None:

@@ -45,6 +45,7 @@ def load_converters() -> OpTable:
         ops_norm,
         ops_random,
         ops_reduce,
+        ops_segment,
         ops_shape,
         ops_space,
     )
