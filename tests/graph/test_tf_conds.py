@@ -330,3 +330,48 @@ def test_frozen_tf2_conds_lowered_to_switch_merge_and_switchn(tmp_path):
         y = module(x, torch.tensor(k, dtype=torch.int32))
         assert_same(y.detach().numpy(), want, **TOL)
         assert_same(torch.autograd.grad(y.sum(), x)[0].numpy(), want_grad, **TOL)
+
+
+# ---- a convolution, a batch norm in tf.cond(is_training) fed at run time, a fused conv after it ----
+def _cnn(tf):
+    v1 = tf.compat.v1
+    rng = np.random.default_rng(5)
+    with control_flow(False):
+        x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        training = v1.placeholder_with_default(False, [], name="training")
+        k1 = v1.get_variable("k1", initializer=rng.normal(size=(3, 3, 3, 4)).astype(np.float32) * 0.3)
+        k2 = v1.get_variable("k2", initializer=rng.normal(size=(3, 3, 4, 4)).astype(np.float32) * 0.3)
+        bias = v1.get_variable("b2", initializer=rng.normal(size=(4,)).astype(np.float32))
+        gamma = v1.get_variable("gamma", initializer=np.ones(4, np.float32))
+        beta = v1.get_variable("beta", initializer=np.zeros(4, np.float32))
+        mean = v1.get_variable("mean", initializer=np.full(4, 0.1, np.float32), trainable=False)
+        var = v1.get_variable("var", initializer=np.full(4, 2.0, np.float32), trainable=False)
+        h = tf.nn.conv2d(x, k1, 1, "SAME")
+        norm = v1.nn.fused_batch_norm
+        h = tf.cond(training, lambda: norm(h, gamma, beta, epsilon=1e-3, is_training=True)[0],
+                    lambda: norm(h, gamma, beta, mean, var, epsilon=1e-3, is_training=False)[0])
+        h = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(tf.nn.relu(h), k2, 1, "SAME"), bias))
+        tf.identity(tf.reduce_mean(h, [1, 2]), name="y")
+
+
+def test_tf1_cnn_with_batch_norm_in_a_fed_cond_fuses_around_it(tmp_path):
+    x = RNG.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    feeds = [{"x:0": x, "training:0": t} for t in (True, False)]
+    grads = [("y:0", ["k1:0", "k2:0", "x:0"])]
+    meta, ckpt, values, want = session_values(tmp_path, "cnn", _cnn, feeds, ["y:0"], grads, v2=False)
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt)
+    plan = graph.plan([("y", 0)], frozenset([("x", 0), ("training", 0)]))
+    # the cond is one step, so the convolution after it is fused as in a graph without conds
+    ops = [s.op for s in plan.fused_steps]
+    assert ops.count("If") == 1 and ops.index("If") < ops.index("Conv2D+BiasAdd+Relu")
+    module = graph.to_module(inputs=["x:0", "training:0"], outputs="y:0")
+    params = dict(module.named_parameters())
+    for feed, (expected,), grad in zip(feeds, values, want, strict=True):
+        assert_same(graph.run("y:0", feed), expected, **TOL)
+        x = torch.tensor(feed["x:0"], requires_grad=True)
+        y = module(x, torch.tensor(feed["training:0"]))
+        assert_same(y.detach().numpy(), expected, **TOL)
+        got = torch.autograd.grad(y.sum(), [params["k1"], params["k2"], x])
+        for ours, theirs in zip(got, grad, strict=True):
+            assert_same(ours.numpy(), theirs, **TOL)
