@@ -375,3 +375,31 @@ def test_tf1_cnn_with_batch_norm_in_a_fed_cond_fuses_around_it(tmp_path):
         got = torch.autograd.grad(y.sum(), [params["k1"], params["k2"], x])
         for ours, theirs in zip(got, grad, strict=True):
             assert_same(ours.numpy(), theirs, **TOL)
+
+
+def test_merge_index_counts_inputs_decided_dead_at_import(tmp_path):
+    """A hand-written Merge of three inputs: one behind a constant predicate (dead when compiled),
+    two behind a fed one; value_index is the input's position among all three, as in TF."""
+
+    def build(tf):
+        from tensorflow.python.ops import control_flow_ops
+
+        v1 = tf.compat.v1
+        with control_flow(False):
+            x = v1.placeholder(tf.float32, [None, 3], name="x")
+            never, _ = control_flow_ops.switch(x * 5.0, tf.constant(True))
+            false_x, true_x = control_flow_ops.switch(x, tf.reduce_sum(x) > 0)
+            merged, index = control_flow_ops.merge([never, true_x * 2.0, tf.sin(false_x)])
+            tf.identity(merged, name="merged")
+            tf.identity(index, name="index")
+
+    feeds = [{"x:0": np.abs(X)}, {"x:0": -np.abs(X)}]
+    meta, _, values, _ = session_values(tmp_path, "merge3", build, feeds, ["merged:0", "index:0"], v2=False)
+    assert [int(v[1]) for v in values] == [1, 2]
+    graph = import_meta_graph(meta)
+    module = graph.to_module(inputs="x:0", outputs=["merged:0", "index:0"])
+    for feed, expected in zip(feeds, values, strict=True):
+        for ours, theirs in zip(graph.run(["merged:0", "index:0"], feed), expected, strict=True):
+            assert_same(ours, theirs, **TOL)
+        for ours, theirs in zip(module(torch.from_numpy(feed["x:0"])), expected, strict=True):
+            assert_same(ours.detach().numpy(), theirs, **TOL)

@@ -38,6 +38,11 @@ def switch_output(op: str, selector: Any, count: int) -> int:
     return int(bool(tensor) if tensor.numel() == 1 else tensor.numel() > 0)
 
 
+def merge_index(step: Any, k: int) -> int:
+    """The ``value_index`` a Merge step reports for its input ``k`` (inputs dead at compile time are gone)."""
+    return step.kwargs.get("value_index", range(k + 1))[k]
+
+
 def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[Ref]) -> list[Any]:
     """Run ``steps`` (plan.Step) on ``env`` with dead-tensor propagation; return the fetched values.
 
@@ -58,7 +63,7 @@ def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[R
                 dead_nodes.add(name)
             else:
                 env[(name, 0)] = env[live[0][1]]
-                env[(name, 1)] = torch.tensor(live[0][0], dtype=torch.int32)
+                env[(name, 1)] = torch.tensor(merge_index(step, live[0][0]), dtype=torch.int32)
             continue
         if any(is_dead(r) for r in step.inputs) or any(is_dead(c) for c in step.controls):
             dead_nodes.add(name)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, switch_outputs
+from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, merge_index, switch_outputs
 from lightning_saver.graph.tf_import.functions import pick_branch
 from lightning_saver.graph.tf_import.importer import Ref, ref_name
 
@@ -166,7 +166,7 @@ class _Level:
                            controls=tuple(remap.get(c, c) for c in step.controls))
             if step.name in g.first and not guard:  # forwards one input: another name for it
                 remap[(step.name, 0)] = step.inputs[g.first[step.name]]
-                remap[(step.name, 1)] = self.index_const(g.first[step.name])
+                remap[(step.name, 1)] = self.index_const(merge_index(step, g.first[step.name]))
                 continue
             preds = {p for p, _ in guard}
             if step.op in SWITCH_OPS and not guard:
@@ -277,7 +277,7 @@ class _Level:
                 else:
                     k = next(k for k, r in enumerate(step.inputs) if (pred, taken) in g.of(r))
                 alias[(step.name, 0)] = alias.get(step.inputs[k], step.inputs[k])
-                alias[(step.name, 1)] = self.index_const(k)
+                alias[(step.name, 1)] = self.index_const(merge_index(step, k))
                 continue
             kept.append(step)
         dropped = {r[0] for r in alias}

@@ -320,10 +320,11 @@ class _Compiler:
             self.steps.append(Step(name, op, "function", func, tuple(refs), {}, None, controls))
             return
         if op in SWITCH_OPS or op in MERGE_OPS:
-            if op in MERGE_OPS:  # inputs from branches decided now never run
-                refs = [ref for ref, r in zip(refs, raw, strict=True) if not self.is_dead(r)]
-            self.read_variables(refs)
             kwargs = self.switch_kwargs(name, op)
+            if op in MERGE_OPS:  # inputs from branches decided now never run; value_index counts them
+                kept = [k for k, r in enumerate(raw) if not self.is_dead(r)]
+                refs, kwargs = [refs[k] for k in kept], {"value_index": tuple(kept)}
+            self.read_variables(refs)
             self.steps.append(Step(name, op, "cond", _no_converter, tuple(refs), kwargs, None, controls))
             return
         if op in _ALIASES and len(refs) == 1 and not controls:
