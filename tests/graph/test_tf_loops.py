@@ -175,6 +175,13 @@ def test_loops_module_matches_and_trains_like_tf_gradients(loops, tmp_path):
     expected = module(torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"]), torch.tensor(0))[0]
     expected = expected.detach().numpy()
     assert_same(fresh.run("h:0", feed), expected, **TOL)
+    # and loaded into a module built afresh (w from its initializer until then)
+    rebuilt = import_meta_graph(meta).to_module(inputs=["x:0", "n:0", "k:0"], outputs=LOOP_FETCHES)
+    Saver().restore(rebuilt, path)
+    for feed in LOOP_FEEDS:
+        args = torch.from_numpy(feed["x:0"]), torch.tensor(feed["n:0"]), torch.tensor(feed["k:0"])
+        for ours, theirs in zip(rebuilt(*args), module(*args), strict=True):
+            assert_same(ours.detach().numpy(), theirs.detach().numpy(), rtol=0, atol=0)
 
 
 def _grads(output, wrt):
