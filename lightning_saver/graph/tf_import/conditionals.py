@@ -190,7 +190,8 @@ class _Level:
             placed = self.place(rest, groups, outputs, remap)
         if placed is None:
             raise NotStructured("a step outside a tf.cond both reads and feeds it")
-        return self.fold(placed), [remap.get(r, r) for r in outputs]
+        steps, remap = placed
+        return self.fold(steps), [remap.get(r, r) for r in outputs]
 
     def index_const(self, k: int) -> Ref:
         ref = (f"#branch_index_{k}", 0)  # '#' is in no TF node name
@@ -206,9 +207,10 @@ class _Level:
         return name
 
     def place(self, rest: list[Any], groups: list[tuple[Ref, list[Any]]], outputs: list[Ref],
-              remap: dict[Ref, Ref]) -> list[Any] | None:
-        """Each group as one conditional step among ``rest``, in an order where reads follow writes;
-        ``remap`` learns where the groups' outputs are read from."""
+              remap: dict[Ref, Ref]) -> tuple[list[Any], dict[Ref, Ref]] | None:
+        """Each group as one conditional step among ``rest``, in an order where reads follow writes,
+        and ``remap`` with where the groups' outputs are read from; None when no such order exists."""
+        remap = dict(remap)
         items: list[tuple[int, Any]] = []
         position = {s.name: i for i, s in enumerate(self.steps)}
         readers: dict[Ref, set[int]] = {r: {-1} for r in outputs}  # ref -> the groups reading it (-1: rest)
@@ -226,7 +228,8 @@ class _Level:
         items.sort(key=lambda item: item[0])
         ordered = [replace(s, inputs=tuple(remap.get(r, r) for r in s.inputs),
                            controls=tuple(remap.get(c, c) for c in s.controls)) for _, s in items]
-        return _topological(ordered)
+        placed = _topological(ordered)
+        return None if placed is None else (placed, remap)
 
     def conditional(self, pred: Ref, steps: list[Any], outputs: list[Ref]) -> Any:
         """The step running ``steps`` (all under ``pred``) as if/else, producing ``outputs`` in order."""
