@@ -154,7 +154,8 @@ class CheckpointSaver:
             info["metric"] = float(metric)
         if writing.sharded(tensors):
             return self._save_set(tensors, series, info, metadata)
-        nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=info)  # validates early
+        layout = writing.Layout(tensors)  # validates early; a sync save writes with it too
+        nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=info, layout=layout)
         store.makedirs(series.directory)
         if self.async_save:
             writer = self._get_writer()
@@ -164,7 +165,7 @@ class CheckpointSaver:
             job = partial(self._commit, frozen, series, path, info, metadata, nbytes)
             writer.submit(job)
         else:
-            self._commit(tensors, series, path, info, metadata, nbytes)
+            self._commit(tensors, series, path, info, metadata, nbytes, layout)
         return path
 
     def _get_writer(self) -> Any:
@@ -182,6 +183,7 @@ class CheckpointSaver:
         info: dict[str, Any],
         metadata: Mapping[str, str] | None,
         nbytes: int,
+        layout: writing.Layout | None = None,
     ) -> None:
         with self._lock:
             directory = series.directory
@@ -196,10 +198,11 @@ class CheckpointSaver:
                 whole = self._directory_state(directory)
                 current = self._series_state(series, whole)
                 info = dict(info, directory_id=whole.directory_id)
+                # the rename becomes durable with the state file's directory fsync (same directory):
+                # one fsync fewer per save (docs/durability.md, "The commit protocol")
                 result = store.write_atomic(
-                    path,
-                    partial(writing.write_safetensors, tensors, metadata, info),
-                    nbytes=nbytes,
+                    path, partial(writing.write_safetensors, tensors, metadata, info, layout=layout),
+                    nbytes=nbytes, sync_directory=False,
                 )
                 record = rotation.Record(
                     store.split(path)[1],
@@ -243,14 +246,7 @@ class CheckpointSaver:
                 raise
             # only now, with the state durable, does this saver forget and delete what rotation dropped
             self._series[series] = current = updated
-            for gone in decision.delete:
-                gone_path = store.join(directory, gone.name)
-                if names.is_set_index(gone_path) and store.local_path(gone_path) is None:
-                    writing.delete_remote_set(store, gone_path)
-                elif store.local_path(gone_path) is None:
-                    writing.delete_object(store, gone_path)
-                else:
-                    self._delete(gone_path)
+            writing.delete_dropped(store, directory, [r.name for r in decision.delete], self._delete)
             self.last_checkpoints = [
                 store.join(directory, r.name) for r in current.checkpoints if not r.preserved
             ]

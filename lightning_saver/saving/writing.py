@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_saver.formats import safetensors_io
+from lightning_saver.formats.safetensors_writer import Layout
+from lightning_saver.saving import names
 from lightning_saver.storage import Sink, Storage
 
 __all__ = [
-    "tensors_of", "sharded", "write_safetensors", "remove_quietly", "delete_remote_set", "delete_object",
+    "tensors_of", "sharded", "Layout", "write_safetensors", "delete_dropped", "remove_quietly",
+    "delete_remote_set", "delete_object",
 ]
 
 log = logging.getLogger("lightning_saver")
@@ -78,10 +81,26 @@ def delete_object(store: Storage, path: str) -> None:
         log.warning("could not delete old checkpoint %s: %s", path, exc)
 
 
+def delete_dropped(store: Storage, directory: str, dropped: list[str],
+                   delete_local: Callable[[str], None]) -> None:
+    """Delete the checkpoints rotation dropped (names in ``directory``), once the state file no
+    longer records them: a local file by ``delete_local``, an object or a remote set here."""
+    for name in dropped:
+        path = store.join(directory, name)
+        if store.local_path(path) is not None:
+            delete_local(path)
+        elif names.is_set_index(path):
+            delete_remote_set(store, path)
+        else:
+            delete_object(store, path)
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-                       info: Mapping[str, Any], sink: Sink) -> safetensors_io.WriteResult:
-    """The in-place fast path when the sink has a descriptor (local file, spool), else a stream."""
+                       info: Mapping[str, Any], sink: Sink, *, layout: Layout | None = None,
+                       ) -> safetensors_io.WriteResult:
+    """The in-place fast path when the sink has a descriptor (local file, spool), else a stream
+    (``layout``: the tensors' :class:`Layout`, when the caller computed it to check the size)."""
     fd = sink.fileno()
     if fd is not None:
-        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info)
+        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info, layout=layout)
     return safetensors_io.write_to_sink(tensors, sink, metadata=metadata, info=info)

@@ -60,13 +60,15 @@ class Storage(Protocol):
         """Create the directory (a no-op on object stores)."""
         ...
 
-    def write_atomic(self, path: str, produce: Callable[[Sink], T], *, nbytes: int | None = None) -> T:
+    def write_atomic(self, path: str, produce: Callable[[Sink], T], *, nbytes: int | None = None,
+                     sync_directory: bool = True) -> T:
         """Run ``produce(sink)`` and make its bytes appear under ``path`` whole, or not at all.
 
-        Local: temp file in the same directory, fsync, rename, fsync the directory; ENOSPC/EFBIG
-        become ``DiskFullError`` naming ``path`` and the bytes needed. Remote: a (multipart) upload
-        under the final name, aborted on any error; transient errors retried with bounded backoff.
-        Returns what ``produce`` returned once durable.
+        Local: temp file in the same directory, fsync, rename, fsync the directory (not with
+        ``sync_directory=False``: the caller's next commit in that directory makes the name
+        durable); ENOSPC/EFBIG become ``DiskFullError`` naming ``path`` and the bytes needed.
+        Remote: a (multipart) upload under the final name, aborted on any error; transient errors
+        retried with bounded backoff. Returns what ``produce`` returned once durable.
         """
         ...
 

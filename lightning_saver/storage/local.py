@@ -197,7 +197,8 @@ class LocalStorage:
         if directory:
             os.makedirs(directory, exist_ok=True)
 
-    def write_atomic(self, path: str, produce: Callable[[FdSink], T], *, nbytes: int | None = None) -> T:
+    def write_atomic(self, path: str, produce: Callable[[FdSink], T], *, nbytes: int | None = None,
+                     sync_directory: bool = True) -> T:
         """Run ``produce(sink)`` on a fresh temporary file next to ``path``, then commit it as ``path``.
 
         Args:
@@ -205,9 +206,13 @@ class LocalStorage:
             produce: writes the whole content through the sink it gets (``sink.fileno()`` is the
                 descriptor, for ``pwrite``); its result is returned.
             nbytes: the expected size, for the free-space check and the disk-full message.
+            sync_directory: fsync the directory after the rename. ``False`` leaves the rename's
+                durability to the caller's next fsync of the same directory (the Saver's state file
+                commit): the file's bytes are durable either way, its name not until then.
 
         Returns:
-            What ``produce`` returned, once the file is durable under its final name.
+            What ``produce`` returned, once the file is durable under its final name (with
+            ``sync_directory=False``: its bytes durable, its name visible).
 
         Raises:
             DiskFullError: the file system is (or would be) full; no partial file is left.
@@ -240,7 +245,8 @@ class LocalStorage:
         finally:
             with _active_lock:
                 _active.discard(temp)
-        fsync_directory(directory)
+        if sync_directory:
+            fsync_directory(directory)
         return result
 
     def write_bytes(self, path: str, data: bytes) -> None:

@@ -191,8 +191,10 @@ class FsspecStorage:
             return  # no directories on object stores; creating a bucket is never ours to do
         self._call("creating", directory, lambda: self.fs.makedirs(self._key(directory), exist_ok=True))
 
-    def write_atomic(self, path: str, produce: Callable[[FdSink], T], *, nbytes: int | None = None) -> T:
-        """Produce the bytes into a local spool file, then upload them whole under ``path``.
+    def write_atomic(self, path: str, produce: Callable[[FdSink], T], *, nbytes: int | None = None,
+                     sync_directory: bool = True) -> T:
+        """Produce the bytes into a local spool file, then upload them whole under ``path``
+        (an object is durable once its upload completes: ``sync_directory`` changes nothing).
 
         Raises:
             StorageError: the upload failed (after retries for transient errors); no object was

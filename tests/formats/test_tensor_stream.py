@@ -1,0 +1,71 @@
+"""Many small tensors gathered into one ``writev`` per piece, each piece checksummed after it is
+written: the file must hold exactly the bytes the peer (``safetensors``) reads and the checksums
+google-crc32c computes, whatever mix of small, large, empty, non-contiguous and tied tensors, and
+across short writes."""
+
+from __future__ import annotations
+
+import os
+
+import google_crc32c
+import pytest
+import safetensors.torch
+import torch
+
+from lightning_saver.formats import safetensors_io as sio
+from lightning_saver.formats import tensor_stream
+from lightning_saver.formats.safetensors_writer import Layout
+
+
+def mixed_tensors(n_small: int = 1500) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    dtypes = [torch.float32, torch.float16, torch.int8, torch.float64, torch.bfloat16]
+    out = {f"layer{i}.w": torch.randn(i % 97 + 1, 33, generator=g).to(dtypes[i % len(dtypes)])
+           for i in range(n_small)}
+    out["big"] = torch.randn(3 * tensor_stream.PIECE + 5, generator=g)  # several pieces + a tail
+    out["transposed"] = torch.randn(40, 70, generator=g).t()  # not contiguous: copied, then written
+    out["empty"] = torch.empty(0, 5)
+    out["tied"] = out["layer3.w"]
+    return out
+
+
+def test_a_file_of_many_small_tensors_is_what_the_peer_and_google_crc32c_read(tmp_path):
+    tensors = mixed_tensors()
+    path = tmp_path / "m.safetensors"
+    result = sio.save_file(tensors, path)
+    assert os.path.getsize(path) == sio.planned_nbytes(tensors) == result.nbytes
+    peer = safetensors.torch.load_file(str(path))
+    assert peer.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(peer[name], t), name
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        expected = google_crc32c.value(raw) if t.numel() else 0
+        assert result.crcs[name] == f"{expected:08x}", name
+    sio.verify_file(path)
+
+
+def test_short_writes_are_resumed(tmp_path, monkeypatch):
+    real = os.writev
+
+    def at_most_a_few_kib(fd, buffers):  # the kernel may write less than asked: resume mid-buffer
+        first = memoryview(buffers[0]).cast("B")
+        return real(fd, [first[: min(len(first), 3001)]])
+
+    monkeypatch.setattr(tensor_stream.os, "writev", at_most_a_few_kib)
+    tensors = mixed_tensors(200)
+    path = tmp_path / "s.safetensors"
+    sio.save_file(tensors, path)
+    peer = safetensors.torch.load_file(str(path))
+    assert all(torch.equal(peer[k], v) for k, v in tensors.items())
+
+
+def test_a_layout_of_other_tensors_is_refused(tmp_path):
+    layout = Layout({"a": torch.zeros(4)})
+    fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(ValueError, match="the names differ"):
+            sio.write_to_fd({"b": torch.zeros(4)}, fd, layout=layout)
+        with pytest.raises(ValueError, match=r"tensor 'a' has 20 bytes, the file's layout planned 16"):
+            sio.write_to_fd({"a": torch.zeros(5)}, fd, layout=layout)
+    finally:
+        os.close(fd)
