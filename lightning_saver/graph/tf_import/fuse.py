@@ -7,7 +7,8 @@ per-channel vectors. All are ``y = conv(x, W) * s + t`` for vectors ``s``/``t``,
 ``conv(x, W * s) + t``: one convolution with a bias, and no passes over the activations (what
 TensorFlow's grappler does with its fused conv kernels). After them a residual ``AddV2`` of a
 tensor of the output's shape and a ``Relu``/``Relu6`` join the step too (in that order), as in
-ResNet and MobileNet blocks.
+ResNet and MobileNet blocks. Before it, a zero ``Pad`` of the spatial dimensions (Keras'
+``ZeroPadding2D``) that feeds only the convolution becomes the convolution's own padding.
 
 Only ops whose intermediate output feeds nothing else are absorbed, and only vectors computed from
 constants and variables (not from the fed inputs). The step keeps the original variables as its
