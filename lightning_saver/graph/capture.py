@@ -67,6 +67,13 @@ def _twice(a: Any) -> Any:
     return a
 
 
+def _own(value: Any) -> Any:
+    # an example input that is a view (x[:, :3]) makes torch.export record a guard on its base, which
+    # run_decompositions then evaluates without one ("'NoneType' object has no attribute 'size'")
+    return torch.utils._pytree.tree_map(
+        lambda a: a.clone() if isinstance(a, torch.Tensor) and a._is_view() else a, value)
+
+
 def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(_twice(a) for a in args)
 
@@ -114,7 +121,7 @@ def capture(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None
 
         captured = capture(nn.Linear(4, 2), (torch.randn(3, 4),))
     """
-    args, kwargs = tuple(args), dict(kwargs or {})
+    args, kwargs = _own(tuple(args)), _own(dict(kwargs or {}))
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
     with eval_mode(model), torch.no_grad():
         program, dynamic = None, False

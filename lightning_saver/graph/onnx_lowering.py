@@ -8,6 +8,7 @@ Found by running model snippets through ``torch.onnx.export(dynamo=True)`` and O
 * ``scatter(..., reduce="add"|"multiply")``, ``masked_select``, ``searchsorted``, ``hypot`` and
   ``sort(stable=True)`` have no translation: lowered to ``scatter_reduce``, a boolean-mask index, a
   comparison count, ``sqrt(x^2 + y^2)`` and ``sort`` (ONNX's ``TopK`` keeps ties in index order);
+* ``adaptive_max_pool2d`` to sizes that do not divide the input: one max per window;
 * ``scaled_dot_product_attention``: ``graph.attention`` (torch.onnx's own fails on GPT-2/T5).
 
 A lowering returns ``NotImplemented`` to keep the op as it is (the other ``scatter_reduce``
@@ -79,6 +80,31 @@ def argsort_stable(x: torch.Tensor, *, stable: bool, dim: int = -1, descending: 
     return aten.sort.default(x, dim, descending)[1]
 
 
+def adaptive_max_pool2d(x: torch.Tensor, output_size: list[int]) -> Any:
+    (height, width), (out_h, out_w) = x.shape[-2:], output_size
+    if height % out_h == 0 and width % out_w == 0:
+        return NotImplemented  # a MaxPool, which torch.onnx translates
+    values, indices = [], []
+    for i in range(out_h):  # torch's windows: floor(i * n / m) .. ceil((i + 1) * n / m)
+        top, bottom = i * height // out_h, -(-(i + 1) * height // out_h)
+        for j in range(out_w):
+            left, right = j * width // out_w, -(-(j + 1) * width // out_w)
+            window = x[..., top:bottom, left:right].flatten(-2)
+            value, where = window.max(-1)  # the first maximum, as torch's kernel picks
+            span = right - left
+            values.append(value)
+            indices.append((top + where // span) * width + left + where % span)
+    shape = (*x.shape[:-2], out_h, out_w)
+    return torch.stack(values, -1).reshape(shape), torch.stack(indices, -1).reshape(shape)
+
+
+def adaptive_max_pool1d(x: torch.Tensor, output_size: list[int]) -> Any:
+    if x.shape[-1] % output_size[0] == 0:
+        return NotImplemented
+    values, indices = adaptive_max_pool2d(x.unsqueeze(-2), [1, output_size[0]])
+    return values.squeeze(-2), indices.squeeze(-2)
+
+
 def onnx_lowerings() -> dict[Any, Any]:
     table: dict[Any, Any] = dict.fromkeys(SDPA_OPS, sdpa)
     table.update({
@@ -90,6 +116,8 @@ def onnx_lowerings() -> dict[Any, Any]:
         aten.searchsorted.Tensor: searchsorted,
         aten.sort.stable: sort_stable,
         aten.argsort.stable: argsort_stable,
+        aten.adaptive_max_pool2d.default: adaptive_max_pool2d,
+        aten.adaptive_max_pool1d.default: adaptive_max_pool1d,
     })
     return table
 

@@ -102,6 +102,39 @@ def _duplicate_index_writes(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return added, accumulated, put.transpose(0, 1)
 
 
+class TinyDLRM(nn.Module):
+    """DLRM's shape: a dense MLP, two sum-pooled embedding bags, pairwise dot interactions, a top MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.bottom = nn.Linear(3, 4)
+        self.bags = nn.ModuleList([nn.EmbeddingBag(20, 4, mode="sum") for _ in range(2)])
+        self.top = nn.Linear(4 + 3, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        features = [torch.relu(self.bottom(dense))] + [bag(sparse[:, k]) for k, bag in enumerate(self.bags)]
+        z = torch.stack(features, 1)
+        pairs = (z @ z.transpose(1, 2))[:, torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])]
+        return self.top(torch.cat([features[0], pairs], 1))
+
+
+class MeanAggregation(nn.Module):
+    """A message-passing layer over a fixed graph (torch_geometric's mean aggregation, batched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.register_buffer("source", torch.tensor([0, 1, 2, 3, 4, 0, 2]))
+        self.register_buffer("target", torch.tensor([1, 2, 3, 4, 0, 3, 3]))
+        self.message = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [graphs, 5 nodes, 6]
+        messages = self.message(x[:, self.source])
+        index = self.target[None, :, None].expand_as(messages)
+        return x.scatter_reduce(1, index, messages, "mean", include_self=False)
+
+
 _BOUNDS = torch.tensor([-1.0, -0.25, 0.0, 0.5, 1.5])
 
 
@@ -148,6 +181,12 @@ def _cases() -> dict[str, tuple[nn.Module, tuple[Any, ...]]]:
                                                        out_int32=True))), (vec * 2,)),
         "repeat_interleave": (fn(lambda x: (x.repeat_interleave(torch.tensor([1, 2, 0, 1, 3]), dim=1),
                                             torch.repeat_interleave(torch.tensor([2, 0, 1])))), (seq,)),
+        "adaptive_max_pool": (fn(lambda x: (F.adaptive_max_pool2d(x, 1), F.adaptive_max_pool2d(x, (4, 3)),
+                                            F.adaptive_max_pool2d(x, (2, 7)),
+                                            F.adaptive_max_pool1d(x[:, 0], 4))), (img,)),
+        # small models built on them
+        "dlrm": (TinyDLRM(), (vec[:, :3], _randint(20, 2, 2, 4, seed=11))),
+        "mean_aggregation": (MeanAggregation(), (_randn(2, 5, 6, seed=12),)),
         # windows, scans, elementwise math
         "tensor_unfold": (fn(lambda x: (x.unfold(2, 4, 2), x.unfold(1, 2, 1))), (seq,)),
         "logcumsumexp": (fn(lambda x: (x.logcumsumexp(1), x.logcumsumexp(-1))), (seq,)),
@@ -199,6 +238,8 @@ def test_bag_and_mask_cases_run_at_a_batch_other_than_captured() -> None:
     (fn(lambda x: x[x[:, 0] > 0, torch.tensor([1])]), (_randn(2, 6),),
      r"boolean mask together with other index"),
     (fn(lambda x: x.cummax(1).values), (_randn(2, 6),), r"no converter for op aten\.cummax\.default"),
+    (fn(lambda x: F.adaptive_max_pool2d(x, 2, return_indices=True)[1]), (_randn(2, 3, 4, 4),),
+     r"adaptive max pooling indices \(return_indices=True\) are not supported"),
 ])
 def test_unsupported_cases_say_what_is_supported(tmp_path, model: nn.Module, args: tuple[Any, ...],
                                                  message: str) -> None:
@@ -246,3 +287,21 @@ def test_round_trip_through_our_importer(peers: dict[str, Any]) -> None:
         expected = torch_outputs(model, other_batch(args))
         ours = [np.asarray(next(got)) for _ in expected]
         assert_close(ours, expected, atol=1e-5, rtol=1e-5, what=f"import_meta_graph {name}")
+
+
+def test_example_inputs_that_are_views_capture(tmp_path) -> None:
+    """An example input sliced from another tensor (a view) used to fail in run_decompositions with
+    "'NoneType' object has no attribute 'size'" (torch.export guards on the view's base)."""
+    from export_check import check_onnx, check_tf
+
+    model, wide = nn.Linear(3, 4), _randn(2, 6)
+    check_tf(tmp_path, model, (wide[:, :3],), atol=1e-6, run_args=(_randn(5, 3, seed=1),))
+    check_onnx(tmp_path, model, (wide[:, 1:4],), atol=1e-6, run_args=(_randn(5, 3, seed=1),))
+
+
+def test_onnx_adaptive_max_pool_indices_to_sizes_that_do_not_divide(tmp_path) -> None:
+    # torch.onnx has no translation for these; our lowering gives values and torch's flat indices
+    from export_check import check_onnx
+
+    model = fn(lambda x: F.adaptive_max_pool2d(x, (4, 3), return_indices=True))
+    check_onnx(tmp_path, model, (_randn(2, 4, 6, 7),), atol=0.0, run_args=(_randn(3, 4, 6, 7, seed=1),))

@@ -34,6 +34,7 @@ def load_converters() -> OpTable:
         ops_logic,
         ops_math,
         ops_nn,
+        ops_pool,
         ops_reduce,
         ops_sample,
         ops_segment,
