@@ -80,6 +80,20 @@ def _bn(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def _tiny_var(layer: nn.BatchNorm2d) -> nn.Module:
+    """Running variances near the epsilon (1e-5), so a kernel that changed it would show."""
+    _bn(layer)
+    with torch.no_grad():
+        layer.running_var.uniform_(2e-6, 2e-5)
+        layer.weight.uniform_(0.5e-2, 1.5e-2)
+    return layer
+
+
+def _conv_bn(conv: nn.Module, bn: nn.Module, relu: bool = False) -> Fn:
+    return Fn(lambda self, x: (F.relu if relu else (lambda v: v))(self.mods["bn"](self.mods["conv"](x))),
+              conv=conv, bn=bn)
+
+
 def _affine(layer: nn.Module) -> nn.Module:
     with torch.no_grad():  # weight and bias away from 1 and 0
         layer.weight.uniform_(0.5, 1.5)
@@ -131,6 +145,15 @@ def _cases() -> dict[str, Case]:
         "conv_transpose1d": Case(module(nn.ConvTranspose1d(4, 2, 4, stride=3, padding=2)), (seq,)),
         "batch_norm2d": Case(module(_bn(nn.BatchNorm2d(4))), (img,)),
         "batch_norm1d_no_affine": Case(module(_bn(nn.BatchNorm1d(6, affine=False))), (vec,)),
+        # with variables, BN on a Conv2D becomes FusedBatchNormV3 that TF fuses into the conv kernel
+        "conv_bn_relu": Case(_conv_bn(nn.Conv2d(4, 6, 3, padding=1, bias=False), _bn(nn.BatchNorm2d(6)),
+                                      relu=True), (img,)),
+        "conv_bias_bn_no_affine": Case(_conv_bn(nn.Conv2d(4, 6, 3, stride=2),
+                                                _bn(nn.BatchNorm2d(6, affine=False))), (img,)),
+        "conv_bn_tiny_variance": Case(_conv_bn(nn.Conv2d(4, 6, 1), _tiny_var(nn.BatchNorm2d(6)), relu=True),
+                                      (img,)),
+        "depthwise_bn": Case(_conv_bn(nn.Conv2d(4, 4, 3, groups=4, bias=False), _bn(nn.BatchNorm2d(4))),
+                             (img,)),
         "layer_norm": Case(module(nn.LayerNorm(10)), (seq,)),
         "layer_norm_affine": Case(module(_affine(nn.LayerNorm(10))), (seq,)),
         "linear_gelu": Case(Fn(lambda self, x: F.gelu(self.mods["f"](x)), f=nn.Linear(6, 16)), (vec * 2,)),

@@ -10,6 +10,7 @@ from export_check import (
     check_tf,
     other_batch,
     run_tf,
+    run_tf_many,
     tf_module,
     torch_outputs,
 )
@@ -192,3 +193,26 @@ def test_variables_in_tensorflow_layouts_and_no_transpose_runs(tmp_path) -> None
     assert back.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(back[key], value, rtol=0, atol=0)
+
+
+def test_batch_norm_of_variables_runs_inside_tensorflows_conv_kernel(tmp_path) -> None:
+    """With variables, conv -> BN -> ReLU reaches TensorFlow as Conv2D -> FusedBatchNormV3 -> Relu, which
+    TensorFlow (as shipped) runs as one fused conv kernel: no multiply-add pass over the activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 3, 10, 10)
+    path = tmp_path / "m.meta"
+    export_meta_graph(model, (torch.randn(2, 3, 10, 10),), path)
+    ran: set[str] = set()
+    (name,) = [n.name for n in _meta(str(path)).graph_def.node if n.op == "Placeholder"]
+    (out,) = run_tf_many(path, [{name: x.numpy()}], 1, fused=ran)[0]
+    np.testing.assert_allclose(out, torch_outputs(model, (x,))[0], atol=1e-5, rtol=1e-5)
+    fused_bn = {op for op in ran if op.endswith("FusedConv2D:FusedBatchNorm")}
+    assert fused_bn, f"no conv kernel with the batch norm fused in; TensorFlow ran {sorted(ran)}"
+    assert not ran & {"Mul", "AddV2", "FusedBatchNormV3", "_MklFusedBatchNormV3", "Relu"}, sorted(ran)

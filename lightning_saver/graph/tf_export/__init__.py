@@ -45,6 +45,9 @@ def build_graph(model: nn.Module, args: Sequence[Any], *, freeze: bool = False, 
     converted = convert(captured.program, g, store)
     if store is not None:
         store.finish()
+    keep = {t.node_name for t in converted.outputs}
+    keep |= {name for v in (store.variables if store else ()) for name in v.node_names()}
+    g.prune(keep)
     return build_meta_graph(g, converted.inputs, converted.outputs, store), store
 
 

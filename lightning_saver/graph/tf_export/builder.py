@@ -161,6 +161,30 @@ class GraphBuilder:
                     if a.type == "type" and a.HasField("default_value")}
         return self._outputs(node.name, od, {**defaults, **types}, out_shape)
 
+    def node(self, name: str) -> Any:
+        """The NodeDef named ``name`` (a converter reading what an earlier one emitted)."""
+        found = next((n for n in reversed(self.graph.node) if n.name == name), None)
+        if found is None:
+            raise KeyError(f"TensorFlow export: no node {name!r} in the graph built so far")
+        return found
+
+    def prune(self, keep: set[str]) -> int:
+        """Drop the nodes nothing reads, except those named in ``keep`` and the stateful ones (inputs,
+        variables): a Const left behind when its folded layout replaced it (a frozen filter transposed
+        to HWIO), or a Transpose a later op sank below. Returns how many were dropped."""
+        stateful = {"Placeholder", "PlaceholderWithDefault", "VariableV2", "Assign", "SaveV2", "RestoreV2",
+                    "NoOp"}
+        before = len(self.graph.node)
+        while True:
+            read = {ref.lstrip("^").split(":")[0] for n in self.graph.node for ref in n.input}
+            live = [n for n in self.graph.node if n.name in read or n.name in keep or n.op in stateful]
+            if len(live) == len(self.graph.node):
+                break
+            del self.graph.node[:]
+            self.graph.node.extend(live)
+        self.ops_used = {n.op for n in self.graph.node}
+        return before - len(self.graph.node)
+
     def _as_input(self, value: Any, arg: Any, types: dict[str, Any]) -> TfTensor:
         if isinstance(value, TfTensor):
             return self.real(value)

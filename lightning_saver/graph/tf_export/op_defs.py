@@ -129,6 +129,11 @@ _ROWS: tuple[tuple[str, ...], ...] = (
      "ksize: list(int) >= 4; strides: list(int) >= 4; padding: string; "
      "data_format: string = 'NHWC'; T: type"),
     ("BiasAdd", "value: T, bias: T", "output: T", "T: type; data_format: string = 'NHWC'"),
+    ("FusedBatchNormV3", "x: T, scale: U, offset: U, mean: U, variance: U",
+     "y: T, batch_mean: U, batch_variance: U, reserve_space_1: U, reserve_space_2: U, "
+     "reserve_space_3: U",
+     "T: type; U: type; epsilon: float = 0.0001; exponential_avg_factor: float = 1; "
+     "data_format: string = 'NHWC'; is_training: bool = true"),
     ("Reshape", "tensor: T, shape: Tshape", "output: T", "T: type; Tshape: type = int32"),
     ("Transpose", "x: T, perm: Tperm", "y: T", "T: type; Tperm: type = int32"),
     ("ConcatV2", "values: N * T, axis: Tidx", "output: T", "N: int >= 2; T: type; Tidx: type = int32"),

@@ -35,6 +35,11 @@ class Variable:
     steps: tuple[tuple[str, tuple[int, ...]], ...] = ()
     read: TfTensor | None = None
 
+    def node_names(self) -> tuple[str, ...]:
+        """The nodes the VariableDef names (kept in the graph whether or not an op reads them)."""
+        return tuple(ref.split(":")[0] for ref in (self.proto.variable_name, self.proto.initial_value_name,
+                                                    self.proto.initializer_name, self.proto.snapshot_name))
+
 
 class VariableStore:
     """Creates variables in a GraphBuilder and, at the end, the Saver subgraph for them."""
