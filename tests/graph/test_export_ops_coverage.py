@@ -305,3 +305,33 @@ def test_onnx_adaptive_max_pool_indices_to_sizes_that_do_not_divide(tmp_path) ->
 
     model = fn(lambda x: F.adaptive_max_pool2d(x, (4, 3), return_indices=True))
     check_onnx(tmp_path, model, (_randn(2, 4, 6, 7),), atol=0.0, run_args=(_randn(3, 4, 6, 7, seed=1),))
+
+
+def test_deformable_detr_samples_its_feature_maps_in_tf_and_onnx(tmp_path) -> None:
+    """transformers' Deformable DETR (multi-scale deformable attention: grid_sample bilinear, zeros,
+    align_corners=False, six calls), tiny config, exported at batch 2 and run at batch 3."""
+    import warnings
+
+    import transformers
+    from export_check import run_onnx, run_tf
+
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5, num_feature_levels=3, encoder_n_points=2,
+        decoder_n_points=2)
+    model = transformers.DeformableDetrModel(config).eval()
+    example, run = _randn(2, 3, 64, 64), _randn(3, 3, 64, 64, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = export_meta_graph(model, (), tmp_path / "detr.meta", kwargs={"pixel_values": example})
+        onnx = export_onnx(model, (), tmp_path / "detr.onnx", kwargs={"pixel_values": example})
+        with torch.no_grad():  # every output: reference points, hidden states, encoder states...
+            expected = [t.numpy() for t in torch.utils._pytree.tree_leaves(model(pixel_values=run))]
+    feeds = {"pixel_values": run.numpy()}
+    assert_close(run_tf(meta, feeds, len(expected)), expected, atol=1e-5, rtol=1e-5,
+                 what="TensorFlow Deformable DETR")
+    assert_close(run_onnx(onnx, feeds), expected, atol=1e-5, rtol=1e-5, what="ONNX Runtime Deformable DETR")
