@@ -335,3 +335,15 @@ def test_deformable_detr_samples_its_feature_maps_in_tf_and_onnx(tmp_path) -> No
     assert_close(run_tf(meta, feeds, len(expected)), expected, atol=1e-5, rtol=1e-5,
                  what="TensorFlow Deformable DETR")
     assert_close(run_onnx(onnx, feeds), expected, atol=1e-5, rtol=1e-5, what="ONNX Runtime Deformable DETR")
+
+
+def test_every_node_has_only_attrs_tf_knows_none_at_default(peers: dict[str, Any]) -> None:
+    from export_check import assert_attrs_tf_knows_and_not_default
+    from tensorboard.compat.proto import meta_graph_pb2
+
+    with open(peers["meta"], "rb") as f:
+        meta = meta_graph_pb2.MetaGraphDef.FromString(f.read())
+    assert_attrs_tf_knows_and_not_default(meta.graph_def)
+    used = {node.op for node in meta.graph_def.node}
+    assert {"UnsortedSegmentSum", "Where", "UpperBound", "GatherNd", "TopKV2"} <= used
+    assert {op.name for op in meta.meta_info_def.stripped_op_list.op} == used
