@@ -92,6 +92,12 @@ def _scatter_reduces(x: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, ..
                  for reduce in ("sum", "prod", "amax", "amin", "mean") for self_too in (True, False))
 
 
+def _int_scatter_reduces(x: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # integer means floor-divide in torch
+    return tuple(x.scatter_reduce(1, i % 6, x * 3 - 7, reduce, include_self=self_too)
+                 for reduce in ("mean", "sum", "amax") for self_too in (True, False))
+
+
 def _duplicate_index_writes(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     rows = torch.tensor([0, 2, 0, 4])
     added = x.index_add(1, rows, torch.ones(x.shape[0], 4, 10), alpha=0.5)
@@ -171,6 +177,7 @@ def _cases() -> dict[str, tuple[nn.Module, tuple[Any, ...]]]:
                                                 x.scatter(2, i[:, :3], x[:, :3], reduce="multiply"),
                                                 x.scatter(2, i, 0.5, reduce="add"))), (seq, index)),
         "index_add_accumulate": (fn(_duplicate_index_writes), (seq,)),
+        "scatter_reduce_int": (fn(_int_scatter_reduces), (ids, _randint(6, 2, 6, seed=13))),
         # sorting, bucketing
         "sort": (fn(lambda x: (x.sort(dim=-1), x.sort(dim=1, descending=True), x.argsort(dim=-1))), (seq,)),
         "sort_ties": (fn(lambda x: (x.sort(dim=-1, stable=True), x.sort(dim=-1, descending=True, stable=True),
