@@ -165,6 +165,9 @@ def _cases() -> dict[str, tuple[nn.Module, tuple[Any, ...]]]:
         "grid_bilinear_border_corners": (_grid("bilinear", "border", True), (img, grid)),
         "grid_nearest_zeros": (_grid("nearest", "zeros", False), (img, grid)),
         "grid_nearest_border_corners": (_grid("nearest", "border", True), (img, grid)),
+        "grid_bilinear_reflection": (_grid("bilinear", "reflection", False), (img, grid * 2)),
+        "grid_bilinear_reflection_corners": (_grid("bilinear", "reflection", True), (img, grid * 2)),
+        "grid_nearest_reflection": (_grid("nearest", "reflection", False), (img, grid * 2)),
         "spatial_transformer": (fn(_spatial_transformer), (img,)),
         # boolean masks, nonzero
         "mask_read": (fn(lambda x: (x[x > 0], x[:, x[0, :, 0, 0] > 0], x[x[:, 0, 0, 0] > 0])), (img,)),
@@ -238,9 +241,7 @@ def test_bag_and_mask_cases_run_at_a_batch_other_than_captured() -> None:
 @pytest.mark.parametrize("model, args, message", [
     (_grid("bicubic", "zeros", False), (_randn(2, 4, 6, 7), _randn(2, 5, 3, 2)),
      r"grid_sample with mode='bicubic', padding_mode='zeros' is not supported \(supported: mode 'bilinear' "
-     r"or 'nearest' with padding_mode 'zeros' or 'border'.*aten\.grid_sampler_2d\.default"),
-    (_grid("bilinear", "reflection", True), (_randn(2, 4, 6, 7), _randn(2, 5, 3, 2)),
-     r"padding_mode='reflection' is not supported"),
+     r"or 'nearest' with padding_mode 'zeros', 'border' or 'reflection'.*aten\.grid_sampler_2d\.default"),
     (fn(lambda x: (x > 0).sort(dim=-1).values), (_randn(2, 6),), r"sort of a bool tensor .*int8"),
     (fn(lambda x: x[x[:, 0] > 0, torch.tensor([1])]), (_randn(2, 6),),
      r"boolean mask together with other index"),

@@ -3,10 +3,11 @@
 TensorFlow has no grid sampler, so ``grid_sampler_2d`` is built from ``GatherNd`` reads of the
 NHWC image at the integer neighbours of each grid point, with torch's arithmetic: the grid is
 unnormalised as ``(g + 1) * size / 2 - 0.5`` (``(g + 1) * (size - 1) / 2`` with
-``align_corners=True``), clipped to the image for ``padding_mode="border"``; bilinear weights are
+``align_corners=True``), clipped to the image for ``padding_mode="border"`` (mirrored into it first
+for ``"reflection"``, as torch's ``reflect_coordinates``); bilinear weights are
 products of the fractional offsets, and neighbours outside the image read zeros. ``nearest`` rounds
-half to even, like torch's ``nearbyint`` (TensorFlow's ``Round``). Bicubic sampling and reflection
-padding are refused with ``UnsupportedOpError``.
+half to even, like torch's ``nearbyint`` (TensorFlow's ``Round``). Bicubic sampling is refused with
+``UnsupportedOpError``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class _Image:
 
 
 def _source_index(g: GraphBuilder, coord: TfTensor, size: int | TfTensor, align_corners: bool,
-                  border: bool) -> TfTensor:
+                  padding: str) -> TfTensor:
     dtype = coord.dtype
     n = _number(g, size, dtype)
     if align_corners:  # (g + 1) * ((size - 1) / 2), as torch's vectorized CPU kernel computes it
@@ -75,26 +76,48 @@ def _source_index(g: GraphBuilder, coord: TfTensor, size: int | TfTensor, align_
         scale = g.op("Mul", n, g.scalar(0.5, dtype))
         index = g.op("Mul", g.op("AddV2", coord, g.scalar(1, dtype)), scale)
         index = g.op("Sub", index, g.scalar(0.5, dtype))
-    if border:
+    if padding == "reflection":
+        index = _reflect(g, index, size, align_corners)
+    if padding in ("border", "reflection"):
         last = g.op("Sub", n, g.scalar(1, dtype))
         index = g.op("Minimum", g.op("Maximum", index, g.scalar(0, dtype)), last)
     return index
+
+
+def _static_hw(image: TfTensor) -> bool:
+    return image.shape is not None and all(isinstance(d, int) for d in image.shape[2:])
+
+
+def _reflect(g: GraphBuilder, index: TfTensor, size: int | TfTensor, align_corners: bool) -> TfTensor:
+    """torch's ``reflect_coordinates`` (its vectorized CPU form): fold ``index`` into the image by
+    mirroring at the borders (pixel centres with align_corners, pixel edges without)."""
+    dtype = index.dtype
+    twice_low, twice_high = (0, 2 * (size - 1)) if align_corners else (-1, 2 * size - 1)  # type: ignore[operator]
+    if twice_low == twice_high:
+        return g.op("ZerosLike", index)
+    low, span = g.scalar(twice_low / 2, dtype), g.scalar((twice_high - twice_low) / 2, dtype)
+    distance = g.op("Abs", g.op("Sub", index, low))
+    flips = g.op("Floor", g.op("RealDiv", distance, span))
+    extra = g.op("Sub", distance, g.op("Mul", flips, span))
+    odd = g.op("Equal", g.op("FloorMod", flips, g.scalar(2, dtype)), g.scalar(1, dtype))
+    return g.op("SelectV2", odd, g.op("AddV2", g.op("Sub", span, extra), low), g.op("AddV2", extra, low))
 
 
 @TF_EXPORT.register(aten.grid_sampler_2d.default)
 def grid_sampler_2d(cx: Ctx, image: TfTensor, grid: TfTensor, interpolation_mode: int, padding_mode: int,
                     align_corners: bool) -> TfTensor:
     mode, padding = _MODES.get(interpolation_mode), _PADDING.get(padding_mode)
-    if mode not in ("bilinear", "nearest") or padding not in ("zeros", "border"):
+    if mode not in ("bilinear", "nearest") or padding is None or (padding == "reflection"
+                                                                 and not _static_hw(image)):
         raise UnsupportedOpError(f"TensorFlow export: grid_sample with mode={mode!r}, "
                                  f"padding_mode={padding!r} is not supported (supported: mode 'bilinear' or "
-                                 "'nearest' with padding_mode 'zeros' or 'border', align_corners either way)")
+                                 "'nearest' with padding_mode 'zeros', 'border' or 'reflection' (static "
+                                 "image size), align_corners either way)")
     g = cx.g
     pixels = _Image(g, image, grid)
-    border = padding == "border"
     gx, gy = (_strided_slice(g, grid, 3, k, None, 1, shrink=True) for k in (0, 1))
-    x = _source_index(g, gx, pixels.width, align_corners, border)
-    y = _source_index(g, gy, pixels.height, align_corners, border)
+    x = _source_index(g, gx, pixels.width, align_corners, padding)
+    y = _source_index(g, gy, pixels.height, align_corners, padding)
     if mode == "nearest":
         out = pixels.read(g.op("Round", x), g.op("Round", y))
     else:
