@@ -108,3 +108,45 @@ def test_a_tf_checkpoint_not_from_our_export_is_refused(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "foreign", {"dense/kernel": np.zeros((4, 3), np.float32)})
     with pytest.raises(Exception, match="foreign.meta"):
         Saver().restore(nn.Linear(4, 3), str(tmp_path / "foreign"))
+
+
+def test_tensorflow_gradients_of_conv_batch_norm_variables_match_torch(tmp_path: Path) -> None:
+    """Conv (with and without bias) -> BN reaches TF as FusedBatchNormV3 on the conv: TensorFlow's
+    gradients for every trainable variable (conv bias included, which the export moves into the batch
+    norm's offset) equal torch's autograd gradients, mapped into the stored layouts."""
+    from lightning_saver.formats.tf_layouts import apply_steps, read_layouts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, bias=False), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5, affine=False)).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4], model[6]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+    meta = Path(export_meta_graph(model, (torch.randn(2, 3, 8, 8),), tmp_path / "model.meta"))
+    x, probe = torch.randn(3, 3, 8, 8), torch.randn(3, 5, 6, 6)
+    (model(x) * probe).sum().backward()
+    tf = tf_module()
+    graph = tf.Graph()
+    with graph.as_default():
+        saver = tf.compat.v1.train.import_meta_graph(str(meta))
+        (placeholder,) = [op.name for op in graph.get_operations() if op.type == "Placeholder"]
+        loss = tf.reduce_sum(graph.get_tensor_by_name("output_0:0") * probe.numpy())
+        variables = tf.compat.v1.trainable_variables()
+        grads = tf.gradients(loss, variables)
+        untrained = [v.op.name for v, grad in zip(variables, grads, strict=True) if grad is None]
+        assert not untrained, f"TensorFlow gives {untrained} no gradient: they would not train"
+        with tf.compat.v1.Session(graph=graph) as session:
+            saver.restore(session, str(meta)[: -len(".meta")])
+            values = session.run(grads, {f"{placeholder}:0": x.numpy()})
+    layouts = read_layouts(meta)
+    params = dict(model.named_parameters())
+    assert {layouts[v.op.name][0] for v in variables} == set(params)
+    for var, got in zip(variables, values, strict=True):
+        key, _, steps = layouts[var.op.name]
+        wanted = apply_steps(params[key].grad.numpy(), steps)
+        np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-4, err_msg=key)

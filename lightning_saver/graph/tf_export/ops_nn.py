@@ -238,16 +238,20 @@ def _per_channel(g: GraphBuilder, v: TfTensor, rank: int) -> TfTensor:
 
 
 def _fused_batch_norm(g: GraphBuilder, source: TfTensor, weight: TfTensor | None, bias: TfTensor | None,
-                      running_mean: TfTensor, running_var: TfTensor, eps: float) -> TfTensor | None:
+                      running_mean: TfTensor, running_var: TfTensor, eps: float, multiplier: TfTensor
+                      ) -> TfTensor | None:
     """Batch norm of a Conv2D's NHWC output as ``FusedBatchNormV3(is_training=False)`` on the Conv2D
     itself, when its parameters are variables; None where the multiply-add serves better.
 
     TensorFlow's remapper fuses Conv2D + FusedBatchNormV3 (+ Relu) into one ``_FusedConv2D`` whose
     oneDNN kernel applies the normalization as post-ops: no pass over the activations. With variables,
     the multiply-add is two more passes plus the ReLU's (batch 8 ResNet-18: 8% of the run). A Conv2D
-    bias moves into the mean (``BN(conv + b) = FBN(conv, mean - b)``) so the Conv2D feeds the batch
-    norm directly. With constants (``freeze=True``) the multiply-add stays: grappler folds it into the
-    filter and a BiasAdd, which runs faster still.
+    bias ``b`` moves into the offset, ``BN(conv + b) = FBN(conv, offset + b * multiplier)`` with
+    ``multiplier = weight * rsqrt(var + eps)``, so the Conv2D feeds the batch norm directly. Not into
+    the mean: TensorFlow's gradient of an inference FusedBatchNormV3 gives the mean none, and ``b``
+    would stop training; through the offset it gets its true gradient. With constants
+    (``freeze=True``) the multiply-add stays: grappler folds it into the filter and a BiasAdd,
+    which runs faster still.
     """
     params = [t for t in (weight, bias, running_mean, running_var) if t is not None]
     constants = all(t.value is not None for t in params)
@@ -260,13 +264,14 @@ def _fused_batch_norm(g: GraphBuilder, source: TfTensor, weight: TfTensor | None
         if conv.op != "Conv2D":
             return None
         conv_bias = TfTensor(node.input[1], source.dtype, running_mean.shape)
-        running_mean = g.op("Sub", running_mean, conv_bias, out_shape=running_mean.shape)
+        moved = g.op("Mul", conv_bias, multiplier, out_shape=running_mean.shape)
+        offset = moved if bias is None else g.op("AddV2", bias, moved, out_shape=running_mean.shape)
         source = TfTensor(node.input[0], source.dtype, source.shape)
-    elif node.op != "Conv2D":
+    elif node.op == "Conv2D":
+        offset = bias if bias is not None else g.const(np.zeros(running_mean.shape, np.float32))
+    else:
         return None
-    channels = running_mean.shape
-    scale = weight if weight is not None else g.const(np.ones(channels, np.float32))
-    offset = bias if bias is not None else g.const(np.zeros(channels, np.float32))
+    scale = weight if weight is not None else g.const(np.ones(running_mean.shape, np.float32))
     outs = g.op("FusedBatchNormV3", source, scale, offset, running_mean, running_var, epsilon=float(eps),
                 is_training=False, name="FusedBatchNormV3")
     return outs[0].with_meta(source.dtype, source.shape)
@@ -288,7 +293,7 @@ def batch_norm(cx: Ctx, x: TfTensor, weight: TfTensor | None, bias: TfTensor | N
     if x.transposed_from is not None and x.transposed_from[1] == (0, 3, 1, 2):
         # a conv's output still in NHWC: channels are last, the vectors broadcast as they are
         source = x.transposed_from[0]
-        fused = _fused_batch_norm(g, source, weight, bias, running_mean, running_var, eps)
+        fused = _fused_batch_norm(g, source, weight, bias, running_mean, running_var, eps, scale)
         if fused is not None:
             return [to_nchw(g, fused), None, None]
         return [to_nchw(g, g.op("AddV2", g.op("Mul", source, scale), shift)), None, None]
