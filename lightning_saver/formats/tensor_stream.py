@@ -3,17 +3,17 @@ checksummed right after it is written, while it is still in this core's cache (t
 :func:`~lightning_saver.formats.safetensors_writer.write_to_fd`).
 
 Small tensors (a model of 500 ``Linear(256, 256)`` has 1,000 of 256 KiB and 1 KiB) are gathered
-into one ``writev`` of up to ``PIECE`` bytes; ``write`` has just read those bytes, so the CRC-32C
-that follows on the same thread finds them in the cache. A tensor of ``CHUNK`` bytes or more goes
-in ``CHUNK`` writes, each chunk checksummed on the helper thread while it is written (as before:
-one hand-off per 4 MiB).
+into one ``writev`` of up to ``PIECE`` bytes, and a large tensor goes in ``PIECE``-sized writes;
+``write`` has just read those bytes, so the CRC-32C that follows on the same thread finds them in
+the cache.
 
-Why one thread for small tensors: handing their checksums to the helper thread, measured on the
-shared 2-core machine (load 4-5) at 128 MiB of 256 KiB tensors, cost 90 ms more than a plain write
-of the same bytes, against 27-52 ms for this way (pieces of 256 KiB to 1 MiB): the helper competes
-for the other core with everything else running, and each of the ~1,000 hand-offs of the GIL waits
-for the scheduler to wake the other thread. Before, each small tensor was checksummed inline
-before its own ``write``, in series and from memory (~17 ms per 128 MiB at load 0.3).
+Why one thread: the checksums used to run on the helper thread (each small tensor's inline, before
+its write). On the shared 2-core machine (load 3-5) that lost, in one process, same run,
+interleaved: at 128 MiB of 256 KiB tensors the helper cost 90 ms over a plain write of the same
+bytes against 27-52 ms for this way; at 1 GiB of 64 MiB tensors (4 MiB chunks to the helper)
+1.241 s against 1.006 s (medians of 7). The helper competes for the other core with everything
+else running, and each hand-off of the GIL waits for the scheduler to wake the other thread. On an
+idle machine the helper would hide the CRC pass instead (cache-hot: ~11 ms per 128 MiB in a profile).
 
 Example::
 
@@ -32,7 +32,7 @@ from lightning_saver.formats import checksum
 
 __all__ = ["CHUNK", "PIECE", "memory_view", "write_all", "writev_all", "write_tensors"]
 
-CHUNK = 4 << 20  # I/O unit of large tensors, checksummed on the helper thread while written
+CHUNK = 4 << 20  # the readers' I/O unit (``write_all`` too)
 PIECE = 1 << 20  # written, then checksummed while still in this core's L2 cache (2 MiB here)
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
 
@@ -97,44 +97,23 @@ def write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[
         ValueError: a tensor's size differs from ``sizes[name]`` (what the header planned for it).
     """
     out = _Writer(fd)
-    large = checksum.CrcPipeline()
-    try:
-        for name in order:
-            tensor = tensors[name]
-            nbytes = tensor.numel() * tensor.element_size()
-            if sizes is not None and sizes[name] != nbytes:
-                raise ValueError(f"tensor {name!r} has {nbytes} bytes, the file's layout planned "
-                                 f"{sizes[name]}: it changed size while being saved")
-            out.crcs[name] = 0
-            copied = tensor.device.type != "cpu" or not tensor.is_contiguous()
-            if copied:
-                tensor = tensor.detach().to("cpu").contiguous()  # one at a time: bounded extra memory
-            if nbytes >= CHUNK:
-                out.flush()
-                _write_large(fd, name, tensor, nbytes, large)
-                if copied:
-                    large.wait()  # before the copy is freed
-            else:
-                _add_pieces(out, name, tensor.data_ptr(), nbytes)
-                if copied:
-                    out.flush()  # before the copy is freed
-        out.flush()
-        out.crcs.update(large.results())
-    finally:
-        large.drain()  # never leave the helper reading memory the caller may free
+    for name in order:
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        if sizes is not None and sizes[name] != nbytes:
+            raise ValueError(f"tensor {name!r} has {nbytes} bytes, the file's layout planned "
+                             f"{sizes[name]}: it changed size while being saved")
+        out.crcs[name] = 0
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            copy = tensor.detach().to("cpu").contiguous()  # one tensor at a time: bounded extra memory
+            _add_pieces(out, name, copy.data_ptr(), nbytes)
+            out.flush()  # before the copy is freed
+        else:
+            _add_pieces(out, name, tensor.data_ptr(), nbytes)
+    out.flush()
     return out.crcs
 
 
 def _add_pieces(out: _Writer, name: str, address: int, nbytes: int) -> None:
     for start in range(0, nbytes, PIECE):
         out.add(name, address + start, min(PIECE, nbytes - start))
-
-
-def _write_large(fd: int, name: str, tensor: torch.Tensor, nbytes: int, crc: checksum.CrcPipeline) -> None:
-    """A large tensor in ``CHUNK`` writes, each chunk checksummed on the helper thread meanwhile:
-    one hand-off per 4 MiB, so the two threads seldom wait for each other's GIL."""
-    address = tensor.data_ptr()
-    for start in range(0, nbytes, CHUNK):
-        size = min(CHUNK, nbytes - start)
-        crc.add(name, address + start, size, total=nbytes)
-        write_all(fd, address + start, size)

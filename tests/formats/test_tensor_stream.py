@@ -23,8 +23,8 @@ def mixed_tensors(n_small: int = 1500) -> dict[str, torch.Tensor]:
     out = {f"layer{i}.w": torch.randn(i % 97 + 1, 33, generator=g).to(dtypes[i % len(dtypes)])
            for i in range(n_small)}
     out["medium"] = torch.randn(3 * tensor_stream.PIECE // 4 + 5, generator=g)  # several pieces + a tail
-    out["large"] = torch.randn(2 * tensor_stream.CHUNK // 4 + 7, generator=g)  # checksummed on the helper
-    out["large_transposed"] = torch.randn(1100, 1000, generator=g).t()  # copied, then as a large one
+    out["large"] = torch.randn(2 * tensor_stream.CHUNK // 4 + 7, generator=g)  # many pieces
+    out["large_transposed"] = torch.randn(1100, 1000, generator=g).t()  # copied first
     out["transposed"] = torch.randn(40, 70, generator=g).t()  # not contiguous: copied, then written
     out["empty"] = torch.empty(0, 5)
     out["tied"] = out["layer3.w"]
