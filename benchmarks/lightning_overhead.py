@@ -10,6 +10,8 @@ that issue #17's goal compares, ``--all`` for every one):
   Saver async          the same with ``async_save=True`` (default ``overlap_copy=True``: the snapshot
                        copy overlaps the next forward/backward, the next optimizer step waits for it)
   Saver async blocking ``async_save=True, overlap_copy=False``: the hook blocks for the whole copy
+  Saver async idle     ``Saver async`` with its writer thread at ``SCHED_IDLE`` and idle I/O priority
+                       (``thread_priority.USE_IDLE``) instead of nice 10
 
 **Design.** Everything runs in one process, after an untimed warm-up fit of every set-up. Each
 repetition runs, for every checkpointing set-up in a shuffled order, a *pair*: that set-up and a
@@ -69,8 +71,9 @@ from paired_stats import median_ci, verdict  # noqa: E402
 from timing import machine  # noqa: E402
 
 from lightning_saver import Saver  # noqa: E402
+from lightning_saver.saving import thread_priority  # noqa: E402
 
-SETUPS = ("none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking")
+SETUPS = ("none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle")
 DEFAULT_SETUPS = ("ModelCheckpoint", "Saver async")
 Run = dict[str, Any]
 
@@ -114,6 +117,7 @@ class StepClock(pl.Callback):
 
 
 def callbacks_for(setup: str, directory: str, every: int) -> tuple[list[pl.Callback], bool]:
+    thread_priority.USE_IDLE = setup == "Saver async idle"  # read by the writer thread at each job
     if setup == "none":
         return [], False
     if setup == "ModelCheckpoint":
@@ -146,6 +150,7 @@ def fit_once(setup: str, args: argparse.Namespace, root: str, data: TensorDatase
         elapsed = time.perf_counter() - start
     finally:
         gc.enable()
+        thread_priority.USE_IDLE = False  # the default again (the writer is done after teardown)
     shutil.rmtree(directory, ignore_errors=True)
     in_saves = sum(getattr(cb, "blocked_seconds", 0.0) for cb in callbacks)
     s = clock.starts

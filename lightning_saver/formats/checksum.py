@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "ALGORITHM", "NATIVE", "extend_address", "tensor_crc32c", "combine", "format_crc", "parse_crc",
-    "CrcPipeline", "run_beside",
+    "CrcPipeline", "run_beside", "keep_in_this_thread",
 ]  # fmt: skip
 
 ALGORITHM = "crc32c"
@@ -178,10 +178,22 @@ class _Helper:
 
 _helper_obj: _Helper | None = None
 _helper_lock = threading.Lock()
+_local = threading.local()
+
+
+def keep_in_this_thread(keep: bool = True) -> None:
+    """Make the calling thread do its checksums and copies itself, never on the helper thread.
+
+    For a thread running at low priority (the async writer): the helper runs at normal priority, so
+    work handed to it would compete with training at full weight.
+    """
+    _local.keep = keep
 
 
 def _helper() -> _Helper | None:
     global _helper_obj
+    if getattr(_local, "keep", False):
+        return None
     with _helper_lock:
         if _helper_obj is None or _helper_obj.pid != os.getpid():  # a thread does not survive fork
             try:

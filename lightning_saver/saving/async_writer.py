@@ -34,7 +34,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import sys
 import threading
 import weakref
 from collections import deque
@@ -43,6 +42,8 @@ from functools import partial
 
 import torch
 
+from lightning_saver.formats import checksum
+from lightning_saver.saving import thread_priority
 from lightning_saver.saving.deferred_copy import DeferredCopy
 from lightning_saver.saving.snapshot_arena import Arena, snapshot, snapshot_deferred, take_arena
 
@@ -60,9 +61,13 @@ class AsyncWriter:
         max_in_flight: how many submitted jobs may be pending before ``snapshot``/``submit`` block.
         niceness: on Linux the writer thread runs this much nicer than the process (0: as nice),
             so that training keeps the cores: measured on 2 busy cores, training steps ran 1.9-2.2x
-            slower while a writer at the process's priority saved, 1.2-1.35x with 10 (the write
-            itself then took longer, 4x there, on a machine with no idle core). A training thread
-            that needs a deferred copy does the copying itself, so it never waits on the slow writer.
+            slower while a writer at the process's priority saved, 1.2-1.35x with 10. Its checksums
+            and copies run on the thread itself, not on the normal-priority checksum helper. With
+            ``thread_priority.USE_IDLE`` it runs each job at ``SCHED_IDLE`` and idle I/O priority
+            instead, and anyone who blocks on it (``wait``, the next ``snapshot``/``submit``,
+            ``close``, a deferred copy's fence) raises it back first, so nothing waits on a starved
+            thread (see :mod:`lightning_saver.saving.thread_priority`). A training thread that needs
+            a deferred copy does the copying itself, so it never waits on the slow writer.
 
     Raises:
         ValueError: ``max_in_flight`` is smaller than 1.
@@ -89,6 +94,8 @@ class AsyncWriter:
         self._closed = False
         self._unsubmitted: DeferredCopy | None = None  # the last snapshot's copy, until a job takes it
         self._fence: DeferredCopy | None = None  # the last deferred copy not known to be complete
+        self._level: thread_priority.Lowered | None = None  # the writer thread's priority, once lowered
+        self._waiters = 0  # threads blocked on a job: while any is, the writer keeps normal priority
         _LIVE.add(self)
 
     # --- snapshots -------------------------------------------------------------------------------
@@ -123,7 +130,7 @@ class AsyncWriter:
         fence = self._fence
         if fence is None:
             return
-        fence.wait()
+        fence.wait(on_block=self._hurry)  # the writer may be copying a piece, at idle priority
         with self._cond:
             if self._fence is fence:
                 self._fence = None
@@ -164,8 +171,27 @@ class AsyncWriter:
         self._check_not_worker("submit")
         self._raise_error()
         while self._pending >= self.max_in_flight:
-            self._cond.wait()
+            self._block_on_writer()
         self._raise_error()
+
+    def _block_on_writer(self) -> None:
+        """Wait once on the condition (held), with the writer at normal priority meanwhile: a
+        ``SCHED_IDLE`` writer behind a busy loop could otherwise starve while we wait for it."""
+        self._waiters += 1
+        try:
+            self._hurry_locked()
+            self._cond.wait()
+        finally:
+            self._waiters -= 1
+
+    def _hurry_locked(self) -> None:
+        level = self._level
+        if level is not None and (level.how == "idle" or level.io_idle):
+            self._level = thread_priority.raise_again(level)
+
+    def _hurry(self) -> None:
+        with self._cond:
+            self._hurry_locked()
 
     def wait(self) -> None:
         """Block until every submitted job has finished.
@@ -177,7 +203,7 @@ class AsyncWriter:
         self.wait_snapshot()
         with self._cond:
             while self._pending:
-                self._cond.wait()
+                self._block_on_writer()
             self._raise_error()
 
     def close(self) -> None:
@@ -214,7 +240,9 @@ class AsyncWriter:
             self._thread.start()
 
     def _run(self) -> None:
-        _lower_priority(self.niceness)
+        # the checksums and copies of a save run here, at this thread's priority: handed to the
+        # shared helper thread they would run at normal priority, beside training
+        checksum.keep_in_this_thread()
         while True:
             with self._cond:
                 while not self._jobs and not self._closed:
@@ -222,6 +250,8 @@ class AsyncWriter:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
+                if not self._waiters:  # under the lock: a waiter's _hurry_locked cannot interleave
+                    self._lower_locked()
             error: BaseException | None = None
             try:
                 job()
@@ -235,6 +265,11 @@ class AsyncWriter:
                 self._pending -= 1
                 self._cond.notify_all()
 
+    def _lower_locked(self) -> None:
+        level = self._level
+        if level is None or level.how == "" or not level.io_idle:
+            self._level = thread_priority.lower(self.niceness, level)
+
     def _reset_after_fork(self) -> None:
         # the child has no writer thread; the parent still owns and finishes the pending jobs
         self._cond = threading.Condition()
@@ -242,19 +277,7 @@ class AsyncWriter:
         self._pending = 0
         self._thread = None
         self._fence = self._unsubmitted = None
-
-
-def _lower_priority(niceness: int) -> None:
-    """Make the calling thread ``niceness`` nicer (Linux only: elsewhere ``setpriority`` on a
-    thread id would renice the whole process)."""
-    if niceness <= 0 or not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + niceness))
-    except OSError as exc:  # a sandbox that forbids it: the writer just keeps the default priority
-        logger.debug("could not lower the writer thread's priority: %s", exc)
+        self._level, self._waiters = None, 0
 
 
 def _copy_then(copy: DeferredCopy, job: Callable[[], object]) -> object:

@@ -67,8 +67,9 @@ class DeferredCopy:
         self._pieces, self._keep_alive = [], None  # the memory they kept alive is free to go
         self._done.set()
 
-    def _work(self) -> None:
-        """Take pieces until none is left, then wait for those other threads took."""
+    def _work(self, on_block: Callable[[], object] | None = None) -> None:
+        """Take pieces until none is left, then wait for those other threads took (calling
+        ``on_block`` first, when there is something to wait for)."""
         while True:
             with self._lock:
                 if self._next >= len(self._pieces):
@@ -84,6 +85,8 @@ class DeferredCopy:
                 self._left -= 1
                 if self._left == 0:
                     self._finish()
+        if on_block is not None and not self._done.is_set():
+            on_block()
         self._done.wait()
 
     @property
@@ -91,13 +94,15 @@ class DeferredCopy:
         """Whether :meth:`wait` would return at once (no host copy left, device copies landed)."""
         return self._done.is_set() and all(event.query() for _, event in self._events)
 
-    def wait(self) -> None:
+    def wait(self, on_block: Callable[[], object] | None = None) -> None:
         """Before the source tensors change: host copies done (the pieces left are copied here), and
         the current CUDA stream of each device ordered after the device copies (no CPU wait for those).
 
-        A failed copy is not raised here: the save it belongs to fails and reports it.
+        ``on_block`` runs before waiting for a piece another thread is copying (the async writer
+        raises its thread's priority there). A failed copy is not raised here: the save it belongs
+        to fails and reports it.
         """
-        self._work()
+        self._work(on_block)
         for device, event in self._events:
             torch.cuda.current_stream(device).wait_event(event)
 

@@ -1,4 +1,4 @@
-"""Smoke test: benchmarks/lightning_overhead.py --quick runs all five set-ups and ends with a JSON line;
+"""Smoke test: benchmarks/lightning_overhead.py --quick runs all six set-ups and ends with a JSON line;
 and the statistics it reports its verdicts with."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPT = BENCH / "lightning_overhead.py"
-SETUPS = {"none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking"}
+SETUPS = {"none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle"}
 TARGETS = {"async_stall_le_5pct_of_model_checkpoint", "async_stall_lt_0.2pct_of_run"}
 
 
@@ -28,7 +28,7 @@ def test_quick_benchmark_prints_table_and_json(capsys, tmp_path):
     assert module.main(["--quick", "--dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[0] == "set-up"
-    assert [line.split()[0] for line in lines[1:6]] == ["none", "ModelCheckpoint", "Saver", "Saver", "Saver"]
+    assert [line.split()[0] for line in lines[1:7]] == ["none", "ModelCheckpoint"] + ["Saver"] * 4
     summary = json.loads(lines[-1])
     assert summary["benchmark"] == "lightning_overhead" and summary["quick"]
     assert set(summary["seconds"]) == SETUPS and set(summary["stall_seconds"]) == SETUPS
@@ -40,9 +40,11 @@ def test_quick_benchmark_prints_table_and_json(capsys, tmp_path):
     assert blocked["none"] == 0
     assert all(blocked[s] > 0 for s in SETUPS - {"none"})
     # one pair per set-up: no interval can claim anything, so no target may be called met or missed
-    assert set(summary["targets"]) == TARGETS
+    # (the ModelCheckpoint target exists for a measure only where ModelCheckpoint's stall came out > 0)
+    assert set(summary["targets"]) <= TARGETS and "async_stall_lt_0.2pct_of_run" in summary["targets"]
+    assert set(summary["targets"]["async_stall_lt_0.2pct_of_run"]) == {"loop", "window"}
     for target in summary["targets"].values():
-        assert {m: v["verdict"] for m, v in target.items()} == {"loop": "unresolved", "window": "unresolved"}
+        assert {v["verdict"] for v in target.values()} == {"unresolved"}
     assert summary["window_steps"] == 4 and summary["window_saves"] == 2  # saves after steps 4 and 8
     assert all(len(p) == 4 for p in summary["after_save_excess_ms"].values())
     where = summary["machine"]
