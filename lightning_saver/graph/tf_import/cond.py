@@ -43,6 +43,21 @@ def merge_index(step: Any, k: int) -> int:
     return step.kwargs.get("value_index", range(k + 1))[k]
 
 
+def run_step(step: Any, env: dict[Ref, Any]) -> None:
+    """Run one plan step on ``env`` and store its outputs there, naming the node in any error."""
+    try:
+        out = step.func(*[env[r] for r in step.inputs], **step.kwargs)
+    except Exception as err:
+        if hasattr(err, "add_note"):
+            err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
+        raise
+    if type(out) is tuple or type(out) is list:
+        for k, value in enumerate(out):
+            env[(step.name, k)] = value
+    else:
+        env[(step.name, 0)] = out
+
+
 def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[Ref]) -> list[Any]:
     """Run ``steps`` (plan.Step) on ``env`` with dead-tensor propagation; return the fetched values.
 
@@ -75,17 +90,7 @@ def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[R
             env[(name, taken)] = data
             dead_refs.update((name, k) for k in range(count) if k != taken)
             continue
-        try:
-            out = step.func(*[env[r] for r in step.inputs], **step.kwargs)
-        except Exception as err:
-            if hasattr(err, "add_note"):
-                err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
-            raise
-        if type(out) is tuple or type(out) is list:
-            for k, value in enumerate(out):
-                env[(name, k)] = value
-        else:
-            env[(name, 0)] = out
+        run_step(step, env)
     dead = [ref for ref in fetches if is_dead(ref)]
     if dead:
         raise GraphImportError(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, merge_index, switch_outputs
+from lightning_saver.graph.tf_import.cond import MERGE_OPS, SWITCH_OPS, merge_index, run_step, switch_outputs
 from lightning_saver.graph.tf_import.functions import pick_branch
 from lightning_saver.graph.tf_import.importer import Ref, ref_name
 
@@ -63,17 +63,7 @@ class Conditional:
 def run_steps(steps: list[Any], env: dict[Ref, Any], outputs: list[Ref]) -> list[Any]:
     """Run plan steps in order on ``env``; the values of ``outputs``."""
     for step in steps:
-        try:
-            out = step.func(*[env[r] for r in step.inputs], **step.kwargs)
-        except Exception as err:
-            if hasattr(err, "add_note"):
-                err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
-            raise
-        if type(out) is tuple or type(out) is list:
-            for k, value in enumerate(out):
-                env[(step.name, k)] = value
-        else:
-            env[(step.name, 0)] = out
+        run_step(step, env)
     return [env[r] for r in outputs]
 
 
