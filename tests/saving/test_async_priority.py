@@ -94,7 +94,14 @@ def test_where_idle_cannot_be_undone_the_writer_is_reniced_once(monkeypatch, use
     writer = AsyncWriter(niceness=7)
     nice: list[int] = []
     for _ in range(3):
-        writer.submit(lambda: nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        ran = threading.Event()
+
+        def job(ran: threading.Event = ran) -> None:
+            nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            ran.set()
+
+        writer.submit(job)
+        assert ran.wait(10)  # taken with nobody waiting (a job already waited on is not lowered)
         writer.wait()  # cannot undo a renice: the thread stays as nice
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert nice == [min(19, base + 7)] * 3

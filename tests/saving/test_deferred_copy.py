@@ -151,7 +151,16 @@ def test_the_writer_thread_runs_nicer_than_the_process():
         pytest.skip("per-thread nice values are a Linux feature")
     writer = AsyncWriter()
     seen: list[int] = []
-    writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    ran = threading.Event()
+
+    def job() -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        ran.set()
+
+    writer.submit(job)
+    # a job that someone already waits on when the writer takes it runs at the caller's priority
+    # (AsyncWriter._run): wait on the job itself, so that this one was taken with nobody waiting
+    assert ran.wait(10)
     writer.wait()
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert seen == [min(19, base + 10)]
