@@ -68,6 +68,8 @@ class AsyncWriter:
             ``close``, a deferred copy's fence) raises it back first, so nothing waits on a starved
             thread (see :mod:`lightning_saver.saving.thread_priority`). A training thread that needs
             a deferred copy does the copying itself, so it never waits on the slow writer.
+            A job that someone already waits on when the writer takes it is not lowered: the
+            caller is blocked on it, so it runs at the caller's priority.
 
     Raises:
         ValueError: ``max_in_flight`` is smaller than 1.
