@@ -51,11 +51,16 @@ def run_step(step: Any, env: dict[Ref, Any]) -> None:
         if hasattr(err, "add_note"):
             err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
         raise
+    store_outputs(env, step.name, out)
+
+
+def store_outputs(env: dict[Ref, Any], name: str, out: Any) -> None:
+    """Store a converter's result under ``(name, k)``: each item of a tuple/list, else output 0."""
     if type(out) is tuple or type(out) is list:
         for k, value in enumerate(out):
-            env[(step.name, k)] = value
+            env[(name, k)] = value
     else:
-        env[(step.name, 0)] = out
+        env[(name, 0)] = out
 
 
 def execute_with_deadness(steps: list[Any], env: dict[Ref, Any], fetches: list[Ref]) -> list[Any]:

@@ -22,6 +22,7 @@ from lightning_saver.graph.tf_import.cond import (
     MERGE_OPS,
     SWITCH_OPS,
     execute_with_deadness,
+    store_outputs,
     switch_output,
     switch_outputs,
 )
@@ -368,11 +369,7 @@ class _Compiler:
             if hasattr(err, "add_note"):
                 err.add_note(f"while folding TensorFlow node {name!r} ({self.index.nodes[name].op})")
             raise
-        if type(out) is tuple or type(out) is list:
-            for k, value in enumerate(out):
-                self.consts[(name, k)] = value
-        else:
-            self.consts[(name, 0)] = out
+        store_outputs(self.consts, name, out)
 
     def compile(self) -> Plan:
         for name in self.order:
