@@ -96,6 +96,16 @@ def _grads(output, wrt):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt, strict=True)]
 
 
+def _module_matches_tf(module, feed, expected, grad, params):
+    """The module's output for ``feed`` (x, training) and its gradients for ``params`` and x match TF's."""
+    x = torch.tensor(feed["x:0"], requires_grad=True)
+    y = module(x, torch.tensor(feed["training:0"]))
+    assert_same(y.detach().numpy(), expected, **TOL)
+    got = torch.autograd.grad(y.sum(), [*params, x])
+    for ours, theirs in zip(got, grad, strict=True):
+        assert_same(ours.numpy(), theirs, **TOL)
+
+
 def test_tf1_conds_run_like_session_run(conds):
     meta, ckpt, values, _ = conds
     graph = import_meta_graph(meta)
@@ -188,12 +198,7 @@ def test_tf1_batch_norm_in_cond_is_training_folded_or_branched(tmp_path):
     assert _branch_modules(module) == 1
     params = dict(module.named_parameters())
     for feed, (expected,), grad in zip(BN_FEEDS, values, want, strict=True):
-        x = torch.tensor(feed["x:0"], requires_grad=True)
-        y = module(x, torch.tensor(feed["training:0"]))
-        assert_same(y.detach().numpy(), expected, **TOL)
-        got = torch.autograd.grad(y.sum(), [params["gamma"], params["beta"], x])
-        for ours, theirs in zip(got, grad, strict=True):
-            assert_same(ours.numpy(), theirs, **TOL)
+        _module_matches_tf(module, feed, expected, grad, [params["gamma"], params["beta"]])
 
 
 def test_module_names_the_tensors_it_was_asked_for(conds):
@@ -369,12 +374,7 @@ def test_tf1_cnn_with_batch_norm_in_a_fed_cond_fuses_around_it(tmp_path):
     params = dict(module.named_parameters())
     for feed, (expected,), grad in zip(feeds, values, want, strict=True):
         assert_same(graph.run("y:0", feed), expected, **TOL)
-        x = torch.tensor(feed["x:0"], requires_grad=True)
-        y = module(x, torch.tensor(feed["training:0"]))
-        assert_same(y.detach().numpy(), expected, **TOL)
-        got = torch.autograd.grad(y.sum(), [params["k1"], params["k2"], x])
-        for ours, theirs in zip(got, grad, strict=True):
-            assert_same(ours.numpy(), theirs, **TOL)
+        _module_matches_tf(module, feed, expected, grad, [params["k1"], params["k2"]])
 
 
 def test_merge_index_counts_inputs_decided_dead_at_import(tmp_path):
