@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,19 @@ import torch
 
 from lightning_saver.graph.onnx_export import export_onnx
 from lightning_saver.graph.tf_export import checkpoint_prefix, export_meta_graph
+
+
+class Fn(torch.nn.Module):
+    """A module around a function of one or two tensors (names x, y), with optional submodules."""
+
+    def __init__(self, fn: Callable[..., Any], **modules: torch.nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.mods = torch.nn.ModuleDict(modules)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Any:
+        args = (x,) if y is None else (x, y)
+        return self.fn(self, *args)
 
 
 def tf_module() -> Any:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from export_check import (
+    Fn,
     assert_attrs_tf_knows_and_not_default,
     assert_close,
     check_tf,
@@ -35,19 +36,6 @@ from torch import nn
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.graph.onnx_export import export_onnx
 from lightning_saver.graph.tf_export import export_meta_graph
-
-
-class Fn(nn.Module):
-    """A module around a function of one or two tensors (names x, y), with optional submodules."""
-
-    def __init__(self, fn: Callable[..., Any], **modules: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleDict(modules)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Any:
-        args = (x,) if y is None else (x, y)
-        return self.fn(self, *args)
 
 
 def module(layer: nn.Module) -> Fn:

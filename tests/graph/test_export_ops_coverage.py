@@ -14,24 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from export_check import assert_close, other_batch, run_side_by_side, small_variance, torch_outputs
+from export_check import Fn, assert_close, other_batch, run_side_by_side, small_variance, torch_outputs
 from torch import nn
 
 from lightning_saver.errors import UnsupportedOpError
 from lightning_saver.graph.onnx_export import export_onnx
 from lightning_saver.graph.tf_export import export_meta_graph
-
-
-class Fn(nn.Module):
-    """A function of one or two tensors (x, y) as a module, with optional submodules."""
-
-    def __init__(self, fn: Callable[..., Any], **modules: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-        self.mods = nn.ModuleDict(modules)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Any:
-        return self.fn(self, x) if y is None else self.fn(self, x, y)
 
 
 def fn(f: Callable[..., Any]) -> Fn:
