@@ -16,11 +16,11 @@ $(VENV)/.stamp-base:
 	$(PIP) install --quiet --upgrade pip
 	touch $@
 
-$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c $(CONSTRAINTS)
+$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c lightning_saver/formats/_write_regions.c $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[demo]'
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c $(CONSTRAINTS)
+$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c lightning_saver/formats/_write_regions.c $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[test,demo]'
 	touch $@ $(VENV)/.stamp-demo
 

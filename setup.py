@@ -3,6 +3,9 @@
 ``lightning_saver.formats._copy_crc`` (copy + CRC-32C in one pass, for verified restores) is optional:
 where it cannot be compiled (no compiler, another CPU) the install goes on without it and the
 library reads with pread and checksums with google-crc32c instead, the same files, slower.
+``lightning_saver.formats._write_regions`` (a sync save's writes and checksums in one call, the
+checksums on a second thread) is optional too: without it the save writes with ``os.writev`` and
+checksums after each piece, in Python.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +17,13 @@ setup(
             sources=["lightning_saver/formats/_copy_crc.c"],
             extra_compile_args=["-O2"],
             optional=True,
-        )
+        ),
+        Extension(
+            "lightning_saver.formats._write_regions",
+            sources=["lightning_saver/formats/_write_regions.c"],
+            extra_compile_args=["-O2", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        ),
     ]
 )

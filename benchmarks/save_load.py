@@ -15,6 +15,9 @@ row pays for ``state_dict()``: 1,000 modules took ~6 ms to walk, for any writer 
 Saves (each fsyncs its file's bytes, so every row buys the same durability for the data; the Saver
 also makes its file's name and its state file durable):
   raw write       the same tensor bytes written straight from memory to a new file, then one fsync
+                  (the baseline of the paired column)
+  raw write-behind  the same, starting the disk's writeback every 8 MiB (sync_file_range) as the
+                  Saver's C writer does; the floor for the Saver's way of writing
   Saver sync      ``Saver(async_save=False).save`` (checksums, temp file, rename, state file): three
                   fsyncs, the file, the state file's temporary file, the directory (both renames)
   safetensors     ``safetensors.torch.save_file`` + fsync
@@ -127,6 +130,30 @@ def raw_write(state: dict[str, torch.Tensor], path: str) -> None:
         os.close(fd)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_WRITE_BEHIND = 8 << 20
+
+
+def raw_write_behind(state: dict[str, torch.Tensor], path: str) -> None:
+    """``raw_write`` plus what the Saver's C writer does to the disk: every 8 MiB, start writeback
+    of what is written so far (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux), then one fsync.
+    The fair floor for the Saver's data writes, which no longer leave all the disk work to fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = flushed = 0
+        for t in state.values():
+            view = memoryview(t.contiguous().numpy()).cast("B")
+            while view:
+                n = os.write(fd, view[: 64 << 20])
+                view, done = view[n:], done + n
+                if done - flushed >= _WRITE_BEHIND:
+                    _LIBC.sync_file_range(fd, ctypes.c_int64(flushed), ctypes.c_int64(done - flushed), 2)
+                    flushed = done
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def safetensors_save(state: dict[str, torch.Tensor], path: str) -> None:
     import safetensors.torch
 
@@ -160,7 +187,8 @@ def safetensors_restore(model: nn.Module, path: str) -> None:
 
 Method = tuple[str, Callable[[], object]]
 ROWS = [  # table order
-    "raw write + fsync", "Saver.save (sync)", "safetensors save_file + fsync", "torch.save + fsync",
+    "raw write + fsync", "raw write + write-behind + fsync",
+    "Saver.save (sync)", "safetensors save_file + fsync", "torch.save + fsync",
     "Lightning TorchCheckpointIO + fsync", "memcpy into a reused buffer (async floor)",
     "Saver.save (async) blocking", "Saver.save (async) total", "Saver.save (async) first blocking",
     "Saver.save (async) first total", "Saver.restore (verify)", "Saver.restore (no verify)",
@@ -218,6 +246,7 @@ class Runner:
         w, s = self.work, self.state
         methods: list[Method] = [
             ("raw write + fsync", lambda: raw_write(s, str(w / f"raw_{rep}.bin"))),
+            ("raw write + write-behind + fsync", lambda: raw_write_behind(s, str(w / f"rwb_{rep}.bin"))),
             ("Saver.save (sync)", lambda: self.sync.save(s, str(w / "sync"), global_step=rep)),
             ("safetensors save_file + fsync", lambda: safetensors_save(s, str(w / f"st_{rep}.safetensors"))),
             ("torch.save + fsync", lambda: torch_save(s, str(w / f"t_{rep}.pt"))),
@@ -321,12 +350,18 @@ def report(r: Runner, size_gib: float, reps: int) -> dict[str, object]:
         "peak_extra_mib": {k: round(v, 1) for k, v in peaks.items()},
         "targets": {  # on the medians, as the issue asks; then on the paired ratios
             "sync_save_le_1.15x_raw": sync <= 1.15 * raw,
+            "sync_save_le_1.05x_raw": sync <= 1.05 * raw,  # issue #17's goal (2026-12-06)
             "async_blocking_le_10pct_sync": blocking <= 0.10 * sync,
             "verified_restore_le_torch_mmap": restore <= peer,
             "paired_sync_save_le_1.15x_raw": sync_paired <= 1.15,
+            "paired_sync_save_le_1.05x_raw": sync_paired <= 1.05,
             "paired_async_blocking_le_10pct_sync": blocking_paired <= 0.10,
             "paired_verified_restore_le_torch_mmap": restore_paired <= 1.0,
         },
+        # the Saver's whole save (checksums, temp file, rename, state file, three fsyncs) over a raw
+        # writer that starts writeback the same way: what the Saver adds to its own way of writing
+        "sync_over_raw_write_behind_paired": round(
+            r.paired_ratio("Saver.save (sync)", "raw write + write-behind + fsync") or float("inf"), 3),
         "async_blocking_over_sync": round(blocking / sync, 3),
         "async_blocking_over_sync_paired": round(blocking_paired, 3),
         "verified_restore_over_torch_mmap": round(restore / peer, 3),

@@ -20,13 +20,15 @@ def test_save_load_benchmark_quick_run(tmp_path):
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["benchmark"] == "save_load" and result["reps"] == 2
-    for row in ("raw write + fsync", "Saver.save (sync)", "torch.save + fsync", "Saver.save (async) blocking",
+    for row in ("raw write + fsync", "raw write + write-behind + fsync", "Saver.save (sync)", "torch.save + fsync", "Saver.save (async) blocking",
                 "Saver.restore (verify)", "torch.load(mmap) + load_state_dict"):
         assert result["median_s"][row] > 0, row
         assert any(line.startswith(row) for line in lines), f"{row} missing from the table"
     assert result["ratio_vs_raw_write"]["raw write + fsync"] == 1.0
-    targets = {"sync_save_le_1.15x_raw", "async_blocking_le_10pct_sync", "verified_restore_le_torch_mmap"}
+    targets = {"sync_save_le_1.15x_raw", "sync_save_le_1.05x_raw", "async_blocking_le_10pct_sync",
+               "verified_restore_le_torch_mmap"}
     assert set(result["targets"]) == targets | {"paired_" + t for t in targets}
     assert result["paired_ratio"]["raw write + fsync"] == 1.0
     assert result["paired_ratio"]["torch.load(mmap) + load_state_dict"] == 1.0
+    assert result["sync_over_raw_write_behind_paired"] > 0
     assert list(tmp_path.iterdir()) == []  # its scratch directory is gone

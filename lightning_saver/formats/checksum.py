@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "ALGORITHM", "NATIVE", "extend_address", "tensor_crc32c", "combine", "format_crc", "parse_crc",
-    "CrcPipeline", "run_beside", "keep_in_this_thread",
+    "CrcPipeline", "run_beside", "keep_in_this_thread", "kept_in_this_thread",
 ]  # fmt: skip
 
 ALGORITHM = "crc32c"
@@ -190,9 +190,14 @@ def keep_in_this_thread(keep: bool = True) -> None:
     _local.keep = keep
 
 
+def kept_in_this_thread() -> bool:
+    """Whether the calling thread asked (:func:`keep_in_this_thread`) to do its checksums itself."""
+    return bool(getattr(_local, "keep", False))
+
+
 def _helper() -> _Helper | None:
     global _helper_obj
-    if getattr(_local, "keep", False):
+    if kept_in_this_thread():
         return None
     with _helper_lock:
         if _helper_obj is None or _helper_obj.pid != os.getpid():  # a thread does not survive fork

@@ -1,10 +1,12 @@
 """Many small tensors gathered into one ``writev`` per piece, each piece checksummed after it is
 written: the file must hold exactly the bytes the peer (``safetensors``) reads and the checksums
 google-crc32c computes, whatever mix of small, large, empty, non-contiguous and tied tensors, and
-across short writes."""
+across short writes; both through the C writer (``_write_regions``, checksums on its second thread)
+and through the Python fallback used where it is not built."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import google_crc32c
@@ -12,6 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from lightning_saver.formats import checksum
 from lightning_saver.formats import safetensors_io as sio
 from lightning_saver.formats import tensor_stream
 from lightning_saver.formats.safetensors_writer import Layout
@@ -31,7 +34,29 @@ def mixed_tensors(n_small: int = 1500) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_a_file_of_many_small_tensors_is_what_the_peer_and_google_crc32c_read(tmp_path):
+@pytest.fixture(params=["c", "c-one-thread", "python"])
+def writer(request, monkeypatch):
+    """Each test runs through the C writer (skipped where it is not built), with its checksums on a
+    second thread and, as the async writer asks, on the writing thread; and the Python one."""
+    if request.param.startswith("c"):
+        if tensor_stream._native_crc_address() is None:
+            pytest.skip("the optional C extension _write_regions is not built here")
+    else:
+        monkeypatch.setattr(tensor_stream, "_write_regions", None)
+    checksum.keep_in_this_thread(request.param == "c-one-thread")
+    yield request.param
+    checksum.keep_in_this_thread(False)
+
+
+def test_the_c_writer_is_built_wherever_the_restore_extension_is():
+    from lightning_saver.formats import memcopy
+
+    if memcopy._copy_crc is None:
+        pytest.skip("no C extensions built here: both are optional")
+    assert tensor_stream._native_crc_address() is not None
+
+
+def test_a_file_of_many_small_tensors_is_what_the_peer_and_google_crc32c_read(tmp_path, writer):
     tensors = mixed_tensors()
     path = tmp_path / "m.safetensors"
     result = sio.save_file(tensors, path)
@@ -47,6 +72,7 @@ def test_a_file_of_many_small_tensors_is_what_the_peer_and_google_crc32c_read(tm
 
 
 def test_short_writes_are_resumed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensor_stream, "_write_regions", None)  # the C loop resumes the same way
     real = os.writev
 
     def at_most_a_few_kib(fd, buffers):  # the kernel may write less than asked: resume mid-buffer
@@ -61,7 +87,19 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch):
     assert all(torch.equal(peer[k], v) for k, v in tensors.items())
 
 
-def test_a_layout_of_other_tensors_is_refused(tmp_path):
+def test_a_full_file_system_is_an_oserror_with_its_errno_and_nothing_is_left_running(tmp_path, writer):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            tensor_stream.write_tensors(fd, mixed_tensors(50), sorted(mixed_tensors(50)))
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_a_layout_of_other_tensors_is_refused(tmp_path, writer):
     layout = Layout({"a": torch.zeros(4)})
     fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
