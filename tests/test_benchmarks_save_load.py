@@ -20,7 +20,8 @@ def test_save_load_benchmark_quick_run(tmp_path):
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["benchmark"] == "save_load" and result["reps"] == 2
-    for row in ("raw write + fsync", "raw write + write-behind + fsync", "Saver.save (sync)", "torch.save + fsync", "Saver.save (async) blocking",
+    for row in ("raw write + fsync", "raw write + write-behind + fsync", "Saver.save (sync)",
+                "torch.save + fsync", "Saver.save (async) blocking",
                 "Saver.restore (verify)", "torch.load(mmap) + load_state_dict"):
         assert result["median_s"][row] > 0, row
         assert any(line.startswith(row) for line in lines), f"{row} missing from the table"

@@ -14,9 +14,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from lightning_saver.formats import checksum
+from lightning_saver.formats import checksum, tensor_stream
 from lightning_saver.formats import safetensors_io as sio
-from lightning_saver.formats import tensor_stream
 from lightning_saver.formats.safetensors_writer import Layout
 
 
