@@ -12,6 +12,8 @@ that issue #17's goal compares, ``--all`` for every one):
   Saver async blocking ``async_save=True, overlap_copy=False``: the hook blocks for the whole copy
   Saver async idle     ``Saver async`` with its writer thread at ``SCHED_IDLE`` and idle I/O priority
                        (``thread_priority.USE_IDLE``) instead of nice 10
+  Saver async buffered ``Saver async`` writing through the page cache (``direct_write.ENABLED = False``)
+                       instead of with ``O_DIRECT``
 
 **Design.** Everything runs in one process, after an untimed warm-up fit of every set-up. Each
 repetition runs, for every checkpointing set-up in a shuffled order, a *pair*: that set-up and a
@@ -35,8 +37,9 @@ Each measure's estimate is the median over the pairs with an order-statistic con
 (``paired_stats.py``), and the issue's targets (the async stall at most 5% of ModelCheckpoint's, and
 below 0.2% of the run) get a verdict per measure: *met* (the whole interval at or below the
 threshold), *missed* (above), *unresolved* (it straddles the threshold: the noise exceeds the margin).
-The table also shows the median wall time of ``fit`` (teardown included) and the time spent inside
-the save hooks (``Saver.blocked_seconds``; for ModelCheckpoint, its ``_save_checkpoint``).
+The table also shows the median wall time of ``fit`` (teardown included), the time spent inside
+the save hooks (``Saver.blocked_seconds``; for ModelCheckpoint, its ``_save_checkpoint``) and the CPU
+time of the async writer's thread (``AsyncWriter.cpu_seconds``: what it may take from training).
 
 Usage: python benchmarks/lightning_overhead.py [--quick] [--reps N] [--steps S] [--every N] [--all]
 """
@@ -71,10 +74,13 @@ from paired_stats import median_ci, verdict  # noqa: E402
 from timing import machine  # noqa: E402
 
 from lightning_saver import Saver  # noqa: E402
+from lightning_saver.formats import direct_write  # noqa: E402
 from lightning_saver.saving import thread_priority  # noqa: E402
 
-SETUPS = ("none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle")
+SETUPS = ("none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle",
+          "Saver async buffered")
 DEFAULT_SETUPS = ("ModelCheckpoint", "Saver async")
+DIRECT_DEFAULT = direct_write.ENABLED
 Run = dict[str, Any]
 
 
@@ -118,6 +124,7 @@ class StepClock(pl.Callback):
 
 def callbacks_for(setup: str, directory: str, every: int) -> tuple[list[pl.Callback], bool]:
     thread_priority.USE_IDLE = setup == "Saver async idle"  # read by the writer thread at each job
+    direct_write.ENABLED = setup != "Saver async buffered"  # read by each write
     if setup == "none":
         return [], False
     if setup == "ModelCheckpoint":
@@ -150,11 +157,13 @@ def fit_once(setup: str, args: argparse.Namespace, root: str, data: TensorDatase
         elapsed = time.perf_counter() - start
     finally:
         gc.enable()
-        thread_priority.USE_IDLE = False  # the default again (the writer is done after teardown)
+        thread_priority.USE_IDLE = False  # the defaults again (the writer is done after teardown)
+        direct_write.ENABLED = DIRECT_DEFAULT
     shutil.rmtree(directory, ignore_errors=True)
     in_saves = sum(getattr(cb, "blocked_seconds", 0.0) for cb in callbacks)
+    writer_cpu = sum(getattr(getattr(cb, "_writer", None), "cpu_seconds", 0.0) for cb in callbacks)
     s = clock.starts
-    return {"fit": elapsed, "loop": s[-1] - s[0], "in_saves": in_saves,
+    return {"fit": elapsed, "loop": s[-1] - s[0], "in_saves": in_saves, "writer_cpu": writer_cpu,
             "steps": [b - a for a, b in zip(s, s[1:], strict=False)]}
 
 
@@ -175,7 +184,8 @@ def run(args: argparse.Namespace, root: str) -> dict[str, list[tuple[Run, Run]]]
             pairs[setup].append((got["none"], got[setup]))
             loops = f"{got['none']['loop']:.3f} / {got[setup]['loop']:.3f} s"
             print(f"  {order[0]} then {order[1]}: loop {loops} "
-                  f"(none / {setup}), {got[setup]['in_saves']:.3f} s in saves, load {os.getloadavg()[0]:.2f}",
+                  f"(none / {setup}), {got[setup]['in_saves']:.3f} s in saves, writer CPU "
+                  f"{got[setup]['writer_cpu']:.3f} s, load {os.getloadavg()[0]:.2f}",
                   file=sys.stderr, flush=True)
     return pairs
 
@@ -234,6 +244,7 @@ def summarize(pairs: dict[str, list[tuple[Run, Run]]], args: argparse.Namespace)
         "after_save_excess_ms": {s: [round(1e3 * x, 2) for x in profile(runs, starts, window)]
                                  for s, runs in pairs.items()} if starts else {},
         "blocked_in_saves_seconds": {s: rnd(med(s, "in_saves")) for s in runs_of},
+        "writer_cpu_seconds": {s: rnd(med(s, "writer_cpu")) for s in runs_of},
     }
     summary["targets"] = targets(loop, win, base_loop)
     return summary
@@ -259,7 +270,8 @@ def targets(loop: dict[str, Any], win: dict[str, Any], base_loop: float) -> dict
 def print_table(summary: dict[str, Any], args: argparse.Namespace, params: int) -> None:
     saves = args.steps // args.every
     print(f"{'set-up':<21} {'fit s':>7} {'x none':>7} {'loop s':>7} {'stall s':>8} {'stall CI':>17} "
-          f"{'% of run':>9} {'x MC':>7} {'window s':>9} {'window CI':>17} {'in hooks s':>10}   "
+          f"{'% of run':>9} {'x MC':>7} {'window s':>9} {'window CI':>17} {'in hooks s':>10} "
+          f"{'writer CPU s':>12}   "
           f"({args.steps} steps, a save every {args.every}: {saves} saves of a {params * 4 * 3 / 1e6:.1f} MB "
           f"state, {args.reps} pairs each, {args.threads} torch threads; medians, CIs of paired differences)")
     for setup in SETUPS:
@@ -276,7 +288,8 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace, params: int) 
               f"{100 * summary['stall_share_of_run'][setup]:>8.2f}% {vs_mc:>7} "
               f"{summary['window_stall_seconds'].get(setup, 0.0):>9.4f} "
               f"{'' if wci is None else '[{:.4f}, {:.4f}]'.format(*wci['ci']):>17} "
-              f"{summary['blocked_in_saves_seconds'][setup]:>10.3f}")
+              f"{summary['blocked_in_saves_seconds'][setup]:>10.3f} "
+              f"{summary['writer_cpu_seconds'][setup]:>12.3f}")
     for name, t in summary["targets"].items():
         print(f"target {name}: " + ", ".join(f"{m} measure {v['verdict']} (<= {v['threshold_seconds']:.4f} s)"
                                              for m, v in t.items()))

@@ -25,7 +25,7 @@ from typing import Any
 import google_crc32c
 import torch
 
-from lightning_saver.formats import checksum
+from lightning_saver.formats import checksum, direct_write
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, FORMAT_VERSION, RESERVED_KEY
 from lightning_saver.formats.tensor_stream import CHUNK, memory_view, write_tensors
 
@@ -228,6 +228,7 @@ def write_to_fd(
     metadata: Mapping[str, str] | None = None,
     info: Mapping[str, Any] | None = None,
     layout: Layout | None = None,
+    direct: bool = False,
 ) -> WriteResult:
     """Stream a checksummed safetensors file to ``fd`` (an empty file at offset 0; no fsync).
 
@@ -237,6 +238,8 @@ def write_to_fd(
         metadata: extra ``__metadata__`` entries, str -> str; ``"lightning_saver"`` is reserved.
         info: extra JSON-able fields stored under the reserved key (e.g. ``global_step``).
         layout: the :class:`Layout` of these tensors, when the caller computed it already.
+        direct: write with ``O_DIRECT`` from an aligned buffer, bypassing the page cache, where the
+            file system allows it (:mod:`~lightning_saver.formats.direct_write`); the same bytes.
 
     Returns:
         A :class:`WriteResult`: bytes written, per-tensor CRC-32C, CRC-32C of the final header.
@@ -247,6 +250,10 @@ def write_to_fd(
         OSError: from the file system (the saver turns ENOSPC/EFBIG into ``DiskFullError``).
     """
     plan = _plan(tensors, metadata, info, layout)
+    if direct:
+        result = _write_direct(plan, tensors, fd)
+        if result is not None:
+            return result
     placeholder = plan.header(dict.fromkeys(plan.order, _PLACEHOLDER))
     _write_bytes(fd, placeholder)
     values = write_tensors(fd, tensors, plan.order, sizes=plan.layout.sizes)
@@ -255,6 +262,25 @@ def write_to_fd(
     if len(final) != plan.header_len:
         raise RuntimeError("internal error: the checksummed header changed length")
     _write_bytes(fd, final, offset=0)
+    return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(final)))
+
+
+def _write_direct(plan: _Plan, tensors: Mapping[str, torch.Tensor], fd: int) -> WriteResult | None:
+    """The file through :func:`direct_write.write_file`; ``None`` where ``O_DIRECT`` is refused."""
+    for name in plan.order:
+        t = tensors[name]
+        if t.numel() * t.element_size() != plan.layout.sizes[name]:
+            raise ValueError(f"tensor {name!r} has {t.numel() * t.element_size()} bytes, the file's "
+                             f"layout planned {plan.layout.sizes[name]}: it changed size while being saved")
+    crcs: dict[str, str] = {}
+
+    def final_header(values: dict[str, int]) -> bytes:
+        crcs.update((name, checksum.format_crc(values[name])) for name in plan.order)
+        return plan.header(crcs)
+
+    if direct_write.write_file(fd, tensors, plan.order, plan.header_len, final_header) is None:
+        return None
+    final = plan.header(crcs)
     return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(final)))
 
 

@@ -35,6 +35,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
@@ -98,6 +99,7 @@ class AsyncWriter:
         self._fence: DeferredCopy | None = None  # the last deferred copy not known to be complete
         self._level: thread_priority.Lowered | None = None  # the writer thread's priority, once lowered
         self._waiters = 0  # threads blocked on a job: while any is, the writer keeps normal priority
+        self.cpu_seconds = 0.0  # CPU time the writer thread spent in jobs (what training may lose)
         _LIVE.add(self)
 
     # --- snapshots -------------------------------------------------------------------------------
@@ -255,12 +257,15 @@ class AsyncWriter:
                 if not self._waiters:  # under the lock: a waiter's _hurry_locked cannot interleave
                     self._lower_locked()
             error: BaseException | None = None
+            cpu = time.thread_time()
             try:
                 job()
             except BaseException as exc:  # handed to the caller by wait()/submit(), never swallowed
                 error = exc
             del job  # drop the snapshot now, so its arena is free for the next save
+            cpu = time.thread_time() - cpu
             with self._cond:
+                self.cpu_seconds += cpu
                 if error is not None:
                     self._errors.append(error)
                     del error

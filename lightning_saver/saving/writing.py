@@ -97,10 +97,12 @@ def delete_dropped(store: Storage, directory: str, dropped: list[str],
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
                        info: Mapping[str, Any], sink: Sink, *, layout: Layout | None = None,
-                       ) -> safetensors_io.WriteResult:
+                       direct: bool = False) -> safetensors_io.WriteResult:
     """The in-place fast path when the sink has a descriptor (local file, spool), else a stream
-    (``layout``: the tensors' :class:`Layout`, when the caller computed it to check the size)."""
+    (``layout``: the tensors' :class:`Layout`, when the caller computed it to check the size;
+    ``direct``: past the page cache where the file system allows it, see ``formats/direct_write.py``)."""
     fd = sink.fileno()
     if fd is not None:
-        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info, layout=layout)
+        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info, layout=layout,
+                                          direct=direct)
     return safetensors_io.write_to_sink(tensors, sink, metadata=metadata, info=info)

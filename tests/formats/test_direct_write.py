@@ -1,0 +1,175 @@
+"""The async writer's O_DIRECT path (``formats/direct_write.py``): the file holds exactly the bytes
+of a buffered write (compared byte for byte, read by the peer ``safetensors``, checksums against
+google-crc32c on the raw bytes), it really is written with O_DIRECT where the file system allows it,
+and it falls back to buffered writes of the same bytes where O_DIRECT is refused (by ``fcntl``, or
+by a write), with the C copy+CRC and with its pure-Python fallback."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+import google_crc32c
+import pytest
+import safetensors.torch
+import torch
+
+from lightning_saver.formats import direct_write, memcopy
+from lightning_saver.formats import safetensors_io as sio
+from lightning_saver.formats.safetensors_writer import Layout
+
+INFO = {"global_step": 3, "wall_time": 1.5}
+
+
+def tensors_of(sizes: list[int]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(len(sizes))
+    out = {f"f{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    out["i8"] = torch.randint(-100, 100, (4099,), dtype=torch.int8, generator=g)  # odd length
+    out["f64"] = torch.randn(33, generator=g, dtype=torch.float64)
+    out["transposed"] = torch.randn(30, 70, generator=g).t()  # not contiguous: copied first
+    out["empty"] = torch.empty(0, 5)
+    out["tied"] = out["f0"]
+    return out
+
+
+# the first few KiB (header + first data bytes, written last), data across several buffers, a
+# length that ends exactly on a block, a tiny file that ends inside the first block
+SIZES = [[1], [3, 5000], [(3 * 4096 + 17) // 4 * 4, 7], [5 * 4096 // 4, 100_003, 1 << 16]]
+
+
+def write(tmp_path, tensors, name, direct):
+    path = tmp_path / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        result = sio.write_to_fd(tensors, fd, info=INFO, direct=direct)
+    finally:
+        os.close(fd)
+    return path, result
+
+
+def check_against_peer(path, tensors, result):
+    peer = safetensors.torch.load_file(str(path))
+    assert peer.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(peer[name], t), name
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert result.crcs[name] == f"{google_crc32c.value(raw) if raw else 0:08x}", name
+    assert os.path.getsize(path) == result.nbytes
+    sio.verify_file(path)
+
+
+@pytest.fixture
+def small_buffer(monkeypatch):
+    monkeypatch.setattr(direct_write, "BUFFER", 3 * direct_write.ALIGN)  # many O_DIRECT writes
+
+
+@pytest.fixture
+def direct_flags(monkeypatch):
+    """Whether each write to the file was an O_DIRECT write (asked of the kernel at the write)."""
+    seen: list[bool] = []
+    real = os.pwrite
+
+    def spy(fd, data, offset):
+        seen.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_write, "_pwrite", spy)
+    return seen
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["C copy+crc", "memmove+google-crc32c"])
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}-tensors-{sum(s)}")
+def test_direct_file_is_byte_for_byte_the_buffered_file(tmp_path, monkeypatch, small_buffer, direct_flags,
+                                                        sizes, one_pass):
+    if one_pass and not memcopy.ONE_PASS:
+        pytest.skip("the C extension is not built here")
+    if not one_pass:
+        monkeypatch.setattr(memcopy, "_copy_crc", None)
+    tensors = tensors_of(sizes)
+    buffered, expected = write(tmp_path, tensors, "buffered.safetensors", direct=False)
+    assert direct_flags == []  # the buffered path does not go through direct_write
+    direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)
+    assert direct.read_bytes() == buffered.read_bytes()
+    assert got == expected
+    check_against_peer(direct, tensors, got)
+    assert direct_flags and all(direct_flags), "the file system here takes O_DIRECT: every write used it"
+
+
+def test_a_large_file_goes_in_full_buffers_then_an_aligned_tail(tmp_path, direct_flags):
+    tensors = {"big": torch.randn((direct_write.BUFFER * 2 + 12_345) // 4), "small": torch.randn(11)}
+    buffered, expected = write(tmp_path, tensors, "buffered.safetensors", direct=False)
+    direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)
+    assert direct.read_bytes() == buffered.read_bytes() and got == expected
+    check_against_peer(direct, tensors, got)
+    assert len(direct_flags) == 4 and all(direct_flags)  # two full buffers, the tail, the head
+
+
+def test_refused_by_fcntl_the_same_bytes_are_written_buffered(tmp_path, monkeypatch, direct_flags):
+    real = fcntl.fcntl
+
+    def no_direct(fd, cmd, arg=0):  # what a file system without O_DIRECT answers
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(direct_write.fcntl, "fcntl", no_direct)
+    tensors = tensors_of(SIZES[2])
+    buffered, expected = write(tmp_path, tensors, "buffered.safetensors", direct=False)
+    direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)
+    assert direct.read_bytes() == buffered.read_bytes() and got == expected
+    assert direct_flags == []  # the buffered path wrote it
+
+
+def test_refused_by_a_write_the_rest_is_written_buffered(tmp_path, monkeypatch, small_buffer):
+    real = os.pwrite
+    flags: list[bool] = []
+
+    def refuse_direct(fd, data, offset):  # a file system that takes the flag but not the writes
+        on = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        flags.append(on)
+        if on:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_write, "_pwrite", refuse_direct)
+    tensors = tensors_of(SIZES[3])
+    buffered, expected = write(tmp_path, tensors, "buffered.safetensors", direct=False)
+    direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)
+    assert direct.read_bytes() == buffered.read_bytes() and got == expected
+    assert flags[0] and not any(flags[1:])  # one refusal, then buffered to the end
+    check_against_peer(direct, tensors, got)
+
+
+def test_short_writes_are_resumed(tmp_path, monkeypatch, small_buffer):
+    real = os.pwrite
+
+    def one_block(fd, data, offset):  # the kernel may write less than asked
+        return real(fd, memoryview(data)[: direct_write.ALIGN], offset)
+
+    monkeypatch.setattr(direct_write, "_pwrite", one_block)
+    tensors = tensors_of(SIZES[3])
+    buffered, _ = write(tmp_path, tensors, "buffered.safetensors", direct=False)
+    direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)
+    assert direct.read_bytes() == buffered.read_bytes()
+    check_against_peer(direct, tensors, got)
+
+
+def test_switched_off_it_writes_buffered(tmp_path, monkeypatch, direct_flags):
+    monkeypatch.setattr(direct_write, "ENABLED", False)
+    tensors = tensors_of(SIZES[1])
+    path, result = write(tmp_path, tensors, "off.safetensors", direct=True)
+    assert direct_flags == []
+    check_against_peer(path, tensors, result)
+
+
+def test_a_tensor_that_changed_size_is_refused(tmp_path):
+    tensors = tensors_of(SIZES[1])
+    layout = Layout(tensors)
+    tensors["f1"] = torch.randn(17)
+    fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(ValueError, match="'f1' has 68 bytes, the file's layout planned 20000"):
+            sio.write_to_fd(tensors, fd, info=INFO, layout=layout, direct=True)
+    finally:
+        os.close(fd)
