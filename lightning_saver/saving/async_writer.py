@@ -18,6 +18,7 @@ Interface the saver relies on:
   error first; then runs ``job`` in the background.
 * ``writer.wait()``: blocks until every submitted job finished; re-raises the first unreported error.
 * ``writer.close()``: ``wait()``, stop the thread, free the arenas (also run at interpreter exit).
+* ``writer.cpu_seconds``: CPU time the writer thread spent in jobs, which training loses about 1:1.
 * ``snapshot(tensors)``: the module-level one-off snapshot, freshly allocated every time.
 
 Example::
