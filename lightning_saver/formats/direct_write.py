@@ -77,6 +77,17 @@ def _give_back(buf: mmap.mmap) -> None:
         _pool.append(buf)
 
 
+def _reset_after_fork() -> None:
+    # a writer thread of the parent may have held the lock at the fork: the child starts afresh
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class _Out:
     """The file in order, through the head buffer and then the thread's buffer; O_DIRECT writes
     until one is refused, buffered writes after that."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 
 import google_crc32c
 import pytest
@@ -173,3 +174,25 @@ def test_a_tensor_that_changed_size_is_refused(tmp_path):
             sio.write_to_fd(tensors, fd, info=INFO, layout=layout, direct=True)
     finally:
         os.close(fd)
+
+
+def test_a_child_forked_while_the_buffer_pool_was_locked_still_writes(tmp_path):
+    tensors = tensors_of(SIZES[1])
+    buffered, _ = write(tmp_path, tensors, "buffered.safetensors", direct=False)
+    with direct_write._pool_lock:  # as if the parent's writer thread held it at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: write and leave at once, whatever happens
+            code = 1
+            try:
+                direct, _ = write(tmp_path, tensors, "child.safetensors", direct=True)
+                code = 0 if direct.read_bytes() == buffered.read_bytes() else 2
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the buffer pool's lock")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
