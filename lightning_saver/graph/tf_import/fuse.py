@@ -8,7 +8,8 @@ per-channel vectors. All are ``y = conv(x, W) * s + t`` for vectors ``s``/``t``,
 TensorFlow's grappler does with its fused conv kernels). After them a residual ``AddV2`` of a
 tensor of the output's shape and a ``Relu``/``Relu6`` join the step too (in that order), as in
 ResNet and MobileNet blocks. Before it, a zero ``Pad`` of the spatial dimensions (Keras'
-``ZeroPadding2D``) that feeds only the convolution becomes the convolution's own padding.
+``ZeroPadding2D``) that feeds only the convolution becomes the convolution's own padding; one that
+feeds only a VALID ``MaxPool`` joins the pooling (:mod:`fused_pool`).
 
 Only ops whose intermediate output feeds nothing else are absorbed, and only vectors computed from
 constants and variables (not from the fed inputs). The step keeps the original variables as its
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from lightning_saver.graph.tf_import.fused_conv import Link, fused_conv
+from lightning_saver.graph.tf_import.fused_pool import fused_pad_max_pool
 
 CONVS = frozenset({"Conv2D", "DepthwiseConv2dNative"})
 BATCH_NORMS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
@@ -109,7 +111,38 @@ def _spatial_pad(step: Any, consts: Any, data_format: str) -> tuple[tuple[int, i
 
 def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
                       make_step: Callable[..., Any]) -> list[Any]:
-    """``steps`` with each Conv2D/DepthwiseConv2dNative and the ops after it as one step."""
+    """``steps`` with each Conv2D/DepthwiseConv2dNative and the ops after it as one step, and each
+    zero ``Pad`` feeding only a ``MaxPool`` joined to it."""
+    return _fuse_pad_pools(_fuse_convs(steps, fetches, consts, make_step), fetches, consts, make_step)
+
+
+def _fuse_pad_pools(steps: list[Any], fetches: list[Any], consts: Any,
+                    make_step: Callable[..., Any]) -> list[Any]:
+    uses = Counter(ref for step in steps for ref in step.inputs)
+    uses.update(fetches)
+    producers = {step.name: step for step in steps if step.kind == "call"}
+    replaced: dict[str, Any] = {}
+    for pool in steps:
+        if (pool.op != "MaxPool" or pool.kind != "call" or pool.controls or len(pool.inputs) != 1
+                or pool.inputs[0][1] != 0 or pool.kwargs.get("padding") != "VALID"):
+            continue
+        pad = producers.get(pool.inputs[0][0])
+        if pad is None or uses[pool.inputs[0]] != 1 or pad.name in replaced:
+            continue
+        pre = _spatial_pad(pad, consts, pool.kwargs.get("data_format", "NHWC"))
+        if pre is None or len(pre) != 2:
+            continue
+        replaced[pad.name] = None
+        func = fused_pad_max_pool(pad, pool, pre)
+        replaced[pool.name] = make_step(pool.name, f"{pad.op}+MaxPool", "call", func, tuple(pad.inputs), {})
+    if not replaced:
+        return steps
+    return [replaced.get(step.name, step) for step in steps
+            if not (step.kind == "call" and step.name in replaced and replaced[step.name] is None)]
+
+
+def _fuse_convs(steps: list[Any], fetches: list[Any], consts: Any,
+                make_step: Callable[..., Any]) -> list[Any]:
     uses = Counter(ref for step in steps for ref in step.inputs)
     uses.update(fetches)
     consumers: dict[Any, Any] = {}

@@ -1,0 +1,81 @@
+"""A zero Pad feeding only a VALID MaxPool runs as one step (fuse.py, fused_pool.py), against real
+TensorFlow: mostly negative data, so the windows that reach into the zero padding take TF's 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tf_graphs import assert_same, build_tf_graph, tf_module
+
+from lightning_saver import import_meta_graph
+
+tf_module()
+RNG = np.random.default_rng(1616)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+FETCHES = ["a:0", "b:0", "loss:0"]
+GRADS = ["grad/x:0", "grad/conv/kernel:0"]
+
+
+def build(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 9, 8, 3], name="x")
+    init = v1.random_uniform_initializer(-0.5, 0.5, seed=3)
+    kernel = v1.get_variable("conv/kernel", [3, 3, 3, 4], initializer=init)
+    # ResNet's pool1_pad + pool1: symmetric pads, 3x3 stride 2, odd and even sizes
+    a = tf.nn.max_pool2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), 3, 2, "VALID")
+    # asymmetric pads (PadV2 with a zero value) after a convolution, non-square window
+    h = tf.nn.conv2d(x, kernel, 1, "SAME")
+    h = tf.raw_ops.PadV2(input=h, paddings=[[0, 0], [2, 1], [0, 1], [0, 0]], constant_values=0.0)
+    b = tf.nn.max_pool2d(h, [5, 3], [2, 1], "VALID")
+    a, b = tf.identity(a, name="a"), tf.identity(b, name="b")
+    weights = tf.constant(RNG.normal(size=(1, *b.shape[1:])).astype(np.float32))
+    loss = tf.add(tf.reduce_sum(a * a), tf.reduce_sum(b * weights), name="loss")
+    for name, g in zip(["x", "conv/kernel"], tf.gradients(loss, [x, kernel]), strict=True):
+        tf.identity(g, name=f"grad/{name}")
+    kernel.assign(kernel * -1.5, name="update")
+
+
+def _tf_after_update(made, x):
+    """TF's outputs after its own ``update`` op scaled the kernel by -1.5."""
+    tf = tf_module()
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as sess:
+        v1.train.import_meta_graph(made.meta).restore(sess, made.ckpt)
+        sess.run("update")
+        return sess.run(FETCHES, {"x:0": x})
+
+
+def test_pad_then_max_pool_is_one_step_matching_tf(tmp_path):
+    x = (RNG.normal(size=(2, 9, 8, 3)) - 1.5).astype(np.float32)
+    made = build_tf_graph(tmp_path, build, FETCHES + GRADS, {"x:0": x})
+    assert (made.expected[0] == 0).any() and (made.expected[0] < 0).any()  # the padding did win somewhere
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    ops = [s.op for s in graph.plan([("a", 0), ("b", 0)], frozenset({("x", 0)})).fused_steps]
+    assert "Pad+MaxPool" in ops and "PadV2+MaxPool" in ops and "Pad" not in ops and "PadV2" not in ops
+    for got, expected in zip(graph.run(FETCHES, {"x:0": x}), made.expected, strict=False):
+        assert_same(got, expected, **TOL)
+    module = graph.to_module(inputs="x:0", outputs=FETCHES)
+    assert "pad_max_pool_folded" in module.code
+    with torch.no_grad():
+        for got, expected in zip(module(torch.from_numpy(x)), made.expected, strict=False):
+            assert_same(got.numpy(), expected, **TOL)
+    # with autograd recording, the original ops run: TF's gradients for the input and the kernel
+    xt = torch.from_numpy(x).requires_grad_()
+    outs = module(xt)
+    for got, expected in zip(outs, made.expected, strict=False):
+        assert_same(got.detach().numpy(), expected, **TOL)
+    outs[2].backward()
+    assert_same(xt.grad.numpy(), made.expected[3], rtol=1e-4, atol=1e-4)
+    kernel = dict(module.named_parameters())["conv/kernel"]
+    assert_same(kernel.grad.numpy(), made.expected[4], rtol=1e-4, atol=1e-4)
+    # a parameter update between calls: the module and run follow it as TF does
+    with torch.no_grad():
+        kernel.mul_(-1.5)
+        after = _tf_after_update(made, x)
+        for got, expected in zip(module(torch.from_numpy(x)), after, strict=True):
+            assert_same(got.numpy(), expected, **TOL)
+    for got, expected in zip(graph.run(FETCHES, {"x:0": x}), after, strict=True):
+        assert_same(got, expected, **TOL)
+    # batch 1 (another shape through the same steps)
+    assert_same(graph.run("a:0", {"x:0": x[:1]}), after[0][:1], **TOL)
