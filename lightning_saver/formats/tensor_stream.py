@@ -5,7 +5,8 @@ checksummed right after it is written, while it is still in this core's cache (t
 Small tensors (a model of 500 ``Linear(256, 256)`` has 1,000 of 256 KiB and 1 KiB) are gathered
 into one ``writev`` of up to ``PIECE`` bytes, and a large tensor goes in ``PIECE``-sized writes;
 ``write`` has just read those bytes, so the CRC-32C that follows on the same thread finds them in
-the cache.
+the cache. Every ``WRITE_BEHIND`` bytes, writeback of what is written is started, as in the C
+writer below.
 
 Why one thread: the checksums used to run on the helper thread (each small tensor's inline, before
 its write). On the shared 2-core machine (load 3-5) that lost, in one process, same run,
@@ -86,6 +87,7 @@ class _Writer:
         self.crcs: dict[str, int] = {}
         self.regions: list[tuple[str, int, int]] = []
         self.nbytes = 0
+        self.behind = _WriteBehind(fd)
 
     def add(self, name: str, address: int, nbytes: int) -> None:
         self.regions.append((name, address, nbytes))
@@ -100,7 +102,42 @@ class _Writer:
         crcs = self.crcs
         for name, address, n in self.regions:  # the bytes write() just read, still cached
             crcs[name] = checksum.extend_address(crcs.get(name, 0), address, n)
+        self.behind.wrote(self.nbytes)
         self.regions, self.nbytes = [], 0
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: no write-behind
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class _WriteBehind:
+    """The Python writer's copy of the C writer's write-behind: every ``WRITE_BEHIND`` bytes, start
+    writeback of what is written (a hint: failures are ignored; the caller's fsync is what counts)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.start = self.flushed = self.end = 0
+        try:
+            self.start = self.flushed = self.end = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:  # a pipe: nothing to write back
+            self.start = -1
+
+    def wrote(self, nbytes: int) -> None:
+        self.end += nbytes
+        if _SYNC_FILE_RANGE is None or self.start < 0 or self.end - self.flushed < WRITE_BEHIND:
+            return
+        _SYNC_FILE_RANGE(self.fd, self.flushed, self.end - self.flushed, _SYNC_FILE_RANGE_WRITE)
+        self.flushed = self.end
 
 
 def write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[str], *,

@@ -98,6 +98,32 @@ def test_a_full_file_system_is_an_oserror_with_its_errno_and_nothing_is_left_run
     assert info.value.errno == errno.ENOSPC
 
 
+def test_the_python_writer_starts_writeback_of_what_it_wrote_every_8_mib(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensor_stream, "_write_regions", None)
+    calls = []
+    real = tensor_stream._SYNC_FILE_RANGE
+    if real is None:
+        pytest.skip("no sync_file_range here (not Linux)")
+
+    def recording(fd, offset, nbytes, flags):
+        calls.append((offset, nbytes, os.fstat(fd).st_size))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(tensor_stream, "_SYNC_FILE_RANGE", recording)
+    tensors = {f"t{i}": torch.full((3 << 18,), float(i)) for i in range(10)}  # 10 x 3 MiB
+    fd = os.open(tmp_path / "w", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"h" * 100)  # a header first: ranges start where the tensors do
+        tensor_stream.write_tensors(fd, tensors, sorted(tensors))
+    finally:
+        os.close(fd)
+    # contiguous ranges from offset 100, each >= 8 MiB, each ending at what was written by then
+    assert [c[0] for c in calls] == [100] + [c[0] + c[1] for c in calls[:-1]]
+    assert all(n >= tensor_stream.WRITE_BEHIND for _, n, _ in calls)
+    assert all(offset + n == size for offset, n, size in calls)
+    assert calls[-1][0] + calls[-1][1] > 100 + 30 * 2**20 - tensor_stream.WRITE_BEHIND
+
+
 def test_a_layout_of_other_tensors_is_refused(tmp_path, writer):
     layout = Layout({"a": torch.zeros(4)})
     fd = os.open(tmp_path / "x", os.O_WRONLY | os.O_CREAT, 0o644)
