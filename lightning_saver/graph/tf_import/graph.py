@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from lightning_saver.errors import GraphImportError
 from lightning_saver.graph.tf_import.attrs import decode_shape, decode_type
+from lightning_saver.graph.tf_import.calls import MAX_CALLS, Call, call_key, checker
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, parse_tensor_name, ref_name
 from lightning_saver.graph.tf_import.plan import Plan, compile_plan
 from lightning_saver.graph.tf_import.variables import VariableInfo, VariableStore, find_variables
@@ -45,19 +45,6 @@ def _dtype_hint(node: Any, index: int) -> torch.dtype | str | None:
     return None
 
 
-def _to_numpy(value: Any) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    value = value.detach().cpu()
-    if value.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        array = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    else:
-        array = value.numpy().copy()
-    return array[()] if array.ndim == 0 else array
-
-
 def _flatten(fetches: Any, leaves: list[Any]) -> Any:
     """Collect the leaves of a fetch structure; return a rebuilder taking an iterator of results."""
     if isinstance(fetches, Mapping):
@@ -72,6 +59,9 @@ def _flatten(fetches: Any, leaves: list[Any]) -> Any:
     return lambda it: next(it)
 
 
+_LEAVES = (str, Tensor)
+
+
 class ImportedGraph:
     """A parsed MetaGraph with its variables; see ``import_meta_graph`` for the whole tour."""
 
@@ -84,6 +74,7 @@ class ImportedGraph:
         self._initializing: set[str] = set()
         self._feed_specs: dict[Ref, tuple[Any, list[int] | None]] = {}
         self._refs: dict[str, Ref] = {}
+        self._calls: dict[tuple[Any, ...], Call] = {}  # run's signatures (see calls.py)
 
     # ---- names -------------------------------------------------------------------------------
     def get_tensor_by_name(self, name: str) -> Tensor:
@@ -149,19 +140,6 @@ class ImportedGraph:
             spec = self._feed_specs[ref] = (_dtype_hint(node, ref[1]), shape)
         return spec
 
-    def _feed_value(self, ref: Ref, value: Any) -> torch.Tensor:
-        dtype, shape = self._feed_spec(ref)
-        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        if isinstance(dtype, torch.dtype) and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        if shape is not None and (len(shape) != tensor.dim() or any(
-                want not in (-1, got) for want, got in zip(shape, tensor.shape, strict=False))):
-            raise GraphImportError(
-                f"cannot feed a value of shape {tuple(tensor.shape)} for tensor {ref_name(ref)}, "
-                f"which has shape {tuple(None if d < 0 else d for d in shape)}"
-            )
-        return tensor
-
     def _evaluate(self, fetches: list[Ref], feeds: dict[Ref, torch.Tensor]) -> list[Any]:
         plan = self.plan(fetches, frozenset(feeds))
         with torch.no_grad():
@@ -188,15 +166,25 @@ class ImportedGraph:
 
             graph.run(["logits:0", "probs:0"], feed_dict={"x:0": batch})  # [array(...), array(...)]
         """
+        key = call_key(fetches, feed_dict, _LEAVES)
+        call = None if key is None else self._calls.get(key)
+        if call is None:
+            call = self._call(fetches, feed_dict)
+            if key is not None:
+                if len(self._calls) >= MAX_CALLS:
+                    self._calls.pop(next(iter(self._calls)))
+                self._calls[key] = call
+        return call(feed_dict)
+
+    def _call(self, fetches: Any, feed_dict: Mapping[Any, Any] | None) -> Call:
+        """``run``'s names, feed converters and plan for this signature (see ``calls.py``)."""
         leaves: list[Any] = []
         rebuild = _flatten(fetches, leaves)
         refs = [self._ref(leaf) for leaf in leaves]
-        feeds = {}
-        for key, value in (feed_dict or {}).items():
-            ref = self._ref(key)
-            feeds[ref] = self._feed_value(ref, value)
-        values = self._evaluate(refs, feeds)
-        return rebuild(iter([_to_numpy(v) for v in values]))
+        feed_refs = [self._ref(key) for key in (feed_dict or {})]
+        converters = [checker(ref, *self._feed_spec(ref)) for ref in feed_refs]
+        plan = self.plan(refs, frozenset(feed_refs))
+        return Call(rebuild, isinstance(fetches, _LEAVES), feed_refs, converters, plan.execute)
 
     # ---- variables ---------------------------------------------------------------------------
     def _initialize(self, name: str) -> torch.Tensor:

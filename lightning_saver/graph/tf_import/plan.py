@@ -8,7 +8,6 @@ placed after an Assign (through a control dependency) sees the assigned value, a
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +32,7 @@ from lightning_saver.graph.tf_import.fuse import fuse_convolutions
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, execution_order, ref_name
 from lightning_saver.graph.tf_import.memory import keep_freed_memory
 from lightning_saver.graph.tf_import.ops_list import LIST_OPS
+from lightning_saver.graph.tf_import.runner import IN_PLACE, PRIVATE_REFS, Runner
 from lightning_saver.graph.tf_import.table import bind_attrs, load_converters
 from lightning_saver.graph.tf_import.variables import (
     ASSIGN_OPS,
@@ -46,68 +46,6 @@ _INITIALIZED_OPS = frozenset({"VarIsInitializedOp", "IsVariableInitialized"})
 _ALIASES = frozenset({"Identity", "Snapshot", "ReadVariableOp", "PreventGradient", "PlaceholderWithDefault"})
 # ops whose OpDef is unknown (a GraphDef without stripped_op_list) are folded unless they look stateful
 _STATEFUL_WORDS = ("Random", "Variable", "Assign", "Stateful", "Multinomial", "Shuffle", "Save", "Restore")
-
-
-# element-wise activations run in place when their input dies at that step (a big CPU win: no
-# fresh output buffer to write); only in ``run``, never in modules, which autograd must see whole
-_IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "Relu": torch.relu_,
-    "Relu6": lambda x: x.clamp_(0.0, 6.0),
-    "Tanh": torch.tanh_,
-    "Sigmoid": torch.sigmoid_,
-}
-
-
-def _count_refs(x: torch.Tensor, **kwargs: Any) -> int:
-    refs = sys.getrefcount(x)  # the same statement as in _in_place's run
-    return refs
-
-
-def _calibrate() -> int:
-    """References to an intermediate while its consumer runs (env, argument list, parameter, ...).
-
-    Measured through the same call shape as ``execute`` uses, because what ``getrefcount`` sees
-    differs between Python versions; -1 (never in place) when a second holder is not visible.
-    """
-    env = {("a", 0): torch.empty(1)}
-    inputs = (("a", 0),)
-    private = _count_refs(*[env[r] for r in inputs])
-    held = env[("a", 0)]
-    shared = _count_refs(*[env[r] for r in inputs])
-    del held
-    return private if shared > private else -1
-
-
-_PRIVATE_REFS = _calibrate()
-# tensors holding a storage: a private intermediate's is held by itself (and the probe's handle);
-# more means an alias the Python refcount cannot see (a detach(), a view's base)
-_storage_users = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _storage_baseline() -> int:
-    probe = torch.empty(1)  # alive while counted, exactly as an intermediate is in _private
-    return _storage_users(probe.untyped_storage()._cdata) if _storage_users else -1
-
-
-_PRIVATE_STORAGE = _storage_baseline()
-
-
-def _private(x: Any, refs: int) -> bool:
-    """``x`` (seen ``refs`` times from the consumer's frame) is an intermediate nobody else can see."""
-    return (refs <= _PRIVATE_REFS and type(x) is torch.Tensor and x.is_floating_point()
-            and not x._is_view() and _storage_users(x.untyped_storage()._cdata) <= _PRIVATE_STORAGE)
-
-
-def _in_place(op: str, fallback: Callable[..., Any]) -> Callable[..., Any]:
-    mutate = _IN_PLACE[op]
-
-    def run(x: torch.Tensor, **kwargs: Any) -> Any:
-        refs = sys.getrefcount(x)  # the same frame shape and statement as _count_refs
-        if _private(x, refs):
-            return mutate(x)
-        return fallback(x, **kwargs)
-
-    return run
 
 
 @dataclass(slots=True)
@@ -157,51 +95,39 @@ class Plan:
         # without assignments, a variable reads the same all along: read each once, up front
         pure = not any(s.kind == "assign" for s in walk_steps(steps))  # in if/else branches too
         self._reads = list({(s.name, 0): s.variable for s in steps if pure and s.kind == "read"}.items())
-        self._fast, self._fast_steps = [], []
+        self._fast_steps = [s for s in steps if not (pure and s.kind == "read")]
+        self._runner: Runner | None = None
+        if self.conditional:
+            return
+        in_place = set()
+        fast = []
         for i, (s, drop) in enumerate(zip(steps, drops, strict=True)):
             if pure and s.kind == "read":
                 continue
-            func = s.func
-            if s.op in _IN_PLACE and len(s.inputs) == 1 and s.inputs[0][0] in produced \
+            if s.op in IN_PLACE and len(s.inputs) == 1 and s.inputs[0][0] in produced \
                     and last_use.get(s.inputs[0]) == i:
-                func = _in_place(s.op, s.func)
-            self._fast.append((s.name, func, s.inputs, s.kwargs, tuple(drop)))
-            self._fast_steps.append(s)
+                in_place.add(len(fast))
+            fast.append((s.name, s.op, s.func, s.inputs, s.kwargs, tuple(drop)))
+        self._runner = Runner(fast, self._reads, self.consts, self.feeds, self.fetches,
+                              self.store.read, frozenset(in_place), PRIVATE_REFS)
 
     def execute(self, feeds: dict[Ref, Any]) -> list[Any]:
         """Run the steps on ``feeds`` and return the fetched values in order."""
-        env = dict(self.consts)
-        env.update(feeds)
-        if self._reads:
-            values = self.store.values
+        runner = self._runner
+        if runner is None:  # run-time tf.cond: dead-tensor rules
+            env = dict(self.consts)
+            env.update(feeds)
             for ref, variable in self._reads:
-                value = values.get(variable)
-                env[ref] = self.store.read(variable) if value is None else value
-        if self.conditional:
+                env[ref] = self.store.read(variable)
             return execute_with_deadness(self._fast_steps, env, self.fetches)
-        i = 0
         try:
-            for i, (name, func, inputs, kwargs, drops) in enumerate(self._fast):  # noqa: B007
-                out = func(*[env[r] for r in inputs], **kwargs)
-                if type(out) is tuple or type(out) is list:
-                    for k in range(len(out)):
-                        env[(name, k)] = out[k]
-                else:
-                    env[(name, 0)] = out
-                out = None  # holding it would make in-place activations think it is shared
-                for ref in drops:
-                    del env[ref]
+            return runner.run(feeds, self.store.values)
         except Exception as err:
-            step = self._fast_steps[i]
-            if hasattr(err, "add_note"):
+            i = runner.failed_step(err.__traceback__)
+            if i is not None and hasattr(err, "add_note"):
+                step = self._fast_steps[i]
                 err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
             raise
-        missing = [r for r in self.fetches if r not in env]
-        if missing:
-            raise GraphImportError(
-                f"fetched tensor {ref_name(missing[0])} does not exist: its op has fewer outputs"
-            )
-        return [env[r] for r in self.fetches]
 
 
 def _no_converter(*args: Any) -> Any:
