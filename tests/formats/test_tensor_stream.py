@@ -39,7 +39,8 @@ def writer(request, monkeypatch):
     second thread and, as the async writer asks, on the writing thread; and the Python one."""
     if request.param.startswith("c"):
         if tensor_stream._native_crc_address() is None:
-            pytest.skip("the optional C extension _write_regions is not built here")
+            pytest.skip("the optional C extension _write_regions is not built here, or google-crc32c "
+                        "has no C implementation on this platform")
     else:
         monkeypatch.setattr(tensor_stream, "_write_regions", None)
     checksum.keep_in_this_thread(request.param == "c-one-thread")
@@ -88,7 +89,7 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch):
 
 def test_a_full_file_system_is_an_oserror_with_its_errno_and_nothing_is_left_running(tmp_path, writer):
     if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full here")
+        pytest.skip("no /dev/full on this platform (Linux has one)")
     fd = os.open("/dev/full", os.O_WRONLY)
     try:
         with pytest.raises(OSError) as info:

@@ -25,7 +25,8 @@ from lightning_saver.saving.deferred_copy import DeferredCopy
 from lightning_saver.saving.saver import CheckpointSaver, load
 
 ROOT = Path(__file__).resolve().parents[2]
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="per-thread scheduling policy, nice and I/O priority are Linux-only")
 needs_undo = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and thread_priority.can_undo_idle()),
     reason="this process may not undo SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE too small)",
@@ -40,7 +41,8 @@ def idle(monkeypatch):
 def _ioprio_class(tid: int) -> int:
     number = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)
     if number is None:
-        pytest.skip("ioprio_get's syscall number is not known for this machine")
+        pytest.skip(f"ioprio_get's syscall number is known here for x86_64 and aarch64 only, "
+                    f"not {os.uname().machine}")
     value = ctypes.CDLL(None, use_errno=True).syscall(number, 1, tid)
     assert value >= 0, os.strerror(ctypes.get_errno())
     return int(value) >> 13

@@ -120,7 +120,8 @@ def test_visibly_too_small_disk_fails_early_on_a_real_tmpfs(tmp_path):
     mount_point = tmp_path / "tmpfs"
     mount_point.mkdir()
     if not _tmpfs_available(mount_point):
-        pytest.skip("cannot mount a tmpfs in a private mount namespace here (unshare/userns unavailable)")
+        pytest.skip("cannot mount a tmpfs in a private mount namespace here: no `unshare`, or this kernel "
+                    "refuses unprivileged user namespaces")
     script = (
         f"mount -t tmpfs -o size=1m none {mount_point} && "
         f"exec {sys.executable} -c \"$CHILD\" {mount_point} tmpfs"
