@@ -66,7 +66,7 @@ def _bound(name: str) -> Any:
     of the plain class binds itself when created). Without Lightning, ``Saver`` is the standalone
     class and nothing imports Lightning.
     """
-    # imported by name: the integration layer is outside what mypy checks
+    # imported by name: the integration layer is outside what mypy checks (all names are literals)
     compat = importlib.import_module("lightning_saver.integration.compat")
     packages = compat.loaded()
     if name == "Saver":
@@ -85,6 +85,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_saver' has no attribute {name!r}")
+    # module from the fixed _LAZY table, name one of its keys (an attribute access, never a file)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     if args[0] in TOOLS:
         module_name, func_name = TOOLS[args[0]].split(":")
+        # module and function from the fixed TOOLS table; args[0] only picks a key
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args[1:]) or 0)
     from lightning_saver.integration.cli import cli_main

@@ -57,6 +57,7 @@ def _model_class(path: str) -> type[nn.Module]:
     if not module_name:
         raise ValueError(f"--model-class {path!r}: expected a dotted path like pkg.module.ClassName")
     try:
+        # the user's explicit --model-class argument only; never a name read from the checkpoint
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"--model-class {path!r} cannot be imported: {err}") from None

@@ -17,7 +17,6 @@ Lightning package, so ``Trainer(plugins=[SafetensorsCheckpointIO()])`` works wit
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +46,7 @@ def is_safetensors_file(path: str | os.PathLike[str], storage_options: Mapping[s
 
 
 def _io_bases(package: str) -> tuple[type, ...]:
-    return (importlib.import_module(compat.FABRIC[package] + ".plugins.io.checkpoint_io").CheckpointIO,)
+    return (compat.fabric_module(package, "plugins.io.checkpoint_io").CheckpointIO,)
 
 
 class _BoundIO:
@@ -178,7 +177,7 @@ class SafetensorsCheckpointIO(SafetensorsIO, metaclass=compat.BoundMeta):
                  allow_pickle: bool = False) -> None:
         if fallback is None:
             package = getattr(self, "_bound_packages", (compat.default_package(),))[0]
-            fabric = importlib.import_module(compat.FABRIC[package] + ".plugins.io.torch_io")
+            fabric = compat.fabric_module(package, "plugins.io.torch_io")
             fallback = fabric.TorchCheckpointIO()
         self.fallback = fallback
         self.verify = verify

@@ -34,6 +34,7 @@ def loaded() -> tuple[str, ...]:
 
 def installed() -> tuple[str, ...]:
     """The Lightning packages that can be imported (found without importing them)."""
+    # names from the fixed PACKAGES table
     return tuple(p for p in PACKAGES if importlib.util.find_spec(p.split(".")[0]) is not None)
 
 
@@ -51,9 +52,32 @@ def default_package() -> str:
                       "(or `pip install lightning`); the standalone Saver works without either")
 
 
+def checked(package: str) -> str:
+    """``package`` if it is one of ``PACKAGES``; the gate for every name this module imports.
+
+    A bound class records its packages, and a pickle of it (``rebuild``) carries them: a crafted
+    file must not make us import a module of its choosing.
+
+    Raises:
+        ValueError: ``package`` is not a Lightning package we bind to.
+    """
+    if package not in PACKAGES:
+        raise ValueError(f"Lightning package {package!r} refused: lightning_saver binds only to one of "
+                         f"{', '.join(PACKAGES)} (a pickled Saver / CheckpointIO naming another "
+                         "is not loaded)")
+    return package
+
+
 def module(package: str, name: str = "") -> ModuleType:
     """``package`` (``"pytorch_lightning"`` or ``"lightning.pytorch"``) or one of its submodules."""
-    return importlib.import_module(f"{package}.{name}" if name else package)
+    # package: one of PACKAGES (checked); name: a literal at every call site in lightning_saver
+    return importlib.import_module(f"{checked(package)}.{name}" if name else checked(package))
+
+
+def fabric_module(package: str, name: str) -> ModuleType:
+    """The ``name`` submodule of ``package``'s Fabric twin (``lightning_fabric`` / ``lightning.fabric``)."""
+    # the Fabric package from the fixed FABRIC table; name: a literal at every call site
+    return importlib.import_module(f"{FABRIC[checked(package)]}.{name}")
 
 
 def package_of(obj: Any) -> str:
@@ -113,7 +137,10 @@ def new_instance(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 def rebuild(bound_for: Callable[[type, tuple[str, ...]], type], plain: type,
             packages: tuple[str, ...]) -> Any:
-    """Unpickling: an empty instance of ``plain`` bound to ``packages`` (``__setstate__`` fills it)."""
+    """Unpickling: an empty instance of ``plain`` bound to ``packages`` (``__setstate__`` fills it).
+
+    ``packages`` comes from the pickle (a file): each is checked against ``PACKAGES`` before any import.
+    """
     for package in packages:
         module(package)
     return object.__new__(bound_for(plain, packages))
