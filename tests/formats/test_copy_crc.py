@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_saver.errors import CorruptCheckpointError
-from lightning_saver.formats import memcopy
+from lightning_saver.formats import memcopy, parallel_read
 from lightning_saver.formats import safetensors_io as sio
 
 native = memcopy._copy_crc
@@ -68,14 +68,14 @@ def test_copy_crc32c_refuses_a_negative_length():
 @pytest.fixture(params=["one pass, streaming stores", "one pass, cached stores", "pread"])
 def reader(request, monkeypatch):
     """Each way read_into can go, on small files: units of 64 KiB so both threads get a share."""
-    monkeypatch.setattr(sio, "_UNIT", 64 << 10)
-    monkeypatch.setattr(sio, "_SPLIT_MIN", 128 << 10)
+    monkeypatch.setattr(parallel_read, "_UNIT", 64 << 10)
+    monkeypatch.setattr(parallel_read, "_SPLIT_MIN", 128 << 10)
     if request.param == "pread":
-        monkeypatch.setattr(sio, "_ONE_PASS", False)
+        monkeypatch.setattr(parallel_read, "_ONE_PASS", False)
     elif not memcopy.ONE_PASS:
         pytest.skip("the optional C extension _copy_crc is not built here, or this CPU lacks SSE4.2")
     else:
-        monkeypatch.setattr(sio, "_NONTEMPORAL_MIN", 0 if "streaming" in request.param else 1 << 62)
+        monkeypatch.setattr(parallel_read, "_NONTEMPORAL_MIN", 0 if "streaming" in request.param else 1 << 62)
     return request.param
 
 
