@@ -95,10 +95,7 @@ class Plan:
         # without assignments, a variable reads the same all along: read each once, up front
         pure = not any(s.kind == "assign" for s in walk_steps(steps))  # in if/else branches too
         self._reads = list({(s.name, 0): s.variable for s in steps if pure and s.kind == "read"}.items())
-        self._fast_steps = [s for s in steps if not (pure and s.kind == "read")]
-        self._runner: Runner | None = None
-        if self.conditional:
-            return
+        self._fast_steps: list[Step] = []  # the steps run per call; the runner's line i runs step i
         in_place = set()
         fast = []
         for i, (s, drop) in enumerate(zip(steps, drops, strict=True)):
@@ -108,8 +105,11 @@ class Plan:
                     and last_use.get(s.inputs[0]) == i:
                 in_place.add(len(fast))
             fast.append((s.name, s.op, s.func, s.inputs, s.kwargs, tuple(drop)))
-        self._runner = Runner(fast, self._reads, self.consts, self.feeds, self.fetches,
-                              self.store.read, frozenset(in_place), PRIVATE_REFS)
+            self._fast_steps.append(s)
+        self._runner: Runner | None = None
+        if not self.conditional:  # run-time tf.cond runs the steps with dead-tensor rules instead
+            self._runner = Runner(fast, self._reads, self.consts, self.feeds, self.fetches,
+                                  self.store.read, frozenset(in_place), PRIVATE_REFS)
 
     def execute(self, feeds: dict[Ref, Any]) -> list[Any]:
         """Run the steps on ``feeds`` and return the fetched values in order."""
