@@ -128,6 +128,17 @@ def run_tf_plain(meta_path: str | Path, feed_sets: Sequence[dict[str, np.ndarray
             return [[out[f"{i}/{k}"] for k in range(n_outputs)] for i in range(len(feed_sets))]
 
 
+def trained_bn(layer: torch.nn.Module) -> torch.nn.Module:
+    """A batch norm with non-trivial running statistics and affine parameters (drawn in place)."""
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        if layer.affine:
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
 def small_variance(args: Sequence[Any], scale: float = 1e-2) -> tuple[Any, ...]:
     """Floating inputs scaled down (variance 1e-4): where an epsilon or a fused rewrite shows."""
     return tuple(a * scale if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

@@ -30,6 +30,7 @@ from export_check import (
     run_tf_plain,
     small_variance,
     torch_outputs,
+    trained_bn,
 )
 from torch import nn
 
@@ -58,19 +59,9 @@ def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _bn(layer: nn.Module) -> nn.Module:
-    with torch.no_grad():  # non-trivial running statistics and affine parameters
-        layer.running_mean.uniform_(-1, 1)
-        layer.running_var.uniform_(0.5, 2)
-        if layer.affine:
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-0.5, 0.5)
-    return layer
-
-
 def _tiny_var(layer: nn.BatchNorm2d) -> nn.Module:
     """Running variances near the epsilon (1e-5), so a kernel that changed it would show."""
-    _bn(layer)
+    trained_bn(layer)
     with torch.no_grad():
         layer.running_var.uniform_(2e-6, 2e-5)
         layer.weight.uniform_(0.5e-2, 1.5e-2)
@@ -131,17 +122,17 @@ def _cases() -> dict[str, Case]:
                                  (img,)),
         "conv_transpose2d_plain": Case(module(nn.ConvTranspose2d(4, 3, 2, stride=2)), (img,)),
         "conv_transpose1d": Case(module(nn.ConvTranspose1d(4, 2, 4, stride=3, padding=2)), (seq,)),
-        "batch_norm2d": Case(module(_bn(nn.BatchNorm2d(4))), (img,)),
-        "batch_norm1d_no_affine": Case(module(_bn(nn.BatchNorm1d(6, affine=False))), (vec,)),
+        "batch_norm2d": Case(module(trained_bn(nn.BatchNorm2d(4))), (img,)),
+        "batch_norm1d_no_affine": Case(module(trained_bn(nn.BatchNorm1d(6, affine=False))), (vec,)),
         # with variables, BN on a Conv2D becomes FusedBatchNormV3 that TF fuses into the conv kernel
-        "conv_bn_relu": Case(_conv_bn(nn.Conv2d(4, 6, 3, padding=1, bias=False), _bn(nn.BatchNorm2d(6)),
-                                      relu=True), (img,)),
+        "conv_bn_relu": Case(_conv_bn(nn.Conv2d(4, 6, 3, padding=1, bias=False),
+                                      trained_bn(nn.BatchNorm2d(6)), relu=True), (img,)),
         "conv_bias_bn_no_affine": Case(_conv_bn(nn.Conv2d(4, 6, 3, stride=2),
-                                                _bn(nn.BatchNorm2d(6, affine=False))), (img,)),
+                                                trained_bn(nn.BatchNorm2d(6, affine=False))), (img,)),
         "conv_bn_tiny_variance": Case(_conv_bn(nn.Conv2d(4, 6, 1), _tiny_var(nn.BatchNorm2d(6)), relu=True),
                                       (img,)),
-        "depthwise_bn": Case(_conv_bn(nn.Conv2d(4, 4, 3, groups=4, bias=False), _bn(nn.BatchNorm2d(4))),
-                             (img,)),
+        "depthwise_bn": Case(_conv_bn(nn.Conv2d(4, 4, 3, groups=4, bias=False),
+                                      trained_bn(nn.BatchNorm2d(4))), (img,)),
         "layer_norm": Case(module(nn.LayerNorm(10)), (seq,)),
         "layer_norm_affine": Case(module(_affine(nn.LayerNorm(10))), (seq,)),
         "linear_gelu": Case(Fn(lambda self, x: F.gelu(self.mods["f"](x)), f=nn.Linear(6, 16)), (vec * 2,)),

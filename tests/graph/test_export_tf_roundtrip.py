@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_check import tf_module, torch_outputs
+from export_check import tf_module, torch_outputs, trained_bn
 from torch import nn
 
 from lightning_saver import Saver, load
@@ -120,13 +120,8 @@ def test_tensorflow_gradients_of_conv_batch_norm_variables_match_torch(tmp_path:
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                           nn.Conv2d(6, 4, 3, bias=False), nn.BatchNorm2d(4),
                           nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5, affine=False)).eval()
-    with torch.no_grad():
-        for bn in (model[1], model[4], model[6]):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-            if bn.affine:
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+    for bn in (model[1], model[4], model[6]):
+        trained_bn(bn)
     meta = Path(export_meta_graph(model, (torch.randn(2, 3, 8, 8),), tmp_path / "model.meta"))
     x, probe = torch.randn(3, 3, 8, 8), torch.randn(3, 5, 6, 6)
     (model(x) * probe).sum().backward()
