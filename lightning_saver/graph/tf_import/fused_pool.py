@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_saver.graph.tf_import.layout import Pads, from_nchw, to_nchw
-from lightning_saver.graph.tf_import.ops_nn import _pool_geometry, _torch_pool_padding
+from lightning_saver.graph.tf_import.layout import Pads, from_nchw, to_nchw, torch_pool_padding
+from lightning_saver.graph.tf_import.ops_nn import pool_geometry
 
 
 def _windows_at_pads(n: int, size: int, k: int, s: int, before: int) -> tuple[int, int]:
@@ -44,10 +44,10 @@ def fused_pad_max_pool(pad: Any, pool: Any, pre: Pads) -> Callable[..., torch.Te
             return plain(x, *operands)
         xc = to_nchw(x, data_format, pool.op)
         sizes = tuple(size + a + b for size, (a, b) in zip(xc.shape[2:], pre, strict=True))
-        kernel, stride, own = _pool_geometry(
+        kernel, stride, own = pool_geometry(
             "MaxPool", sizes, tuple(kwargs["ksize"]), tuple(kwargs["strides"]), str(kwargs["padding"]),
             tuple(kwargs.get("explicit_paddings", ())), data_format)
-        torch_args = _torch_pool_padding(tuple(xc.shape[2:]), kernel, stride, pre)
+        torch_args = torch_pool_padding(tuple(xc.shape[2:]), kernel, stride, pre)
         if any(a or b for a, b in own) or torch_args is None:
             return plain(x, *operands)
         y = F.max_pool2d(xc, kernel, stride, torch_args[0], ceil_mode=torch_args[1])

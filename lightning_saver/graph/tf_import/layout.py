@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -124,6 +125,8 @@ def pad_spatial(x: torch.Tensor, pads: Pads, value: float = 0.0) -> torch.Tensor
     return F.pad(x, flat, value=value)
 
 
+# the same few geometries come back call after call (graph.run per batch): the answers are kept
+@functools.lru_cache(maxsize=512)
 def torch_pool_padding(
     sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], pads: Pads
 ) -> tuple[tuple[int, ...], bool] | None:
@@ -132,7 +135,7 @@ def torch_pool_padding(
     torch pools pad implicitly (-inf for max, excluded from an average's divisor with
     ``count_include_pad=False``). Symmetric pads map directly; in ceil mode torch lets the last
     window hang past the end, which is TF's extra SAME pixel after. Either way the input is not
-    copied into a padded tensor.
+    copied into a padded tensor. Arguments must be hashable (tuples, ``torch.Size``): answers are cached.
     """
     befores = tuple(before for before, _ in pads)
     if any(before > k // 2 for before, k in zip(befores, kernel, strict=True)):

@@ -226,25 +226,22 @@ def _pool(
 ) -> torch.Tensor:
     """A 2-D/3-D pooling with TF's attrs: layout and padding resolved here, ``pool`` on NC* data."""
     x = to_nchw(input, data_format, op)
-    kernel, stride, pads = _pool_geometry(op, x.shape[2:], tuple(ksize), tuple(strides), padding,
-                                          tuple(explicit_paddings), data_format)
+    kernel, stride, pads = pool_geometry(op, x.shape[2:], tuple(ksize), tuple(strides), padding,
+                                         tuple(explicit_paddings), data_format)
     return from_nchw(pool(x, kernel, stride, pads), data_format, op)
 
 
 # the attrs and sizes of a pooling are the same call after call: resolving them in Python took
 # half of a 1x32x32x16 MaxPool's time (13 of 25 us), so the answers are kept (errors are not)
 @functools.lru_cache(maxsize=512)
-def _pool_geometry(op: str, sizes: tuple[int, ...], ksize: tuple[int, ...], strides: tuple[int, ...],
-                   padding: str, explicit_paddings: tuple[int, ...],
-                   data_format: str) -> tuple[tuple[int, ...], tuple[int, ...], Pads]:
+def pool_geometry(op: str, sizes: tuple[int, ...], ksize: tuple[int, ...], strides: tuple[int, ...],
+                  padding: str, explicit_paddings: tuple[int, ...],
+                  data_format: str) -> tuple[tuple[int, ...], tuple[int, ...], Pads]:
     kernel = spatial_attr(ksize, data_format, "ksize", op)
     stride = spatial_attr(strides, data_format, "strides", op)
     dilation = (1,) * len(kernel)
     pads = spatial_pads(sizes, kernel, stride, dilation, padding, explicit_paddings, data_format, op)
     return kernel, stride, pads
-
-
-_torch_pool_padding = functools.lru_cache(maxsize=512)(torch_pool_padding)
 
 
 @TF_OPS.register("MaxPool")
@@ -294,7 +291,7 @@ def _max_pool_tiles(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor | None:
 
 def _max_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
     pool = _MAX_POOL[len(kernel)]
-    torch_args = _torch_pool_padding(x.shape[2:], kernel, stride, pads)
+    torch_args = torch_pool_padding(x.shape[2:], kernel, stride, pads)
     if torch_args is not None:
         return pool(x, kernel, stride, torch_args[0], ceil_mode=torch_args[1])
     # padded cells never win a max, whatever the sign of the data
@@ -329,7 +326,7 @@ def avg_pool(
 def _avg_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], pads: Pads) -> torch.Tensor:
     """TF's average: the divisor counts only the real (unpadded) cells of each window."""
     pool = _AVG_POOL[len(kernel)]
-    torch_args = _torch_pool_padding(x.shape[2:], kernel, stride, pads)
+    torch_args = torch_pool_padding(x.shape[2:], kernel, stride, pads)
     if torch_args is not None:
         return pool(x, kernel, stride, torch_args[0], ceil_mode=torch_args[1], count_include_pad=False)
     total = pool(pad_spatial(x, pads), kernel, stride, divisor_override=1)
