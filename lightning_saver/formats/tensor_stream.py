@@ -46,9 +46,9 @@ try:
 except ImportError:  # optional C extension: the Python writer below does the same, slower
     _write_regions = None  # type: ignore[assignment]
 
-__all__ = ["CHUNK", "PIECE", "WRITE_BEHIND", "memory_view", "write_all", "writev_all", "write_tensors"]
+__all__ = ["CHUNK", "PIECE", "WRITE_BEHIND", "memory_view", "writev_all", "write_tensors"]
 
-CHUNK = 4 << 20  # the readers' I/O unit (``write_all`` too)
+CHUNK = 4 << 20  # the readers' I/O unit
 PIECE = 1 << 20  # written, then checksummed while still in this core's L2 cache (2 MiB here)
 WRITE_BEHIND = 8 << 20  # the C writer starts writeback of the file every so many bytes
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
@@ -57,13 +57,6 @@ _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
 def memory_view(address: int, nbytes: int) -> memoryview:
     """A writable byte view of ``nbytes`` of memory at ``address`` (a tensor's storage)."""
     return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
-
-
-def write_all(fd: int, address: int, nbytes: int) -> None:
-    """Write ``nbytes`` of memory at ``address`` to ``fd``, however many calls it takes."""
-    done = 0
-    while done < nbytes:
-        done += os.write(fd, memory_view(address + done, min(CHUNK, nbytes - done)))
 
 
 def writev_all(fd: int, views: Sequence[memoryview]) -> None:
