@@ -27,7 +27,7 @@ import torch
 
 from lightning_saver.formats import checksum, direct_write
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, FORMAT_VERSION, RESERVED_KEY
-from lightning_saver.formats.tensor_stream import CHUNK, memory_view, write_tensors
+from lightning_saver.formats.tensor_stream import CHUNK, checked_nbytes, memory_view, write_tensors
 
 __all__ = [
     "CHUNK", "Layout", "WriteResult", "memory_view", "planned_nbytes", "save_file", "write_to_fd",
@@ -66,18 +66,10 @@ def _dtype_name(name: str, tensor: Any) -> str:
     return DTYPE_NAMES[tensor.dtype]
 
 
-def _find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Keys that are the very same view of memory as an earlier key (tied weights)."""
-    by_address: dict[int, list[str]] = {}
-    for name, t in tensors.items():
-        if t.numel():
-            by_address.setdefault(t.data_ptr(), []).append(name)
-    return _aliases_among(tensors, by_address)
-
-
 def _aliases_among(tensors: Mapping[str, torch.Tensor],
                    by_address: Mapping[int, list[str]]) -> dict[str, str]:
-    """:func:`_find_aliases` given the non-empty keys grouped by their data address."""
+    """Keys that are the very same view of memory as an earlier key (tied weights), given the
+    non-empty keys grouped by their data address."""
     aliases: dict[str, str] = {}
     for group in by_address.values():  # the full comparison only where two keys share an address
         owners: dict[tuple[Any, ...], str] = {}
@@ -268,10 +260,7 @@ def write_to_fd(
 def _write_direct(plan: _Plan, tensors: Mapping[str, torch.Tensor], fd: int) -> WriteResult | None:
     """The file through :func:`direct_write.write_file`; ``None`` where ``O_DIRECT`` is refused."""
     for name in plan.order:
-        t = tensors[name]
-        if t.numel() * t.element_size() != plan.layout.sizes[name]:
-            raise ValueError(f"tensor {name!r} has {t.numel() * t.element_size()} bytes, the file's "
-                             f"layout planned {plan.layout.sizes[name]}: it changed size while being saved")
+        checked_nbytes(name, tensors[name], plan.layout.sizes)
     crcs: dict[str, str] = {}
 
     def final_header(values: dict[str, int]) -> bytes:

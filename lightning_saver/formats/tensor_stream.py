@@ -46,7 +46,9 @@ try:
 except ImportError:  # optional C extension: the Python writer below does the same, slower
     _write_regions = None  # type: ignore[assignment]
 
-__all__ = ["CHUNK", "PIECE", "WRITE_BEHIND", "memory_view", "writev_all", "write_tensors"]
+__all__ = [
+    "CHUNK", "PIECE", "WRITE_BEHIND", "checked_nbytes", "memory_view", "writev_all", "write_tensors",
+]
 
 CHUNK = 4 << 20  # the readers' I/O unit
 PIECE = 1 << 20  # written, then checksummed while still in this core's L2 cache (2 MiB here)
@@ -148,7 +150,7 @@ def write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[
     out = _Writer(fd)
     for name in order:
         tensor = tensors[name]
-        nbytes = _checked_nbytes(name, tensor, sizes)
+        nbytes = checked_nbytes(name, tensor, sizes)
         out.crcs[name] = 0
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             copy = tensor.detach().to("cpu").contiguous()  # one tensor at a time: bounded extra memory
@@ -165,7 +167,8 @@ def _add_pieces(out: _Writer, name: str, address: int, nbytes: int) -> None:
         out.add(name, address + start, min(PIECE, nbytes - start))
 
 
-def _checked_nbytes(name: str, tensor: torch.Tensor, sizes: Mapping[str, int] | None) -> int:
+def checked_nbytes(name: str, tensor: torch.Tensor, sizes: Mapping[str, int] | None) -> int:
+    """The tensor's byte size; ValueError where it differs from ``sizes[name]`` (the planned size)."""
     nbytes = tensor.numel() * tensor.element_size()
     if sizes is not None and sizes[name] != nbytes:
         raise ValueError(f"tensor {name!r} has {nbytes} bytes, the file's layout planned "
@@ -201,7 +204,7 @@ def _write_native(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[
 
     for name in order:
         tensor = tensors[name]
-        nbytes = _checked_nbytes(name, tensor, sizes)
+        nbytes = checked_nbytes(name, tensor, sizes)
         if tensor.is_cpu and tensor.is_contiguous():
             names.append(name)
             regions.extend((tensor.data_ptr(), nbytes))
