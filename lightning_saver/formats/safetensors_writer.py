@@ -262,15 +262,16 @@ def _write_direct(plan: _Plan, tensors: Mapping[str, torch.Tensor], fd: int) -> 
     for name in plan.order:
         checked_nbytes(name, tensors[name], plan.layout.sizes)
     crcs: dict[str, str] = {}
+    headers: list[bytes] = []
 
     def final_header(values: dict[str, int]) -> bytes:
         crcs.update((name, checksum.format_crc(values[name])) for name in plan.order)
-        return plan.header(crcs)
+        headers.append(plan.header(crcs))
+        return headers[-1]
 
     if direct_write.write_file(fd, tensors, plan.order, plan.header_len, final_header) is None:
         return None
-    final = plan.header(crcs)
-    return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(final)))
+    return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(headers[-1])))
 
 
 def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
