@@ -190,9 +190,8 @@ class AsyncWriter:
             self._waiters -= 1
 
     def _hurry_locked(self) -> None:
-        level = self._level
-        if level is not None and (level.how == "idle" or level.io_idle):
-            self._level = thread_priority.raise_again(level)
+        if self._level is not None:  # raise_again undoes only what is undoable: a no-op otherwise
+            self._level = thread_priority.raise_again(self._level)
 
     def _hurry(self) -> None:
         with self._cond:
@@ -256,7 +255,8 @@ class AsyncWriter:
                     return
                 job = self._jobs.popleft()
                 if not self._waiters:  # under the lock: a waiter's _hurry_locked cannot interleave
-                    self._lower_locked()
+                    # lowers only what was undone since (a no-op for a reniced or refused thread)
+                    self._level = thread_priority.lower(self.niceness, self._level)
             error: BaseException | None = None
             cpu = time.thread_time()
             try:
@@ -272,11 +272,6 @@ class AsyncWriter:
                     del error
                 self._pending -= 1
                 self._cond.notify_all()
-
-    def _lower_locked(self) -> None:
-        level = self._level
-        if level is None or level.how == "" or not level.io_idle:
-            self._level = thread_priority.lower(self.niceness, level)
 
     def _reset_after_fork(self) -> None:
         # the child has no writer thread; the parent still owns and finishes the pending jobs
