@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lightning_saver.formats import memcopy
+from lightning_saver.formats.tensor_stream import cpu_contiguous
 
 __all__ = ["ALIGN", "BUFFER", "ENABLED", "write_file"]
 
@@ -184,9 +185,7 @@ def write_file(
         out = _Out(fd, header_len)
         crcs: dict[str, int] = {}
         for name in order:
-            tensor = tensors[name]
-            if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                tensor = tensor.detach().to("cpu").contiguous()  # one at a time, as the buffered path
+            tensor = cpu_contiguous(tensors[name])  # a copy one at a time, as the buffered path
             crcs[name] = out.put(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
         header = final_header(crcs)
         if len(header) != header_len:

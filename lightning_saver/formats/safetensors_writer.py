@@ -27,7 +27,13 @@ import torch
 
 from lightning_saver.formats import checksum, direct_write
 from lightning_saver.formats.safetensors_header import DTYPE_NAMES, FORMAT_VERSION, RESERVED_KEY
-from lightning_saver.formats.tensor_stream import CHUNK, checked_nbytes, memory_view, write_tensors
+from lightning_saver.formats.tensor_stream import (
+    CHUNK,
+    checked_nbytes,
+    cpu_contiguous,
+    memory_view,
+    write_tensors,
+)
 
 __all__ = [
     "CHUNK", "Layout", "WriteResult", "memory_view", "planned_nbytes", "save_file", "write_to_fd",
@@ -274,12 +280,6 @@ def _write_direct(plan: _Plan, tensors: Mapping[str, torch.Tensor], fd: int) -> 
     return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(headers[-1])))
 
 
-def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return tensor.detach().to("cpu").contiguous()
-    return tensor
-
-
 def write_to_sink(
     tensors: Mapping[str, torch.Tensor],
     sink: Any,
@@ -295,14 +295,14 @@ def write_to_sink(
     plan = _plan(tensors, metadata, info, None)
     crcs = {}
     for name in plan.order:
-        t = _cpu_contiguous(tensors[name])
+        t = cpu_contiguous(tensors[name])
         crcs[name] = checksum.format_crc(checksum.tensor_crc32c(t) if t.numel() else 0)
     final = plan.header(crcs)
     if len(final) != plan.header_len:
         raise RuntimeError("internal error: the checksummed header changed length")
     sink.write(final)
     for name in plan.order:
-        t = _cpu_contiguous(tensors[name])  # one tensor's copy at a time, if any
+        t = cpu_contiguous(tensors[name])  # one tensor's copy at a time, if any
         nbytes = t.numel() * t.element_size()
         for start in range(0, nbytes, CHUNK):
             sink.write(memory_view(t.data_ptr() + start, min(CHUNK, nbytes - start)))

@@ -47,7 +47,8 @@ except ImportError:  # optional C extension: the Python writer below does the sa
     _write_regions = None  # type: ignore[assignment]
 
 __all__ = [
-    "CHUNK", "PIECE", "WRITE_BEHIND", "checked_nbytes", "memory_view", "writev_all", "write_tensors",
+    "CHUNK", "PIECE", "WRITE_BEHIND", "checked_nbytes", "cpu_contiguous", "memory_view", "writev_all",
+    "write_tensors",
 ]
 
 CHUNK = 4 << 20  # the readers' I/O unit
@@ -152,12 +153,10 @@ def write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[
         tensor = tensors[name]
         nbytes = checked_nbytes(name, tensor, sizes)
         out.crcs[name] = 0
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            copy = tensor.detach().to("cpu").contiguous()  # one tensor at a time: bounded extra memory
-            _add_pieces(out, name, copy.data_ptr(), nbytes)
+        data = cpu_contiguous(tensor)  # a copy only where needed, one at a time: bounded extra memory
+        _add_pieces(out, name, data.data_ptr(), nbytes)
+        if data is not tensor:
             out.flush()  # before the copy is freed
-        else:
-            _add_pieces(out, name, tensor.data_ptr(), nbytes)
     out.flush()
     return out.crcs
 
@@ -165,6 +164,13 @@ def write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[
 def _add_pieces(out: _Writer, name: str, address: int, nbytes: int) -> None:
     for start in range(0, nbytes, PIECE):
         out.add(name, address + start, min(PIECE, nbytes - start))
+
+
+def cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself where its bytes can be written from its memory, else a contiguous CPU copy."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return tensor.detach().to("cpu").contiguous()
+    return tensor
 
 
 def checked_nbytes(name: str, tensor: torch.Tensor, sizes: Mapping[str, int] | None) -> int:
@@ -205,14 +211,12 @@ def _write_native(fd: int, tensors: Mapping[str, torch.Tensor], order: Sequence[
     for name in order:
         tensor = tensors[name]
         nbytes = checked_nbytes(name, tensor, sizes)
-        if tensor.is_cpu and tensor.is_contiguous():
-            names.append(name)
-            regions.extend((tensor.data_ptr(), nbytes))
-            continue
-        flush()
-        copy = tensor.detach().to("cpu").contiguous()  # one tensor at a time: bounded extra memory
+        data = cpu_contiguous(tensor)  # a copy only where needed, one at a time: bounded extra memory
+        if data is not tensor:
+            flush()  # the copy goes in a call of its own
         names.append(name)
-        regions.extend((copy.data_ptr(), nbytes))
-        flush()  # before the copy is freed
+        regions.extend((data.data_ptr(), nbytes))
+        if data is not tensor:
+            flush()  # before the copy is freed
     flush()
     return crcs
