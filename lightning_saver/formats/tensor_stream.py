@@ -122,15 +122,16 @@ class _WriteBehind:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.start = self.flushed = self.end = 0
+        self.on = _SYNC_FILE_RANGE is not None
+        self.flushed = self.end = 0
         try:
-            self.start = self.flushed = self.end = os.lseek(fd, 0, os.SEEK_CUR)
+            self.flushed = self.end = os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:  # a pipe: nothing to write back
-            self.start = -1
+            self.on = False
 
     def wrote(self, nbytes: int) -> None:
         self.end += nbytes
-        if _SYNC_FILE_RANGE is None or self.start < 0 or self.end - self.flushed < WRITE_BEHIND:
+        if not self.on or self.end - self.flushed < WRITE_BEHIND:
             return
         _SYNC_FILE_RANGE(self.fd, self.flushed, self.end - self.flushed, _SYNC_FILE_RANGE_WRITE)
         self.flushed = self.end
