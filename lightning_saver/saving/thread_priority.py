@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -42,7 +43,8 @@ _IOPRIO_WHO_PROCESS = 1  # with a thread id: that thread only
 _IOPRIO_CLASS_SHIFT = 13
 _IOPRIO_IDLE = 3 << _IOPRIO_CLASS_SHIFT
 _IOPRIO_BEST_EFFORT = (2 << _IOPRIO_CLASS_SHIFT) | 4  # the default class and level
-_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "arm64": 30}
+# the ioprio_set syscall number of this machine (None: not known here, no I/O priorities)
+_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "arm64": 30}.get(os.uname().machine) if _LINUX else None
 
 
 @dataclass
@@ -56,11 +58,14 @@ class Lowered:
 
 
 def _ioprio_set(tid: int, value: int) -> bool:
-    number = _SYS_IOPRIO_SET.get(os.uname().machine)
-    if number is None:
+    if _SYS_IOPRIO_SET is None:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.syscall(number, _IOPRIO_WHO_PROCESS, tid, value)) == 0
+    return int(_libc().syscall(_SYS_IOPRIO_SET, _IOPRIO_WHO_PROCESS, tid, value)) == 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 _undo_idle: bool | None = None
