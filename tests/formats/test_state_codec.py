@@ -182,3 +182,23 @@ def test_shared_tensor_is_stored_once():
     t = torch.ones(3)
     encoded = encode_state({"a": [t, t], "b": {"c": t}})
     assert len(encoded.tensors) == 1
+
+
+def test_header_text_is_pinned_for_scalar_runs_counters_and_enums():
+    # the exact JSON, written by hand from the tag rules in state_codec's docstring: runs of plain
+    # scalars (Python's RNG state, the loops' counters) are stored as they are, while an IntEnum in a
+    # list, a float, a nested tuple or a "$" key still takes its tag
+    state = {
+        "loops": {"total": {"ready": 3, "completed": 2}, "flags": [True, None, "a", 7]},
+        "rng": (3, (1, 2, 3), None),
+        "codes": [http.HTTPStatus.OK, 1],
+        "betas": (0.9, 0.999),
+        "odd": {"$x": 1},
+    }
+    expected = (
+        '{"version":1,"state":{"loops":{"total":{"ready":3,"completed":2},"flags":[true,null,"a",7]},'
+        '"rng":{"$tuple":[3,{"$tuple":[1,2,3]},null]},"codes":[{"$enum":["http","HTTPStatus","OK"]},1],'
+        '"betas":{"$tuple":[0.9,0.999]},"odd":{"$dict":[["$x",1]]}}}'
+    )
+    assert encode_state(state).metadata[STATE_KEY] == expected
+    assert same(decode_state({}, {STATE_KEY: expected}), state)
