@@ -38,12 +38,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lightning_saver.formats import memcopy
-from lightning_saver.formats.tensor_stream import cpu_contiguous
+from lightning_saver.formats.tensor_stream import cpu_contiguous, memory_view
 
-__all__ = ["ALIGN", "BUFFER", "ENABLED", "write_file"]
+__all__ = ["ALIGN", "BUFFER", "ENABLED", "IMAGE_CHUNK", "write_file", "write_image"]
 
 ALIGN = 4096  # offsets, lengths and addresses of O_DIRECT writes (covers 512- and 4096-byte blocks)
 BUFFER = 8 << 20  # one O_DIRECT write; a buffer this large is kept for the next file
+IMAGE_CHUNK = 32 << 20  # one O_DIRECT write of a file image (write_image)
 ENABLED = hasattr(os, "O_DIRECT")  # False: every caller writes buffered (benchmarks compare both)
 
 _pool: list[mmap.mmap] = []  # idle aligned buffers, kept: each new one costs BUFFER / 4 KiB page faults
@@ -138,15 +139,22 @@ class _Out:
         os.ftruncate(self.fd, self.pos)
 
     def _write(self, view: memoryview, offset: int) -> None:
-        while view:
-            try:
-                n = _pwrite(self.fd, view, offset)
-            except OSError as exc:
-                if not (self.direct and exc.errno == errno.EINVAL):
-                    raise
-                self.direct = _set_direct(self.fd, False)  # refused: the same bytes, buffered
-                continue
-            view, offset = view[n:], offset + n
+        self.direct = _write_all(self.fd, view, offset, self.direct)
+
+
+def _write_all(fd: int, view: memoryview, offset: int, direct: bool) -> bool:
+    """``pwrite`` all of ``view`` at ``offset``; where an ``O_DIRECT`` write is refused (EINVAL),
+    turn ``O_DIRECT`` off and write the same bytes buffered. Returns whether ``O_DIRECT`` is on."""
+    while view:
+        try:
+            n = _pwrite(fd, view, offset)
+        except OSError as exc:
+            if not (direct and exc.errno == errno.EINVAL):
+                raise
+            direct = _set_direct(fd, False)  # refused: the same bytes, buffered
+            continue
+        view, offset = view[n:], offset + n
+    return direct
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -196,3 +204,35 @@ def write_file(
             _give_back(out.buf)
         _set_direct(fd, False)
     return crcs
+
+
+def write_image(fd: int, address: int, nbytes: int, *, direct: bool = True) -> bool:
+    """Write a whole file from its image in memory (``nbytes`` at ``address``, page-aligned, with
+    room up to the next ``ALIGN``; :mod:`~lightning_saver.formats.file_image`) to ``fd`` (empty,
+    writable, regular): ``O_DIRECT`` writes of ``IMAGE_CHUNK`` bytes, the last one rounded up to
+    ``ALIGN`` and the file cut to ``nbytes``; buffered writes of the same bytes where ``O_DIRECT`` is
+    off (``direct=False``, or ``ENABLED`` false) or refused. No copy and no pass over the bytes
+    here: the kernel reads the memory.
+
+    Returns:
+        Whether it was written with ``O_DIRECT`` throughout.
+
+    Raises:
+        OSError: from the file system.
+    """
+    if address % ALIGN:
+        raise ValueError(f"direct_write.write_image: the image at {address:#x} is not aligned to {ALIGN}")
+    direct = direct and ENABLED and _set_direct(fd, True)
+    try:
+        offset = 0
+        while offset < nbytes:
+            end = min(offset + IMAGE_CHUNK, nbytes)
+            # O_DIRECT writes whole blocks: the last one goes rounded up, the ftruncate cuts it
+            length = (_round_up(end) if direct else end) - offset
+            direct = _write_all(fd, memory_view(address + offset, length), offset, direct)
+            offset = end
+        os.ftruncate(fd, nbytes)
+    finally:
+        if direct:
+            _set_direct(fd, False)
+    return direct

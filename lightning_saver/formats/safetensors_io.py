@@ -45,6 +45,7 @@ from lightning_saver.formats.safetensors_writer import (
     WriteResult,
     planned_nbytes,
     save_file,
+    write_image,
     write_to_fd,
     write_to_sink,
 )
@@ -53,7 +54,7 @@ __all__ = [
     "FORMAT_VERSION", "RESERVED_KEY", "TensorInfo", "Header", "WriteResult",
     "save_file", "write_to_fd", "planned_nbytes", "load_file", "read_into", "read_header",
     "read_index", "read_metadata", "read_info", "verify_file", "load_tensors", "verify_header",
-    "write_to_sink", "read_exact", "check_crc",
+    "write_to_sink", "write_image", "read_exact", "check_crc",
 ]  # fmt: skip
 
 

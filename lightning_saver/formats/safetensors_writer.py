@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import torch
@@ -35,9 +35,12 @@ from lightning_saver.formats.tensor_stream import (
     write_tensors,
 )
 
+if TYPE_CHECKING:
+    from lightning_saver.formats.file_image import FileImage
+
 __all__ = [
-    "CHUNK", "Layout", "WriteResult", "memory_view", "planned_nbytes", "save_file", "write_to_fd",
-    "write_to_sink",
+    "CHUNK", "Layout", "WriteResult", "memory_view", "planned_nbytes", "save_file", "write_image",
+    "write_to_fd", "write_to_sink",
 ]
 
 _PLACEHOLDER = "0" * 8
@@ -187,14 +190,16 @@ class _Plan:
         self.header_len = len(self.header(dict.fromkeys(self.order, _PLACEHOLDER)))
         self.nbytes = self.header_len + layout.data_nbytes
 
-    def header(self, crcs: Mapping[str, str]) -> bytes:
+    def header(self, crcs: Mapping[str, str], pad_to: int = 0) -> bytes:
+        """The header with these checksums, padded with spaces to ``pad_to`` bytes where it is
+        shorter (a file image's reserved room; JSON ignores trailing whitespace)."""
         ours = dict(self.info, checksum={"algorithm": checksum.ALGORITHM, "tensors": dict(crcs)})
         meta = json.dumps(dict(self.metadata, **{RESERVED_KEY: json.dumps(ours)}), separators=(",", ":"))
         entries = self.layout.entries_json
         # the same bytes as json.dumps({"__metadata__": meta, **entries}), without re-encoding the
         # (unchanging) tensor entries: 1,000 tensors took ~3 ms per header that way
         raw = ('{"__metadata__":' + meta + ("," + entries if entries else "") + "}").encode()
-        raw += b" " * (-len(raw) % 8)  # tensor data starts 8-aligned
+        raw += b" " * max(-len(raw) % 8, pad_to - 8 - len(raw))  # tensor data starts 8-aligned
         return struct.pack("<Q", len(raw)) + raw
 
 
@@ -278,6 +283,34 @@ def _write_direct(plan: _Plan, tensors: Mapping[str, torch.Tensor], fd: int) -> 
     if direct_write.write_file(fd, tensors, plan.order, plan.header_len, final_header) is None:
         return None
     return WriteResult(plan.nbytes, crcs, checksum.format_crc(google_crc32c.value(headers[-1])))
+
+
+def write_image(
+    image: FileImage,
+    fd: int,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    info: Mapping[str, Any] | None = None,
+    direct: bool = True,
+) -> WriteResult | None:
+    """Write a file whose data is already in place in ``image`` (:mod:`.file_image`, the async
+    snapshot): the final header goes in front of it, then the whole image to ``fd`` (empty,
+    writable), with ``O_DIRECT`` where ``direct`` and the file system allow it. The same bytes as
+    :func:`write_to_fd` of the image's tensors, where the header needs all of its reserved room.
+
+    Returns:
+        A :class:`WriteResult`, or ``None`` (nothing written) where the final header is longer than
+        the image's reserved room: the caller then writes ``image.tensors`` with :func:`write_to_fd`.
+    """
+    plan = _Plan(image.plan.layout, metadata, info)
+    if plan.header_len > image.header_len:
+        return None
+    values = image.crcs()
+    crcs = {name: checksum.format_crc(values[name]) for name in plan.order}
+    final = plan.header(crcs, pad_to=image.header_len)
+    image.put_header(final)
+    direct_write.write_image(fd, image.address, image.nbytes, direct=direct)
+    return WriteResult(image.nbytes, crcs, checksum.format_crc(google_crc32c.value(final)))
 
 
 def write_to_sink(

@@ -14,6 +14,8 @@ Interface the saver relies on:
   ``snapshot(tensors, defer=names)`` leaves the copies of ``names`` (``True``: all) to the writer
   thread, which makes them before the next submitted job runs; ``writer.wait_snapshot()`` must be
   called before those tensors change (see :mod:`lightning_saver.saving.deferred_copy`).
+* ``writer.snapshot_image(tensors, plan, defer=...)``: the same, into an image of the file
+  (:mod:`lightning_saver.saving.snapshot_image`), which the job writes as it is.
 * ``writer.submit(job)``: blocks while ``max_in_flight`` jobs are pending; re-raises a previous job's
   error first; then runs ``job`` in the background.
 * ``writer.wait()``: blocks until every submitted job finished; re-raises the first unreported error.
@@ -45,9 +47,11 @@ from functools import partial
 import torch
 
 from lightning_saver.formats import checksum
+from lightning_saver.formats.file_image import FileImage, ImagePlan
 from lightning_saver.saving import thread_priority
 from lightning_saver.saving.deferred_copy import DeferredCopy
 from lightning_saver.saving.snapshot_arena import Arena, snapshot, snapshot_deferred, take_arena
+from lightning_saver.saving.snapshot_image import snapshot_image
 
 __all__ = ["AsyncWriter", "snapshot"]
 
@@ -124,10 +128,25 @@ class AsyncWriter:
         self._acquire_slot()
         self.wait_snapshot()  # an earlier deferred copy that no job took: finish it first
         frozen, deferred = snapshot_deferred(tensors, self._take_arena, defer)
+        self._hold(deferred)
+        return frozen
+
+    def snapshot_image(
+        self, tensors: Mapping[str, torch.Tensor], plan: ImagePlan, *, defer: Collection[str] | bool = False
+    ) -> FileImage:
+        """:meth:`snapshot`, copying into a reused image of the safetensors file laid out by ``plan``
+        (with the tensors' checksums), which the job then writes as it is
+        (:mod:`lightning_saver.saving.snapshot_image`). Same waiting, reuse and ``defer``."""
+        self._acquire_slot()
+        self.wait_snapshot()
+        image, deferred = snapshot_image(tensors, plan, self._take_arena, defer)
+        self._hold(deferred)
+        return image
+
+    def _hold(self, deferred: DeferredCopy | None) -> None:
         if deferred is not None:
             with self._cond:
                 self._unsubmitted = self._fence = deferred
-        return frozen
 
     def wait_snapshot(self) -> None:
         """Return once the last snapshot's deferred copies are complete (made here if the writer has

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from lightning_saver.formats import safetensors_io
+from lightning_saver.formats.file_image import FileImage, ImagePlan
 from lightning_saver.formats.safetensors_writer import Layout
 from lightning_saver.saving import names
 from lightning_saver.storage import Sink, Storage
 
 __all__ = [
-    "tensors_of", "sharded", "Layout", "write_safetensors", "delete_dropped", "remove_quietly",
-    "delete_remote_set", "delete_object",
+    "tensors_of", "sharded", "Layout", "FileImage", "ImagePlan", "write_safetensors", "delete_dropped",
+    "remove_quietly", "delete_remote_set", "delete_object",
 ]
 
 log = logging.getLogger("lightning_saver")
@@ -97,11 +98,17 @@ def delete_dropped(store: Storage, directory: str, dropped: list[str],
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
                        info: Mapping[str, Any], sink: Sink, *, layout: Layout | None = None,
-                       direct: bool = False) -> safetensors_io.WriteResult:
+                       direct: bool = False, image: FileImage | None = None) -> safetensors_io.WriteResult:
     """The in-place fast path when the sink has a descriptor (local file, spool), else a stream
     (``layout``: the tensors' :class:`Layout`, when the caller computed it to check the size;
-    ``direct``: past the page cache where the file system allows it, see ``formats/direct_write.py``)."""
+    ``direct``: past the page cache where the file system allows it, see ``formats/direct_write.py``;
+    ``image``: the file already laid out in memory, ``tensors`` being its views, written as it is
+    where its header fits, see ``formats/file_image.py``)."""
     fd = sink.fileno()
+    if fd is not None and image is not None:
+        result = safetensors_io.write_image(image, fd, metadata=metadata, info=info, direct=direct)
+        if result is not None:
+            return result
     if fd is not None:
         return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info, layout=layout,
                                           direct=direct)

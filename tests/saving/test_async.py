@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_saver.formats import safetensors_io
+from lightning_saver.saving import writing
 from lightning_saver.saving.async_writer import AsyncWriter, snapshot
 from lightning_saver.saving.saver import CheckpointSaver, latest_checkpoint, load
 
@@ -280,7 +280,7 @@ class _Gate:
         self.release = threading.Event()
         self.started = threading.Event()
         self.fail = fail
-        original = safetensors_io.write_to_fd
+        original = writing.write_safetensors  # the file write, whichever way (image, tensors)
 
         def gated(*args, **kwargs):
             self.started.set()
@@ -289,7 +289,7 @@ class _Gate:
                 raise self.fail
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(safetensors_io, "write_to_fd", gated)
+        monkeypatch.setattr(writing, "write_safetensors", gated)
 
 
 def _files(*steps: int) -> list[str]:
