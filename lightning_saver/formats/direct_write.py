@@ -7,7 +7,10 @@ the kernel later writes them back; measured on the 2-core VM for 40 MiB, in the 
 copy + CRC-32C in one pass into the aligned buffer 6.9 ms (a copy alone 5.3, a CRC alone 5.9). So
 the file's bytes are copied in file order into a page-aligned buffer, their checksum computed in the
 same pass (:func:`~lightning_saver.formats.memcopy.copy_crc32c`), and each full buffer written with
-``O_DIRECT``. That is what the async writer spends per save while training runs beside it.
+``O_DIRECT`` (:func:`write_file`). Where the whole file is already laid out in memory (the async
+saver's snapshot, :mod:`~lightning_saver.formats.file_image`), :func:`write_image` writes it as it
+is, with no copy: the async writer's path; :func:`write_file` is its fallback (a header that
+outgrew its room in the image) and the path for tensors that are not an image.
 
 ``O_DIRECT`` needs offsets, lengths and memory aligned to the device's block size (``ALIGN``):
 
@@ -24,6 +27,7 @@ Durability is unchanged: the caller still fsyncs the file (the data is on the de
 Example::
 
     crcs = write_file(fd, tensors, layout.order, header_len, final_header)   # fd: empty, writable
+    write_image(fd, image.address, image.nbytes)                            # the same, from an image
 """
 
 from __future__ import annotations
