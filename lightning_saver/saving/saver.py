@@ -30,7 +30,15 @@ import torch
 from torch import nn
 
 from lightning_saver.formats import safetensors_io
-from lightning_saver.saving import deleter, names, rotation, series_records, state_file, writing
+from lightning_saver.saving import (
+    deleter,
+    names,
+    rotation,
+    series_records,
+    snapshot_image,
+    state_file,
+    writing,
+)
 from lightning_saver.saving.names import Series
 from lightning_saver.saving.reading import RestoreResult, latest_checkpoint, load, read_metadata, restore_path
 from lightning_saver.saving.store_io import store_of
@@ -165,7 +173,7 @@ class CheckpointSaver:
             # the writer's snapshot first waits for the save in flight, then reuses its CPU memory:
             # one snapshot of extra memory, and no page faults after the first save
             image = None
-            if store.local_path(path) is not None:
+            if snapshot_image.ENABLED and store.local_path(path) is not None:
                 # a local file: the snapshot is the file's image, written as it is, past the page
                 # cache (O_DIRECT): one copy per save, and a tenth of the CPU of a buffered write in
                 # the writer (docs/durability.md, "The writer's CPU")

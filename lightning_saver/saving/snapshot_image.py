@@ -36,7 +36,9 @@ from lightning_saver.formats.direct_write import ALIGN
 from lightning_saver.formats.file_image import FileImage, ImagePlan
 from lightning_saver.saving.deferred_copy import DeferredCopy, start_device_copies
 
-__all__ = ["snapshot_image"]
+__all__ = ["ENABLED", "snapshot_image"]
+
+ENABLED = True  # False: local async saves snapshot into the arena and the writer copies again
 
 _Piece = tuple[int, int, int, int]  # (checksum slot, dst address, src address, nbytes)
 
