@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py
+
+from timing import machine  # noqa: E402
 
 import lightning_saver  # noqa: E402
 from lightning_saver.saving.saver import CheckpointSaver  # noqa: E402
@@ -86,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     tree = Path(lightning_saver.__file__).resolve().parents[1]  # PYTHONPATH may name another tree
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=tree).stdout.strip()
-    print(json.dumps({"tree": str(tree), "commit": commit, "mb": round(nbytes / 1e6, 1),
+    print(json.dumps({"benchmark": "async_save_cpu", "machine": machine(), "tree": str(tree), "commit": commit, "mb": round(nbytes / 1e6, 1),
                       "defer": args.defer, "saves": len(rows), "writer_cpu_ms": round(med[0], 2),
                       "caller_ms": round(med[1], 2), "background_ms": round(med[2], 2),
-                      "writer_cpu_ms_all": [round(r[0], 2) for r in rows], "load": os.getloadavg()}))
+                      "writer_cpu_ms_all": [round(r[0], 2) for r in rows]}))
     return 0
 
 

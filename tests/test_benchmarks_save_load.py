@@ -33,3 +33,16 @@ def test_save_load_benchmark_quick_run(tmp_path):
     assert result["paired_ratio"]["torch.load(mmap) + load_state_dict"] == 1.0
     assert result["sync_over_raw_write_behind_paired"] > 0
     assert list(tmp_path.iterdir()) == []  # its scratch directory is gone
+
+
+def test_async_save_cpu_benchmark_quick_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "async_save_cpu.py"), "--saves", "2", "--width", "64",
+         "--depth", "2", "--defer", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "async_save_cpu" and result["saves"] == 2 and result["defer"]
+    assert result["writer_cpu_ms"] > 0 and result["background_ms"] > 0
+    assert result["machine"]["cpu"] and list(tmp_path.iterdir()) == []  # its files are cleaned up
