@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     tree = Path(lightning_saver.__file__).resolve().parents[1]  # PYTHONPATH may name another tree
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=tree).stdout.strip()
-    print(json.dumps({"benchmark": "async_save_cpu", "machine": machine(), "tree": str(tree), "commit": commit, "mb": round(nbytes / 1e6, 1),
+    print(json.dumps({"benchmark": "async_save_cpu", "machine": machine(), "tree": str(tree),
+                      "commit": commit, "mb": round(nbytes / 1e6, 1),
                       "defer": args.defer, "saves": len(rows), "writer_cpu_ms": round(med[0], 2),
                       "caller_ms": round(med[1], 2), "background_ms": round(med[2], 2),
                       "writer_cpu_ms_all": [round(r[0], 2) for r in rows]}))
