@@ -7,7 +7,9 @@ with tf.compat.v1 variables and restored from a TF checkpoint. Each is saved as 
 Each runtime runs in its own worker process with the same thread count (torch's
 ``set_num_threads``; TF's intra-op threads, one inter-op thread): TensorFlow ``session.run`` on
 the ``.meta``, ours ``graph.run`` (numpy in and out, like session.run) and the ``to_module``
-module under ``torch.no_grad``. The workers wait idle while another one is timed; for each case
+module under ``torch.no_grad``; with ``--compiled`` also that module through ``compile_module``
+(inductor with freezing and the C++ wrapper; its first call per batch size traces and compiles,
+reported as ``compile s``). The workers wait idle while another one is timed; for each case
 they are timed in rounds, in a random order each round, and the ratio ours / TF is taken within a
 round (paired) and reported as the median over rounds. Below 1 is faster than TensorFlow.
 Outputs are checked against TensorFlow's first.
@@ -15,6 +17,7 @@ Outputs are checked against TensorFlow's first.
     python benchmarks/tf_import.py                    # 1 and 2 threads, batch 1 and 8
     python benchmarks/tf_import.py --models resnet50 --threads 1 --batches 8
     python benchmarks/tf_import.py --quick            # tiny models, for the smoke test
+    python benchmarks/tf_import.py --compiled --threads 1 --batches 1   # plus compile_module
 
 Prints a table, then one JSON line (with the CPU model, kernel and load averages before and after).
 """
@@ -38,6 +41,7 @@ from timing import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SIDES = ("tf", "run", "module")
+COMPILED = "compiled"  # the extra side of --compiled
 
 
 # ---- building the models (in the parent process, with TensorFlow) ----
@@ -145,7 +149,7 @@ def _tf_runner(model: dict[str, Any], threads: int) -> Callable[[np.ndarray], An
 def _torch_runner(model: dict[str, Any], side: str) -> Callable[[np.ndarray], Any]:
     import torch
 
-    from lightning_saver import import_meta_graph
+    from lightning_saver import compile_module, import_meta_graph
 
     graph = import_meta_graph(model["meta"])
     if model["ckpt"]:
@@ -153,11 +157,13 @@ def _torch_runner(model: dict[str, Any], side: str) -> Callable[[np.ndarray], An
     if side == "run":
         return lambda x: graph.run(model["output"], {model["input"]: x})
     module = graph.to_module(inputs=[model["input"]], outputs=model["output"]).eval()
+    call = compile_module(module) if side == COMPILED else module
 
     def run_module(x: np.ndarray) -> Any:
         with torch.no_grad():
-            return module(torch.from_numpy(x)).numpy()
+            return call(torch.from_numpy(x)).numpy()
 
+    run_module.eager_reasons = getattr(call, "eager_reasons", {})  # type: ignore[attr-defined]
     return run_module
 
 
@@ -184,7 +190,8 @@ def worker(side: str, threads: int) -> None:
             out = np.asarray(fn(x))
             first_s = time.perf_counter() - start
             np.save(cmd["path"], out)
-            print(json.dumps({"load_s": load_s, "first_s": first_s}), flush=True)
+            eager = [str(r) for r in getattr(fn, "eager_reasons", {}).values()]
+            print(json.dumps({"load_s": load_s, "first_s": first_s, "eager_reasons": eager}), flush=True)
             continue
         for _ in range(cmd["warmup"]):
             fn(x)
@@ -225,29 +232,35 @@ class Worker:
 
 def bench_case(workers: dict[str, Worker], name: str, model: dict[str, Any], batch: int,
                args: argparse.Namespace, directory: str) -> dict[str, Any]:
+    sides = tuple(workers)
     outs, info = {}, {}
-    for side in SIDES:
+    for side in sides:
         path = os.path.join(directory, f"{name}-{batch}-{side}.npy")
         info[side] = workers[side].ask(op="check", model=model, batch=batch, path=path)
         outs[side] = np.load(path)
-    err = {side: float(np.max(np.abs(outs[side] - outs["tf"]))) for side in ("run", "module")}
+    err = {side: float(np.max(np.abs(outs[side] - outs["tf"]))) for side in sides if side != "tf"}
     if max(err.values()) > args.atol:
         raise AssertionError(f"{name} batch {batch}: ours differs from TensorFlow by {err}")
     heavy = name == "resnet50" and batch > 1 and not args.quick
     reps = max(2, args.reps // 3) if heavy else args.reps
     rounds = []
     for _ in range(args.rounds):
-        order = list(SIDES)
+        order = list(sides)
         random.shuffle(order)
         times = {side: workers[side].ask(op="time", model=model, batch=batch, warmup=1, reps=reps)["ms"]
                  for side in order}
         rounds.append(times)
-    med = {side: statistics.median(r[side] for r in rounds) for side in SIDES}
-    return {"model": name, "batch": batch, "threads": workers["tf"].threads,
-            "tf_ms": med["tf"], "run_ms": med["run"], "module_ms": med["module"],
-            "run_ratio": statistics.median(r["run"] / r["tf"] for r in rounds),
-            "module_ratio": statistics.median(r["module"] / r["tf"] for r in rounds),
-            "max_abs_err": max(err.values()), "load_s": {s: round(info[s]["load_s"], 2) for s in SIDES}}
+    med = {side: statistics.median(r[side] for r in rounds) for side in sides}
+    row = {"model": name, "batch": batch, "threads": workers["tf"].threads,
+           "tf_ms": med["tf"], "run_ms": med["run"], "module_ms": med["module"],
+           "run_ratio": statistics.median(r["run"] / r["tf"] for r in rounds),
+           "module_ratio": statistics.median(r["module"] / r["tf"] for r in rounds),
+           "max_abs_err": max(err.values()), "load_s": {s: round(info[s]["load_s"], 2) for s in sides}}
+    if COMPILED in sides:  # compile_s: the first call, which traces and compiles for this batch size
+        row.update(compiled_ms=med[COMPILED],
+                   compiled_ratio=statistics.median(r[COMPILED] / r["tf"] for r in rounds),
+                   compile_s=info[COMPILED]["first_s"], compiled_eager=info[COMPILED]["eager_reasons"])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None,
                         help="OMP_WAIT_POLICY for every worker (default: the environment's); PASSIVE "
                         "stops OpenMP threads spinning at barriers, which stalls torch on a busy machine")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help="also time compile_module's module "
+                        "(inductor; compiles once per model and batch size, which takes minutes)")
+    parser.add_argument("--worker", choices=(*SIDES, COMPILED), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, int(args.threads or 1))
@@ -275,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.reps = args.reps or (2 if args.quick else 9)
     load_before = os.getloadavg()
-    print(_HEADER, flush=True)
+    sides = (*SIDES, COMPILED) if args.compiled else SIDES
+    print(_HEADER + (_COMPILED_HEADER if args.compiled else ""), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         models = build_models(names, args.quick, directory)
         for threads in [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]:
-            workers = {side: Worker(side, threads, args.omp_wait_policy) for side in SIDES}
+            workers = {side: Worker(side, threads, args.omp_wait_policy) for side in sides}
             try:
                 for name in names:
                     for batch in batches:
@@ -295,11 +311,15 @@ def main(argv: list[str] | None = None) -> int:
 
 _HEADER = (f"{'model':<12}{'thr':>4}{'batch':>6}{'TF ms':>10}{'run ms':>10}{'module ms':>11}{'run/TF':>9}"
            f"{'module/TF':>11}")
+_COMPILED_HEADER = f"{'compiled ms':>13}{'compiled/TF':>13}{'compile s':>11}"
 
 
 def _row(r: dict[str, Any]) -> str:
     return (f"{r['model']:<12}{r['threads']:>4}{r['batch']:>6}{r['tf_ms']:>10.2f}{r['run_ms']:>10.2f}"
-            f"{r['module_ms']:>11.2f}{r['run_ratio']:>9.2f}{r['module_ratio']:>11.2f}")
+            f"{r['module_ms']:>11.2f}{r['run_ratio']:>9.2f}{r['module_ratio']:>11.2f}") + (
+        f"{r['compiled_ms']:>13.2f}{r['compiled_ratio']:>13.2f}{r['compile_s']:>11.1f}"
+        + (" (eager: " + "; ".join(r["compiled_eager"]) + ")" if r["compiled_eager"] else "")
+        if "compiled_ms" in r else "")
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace, load_before: tuple[float, ...]) -> None:
@@ -313,6 +333,8 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, load_before: t
         "worst_run_ratio": round(max(r["run_ratio"] for r in rows), 3),
         "worst_module_ratio": round(max(r["module_ratio"] for r in rows), 3),
     }
+    if args.compiled:
+        summary["worst_compiled_ratio"] = round(max(r["compiled_ratio"] for r in rows), 3)
     print(json.dumps(summary))
 
 

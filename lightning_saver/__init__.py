@@ -31,6 +31,7 @@ _LAZY = {
     "latest_checkpoint": "lightning_saver.saving.saver",
     "load": "lightning_saver.saving.saver",
     "import_meta_graph": "lightning_saver.graph.tf_import",
+    "compile_module": "lightning_saver.graph.tf_import",
     "export_onnx": "lightning_saver.graph.onnx_export",
     "export_meta_graph": "lightning_saver.graph.tf_export",
 }
@@ -43,6 +44,7 @@ __all__ = [
     "latest_checkpoint",
     "load",
     "import_meta_graph",
+    "compile_module",
     "export_onnx",
     "export_meta_graph",
     "LightningSaverError",

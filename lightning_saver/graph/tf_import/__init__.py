@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_saver.graph.tf_import.compiled import CompiledModule, compile_module
 from lightning_saver.graph.tf_import.graph import ImportedGraph, Tensor
 from lightning_saver.graph.tf_import.importer import load_meta_graph
 
-__all__ = ["import_meta_graph", "ImportedGraph", "Tensor"]
+__all__ = ["import_meta_graph", "compile_module", "CompiledModule", "ImportedGraph", "Tensor"]
 
 
 def import_meta_graph(path_or_bytes: Any) -> ImportedGraph:

@@ -13,6 +13,7 @@ inside the step with differentiable torch ops, so gradients reach the original v
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ _FLOATS = (torch.float32, torch.float64)
 _SMALL = 1 << 16  # vectors up to this size are compared by value when their tensor changes
 _ONES = (1, 1, 1, 1)
 _PREPARED_SHAPES = 4  # kernels prepared for this many input shapes per convolution
+# True while compiled.py traces a module: the differentiable ops, which inductor folds and fuses
+# itself, instead of the prepared oneDNN kernels (opaque to tracing, and picked by timing)
+PLAIN_OPS: ContextVar[bool] = ContextVar("plain_ops", default=False)
 
 
 class NotFoldable(Exception):
@@ -210,15 +214,16 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
 
     def fused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
         other = operands[sums[0]] if sums else None
-        if hot and not torch.is_grad_enabled() and is_hot(x, filter, operands):
+        plain = PLAIN_OPS.get()
+        if hot and not plain and not torch.is_grad_enabled() and is_hot(x, filter, operands):
             y = hot[-1](x, other)
             if y is not None:
                 return y
         params = (filter, *[operands[i] for i in vector_at])
         if x.dtype not in _FLOATS or any(p.dtype != x.dtype for p in params):
             return unfused(x, filter, *operands)
-        grad = torch.is_grad_enabled() and (any(p.requires_grad for p in params) or x.requires_grad or (
-            other is not None and other.requires_grad))
+        grad = plain or torch.is_grad_enabled() and (any(p.requires_grad for p in params) or x.requires_grad
+                                                     or (other is not None and other.requires_grad))
         extra = (x.dtype, x.shape[channel] if x.dim() > 2 else None)
         try:
             if not grad:
