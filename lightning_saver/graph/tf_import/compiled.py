@@ -32,7 +32,8 @@ from lightning_saver.graph.tf_import.fused_conv import PLAIN_OPS
 MAX_SIGNATURES = 4  # compiled input signatures kept per module; more run eagerly
 _REFUSED_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
 
-Signature = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+# input shapes and dtypes, and the thread count (inductor's C++ kernels fix it when compiled)
+Signature = tuple[tuple[tuple[tuple[int, ...], torch.dtype], ...], int]
 
 
 class CompileFailed(Exception):
@@ -114,15 +115,21 @@ class CompiledModule(nn.Module):
         return any(t._version != v for t, v in zip(self._tensors, self._versions, strict=True))
 
     def _snapshot(self) -> None:
-        self._tensors = [*self.module.parameters(), *self.module.buffers()]
+        """The parameters and state-dict buffers, whose changes the compiled code would miss (folded
+        constants, the non-persistent buffers, are left out: nothing writes them)."""
+        self._tensors = [*self.module.parameters()]
+        for sub in self.module.modules():
+            skip = sub._non_persistent_buffers_set
+            self._tensors += [b for name, b in sub.named_buffers(recurse=False) if name not in skip]
         self._versions = tuple(t._version for t in self._tensors)
 
     def forward(self, *inputs: Any) -> Any:
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
-            return self.module(*inputs)  # training: the module itself, so gradients flow
         if not all(isinstance(x, torch.Tensor) for x in inputs):
             return self.module(*inputs)
-        signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if torch.is_grad_enabled() and (any(x.requires_grad for x in inputs) or any(
+                p.requires_grad for p in self.module.parameters())):
+            return self.module(*inputs)  # training: the module itself, so gradients flow
+        signature = (tuple((tuple(x.shape), x.dtype) for x in inputs), torch.get_num_threads())
         if self.compiled and self._weights_changed():
             warnings.warn("compile_module: the module's weights changed since they were compiled; "
                           "compiling again", stacklevel=2)
@@ -149,8 +156,8 @@ class CompiledModule(nn.Module):
             reason = str(err) if isinstance(err, CompileFailed) else f"{type(err).__name__}: {err}"
             reason = reason.strip().splitlines()[0] if reason.strip() else type(err).__name__
             self.eager_reasons[signature] = reason
-            warnings.warn(f"compile_module: inputs {[list(s) for s, _ in signature]} run eagerly: {reason}",
-                          stacklevel=3)
+            shapes = [list(shape) for shape, _ in signature[0]]
+            warnings.warn(f"compile_module: inputs {shapes} run eagerly: {reason}", stacklevel=3)
         self.compiled[signature] = fn
         self.compile_seconds[signature] = None if fn is None else time.perf_counter() - start
         return fn
@@ -159,8 +166,9 @@ class CompiledModule(nn.Module):
 def compile_module(module: nn.Module) -> CompiledModule:
     """``module`` (from ``ImportedGraph.to_module``) compiled with inductor for CPU inference.
 
-    Each new input signature (shapes, dtypes) traces and compiles on its first call, which takes
-    seconds to minutes; later calls run the compiled code. Outputs match the module's.
+    Each new input signature (shapes, dtypes, ``torch.get_num_threads()``) traces and compiles on
+    its first call, which takes seconds to minutes; later calls run the compiled code. Outputs
+    match the module's.
 
     Args:
         module: a module from ``to_module``; it is not changed.
