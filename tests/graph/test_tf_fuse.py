@@ -177,7 +177,8 @@ def test_a_vector_that_is_not_per_channel_runs_the_original_ops(tmp_path):
 
 
 def _keep_memory_in_child(env_value):
-    """Page faults of allocating, touching and freeing 24 blocks of 8-10 MiB twice, in a fresh process."""
+    """Page faults of allocating, touching and freeing 24 blocks of 8-10 MiB twice, in a fresh process,
+    and the bytes glibc then holds in fastbins (``mallinfo2().fsmblks``) after freeing 200 small blocks."""
     import os
     import subprocess
     import sys
@@ -197,13 +198,22 @@ def _keep_memory_in_child(env_value):
             "        p = libc.malloc(ctypes.c_size_t(n))\n"
             "        ctypes.memset(p, 1, n)\n"
             "        libc.free(ctypes.c_void_p(p))\n"
-            "print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)\n")
+            "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start\n"
+            "small = [libc.malloc(ctypes.c_size_t(40)) for _ in range(200)]\n"
+            "for p in small:\n"
+            "    libc.free(ctypes.c_void_p(p))\n"
+            "class Info(ctypes.Structure):\n"
+            "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks hblkhd usmblks '\n"
+            "                                              'fsmblks uordblks fordblks keepcost').split()]\n"
+            "info = getattr(libc, 'mallinfo2', None)  # glibc 2.33+\n"
+            "if info is not None: info.restype = Info\n"
+            "print(ok, faults, -1 if info is None else info().fsmblks)\n")
     env = dict(os.environ, LIGHTNING_SAVER_KEEP_FREED_MEMORY=env_value)
     out = subprocess.run([sys.executable, "-c", code, memory.__file__], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    ok, faults = out.stdout.split()
-    return ok == "True", int(faults)
+    ok, faults, fastbin_bytes = out.stdout.split()
+    return ok == "True", int(faults), int(fastbin_bytes)
 
 
 def test_freed_activations_are_reused_instead_of_page_faulted_again():
@@ -211,8 +221,12 @@ def test_freed_activations_are_reused_instead_of_page_faulted_again():
 
     if not sys.platform.startswith("linux"):
         return
-    kept, faults = _keep_memory_in_child("1")
-    left, faults_default = _keep_memory_in_child("0")
+    kept, faults, fastbin_bytes = _keep_memory_in_child("1")
+    left, faults_default, fastbin_default = _keep_memory_in_child("0")
     assert kept and not left
     # 24 blocks of 8-10 MiB of ever-growing sizes: glibc maps and unmaps each one by default
     assert faults < faults_default / 4, (faults, faults_default)
+    # 200 freed 40-byte blocks: past the per-thread cache's 7, glibc's default keeps them in fastbins
+    # (which each large malloc/free then consolidates); with fastbins off, none
+    if fastbin_default >= 0:
+        assert fastbin_default > 0 and fastbin_bytes == 0, (fastbin_default, fastbin_bytes)
