@@ -84,23 +84,26 @@ def copy_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 2) -
             future.result()  # it writes into the destination: never return while it runs
 
 
-def _copy_crc_some(pieces: Sequence[tuple[int, int, int]], crcs: list[int], todo: Iterator[int]) -> None:
+def _copy_crc_some(pieces: Sequence[tuple[int, int, int]], crcs: list[int], todo: Iterator[int],
+                   nontemporal: bool) -> None:
     for i in todo:
-        crcs[i] = copy_crc32c(*pieces[i])  # GIL released in the C extension
+        crcs[i] = copy_crc32c(*pieces[i], nontemporal=nontemporal)  # GIL released in the C extension
 
 
-def copy_crc_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 2) -> list[int]:
+def copy_crc_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 2,
+                     nontemporal: bool = False) -> list[int]:
     """:func:`copy_regions` with :func:`copy_crc32c`: each ``(dst, src, nbytes)`` copied and the
     CRC-32C of each region's bytes returned, in order. A large batch is shared by two threads, a
-    region at a time (cut large regions first: :func:`split_regions`)."""
+    region at a time (cut large regions first: :func:`split_regions`). ``nontemporal``: streaming
+    stores, for a destination the CPU will not read soon."""
     crcs = [0] * len(regions)
     todo = iter(range(len(regions)))
     if sum(n for _, _, n in regions) < TWO_THREADS_MIN or threads < 2:
-        _copy_crc_some(regions, crcs, todo)
+        _copy_crc_some(regions, crcs, todo, nontemporal)
         return crcs
-    future = checksum.run_beside(lambda: _copy_crc_some(regions, crcs, todo))
+    future = checksum.run_beside(lambda: _copy_crc_some(regions, crcs, todo, nontemporal))
     try:
-        _copy_crc_some(regions, crcs, todo)
+        _copy_crc_some(regions, crcs, todo, nontemporal)
     finally:
         if future is not None:
             future.result()  # it writes into the destination: never return while it runs

@@ -81,8 +81,13 @@ def _plan(image: FileImage, tensors: Mapping[str, torch.Tensor],
     return now, later
 
 
+# streaming stores: the image is read next by the disk's DMA, not by this CPU; measured for 38.7 MB
+# of copy_crc32c, 4.3 ms of CPU with them against 7.0 ms through the cache (commit 109424a)
+NONTEMPORAL = True
+
+
 def _copy_piece(image: FileImage, slot: int, dst: int, src: int, nbytes: int) -> None:
-    image.piece_crcs[slot] = memcopy.copy_crc32c(dst, src, nbytes)
+    image.piece_crcs[slot] = memcopy.copy_crc32c(dst, src, nbytes, nontemporal=NONTEMPORAL)
 
 
 def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -114,7 +119,7 @@ def snapshot_image(
     image = FileImage(plan, _aligned(take_buffer, plan.buffer_nbytes, pinned))
     names = None if isinstance(defer, bool) else set(defer)
     now, later = _plan(image, tensors, lambda name: bool(defer) if names is None else name in names)
-    crcs = memcopy.copy_crc_regions([(d, s, n) for _, d, s, n in now.pieces])
+    crcs = memcopy.copy_crc_regions([(d, s, n) for _, d, s, n in now.pieces], nontemporal=NONTEMPORAL)
     for (slot, _, _, _), crc in zip(now.pieces, crcs, strict=True):
         image.piece_crcs[slot] = crc
     for dst, src in now.tensors:
