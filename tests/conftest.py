@@ -3,6 +3,7 @@ test asks for it) and the three places a checkpoint can live (local, ``memory://
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -71,3 +72,19 @@ def place(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Place]:
     else:
         bucket = new_bucket(request.getfixturevalue("s3_server"))
         yield Place("s3", bucket.url("ckpts"), bucket.options)
+
+
+@pytest.fixture
+def direct_flags(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each write to the file was an O_DIRECT write (asked of the kernel at the write)."""
+    from lightning_saver.formats import direct_write
+
+    seen: list[bool] = []
+    real = os.pwrite
+
+    def spy(fd: int, data: Any, offset: int) -> int:
+        seen.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_write, "_pwrite", spy)
+    return seen

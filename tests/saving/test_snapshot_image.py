@@ -14,10 +14,9 @@ import json
 import os
 import struct
 
-import google_crc32c
 import pytest
-import safetensors.torch
 import torch
+from direct_io_cases import INFO, SIZES, check_against_peer, tensors_of
 
 from lightning_saver.formats import direct_write, memcopy
 from lightning_saver.formats import safetensors_io as sio
@@ -28,24 +27,6 @@ from lightning_saver.saving.async_writer import AsyncWriter
 from lightning_saver.saving.saver import CheckpointSaver
 from lightning_saver.saving.snapshot_image import snapshot_image
 
-INFO = {"global_step": 3, "wall_time": 1.5}
-
-
-def tensors_of(sizes: list[int]) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(len(sizes))
-    out = {f"f{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
-    out["i8"] = torch.randint(-100, 100, (4099,), dtype=torch.int8, generator=g)  # odd length
-    out["f64"] = torch.randn(33, generator=g, dtype=torch.float64)
-    out["bf16"] = torch.randn(5, 3, generator=g).to(torch.bfloat16)
-    out["flags"] = torch.rand(9, generator=g) > 0.5
-    out["transposed"] = torch.randn(30, 70, generator=g).t()  # not contiguous: torch copies it
-    out["empty"] = torch.empty(0, 5)
-    out["tied"] = out["f0"]  # the same view: its bytes twice in the file, the tie in the header
-    out["slice"] = out[f"f{len(sizes) - 1}"][1:]  # overlaps another key's memory
-    return out
-
-
-SIZES = [[1], [3, 5000], [(3 * 4096 + 17) // 4 * 4, 7], [5 * 4096 // 4, 100_003, 1 << 16]]
 DEFERS = {"now": (), "all deferred": True, "some deferred": ("f0", "i8", "transposed", "slice")}
 
 
@@ -84,31 +65,6 @@ def write_image(tmp_path, image, name="image.safetensors", info=INFO):
     finally:
         os.close(fd)
     return path, result
-
-
-def check_against_peer(path, tensors, result):
-    peer = safetensors.torch.load_file(str(path))
-    assert peer.keys() == tensors.keys()
-    for name, t in tensors.items():
-        assert torch.equal(peer[name], t), name
-        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        assert result.crcs[name] == f"{google_crc32c.value(raw) if raw else 0:08x}", name
-    assert os.path.getsize(path) == result.nbytes
-    sio.verify_file(path)
-
-
-@pytest.fixture
-def direct_flags(monkeypatch):
-    """Whether each write to the file was an O_DIRECT write (asked of the kernel at the write)."""
-    seen: list[bool] = []
-    real = os.pwrite
-
-    def spy(fd, data, offset):
-        seen.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(direct_write, "_pwrite", spy)
-    return seen
 
 
 @pytest.fixture(params=["C copy+crc", "memmove+google-crc32c"])
