@@ -3,6 +3,7 @@ test asks for it) and the three places a checkpoint can live (local, ``memory://
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import uuid
@@ -87,4 +88,23 @@ def direct_flags(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         return real(fd, data, offset)
 
     monkeypatch.setattr(direct_write, "_pwrite", spy)
+    return seen
+
+
+@pytest.fixture
+def refused_direct(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A file system that takes the O_DIRECT flag but refuses its writes (EINVAL): the flag of each write."""
+    from lightning_saver.formats import direct_write
+
+    seen: list[bool] = []
+    real = os.pwrite
+
+    def refuse(fd: int, data: Any, offset: int) -> int:
+        on = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        seen.append(on)
+        if on:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_write, "_pwrite", refuse)
     return seen

@@ -78,23 +78,12 @@ def test_refused_by_fcntl_the_same_bytes_are_written_buffered(tmp_path, monkeypa
     assert direct_flags == []  # the buffered path wrote it
 
 
-def test_refused_by_a_write_the_rest_is_written_buffered(tmp_path, monkeypatch, small_buffer):
-    real = os.pwrite
-    flags: list[bool] = []
-
-    def refuse_direct(fd, data, offset):  # a file system that takes the flag but not the writes
-        on = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-        flags.append(on)
-        if on:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(direct_write, "_pwrite", refuse_direct)
+def test_refused_by_a_write_the_rest_is_written_buffered(tmp_path, small_buffer, refused_direct):
     tensors = tensors_of(SIZES[3])
     buffered, expected = write(tmp_path, tensors, "buffered.safetensors", direct=False)
     direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)
     assert direct.read_bytes() == buffered.read_bytes() and got == expected
-    assert flags[0] and not any(flags[1:])  # one refusal, then buffered to the end
+    assert refused_direct[0] and not any(refused_direct[1:])  # one refusal, then buffered to the end
     check_against_peer(direct, tensors, got)
 
 

@@ -147,24 +147,13 @@ def test_refused_by_fcntl_the_image_is_written_buffered(tmp_path, monkeypatch, d
     check_against_peer(path, tensors, result)
 
 
-def test_refused_by_a_write_the_rest_is_written_buffered(tmp_path, monkeypatch):
+def test_refused_by_a_write_the_rest_is_written_buffered(tmp_path, monkeypatch, refused_direct):
     monkeypatch.setattr(direct_write, "IMAGE_CHUNK", direct_write.ALIGN)
-    real = os.pwrite
-    flags: list[bool] = []
-
-    def refuse_direct(fd, data, offset):  # a file system that takes the flag but not the writes
-        on = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-        flags.append(on)
-        if on:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(direct_write, "_pwrite", refuse_direct)
     tensors = tensors_of(SIZES[3])
     expected = buffered_bytes(tmp_path, tensors)
     path, result = write_image(tmp_path, image_of(tensors))
     assert path.read_bytes() == expected
-    assert flags[0] and not any(flags[1:])  # one refusal, then buffered to the end
+    assert refused_direct[0] and not any(refused_direct[1:])  # one refusal, then buffered to the end
     check_against_peer(path, tensors, result)
 
 
