@@ -108,3 +108,18 @@ def refused_direct(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(direct_write, "_pwrite", refuse)
     return seen
+
+
+@pytest.fixture
+def no_direct_fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without O_DIRECT: setting the flag with ``fcntl`` fails with EINVAL."""
+    from lightning_saver.formats import direct_write
+
+    real = fcntl.fcntl
+
+    def no_direct(fd: int, cmd: int, arg: int = 0) -> Any:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(direct_write.fcntl, "fcntl", no_direct)

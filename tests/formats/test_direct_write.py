@@ -6,8 +6,6 @@ by a write), with the C copy+CRC and with its pure-Python fallback."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import time
 
@@ -62,15 +60,7 @@ def test_a_large_file_goes_in_full_buffers_then_an_aligned_tail(tmp_path, direct
     assert len(direct_flags) == 4 and all(direct_flags)  # two full buffers, the tail, the head
 
 
-def test_refused_by_fcntl_the_same_bytes_are_written_buffered(tmp_path, monkeypatch, direct_flags):
-    real = fcntl.fcntl
-
-    def no_direct(fd, cmd, arg=0):  # what a file system without O_DIRECT answers
-        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real(fd, cmd, arg)
-
-    monkeypatch.setattr(direct_write.fcntl, "fcntl", no_direct)
+def test_refused_by_fcntl_the_same_bytes_are_written_buffered(tmp_path, no_direct_fs, direct_flags):
     tensors = tensors_of(SIZES[2])
     buffered, expected = write(tmp_path, tensors, "buffered.safetensors", direct=False)
     direct, got = write(tmp_path, tensors, "direct.safetensors", direct=True)

@@ -8,8 +8,6 @@ more falls back to writing the tensors; the image is reused across saves."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import struct
@@ -130,15 +128,7 @@ def test_large_images_go_in_chunks_then_an_aligned_tail(tmp_path, monkeypatch, d
     assert len(direct_flags) == -(-size // (2 * direct_write.ALIGN)) and all(direct_flags)
 
 
-def test_refused_by_fcntl_the_image_is_written_buffered(tmp_path, monkeypatch, direct_flags):
-    real = fcntl.fcntl
-
-    def no_direct(fd, cmd, arg=0):  # what a file system without O_DIRECT answers
-        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real(fd, cmd, arg)
-
-    monkeypatch.setattr(direct_write.fcntl, "fcntl", no_direct)
+def test_refused_by_fcntl_the_image_is_written_buffered(tmp_path, no_direct_fs, direct_flags):
     tensors = tensors_of(SIZES[2])
     expected = buffered_bytes(tmp_path, tensors)
     path, result = write_image(tmp_path, image_of(tensors))
