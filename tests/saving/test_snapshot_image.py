@@ -229,13 +229,16 @@ def test_the_image_memory_is_reused_only_when_no_view_of_it_is_alive():
 
     first, _ = snapshot_image(tensors, plan, take_arena)
     address = first.address
+    (first_arena,) = arenas  # holding the Arena object is not a view: it stays free to take
     kept = first.tensors["f1"]
     del first
     second, _ = snapshot_image(tensors, plan, take_arena)
     assert second.address != address  # a view of the first image is still alive
     del kept, second
     third, _ = snapshot_image(tensors, plan, take_arena)
-    assert third.address in {address} | {a.tensor.data_ptr() for a in arenas} and len(arenas) <= 2
+    # the first arena itself is taken again (not a new one the allocator happened to place at the
+    # same address), and the second, free too, is dropped: memory stays one snapshot
+    assert third.address == address and len(arenas) == 1 and arenas[0] is first_arena
 
 
 def test_a_writer_snapshot_image_waits_and_defers_like_a_snapshot(tmp_path):
