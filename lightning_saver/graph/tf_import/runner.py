@@ -58,7 +58,7 @@ def _outs(out: Any, wanted: tuple[int, ...], name: str) -> Any:
         return [out]
     else:
         k = wanted[-1]
-    raise GraphImportError(f"tensor {ref_name((name, k))} does not exist: its op has fewer outputs")
+    return _absent((name, k))
 
 
 def _absent(ref: Ref) -> Any:
