@@ -121,24 +121,25 @@ def _fuse_pad_pools(steps: list[Any], fetches: list[Any], consts: Any,
     uses = Counter(ref for step in steps for ref in step.inputs)
     uses.update(fetches)
     producers = {step.name: step for step in steps if step.kind == "call"}
-    replaced: dict[str, Any] = {}
+    replaced: dict[str, Any] = {}  # pool name -> the fused step
+    absorbed: set[str] = set()  # the pads joined to them
     for pool in steps:
         if (pool.op != "MaxPool" or pool.kind != "call" or pool.controls or len(pool.inputs) != 1
                 or pool.inputs[0][1] != 0 or pool.kwargs.get("padding") != "VALID"):
             continue
         pad = producers.get(pool.inputs[0][0])
-        if pad is None or uses[pool.inputs[0]] != 1 or pad.name in replaced:
+        if pad is None or uses[pool.inputs[0]] != 1 or pad.name in absorbed:
             continue
         pre = _spatial_pad(pad, consts, pool.kwargs.get("data_format", "NHWC"))
         if pre is None or len(pre) != 2:
             continue
-        replaced[pad.name] = None
+        absorbed.add(pad.name)
         func = fused_pad_max_pool(pad, pool, pre)
         replaced[pool.name] = make_step(pool.name, f"{pad.op}+MaxPool", "call", func, tuple(pad.inputs), {})
     if not replaced:
         return steps
     return [replaced.get(step.name, step) for step in steps
-            if not (step.kind == "call" and step.name in replaced and replaced[step.name] is None)]
+            if not (step.kind == "call" and step.name in absorbed)]
 
 
 def _fuse_convs(steps: list[Any], fetches: list[Any], consts: Any,
