@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from lightning_saver.formats import checksum
 
-__all__ = ["DeferredCopy", "start_device_copies", "step_only_names"]
+__all__ = ["DeferredCopy", "defer_copies", "start_device_copies", "step_only_names"]
 
 
 class DeferredCopy:
@@ -156,6 +157,25 @@ def start_device_copies(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[
             event.record(stream)
         events.append((device, event))
     return events
+
+
+def defer_copies(
+    pieces: Sequence[Callable[[], object]],
+    tensor_copies: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    pinned: bool,
+    keep_alive: object,
+) -> DeferredCopy:
+    """The :class:`DeferredCopy` of a snapshot's deferred part: the host ``pieces``, then each
+    ``(dst, src)`` of ``tensor_copies`` copied by torch; where ``pinned`` (``dst`` is pinned memory),
+    the CUDA sources' copies are started here on side streams (:func:`start_device_copies`)."""
+    on_device = [(d, s) for d, s in tensor_copies if s.is_cuda and pinned]
+    events = start_device_copies(on_device) if on_device else []
+    host = [partial(_copy_tensor, d, s) for d, s in tensor_copies if not (s.is_cuda and pinned)]
+    return DeferredCopy([*pieces, *host], events, keep_alive=keep_alive)
+
+
+def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
 
 
 def step_only_names(

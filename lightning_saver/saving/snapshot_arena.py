@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from lightning_saver.formats import memcopy
-from lightning_saver.saving.deferred_copy import DeferredCopy, start_device_copies
+from lightning_saver.saving.deferred_copy import DeferredCopy, defer_copies
 
 __all__ = ["Arena", "snapshot", "snapshot_deferred", "snapshot_into", "take_arena"]
 
@@ -229,20 +229,10 @@ def snapshot_deferred(
     out = _in_order(tensors, out)
     if not later.cpu and not later.tensors:
         return out, None  # the buffer goes with this frame: only the snapshot's tensors keep it busy
-    device_pairs = [(d, s) for d, s in later.tensors if s.is_cuda and pinned]
-    host = _Copies(later.cpu, [(d, s) for d, s in later.tensors if not (s.is_cuda and pinned)])
-    events = start_device_copies(device_pairs) if device_pairs else []
     # the host copies go by address: keep the arena and every source alive until they ran
     alive = (buffer, [t for b in blocks if deferred(b) for _, t in b.members])
-    pieces: list[Callable[[], object]] = [
-        partial(ctypes.memmove, d, s, n) for d, s, n in memcopy.split_regions(host.cpu, memcopy.PIECE)
-    ]
-    pieces += [partial(_copy_tensor, d, s) for d, s in host.tensors]
-    return out, DeferredCopy(pieces, events, keep_alive=alive)
-
-
-def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(src)
+    pieces = [partial(ctypes.memmove, d, s, n) for d, s, n in memcopy.split_regions(later.cpu, memcopy.PIECE)]
+    return out, defer_copies(pieces, later.tensors, pinned, alive)
 
 
 def _use_count(t: torch.Tensor) -> int | None:

@@ -34,7 +34,7 @@ import torch
 from lightning_saver.formats import memcopy
 from lightning_saver.formats.direct_write import ALIGN
 from lightning_saver.formats.file_image import FileImage, ImagePlan
-from lightning_saver.saving.deferred_copy import DeferredCopy, start_device_copies
+from lightning_saver.saving.deferred_copy import DeferredCopy, defer_copies
 
 __all__ = ["ENABLED", "snapshot_image"]
 
@@ -90,10 +90,6 @@ def _copy_piece(image: FileImage, slot: int, dst: int, src: int, nbytes: int) ->
     image.piece_crcs[slot] = memcopy.copy_crc32c(dst, src, nbytes, nontemporal=NONTEMPORAL)
 
 
-def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(src)
-
-
 def snapshot_image(
     tensors: Mapping[str, torch.Tensor],
     plan: ImagePlan,
@@ -129,9 +125,6 @@ def snapshot_image(
     image.tensors = {name: image.tensors[name] for name in tensors}
     if not later.pieces and not later.tensors:
         return image, None
-    device_pairs = [(d, s) for d, s in later.tensors if s.is_cuda and pinned]
-    events = start_device_copies(device_pairs) if device_pairs else []
-    pieces: list[Callable[[], object]] = [partial(_copy_piece, image, *piece) for piece in later.pieces]
-    pieces += [partial(_copy_tensor, d, s) for d, s in later.tensors if not (s.is_cuda and pinned)]
+    pieces = [partial(_copy_piece, image, *piece) for piece in later.pieces]
     # the pieces go by address: keep their sources alive until they ran
-    return image, DeferredCopy(pieces, events, keep_alive=(image.buffer, later.sources))
+    return image, defer_copies(pieces, later.tensors, pinned, (image.buffer, later.sources))
