@@ -165,7 +165,7 @@ class CheckpointSaver:
         layout = writing.Layout(tensors)  # validates early; a sync save writes with it too
         # the size the file will have: the commit adds the directory's id to the header (the
         # placeholder has the length of the id a directory is given)
-        final_info = dict(info, directory_id=state_file.new_directory_id())
+        final_info = dict(info, directory_id=state_file.DIRECTORY_ID_PLACEHOLDER)
         nbytes = safetensors_io.planned_nbytes(tensors, metadata=metadata, info=final_info, layout=layout)
         store.makedirs(series.directory)
         if self.async_save:

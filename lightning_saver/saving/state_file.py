@@ -51,6 +51,7 @@ __all__ = [
     "save_state",
     "scan_checkpoints",
     "new_directory_id",
+    "DIRECTORY_ID_PLACEHOLDER",
     "recover_directory_id",
 ]
 
@@ -88,6 +89,10 @@ class DirectoryState:
 
 def new_directory_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+# as long as (and JSON-encoded as long as) every new_directory_id(): sizes a header before the commit
+DIRECTORY_ID_PLACEHOLDER = "0" * 16
 
 
 def _number(raw: Any, what: str) -> float:
