@@ -17,7 +17,8 @@ Example::
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from types import ModuleType
 
 from lightning_saver.formats import checksum
@@ -61,31 +62,42 @@ def _copy_some(pieces: Sequence[tuple[int, int, int]], todo: Iterator[int]) -> N
         ctypes.memmove(*pieces[i])  # glibc's, at memory speed, GIL released
 
 
+def _total(regions: Sequence[tuple[int, int, int]]) -> int:
+    return sum(n for _, _, n in regions)
+
+
+def _share(work: Callable[[Iterator[int]], None], count: int, two: bool) -> None:
+    """``work(todo)`` over the indices ``0 .. count-1``, on this thread and, where ``two``, the
+    helper thread beside it (each takes the next index as it is free). Returns once both are done
+    (also when the helper thread cannot start: then all inline)."""
+    todo = iter(range(count))  # next() on a range iterator is atomic under the GIL
+    future = checksum.run_beside(lambda: work(todo)) if two else None
+    try:
+        work(todo)
+    finally:
+        if future is not None:
+            future.result()  # it writes into the destination: never return while it runs
+
+
 def copy_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 2) -> None:
     """Copy each ``(dst, src, nbytes)`` of CPU memory; large totals are split between two threads
     (``threads=1``: all on this one).
 
     Returns once every byte is in place (also when the helper thread cannot start: then inline).
     """
-    total = sum(n for _, _, n in regions)
+    total = _total(regions)
     if total < TWO_THREADS_MIN or threads < 2:
-        _copy_some(regions, iter(range(len(regions))))
+        _share(partial(_copy_some, regions), len(regions), False)
         return
     # at least 16 pieces, so the two threads end together; large ones where the total allows, as
     # glibc's memmove bypasses the cache above a size threshold: 1 GiB took 0.064 s in 32 MiB
     # pieces and 0.084 s in 8 MiB pieces (15 reps, two threads)
     pieces = split_regions(regions, min(BIG_PIECE, max(PIECE, total // 16)))
-    todo = iter(range(len(pieces)))
-    future = checksum.run_beside(lambda: _copy_some(pieces, todo))
-    try:
-        _copy_some(pieces, todo)
-    finally:
-        if future is not None:
-            future.result()  # it writes into the destination: never return while it runs
+    _share(partial(_copy_some, pieces), len(pieces), True)
 
 
-def _copy_crc_some(pieces: Sequence[tuple[int, int, int]], crcs: list[int], todo: Iterator[int],
-                   nontemporal: bool) -> None:
+def _copy_crc_some(pieces: Sequence[tuple[int, int, int]], crcs: list[int], nontemporal: bool,
+                   todo: Iterator[int]) -> None:
     for i in todo:
         crcs[i] = copy_crc32c(*pieces[i], nontemporal=nontemporal)  # GIL released in the C extension
 
@@ -97,14 +109,6 @@ def copy_crc_regions(regions: Sequence[tuple[int, int, int]], *, threads: int = 
     region at a time (cut large regions first: :func:`split_regions`). ``nontemporal``: streaming
     stores, for a destination the CPU will not read soon."""
     crcs = [0] * len(regions)
-    todo = iter(range(len(regions)))
-    if sum(n for _, _, n in regions) < TWO_THREADS_MIN or threads < 2:
-        _copy_crc_some(regions, crcs, todo, nontemporal)
-        return crcs
-    future = checksum.run_beside(lambda: _copy_crc_some(regions, crcs, todo, nontemporal))
-    try:
-        _copy_crc_some(regions, crcs, todo, nontemporal)
-    finally:
-        if future is not None:
-            future.result()  # it writes into the destination: never return while it runs
+    two = threads >= 2 and _total(regions) >= TWO_THREADS_MIN
+    _share(partial(_copy_crc_some, regions, crcs, nontemporal), len(regions), two)
     return crcs
