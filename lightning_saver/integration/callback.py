@@ -382,12 +382,7 @@ class SaverHooks:
         """The checkpoint directory: ``dirpath`` if given, else where ``ModelCheckpoint`` would write."""
         if self._dirpath_given:
             return str(self.dirpath)
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            return os.path.join(str(save_dir), str(logger.name), version, "checkpoints")
-        return os.path.join(str(trainer.default_root_dir), "checkpoints")
+        return trainer_facts.default_dirpath(trainer)
 
     def find_last_checkpoint(self, trainer: pl.Trainer) -> str | None:
         """The newest checkpoint this Saver wrote for this run's configuration, for ``ckpt_path="last"``.

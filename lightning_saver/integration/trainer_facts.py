@@ -1,7 +1,8 @@
 """What the Saver's hooks read from (or put in) a Lightning trainer, for either Lightning package.
 
 Small helpers of ``callback.py``: the logger and progress-bar line, whether an epoch ended, the
-monitored metric, the recorded versions, and installing our ``CheckpointIO``.
+monitored metric, the recorded versions, the default checkpoint directory, and installing our
+``CheckpointIO``.
 
 Example::
 
@@ -11,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from lightning_saver.integration import compat
@@ -19,7 +21,19 @@ from lightning_saver.integration.checkpoint_io import SafetensorsIO, checkpoint_
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["log_of", "at_epoch_end", "announce", "install_checkpoint_io", "metric", "versions"]
+__all__ = ["log_of", "at_epoch_end", "announce", "install_checkpoint_io", "metric", "versions",
+           "default_dirpath"]
+
+
+def default_dirpath(trainer: pl.Trainer) -> str:
+    """Where ``ModelCheckpoint`` would write for ``trainer``: the first logger's version directory's
+    ``checkpoints``, else ``<default_root_dir>/checkpoints``."""
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(str(save_dir), str(logger.name), version, "checkpoints")
+    return os.path.join(str(trainer.default_root_dir), "checkpoints")
 
 
 def log_of(trainer: pl.Trainer) -> logging.Logger:
