@@ -38,6 +38,7 @@ class _SaverCLIMixin:
         hparams.pop("_instantiator", None)
         if not hparams:
             return
+        _check_class_paths(hparams, ckpt_path, "hyper_parameters")
         if "_class_path" in hparams:
             class_path = _imported_class_path(hparams.pop("_class_path"), ckpt_path)
             hparams = {"class_path": class_path, "dict_kwargs": hparams}
@@ -48,13 +49,29 @@ class _SaverCLIMixin:
             raise
 
 
-def _imported_class_path(class_path: Any, ckpt_path: str) -> str:
+def _check_class_paths(value: Any, ckpt_path: str, where: str) -> None:
+    """Every ``class_path`` inside the stored hyper-parameters, at any depth, names an imported class.
+
+    jsonargparse imports the module of each ``class_path`` it parses (the model's own, or a nested
+    subclass-typed argument's): none of those names may come from the file unchecked.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "class_path":
+                _imported_class_path(item, ckpt_path, f"{where}.class_path")
+            _check_class_paths(item, ckpt_path, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_class_paths(item, ckpt_path, f"{where}[{i}]")
+
+
+def _imported_class_path(class_path: Any, ckpt_path: str, where: str = "hyper_parameters._class_path") -> str:
     """``class_path`` if it names a class of an already imported module: a file never makes us import."""
     module, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
     found = vars(sys.modules[module]).get(name) if module in sys.modules else None
     if not isinstance(found, type):
         raise CorruptCheckpointError(
-            f"{ckpt_path}: hyper_parameters._class_path {str(class_path)[:200]!r} is not a class of an "
+            f"{ckpt_path}: {where} {str(class_path)[:200]!r} is not a class of an "
             "imported module; reading a checkpoint never imports a module it names. Give the model "
             "class in the config (model.class_path) instead"
         )

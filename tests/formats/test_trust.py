@@ -91,6 +91,26 @@ def test_cli_class_path_from_a_file_is_never_imported(tmp_path, monkeypatch):
     assert _imported_class_path("torch.nn.Linear", "c.safetensors") == "torch.nn.Linear"
 
 
+@pytest.mark.parametrize("hparams", [
+    {"class_path": "ls_trust_evil_nested.M", "init_args": {}},  # the model's own, without _class_path
+    {"hidden": 8, "backbone": {"class_path": "ls_trust_evil_nested.M"}},  # a subclass-typed argument
+    {"layers": [{"class_path": "ls_trust_evil_nested.M"}]},
+])
+def test_cli_every_class_path_in_stored_hparams_is_checked(tmp_path, monkeypatch, hparams):
+    """jsonargparse imports any ``class_path`` it parses, not only the ``_class_path`` Lightning stores."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('x')\nclass M: pass\n"
+    (tmp_path / "ls_trust_evil_nested.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from lightning_saver.integration import cli
+
+    with pytest.raises(CorruptCheckpointError, match=r"c\.safetensors: hyper_parameters\..*class_path "
+                                                       r"'ls_trust_evil_nested\.M' is not a class"):
+        cli._check_class_paths(hparams, "c.safetensors", "hyper_parameters")
+    assert not marker.exists()
+    cli._check_class_paths({"net": {"class_path": "torch.nn.Linear"}}, "c.safetensors", "hyper_parameters")
+
+
 # ---------------------------------------------------------------- 2. sizes checked before allocating
 
 

@@ -85,3 +85,20 @@ def test_cli_on_the_lightning_package(tmp_path):
     cli = cli_main(["fit", "--config", config, "--ckpt_path", "last"], package="lightning.pytorch")
     assert cli.trainer.ckpt_path == str(checkpoints / f"model_{STEPS_PER_EPOCH}.safetensors")
     assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+
+
+def test_cli_resume_never_imports_a_class_path_stored_in_the_checkpoint(tmp_path, monkeypatch):
+    """A stored ``class_path`` (not Lightning's ``_class_path``) went to jsonargparse, which imported it."""
+    from lightning_saver.errors import CorruptCheckpointError
+    from lightning_saver.integration.checkpoint_io import SafetensorsCheckpointIO
+
+    marker = tmp_path / "ran"
+    (tmp_path / "ls_cli_evil_model.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass M: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config, _ = small_config(tmp_path, "run")
+    ckpt = str(tmp_path / "crafted.safetensors")
+    hparams = {"class_path": "ls_cli_evil_model.M", "init_args": {}}
+    SafetensorsCheckpointIO().save_checkpoint({"hyper_parameters": hparams, "state_dict": {}}, ckpt)
+    with pytest.raises(CorruptCheckpointError, match=r"hyper_parameters\.class_path 'ls_cli_evil_model\.M'"):
+        cli_main(["fit", "--config", config, "--ckpt_path", ckpt])
+    assert not marker.exists()
