@@ -105,11 +105,10 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     ``image``: the file already laid out in memory, ``tensors`` being its views, written as it is
     where its header fits, see ``formats/file_image.py``)."""
     fd = sink.fileno()
-    if fd is not None and image is not None:
+    if fd is None:
+        return safetensors_io.write_to_sink(tensors, sink, metadata=metadata, info=info)
+    if image is not None:
         result = safetensors_io.write_image(image, fd, metadata=metadata, info=info, direct=direct)
         if result is not None:
             return result
-    if fd is not None:
-        return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info, layout=layout,
-                                          direct=direct)
-    return safetensors_io.write_to_sink(tensors, sink, metadata=metadata, info=info)
+    return safetensors_io.write_to_fd(tensors, fd, metadata=metadata, info=info, layout=layout, direct=direct)
