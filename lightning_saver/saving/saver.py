@@ -173,7 +173,8 @@ class CheckpointSaver:
             # the writer's snapshot first waits for the save in flight, then reuses its CPU memory:
             # one snapshot of extra memory, and no page faults after the first save
             image = None
-            if snapshot_image.ENABLED and store.local_path(path) is not None:
+            local = store.local_path(path) is not None  # O_DIRECT is for local files only
+            if snapshot_image.ENABLED and local:
                 # a local file: the snapshot is the file's image, written as it is, past the page
                 # cache (O_DIRECT): one copy per save, and a tenth of the CPU of a buffered write in
                 # the writer (docs/durability.md, "The writer's CPU")
@@ -184,7 +185,7 @@ class CheckpointSaver:
                 frozen = writer.snapshot(tensors, defer=defer_copy)
             # the snapshot has the same names, shapes, dtypes and ties: the layout is reused (~1 ms
             # of the writer's CPU per 1,000 tensors)
-            job = partial(self._commit, frozen, series, path, info, metadata, nbytes, layout, direct=True,
+            job = partial(self._commit, frozen, series, path, info, metadata, nbytes, layout, direct=local,
                           image=image)
             writer.submit(job)
         else:
@@ -228,7 +229,7 @@ class CheckpointSaver:
                 # one fsync fewer per save (docs/durability.md, "The commit protocol")
                 result = store.write_atomic(
                     path, partial(writing.write_safetensors, tensors, metadata, info, layout=layout,
-                                  direct=direct and store.local_path(path) is not None, image=image),
+                                  direct=direct, image=image),
                     nbytes=nbytes, sync_directory=False,
                 )
                 record = rotation.Record(
