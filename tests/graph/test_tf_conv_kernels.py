@@ -4,7 +4,8 @@ One small NHWC network holds each case the kernels handle differently: a symmetr
 VALID convolution, an asymmetric one (Keras' ``ZeroPadding2D`` before a strided depthwise
 convolution), TF's asymmetric ``SAME`` at stride 2, and a residual sum. Every call is compared
 with TensorFlow, including the first calls, which time both kernels; the prepared (pre-packed)
-filters must follow an optimizer step and ``load_state_dict``.
+filters must follow an optimizer step and ``load_state_dict``. (The 1x1 ``gemm`` kernel has its
+own tests in test_tf_conv_gemm.py.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from tf_graphs import assert_same, build_tf_graph, tf_module
 
 from lightning_saver import import_meta_graph
+from lightning_saver.graph.tf_import.conv_kernels import KERNELS as CONV_KERNELS
 from lightning_saver.graph.tf_import.conv_kernels import TRIALS
 
 tf_module()
@@ -85,13 +87,14 @@ def test_absorbed_pads_and_both_kernels_match_tf_on_every_call(tmp_path):
         "Pad+Conv2D+FusedBatchNormV3+Relu6", "Conv2D+BiasAdd+Relu", "Pad+DepthwiseConv2dNative+BiasAdd+Relu",
         "Conv2D+AddV2+Relu"]
     assert not [s for s in steps if s.op == "Pad"]  # no padded copy of the activations
-    for _ in range(2 * (TRIALS + 1) + 1):  # the trial calls of both kernels, then the kept one
+    for _ in range(len(CONV_KERNELS) * (TRIALS + 1) + 1):  # every kernel's trial calls, then the kept one's
         assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
     fused = [s.func for s in steps if "+" in s.op]
     assert all(f.unfused_calls == 0 for f in fused)
     prepared = [p for f in fused for p in f.prepared.values()]
     tried = [sorted(name for name, times in p.trials.items() if times) for p in prepared]
     assert ["native", "onednn"] in tried  # groups-of-1 convolutions ran (and matched TF) both ways
+    assert ["gemm", "native", "onednn"] in tried  # the 1x1 one (residual, no bias) all three ways
     assert all(p.kernel is not None for p in prepared)
     assert_same(graph.run("y:0", {"x:0": x[1:2]}), made.expected[0][1:2], **TOL)  # a new shape
 
@@ -107,7 +110,7 @@ def test_module_gradients_and_prepacked_filters_follow_sgd_and_load_state_dict(t
     module = graph.to_module(inputs="x:0", outputs=["y:0", "loss:0"]).eval()
     assert "pad_depthwise_conv2d_native_bias_add_relu_folded" in module.code
     with torch.no_grad():
-        for _ in range(2 * (TRIALS + 1) + 1):  # fills the prepared kernels
+        for _ in range(len(CONV_KERNELS) * (TRIALS + 1) + 1):  # fills the prepared kernels
             assert_same(module(torch.from_numpy(x))[0].numpy(), made.expected[0], **TOL)
     # an SGD step with the module's gradients (autograd path) changes the parameters in place
     params = dict(module.named_parameters())

@@ -1,6 +1,6 @@
 """How a folded convolution runs when autograd is off, prepared once per input shape.
 
-Two kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolution:
+Three kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolution:
 
 * ``onednn``: oneDNN's convolution with the bias, the residual sum and the activation inside the
   kernel (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits for CPU
@@ -8,10 +8,16 @@ Two kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolutio
   oneDNN reorders it on every call, which at batch 1 costs as much as the convolution);
 * ``native``: torch's ``conv2d`` on channels-last tensors, the sum and activation in place after it
   (small convolutions with groups of 1 only). Small convolutions at batch 1 skip oneDNN's per-call
-  setup this way: the small CNN's 16x16x16 -> 32 convolution took 35 us against oneDNN's 85 us.
+  setup this way: the small CNN's 16x16x16 -> 32 convolution took 35 us against oneDNN's 85 us;
+* ``gemm``: a 1x1, stride-1, unpadded convolution on NHWC data is a matrix product of the
+  activations viewed as ``[N*H*W, Cin]`` (no copy) with the filter as ``[Cin, Cout]``: one
+  ``addmm`` with the bias, the sum and activation in place after it (groups of 1, small ones only).
+  MobileNetV2's 1x1 convolutions at batch 1, one thread, inside the network: 7x7 160 -> 960 in
+  133 us against conv2d's 190 and oneDNN's 189, 7x7 320 -> 1280 in 372 against 463 and 433, 14x14
+  384 -> 64 in 93 against 96 and 115 (but 112x112 16 -> 96 in 872 against oneDNN's 443).
 
 Which one is faster depends on the shapes, the thread count and the CPU, so a prepared shape
-times both on its first calls (which still return their results) and keeps the faster one.
+times each on its first calls (which still return their results) and keeps the fastest.
 
 TF pads asymmetrically (``SAME`` at stride 2 on even sizes, Keras' ``ZeroPadding2D`` before a
 strided convolution, absorbed by ``fuse.py``), torch symmetrically. Copying the input into a padded
@@ -37,7 +43,8 @@ _REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
 if not torch.backends.mkldnn.is_available() or _REORDER is None:
     _MKLDNN = None
 _UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
-TRIALS = 3  # timed calls per kernel (after one untimed) before the faster is kept
+TRIALS = 3  # timed calls per kernel (after one untimed) before the fastest is kept
+KERNELS = ("onednn", "native", "gemm")  # every kernel a shape may time, in the order they are tried
 # torch's conv2d is only tried on small convolutions, where oneDNN's fixed cost per call (about
 # 30 us) can dominate: the small CNN's (0.4M and 1.2M multiply-adds), MobileNetV2's 1x1 ones at
 # 7x7 and 14x14 (7.5M: 161 against 186 us); ResNet50's start at 51M, and timing both on a loaded
@@ -75,6 +82,8 @@ class Prepared:
     ``x_shape`` is channels-first (NCHW); called with NHWC tensors when ``nhwc`` (else NCHW), it
     returns the result in the same layout, or None when the residual's shape does not match (the
     caller then runs the plain ops). NHWC data is a channels-last NCHW view: nothing is copied.
+    Each kernel takes and returns the caller's layout, so a ``gemm`` on NHWC data permutes nothing
+    (a permute costs about 1 us in Python, and the NCHW kernels need four per call).
     The result is a plain tensor (no view), so a following activation can run in place on it.
     """
 
@@ -82,7 +91,7 @@ class Prepared:
                  stride: Sequence[int], dilation: Sequence[int], pads: Pads, act: str | None,
                  nhwc: bool, residual: bool) -> None:
         layout = torch.channels_last if nhwc else torch.contiguous_format
-        self.layout, self.nhwc, self.prepad = layout, nhwc, None
+        self.nhwc, self.prepad = nhwc, None
         padding = symmetric(pads)
         if padding is None:
             widened = widen(weight, pads, dilation)
@@ -93,18 +102,35 @@ class Prepared:
                 weight, padding = widened
         weight = weight.contiguous(memory_format=layout)
         self.out = out_shape(x_shape, weight.shape, padding, stride, dilation)
+        self.out_size = torch.Size([self.out[0], *self.out[2:], self.out[1]] if nhwc else self.out)
         self.args = (list(padding), list(stride), list(dilation), groups)
         self.bias, self.act = bias, act
         kernels: dict[str, Kernel] = {}
         if _MKLDNN is not None:
             packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(x_shape))
-            kernels["onednn"] = self._onednn(packed, residual)
+            kernels["onednn"] = self._in_layout(self._onednn(packed, residual))
         macs = prod(self.out) * prod(weight.shape[1:])
         if (groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
-            kernels["native"] = self._native(weight)
+            kernels["native"] = self._in_layout(self._native(weight))
+        if nhwc and groups == 1 and macs <= NATIVE_MAX_MACS and self.prepad is None and not any(padding) \
+                and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride):
+            kernels["gemm"] = self._gemm(weight)
         self.kernels = kernels
-        self.kernel: Kernel | None = next(iter(kernels.values())) if len(kernels) == 1 else None
+        self.chosen: str | None = next(iter(kernels)) if len(kernels) == 1 else None
+        self.kernel: Kernel | None = kernels[self.chosen] if self.chosen else None
         self.trials: dict[str, list[float]] = {name: [] for name in kernels}
+
+    def _in_layout(self, kernel: Kernel) -> Kernel:
+        """A kernel of channels-first tensors, called with the caller's layout."""
+        if not self.nhwc:
+            return kernel
+
+        def nhwc(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            y = kernel(x.permute(0, 3, 1, 2), None if other is None else other.permute(0, 3, 1, 2))
+            return y.permute(0, 2, 3, 1).detach()  # detached: a plain tensor, not a view
+
+        nhwc.__name__ = kernel.__name__
+        return nhwc
 
     def _onednn(self, packed: torch.Tensor, residual: bool) -> Kernel:
         padding, stride, dilation, groups = self.args
@@ -124,41 +150,63 @@ class Prepared:
         bias, act = self.bias, self.act
 
         def native(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
-            y = torch.conv2d(x, weight, bias, stride, padding, dilation, groups)
-            if other is not None:
-                y.add_(other)
-            if act == "relu":
-                y.relu_()
-            elif act == "relu6":
-                y.clamp_(0.0, 6.0)
-            return y
+            return _finish(torch.conv2d(x, weight, bias, stride, padding, dilation, groups), other, act)
 
         return native
 
+    def _gemm(self, weight: torch.Tensor) -> Kernel:
+        """NHWC data viewed as ``[N*H*W, Cin]`` times the filter as ``[Cin, Cout]``."""
+        bias, act, size = self.bias, self.act, self.out_size
+        cout, cin = weight.shape[:2]
+        rows = size.numel() // cout
+        # [Cin, Cout] contiguous: MKL's sgemm was slower on the transposed view (7x7 960 -> 160: 126 us, 99)
+        w = weight.reshape(cout, cin).t().contiguous()
+
+        def gemm(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            x2 = x.view(rows, cin)
+            y = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+            return _finish(y, None if other is None else other.view(rows, cout), act).view(size).detach()
+
+        return gemm
+
     def __call__(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor | None:
-        if self.nhwc:
-            x = x.permute(0, 3, 1, 2)
-            other = None if other is None else other.permute(0, 3, 1, 2)
         if self.prepad is not None:
-            x = pad_spatial(x, self.prepad)
-        if not x.is_contiguous(memory_format=self.layout):
-            x = x.contiguous(memory_format=self.layout)
+            if self.nhwc:
+                x = pad_spatial(x.permute(0, 3, 1, 2), self.prepad).permute(0, 2, 3, 1)
+            else:
+                x = pad_spatial(x, self.prepad)
+        if not x.is_contiguous():  # NHWC (a channels-last view) or NCHW, as the kernels want
+            x = x.contiguous()
         if other is not None:
-            if list(other.shape) != self.out or other.dtype != x.dtype:
+            if other.shape != self.out_size or other.dtype != x.dtype:
                 return None
-            if not other.is_contiguous(memory_format=self.layout):
-                other = other.contiguous(memory_format=self.layout)
-        y = self.kernel(x, other) if self.kernel is not None else self._trial(x, other)
-        # detached: a plain tensor, not a view of the kernel's buffer
-        return y.permute(0, 2, 3, 1).detach() if self.nhwc else y
+            if not other.is_contiguous():
+                other = other.contiguous()
+        kernel = self.kernel
+        return kernel(x, other) if kernel is not None else self._trial(x, other)
 
     def _trial(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         name = min(self.trials, key=lambda k: len(self.trials[k]))
         start = time.perf_counter()
         y = self.kernels[name](x, other)
         self.trials[name].append(time.perf_counter() - start)
-        if all(len(t) > TRIALS for t in self.trials.values()):  # the first call of each is not timed
-            best = min(self.trials, key=lambda k: min(self.trials[k][1:]))
-            self.kernel = self.kernels[best]
-            self.chosen = best
+        if all(len(t) > TRIALS for t in self.trials.values()):
+            self.chosen = fastest(self.trials)
+            self.kernel = self.kernels[self.chosen]
         return y
+
+
+def fastest(trials: dict[str, list[float]]) -> str:
+    """The kernel with the shortest timed call; each one's first call (a warm-up) does not count."""
+    return min(trials, key=lambda name: min(trials[name][1:]))
+
+
+def _finish(y: torch.Tensor, other: torch.Tensor | None, act: str | None) -> torch.Tensor:
+    """The residual sum and activation, in place on a kernel's fresh output."""
+    if other is not None:
+        y.add_(other)
+    if act == "relu":
+        y.relu_()
+    elif act == "relu6":
+        y.clamp_(0.0, 6.0)
+    return y

@@ -1,0 +1,145 @@
+"""The ``gemm`` kernel of 1x1 convolutions (conv_kernels.py), against real TensorFlow.
+
+A small NHWC network (non-square images) holds each variant a MobileNet-style block runs: a 1x1
+expansion with batch norm and ReLU6, a 1x1 projection with a Keras-style batch norm (``Mul``,
+``AddV2``) and a residual sum, a 1x1 with a bias, a residual sum and ReLU, and a strided 1x1 (not a
+matrix product of the input as it lies, so never a ``gemm``). Every call matches TensorFlow at
+batch 4 and batch 1, while the kernels are timed and after one is kept, in ``graph.run`` and in
+the ``to_module`` module; with the other kernels slowed down, the timed choice keeps ``gemm``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tf_graphs import assert_same, build_tf_graph, tf_module
+
+from lightning_saver import import_meta_graph
+from lightning_saver.graph.tf_import.conv_kernels import KERNELS, TRIALS, fastest
+
+tf_module()
+RNG = np.random.default_rng(1616)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+CALLS = len(KERNELS) * (TRIALS + 1) + 1  # every kernel's trial calls, then the kept one's
+CHAINS = ["Conv2D+FusedBatchNormV3+Relu6", "Conv2D+Mul+AddV2+AddV2", "Conv2D+BiasAdd+AddV2+Relu"]
+
+
+def _var(tf, name, shape, low=-0.5, high=0.5):
+    v1 = tf.compat.v1
+    return v1.get_variable(name, shape, initializer=v1.random_uniform_initializer(low, high, seed=len(name)),
+                           use_resource=False)
+
+
+def build_pointwise_net(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 5, 6, 8], name="x")
+    h = tf.nn.conv2d(x, _var(tf, "expand/kernel", [1, 1, 8, 24]), 1, "VALID")
+    h = v1.nn.fused_batch_norm(h, _var(tf, "bn/gamma", [24], 0.5, 1.5), _var(tf, "bn/beta", [24], 1.0, 6.0),
+                               _var(tf, "bn/mean", [24]), _var(tf, "bn/variance", [24], 0.2, 2.0),
+                               epsilon=1e-3, is_training=False)[0]
+    h = tf.nn.relu6(h)  # the shift (beta) is large enough that ReLU6 clips
+    p = tf.nn.conv2d(h, _var(tf, "project/kernel", [1, 1, 24, 8]), 1, "SAME")
+    p = p * _var(tf, "project/scale", [8], 0.5, 1.5) + _var(tf, "project/shift", [8])
+    r = p + x                                                                   # residual, no activation
+    q = tf.nn.conv2d(r, _var(tf, "mix/kernel", [1, 1, 8, 8]), 1, "VALID")
+    q = tf.nn.relu(tf.nn.bias_add(q, _var(tf, "mix/bias", [8])) + r)           # bias, residual, ReLU
+    s = tf.nn.conv2d(q, _var(tf, "down/kernel", [1, 1, 8, 4]), 2, "VALID")    # strided: no gemm
+    tf.identity(q, name="q")
+    tf.identity(s, name="s")
+
+
+def _images(n):
+    return RNG.uniform(-1.5, 1.5, size=(n, 5, 6, 8)).astype(np.float32)
+
+
+def _imported(tmp_path, x):
+    made = build_tf_graph(tmp_path, build_pointwise_net, ["q:0", "s:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    return made, graph
+
+
+def _prepared(steps):
+    """{chain op: [Prepared, ...]} of the fused convolutions among ``steps``."""
+    return {s.op: list(s.func.prepared.values()) for s in steps if hasattr(s.func, "prepared")}
+
+
+def _slowed(kernel):
+    def slow(x, other):
+        time.sleep(0.002)
+        return kernel(x, other)
+
+    return slow
+
+
+def _handicap(prepared):
+    """Slow every kernel but ``gemm`` by 2 ms and restart the timing."""
+    for p in prepared:
+        for name in list(p.kernels):
+            if name != "gemm":
+                p.kernels[name] = _slowed(p.kernels[name])
+        p.trials = {name: [] for name in p.kernels}
+        p.kernel = p.chosen = None
+
+
+def test_gemm_matches_tf_on_every_call_at_batch_4_and_1(tmp_path):
+    x = _images(4)
+    made, graph = _imported(tmp_path, x)
+    q, s = made.expected
+    for batch in (4, 1):
+        for _ in range(CALLS):
+            got = graph.run(["q:0", "s:0"], {"x:0": x[:batch]})
+            assert_same(got[0], q[:batch], **TOL)
+            assert_same(got[1], s[:batch], **TOL)
+    steps = graph.plan([("q", 0), ("s", 0)], frozenset({("x", 0)})).fused_steps
+    prepared = _prepared(steps)
+    assert [op for op in prepared if op in CHAINS] == CHAINS
+    for op in CHAINS:
+        assert len(prepared[op]) == 2  # one per batch size
+        for p in prepared[op]:
+            assert all(len(times) == TRIALS + 1 for times in p.trials.values())  # all ran, gemm too
+            assert "gemm" in p.trials and p.chosen in KERNELS
+    strided = [p for op, ps in prepared.items() if op not in CHAINS for p in ps]
+    assert all("gemm" not in p.kernels for p in strided)
+    assert all(s.func.unfused_calls == 0 for s in steps if hasattr(s.func, "unfused_calls"))
+
+
+def test_timed_choice_keeps_gemm_when_it_is_fastest(tmp_path):
+    x = _images(4)
+    made, graph = _imported(tmp_path, x)
+    assert_same(graph.run(["q:0", "s:0"], {"x:0": x})[0], made.expected[0], **TOL)  # prepares the kernels
+    steps = graph.plan([("q", 0), ("s", 0)], frozenset({("x", 0)})).fused_steps
+    gemms = [p for op, ps in _prepared(steps).items() if op in CHAINS for p in ps]
+    _handicap(gemms)
+    for _ in range(CALLS):
+        got = graph.run(["q:0", "s:0"], {"x:0": x})
+        assert_same(got[0], made.expected[0], **TOL)
+        assert_same(got[1], made.expected[1], **TOL)
+    assert [p.chosen for p in gemms] == ["gemm"] * len(CHAINS)
+
+
+def test_module_runs_gemm_and_matches_tf(tmp_path):
+    x = _images(4)
+    made, graph = _imported(tmp_path, x)
+    module = graph.to_module(inputs="x:0", outputs=["q:0", "s:0"]).eval()
+    fused = {n.target.__name__: n.target for n in module.graph.nodes
+             if n.op == "call_function" and hasattr(n.target, "prepared")}
+    assert "conv2d_mul_add_v2_add_v2_folded" in fused
+    with torch.no_grad():
+        for batch in (4, 1):
+            for i in range(CALLS):
+                if i == 1 and batch == 4:  # after the first call prepared the kernels
+                    _handicap([p for f in fused.values() for p in f.prepared.values() if "gemm" in p.kernels])
+                got = module(torch.from_numpy(x[:batch]))
+                assert_same(got[0].numpy(), made.expected[0][:batch], **TOL)
+                assert_same(got[1].numpy(), made.expected[1][:batch], **TOL)
+    gemms = [p for f in fused.values() for p in f.prepared.values() if "gemm" in p.kernels]
+    assert len(gemms) == 2 * len(CHAINS)  # per batch size
+    assert [p.chosen for p in gemms[::2]] == ["gemm"] * len(CHAINS)  # the handicapped ones, batch 4
+
+
+def test_fastest_ignores_each_kernels_first_call():
+    assert fastest({"onednn": [9.0, 3.0, 3.5], "native": [1.0, 2.5, 2.6], "gemm": [7.0, 2.0, 2.4]}) == "gemm"
+    assert fastest({"onednn": [0.1, 3.0], "gemm": [5.0, 2.9]}) == "gemm"  # 0.1: a warm-up, not counted
