@@ -20,6 +20,14 @@ that issue #17's goal compares, ``--all`` for every one):
                        (``memcopy.copy_crc32c``, streaming stores), in the hook, and nothing else: no
                        state dump, no encoding, no file, no fault of fresh pages. The 5% target is to be
                        read against it
+  CRC floor            not a checkpoint either: the same, reading the bytes for their CRC-32C where they
+                       are (``memcopy.crc32c``), with no copy: the least any checksummed
+                       checkpoint reads, even one that the disk's DMA would write from live memory
+  state dump floor     not a checkpoint either: at each save point only what the Saver gathers from
+                       Lightning (``trainer._checkpoint_connector.dump_checkpoint``: loops, optimizer
+                       and scheduler states, callbacks'; and ``rng_state.capture_all_ranks``), with no
+                       tensor's bytes read, encoded or copied. A whole-state checkpoint pays it as well
+                       as one of the two above
   Saver async two copies ``Saver async`` snapshotting into the dense arena, which the writer copies again
                        into its ``O_DIRECT`` buffer (``snapshot_image.ENABLED = False``), instead of
                        into the file's image that it writes as it is
@@ -47,7 +55,8 @@ Each measure's estimate is the median over the pairs with an order-statistic con
 below 0.2% of the run) get a verdict per measure: *met* (the whole interval at or below the
 threshold), *missed* (above), *unresolved* (it straddles the threshold: the noise exceeds the margin).
 The table also shows the median wall time of ``fit`` (teardown included), the time spent inside
-the save hooks (``Saver.blocked_seconds``; for ModelCheckpoint, its ``_save_checkpoint``) and the CPU
+the save hooks (``Saver.blocked_seconds``; for ModelCheckpoint, its ``_save_checkpoint``), the time
+the optimizer steps waited at the fence for an overlapped snapshot copy (the Saver's) and the CPU
 time of the async writer's thread (``AsyncWriter.cpu_seconds``: what it may take from training).
 
 Usage: python benchmarks/lightning_overhead.py [--quick] [--reps N] [--steps S] [--every N] [--all]
@@ -84,10 +93,11 @@ from timing import machine  # noqa: E402
 
 from lightning_saver import Saver  # noqa: E402
 from lightning_saver.formats import direct_write, memcopy  # noqa: E402
+from lightning_saver.integration import rng_state  # noqa: E402
 from lightning_saver.saving import snapshot_image, thread_priority  # noqa: E402
 
 SETUPS = ("none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle",
-          "Saver async buffered", "copy+CRC floor", "Saver async two copies")
+          "Saver async buffered", "copy+CRC floor", "CRC floor", "state dump floor", "Saver async two copies")
 DEFAULT_SETUPS = ("ModelCheckpoint", "Saver async")
 DIRECT_DEFAULT = direct_write.ENABLED
 Run = dict[str, Any]
@@ -120,15 +130,18 @@ class TimedModelCheckpoint(ModelCheckpoint):
         self.blocked_seconds += time.perf_counter() - start
 
 
-class CopyCrcFloor(pl.Callback):
-    """At every ``every``-th optimizer step, copy the weights and the optimizer state into one
-    reused buffer with their CRC-32C (one pass), and nothing else: the floor of a checksummed
-    snapshot's CPU. ``blocked_seconds`` adds up the time in the hook, like the Saver's."""
+class Floor(pl.Callback):
+    """At every ``every``-th optimizer step, only the ``work`` of a floor set-up (see the module
+    docs), and nothing else: ``"copy+CRC"`` copies the weights and the optimizer state into one
+    reused buffer with their CRC-32C (one pass); ``"CRC"`` reads them for their CRC-32C, in place;
+    ``"state dump"`` gathers the trainer's state the way the Saver does (Lightning's
+    ``dump_checkpoint``, the RNG states), touching no tensor's bytes. ``blocked_seconds`` adds up
+    the time in the hook, like the Saver's."""
 
     _buffer = torch.empty(0, dtype=torch.uint8)  # shared by every fit: its pages are faulted once
 
-    def __init__(self, every: int) -> None:
-        self.every = every
+    def __init__(self, every: int, work: str) -> None:
+        self.every, self.work = every, work
         self.blocked_seconds = 0.0
         self.crc = 0
 
@@ -138,21 +151,31 @@ class CopyCrcFloor(pl.Callback):
         if step == 0 or step % self.every:
             return
         start = time.perf_counter()
+        if self.work == "state dump":  # the two calls of SaverHooks.save_trainer that ask Lightning
+            self.state = (trainer._checkpoint_connector.dump_checkpoint(weights_only=False),
+                          rng_state.capture_all_ranks())
+        else:
+            self.crc = self._checksum(pl_module, trainer)
+        self.blocked_seconds += time.perf_counter() - start
+
+    def _checksum(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> int:
         sources = [*pl_module.state_dict().values(),
                    *(v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
                      if isinstance(v, torch.Tensor))]
         total = sum(t.numel() * t.element_size() for t in sources)
-        if CopyCrcFloor._buffer.numel() < total:
-            CopyCrcFloor._buffer = torch.zeros(total, dtype=torch.uint8)  # zeros: faulted here, once
-        dst, crc = CopyCrcFloor._buffer.data_ptr(), 0
+        if self.work == "copy+CRC" and Floor._buffer.numel() < total:
+            Floor._buffer = torch.zeros(total, dtype=torch.uint8)  # zeros: faulted here, once
+        dst, crc = Floor._buffer.data_ptr(), 0
         for t in sources:  # all contiguous CPU tensors in this model
             n = t.numel() * t.element_size()
+            if self.work == "CRC":  # the bytes read where they are: no copy, no write
+                crc = memcopy.crc32c(t.data_ptr(), n, crc=crc)
+                continue
             # streaming stores: 4.3 ms of CPU for 38.7 MB against 7.0 ms through the cache (2 vCPUs,
             # 2026-12-06), and the training step's cache is left alone
             crc = memcopy.copy_crc32c(dst, t.data_ptr(), n, crc=crc, nontemporal=True)
             dst += n
-        self.crc = crc
-        self.blocked_seconds += time.perf_counter() - start
+        return crc
 
 
 class StepClock(pl.Callback):
@@ -174,11 +197,25 @@ def callbacks_for(setup: str, directory: str, every: int) -> tuple[list[pl.Callb
         return [], False
     if setup == "ModelCheckpoint":
         return [TimedModelCheckpoint(dirpath=directory, every_n_train_steps=every, save_top_k=-1)], True
-    if setup == "copy+CRC floor":
-        return [CopyCrcFloor(every)], False
+    if setup.endswith(" floor"):
+        return [Floor(every, setup.removesuffix(" floor"))], False
     saver = Saver(dirpath=directory, every_n_train_steps=every, save_on_train_end=False,
                   async_save=setup.startswith("Saver async"), overlap_copy=not setup.endswith("blocking"))
+    _time_fence(saver)
     return [saver], True
+
+
+def _time_fence(saver: Any) -> None:
+    """Add up in ``saver.fence_seconds`` the time its ``wait_snapshot`` blocks (the optimizer step
+    waiting for an overlapped snapshot copy, which ``blocked_seconds`` does not count)."""
+    saver.fence_seconds, wait = 0.0, saver.wait_snapshot
+
+    def timed() -> None:
+        start = time.perf_counter()
+        wait()
+        saver.fence_seconds += time.perf_counter() - start
+
+    saver.wait_snapshot = timed
 
 
 def fit_once(setup: str, args: argparse.Namespace, root: str, data: TensorDataset, steps: int) -> Run:
@@ -209,9 +246,11 @@ def fit_once(setup: str, args: argparse.Namespace, root: str, data: TensorDatase
         snapshot_image.ENABLED = True
     shutil.rmtree(directory, ignore_errors=True)
     in_saves = sum(getattr(cb, "blocked_seconds", 0.0) for cb in callbacks)
+    in_fence = sum(getattr(cb, "fence_seconds", 0.0) for cb in callbacks)
     writer_cpu = sum(getattr(getattr(cb, "_writer", None), "cpu_seconds", 0.0) for cb in callbacks)
     s = clock.starts
-    return {"fit": elapsed, "loop": s[-1] - s[0], "in_saves": in_saves, "writer_cpu": writer_cpu,
+    return {"fit": elapsed, "loop": s[-1] - s[0], "in_saves": in_saves, "in_fence": in_fence,
+            "writer_cpu": writer_cpu,
             "steps": [b - a for a, b in zip(s, s[1:], strict=False)]}
 
 
@@ -232,7 +271,8 @@ def run(args: argparse.Namespace, root: str) -> dict[str, list[tuple[Run, Run]]]
             pairs[setup].append((got["none"], got[setup]))
             loops = f"{got['none']['loop']:.3f} / {got[setup]['loop']:.3f} s"
             print(f"  {order[0]} then {order[1]}: loop {loops} "
-                  f"(none / {setup}), {got[setup]['in_saves']:.3f} s in saves, writer CPU "
+                  f"(none / {setup}), {got[setup]['in_saves']:.3f} s in saves, "
+                  f"{got[setup]['in_fence']:.3f} s at the fence, writer CPU "
                   f"{got[setup]['writer_cpu']:.3f} s, load {os.getloadavg()[0]:.2f}",
                   file=sys.stderr, flush=True)
     return pairs
@@ -292,6 +332,7 @@ def summarize(pairs: dict[str, list[tuple[Run, Run]]], args: argparse.Namespace)
         "after_save_excess_ms": {s: [round(1e3 * x, 2) for x in profile(runs, starts, window)]
                                  for s, runs in pairs.items()} if starts else {},
         "blocked_in_saves_seconds": {s: rnd(med(s, "in_saves")) for s in runs_of},
+        "fence_seconds": {s: rnd(med(s, "in_fence")) for s in runs_of},
         "writer_cpu_seconds": {s: rnd(med(s, "writer_cpu")) for s in runs_of},
     }
     summary["targets"] = targets(loop, win, base_loop)
@@ -336,7 +377,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace, params: int) 
               f"{100 * summary['stall_share_of_run'][setup]:>8.2f}% {vs_mc:>7} "
               f"{summary['window_stall_seconds'].get(setup, 0.0):>9.4f} "
               f"{'' if wci is None else '[{:.4f}, {:.4f}]'.format(*wci['ci']):>17} "
-              f"{summary['blocked_in_saves_seconds'][setup]:>10.3f} "
+              f"{summary['blocked_in_saves_seconds'][setup]:>10.3f} {summary['fence_seconds'][setup]:>8.3f} "
               f"{summary['writer_cpu_seconds'][setup]:>12.3f}")
     for name, t in summary["targets"].items():
         print(f"target {name}: " + ", ".join(f"{m} measure {v['verdict']} (<= {v['threshold_seconds']:.4f} s)"

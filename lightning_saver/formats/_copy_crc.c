@@ -15,6 +15,9 @@
  * Built only on x86-64 with GCC or Clang, and used only where the CPU has SSE4.2 (``AVAILABLE``);
  * elsewhere the module still imports, with ``AVAILABLE`` false, and lightning_saver reads with
  * pread and checksums with google-crc32c instead.
+ *
+ * ``crc32c`` is the same pass without the copy: the read alone (about half the time of
+ * google-crc32c's ``crc32c_extend`` here, 2 vCPUs of a Xeon 6 with AVX-512, 2026-12-06).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -62,9 +65,10 @@ static inline uint64_t load(const uint8_t *src) {
     return word;
 }
 
-/* raw: the CRC register (not inverted); returns the register after the n bytes. */
-__attribute__((target("sse4.2"))) static uint32_t copy_crc_raw(uint8_t *dst, const uint8_t *src,
-                                                                size_t n, uint32_t raw, int nt) {
+/* raw: the CRC register (not inverted); returns the register after the n bytes. Without ``copy``
+ * only the CRC (dst unused): inlined with a constant ``copy``, each caller gets its own loop. */
+__attribute__((target("sse4.2"), always_inline)) static inline uint32_t crc_pass(
+    uint8_t *dst, const uint8_t *src, size_t n, uint32_t raw, int nt, int copy) {
     uint64_t c0 = raw;
     while (n >= 3 * LANE) {
         uint64_t c1 = 0, c2 = 0;
@@ -73,28 +77,42 @@ __attribute__((target("sse4.2"))) static uint32_t copy_crc_raw(uint8_t *dst, con
             c0 = _mm_crc32_u64(c0, a);
             c1 = _mm_crc32_u64(c1, b);
             c2 = _mm_crc32_u64(c2, c);
-            store(dst + i, a, nt);
-            store(dst + LANE + i, b, nt);
-            store(dst + 2 * LANE + i, c, nt);
+            if (copy) {
+                store(dst + i, a, nt);
+                store(dst + LANE + i, b, nt);
+                store(dst + 2 * LANE + i, c, nt);
+            }
         }
         /* register(A B C) = shift(shift(reg(A)) ^ reg0(B)) ^ reg0(C), each lane LANE bytes */
         c0 = shift_lane(shift_lane((uint32_t)c0) ^ (uint32_t)c1) ^ (uint32_t)c2;
         src += 3 * LANE;
-        dst += 3 * LANE;
+        if (copy) dst += 3 * LANE;
         n -= 3 * LANE;
     }
-    for (; n >= 8; n -= 8, src += 8, dst += 8) {
+    for (; n >= 8; n -= 8, src += 8) {
         uint64_t a = load(src);
         c0 = _mm_crc32_u64(c0, a);
-        memcpy(dst, &a, 8);
+        if (copy) {
+            memcpy(dst, &a, 8);
+            dst += 8;
+        }
     }
     uint32_t c = (uint32_t)c0;
-    for (; n > 0; n--, src++, dst++) {
+    for (; n > 0; n--, src++) {
         c = _mm_crc32_u8(c, *src);
-        *dst = *src;
+        if (copy) *dst++ = *src;
     }
-    if (nt) _mm_sfence(); /* streaming stores are weakly ordered: publish them before returning */
+    if (copy && nt) _mm_sfence(); /* streaming stores are weakly ordered: publish them before returning */
     return c;
+}
+
+__attribute__((target("sse4.2"))) static uint32_t copy_crc_raw(uint8_t *dst, const uint8_t *src,
+                                                                size_t n, uint32_t raw, int nt) {
+    return crc_pass(dst, src, n, raw, nt, 1);
+}
+
+__attribute__((target("sse4.2"))) static uint32_t crc_raw(const uint8_t *src, size_t n, uint32_t raw) {
+    return crc_pass(NULL, src, n, raw, 0, 0);
 }
 #endif
 
@@ -131,7 +149,39 @@ static PyObject *copy_crc32c(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *crc32c(PyObject *self, PyObject *args) {
+    unsigned long long src;
+    Py_ssize_t nbytes;
+    unsigned int crc = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kn|I:crc32c", &src, &nbytes, &crc)) return NULL;
+    if (nbytes < 0) {
+        PyErr_Format(PyExc_ValueError, "crc32c: nbytes must be >= 0, found %zd", nbytes);
+        return NULL;
+    }
+#ifdef LS_X86
+    if (!cpu_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "crc32c: this CPU has no SSE4.2 crc32 instruction");
+        return NULL;
+    }
+    uint32_t raw = ~(uint32_t)crc;
+    Py_BEGIN_ALLOW_THREADS
+    raw = crc_raw((const uint8_t *)(uintptr_t)src, (size_t)nbytes, raw);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong((unsigned long)(~raw));
+#else
+    (void)src;
+    (void)crc;
+    PyErr_SetString(PyExc_RuntimeError, "crc32c: built without x86-64 crc32 support");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"crc32c", crc32c, METH_VARARGS,
+     "crc32c(src, nbytes, crc=0) -> int\n\n"
+     "crc extended with nbytes at address src (CRC-32C, as google_crc32c.extend): copy_crc32c's\n"
+     "pass without the copy. The caller keeps the region alive."},
     {"copy_crc32c", copy_crc32c, METH_VARARGS,
      "copy_crc32c(dst, src, nbytes, crc=0, nontemporal=False) -> int\n\n"
      "Copy nbytes from address src to address dst and return crc extended with those bytes\n"

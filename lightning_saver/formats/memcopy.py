@@ -29,7 +29,7 @@ try:  # optional C extension (setup.py)
 except ImportError:  # not compiled here: memmove and google-crc32c give the same results, slower
     _copy_crc = None
 
-__all__ = ["ONE_PASS", "copy_crc32c", "copy_crc_regions", "copy_regions", "split_regions"]
+__all__ = ["ONE_PASS", "copy_crc32c", "crc32c", "copy_crc_regions", "copy_regions", "split_regions"]
 
 # True where copy + CRC-32C run in one pass in C (x86-64 with SSE4.2, extension compiled).
 ONE_PASS = _copy_crc is not None and bool(_copy_crc.AVAILABLE)
@@ -50,6 +50,15 @@ def copy_crc32c(dst: int, src: int, nbytes: int, *, crc: int = 0, nontemporal: b
     if nbytes:
         ctypes.memmove(dst, src, nbytes)
     return checksum.extend_address(crc, dst, nbytes)
+
+
+def crc32c(src: int, nbytes: int, *, crc: int = 0) -> int:
+    """``crc`` extended with ``nbytes`` of memory at address ``src`` (CRC-32C): :func:`copy_crc32c`'s
+    pass without the copy, in C where it is built (38.7 MB: 2.2 ms against google-crc32c's 4.0-4.5 ms,
+    2 vCPUs, 2026-12-06), else google-crc32c. The caller keeps the region alive."""
+    if _copy_crc is not None and _copy_crc.AVAILABLE:
+        return int(_copy_crc.crc32c(src, nbytes, crc))
+    return checksum.extend_address(crc, src, nbytes)
 
 
 def split_regions(regions: Sequence[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:

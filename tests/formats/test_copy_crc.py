@@ -60,9 +60,22 @@ def test_copy_crc32c_copies_and_matches_google_crc32c(n, seed, src_skew, dst_ske
 
 
 @needs_native
+@settings(max_examples=80, deadline=None)
+@given(n=LENGTHS, seed=st.integers(0, 2**32 - 1), skew=st.integers(0, 7), crc=st.integers(0, 2**32 - 1))
+def test_crc32c_alone_matches_google_crc32c_and_reads_only(n, seed, skew, crc):
+    data = torch.randint(0, 256, (n + skew,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+    src = ctypes.create_string_buffer(data, len(data))
+    assert native.crc32c(ctypes.addressof(src) + skew, n, crc) == google_crc32c.extend(crc, data[skew:])
+    assert src.raw[: len(data)] == data
+
+
+@needs_native
 def test_copy_crc32c_refuses_a_negative_length():
     with pytest.raises(ValueError, match="nbytes must be >= 0, found -1"):
         native.copy_crc32c(0, 0, -1)
+    with pytest.raises(ValueError, match="crc32c: nbytes must be >= 0, found -2"):
+        native.crc32c(0, -2)
 
 
 @pytest.fixture(params=["one pass, streaming stores", "one pass, cached stores", "pread"])
@@ -144,3 +157,4 @@ def test_copy_crc32c_without_the_extension_gives_the_same_answer(monkeypatch):
     out = torch.empty_like(data)
     crc = memcopy.copy_crc32c(out.data_ptr(), data.data_ptr(), data.numel(), crc=7)
     assert torch.equal(out, data) and crc == google_crc32c.extend(7, data.numpy().tobytes())
+    assert memcopy.crc32c(data.data_ptr(), data.numel(), crc=7) == crc
