@@ -31,6 +31,8 @@ that issue #17's goal compares, ``--all`` for every one):
   Saver async two copies ``Saver async`` snapshotting into the dense arena, which the writer copies again
                        into its ``O_DIRECT`` buffer (``snapshot_image.ENABLED = False``), instead of
                        into the file's image that it writes as it is
+  Saver async small pages ``Saver async`` with its snapshot memory in small pages, as ``torch.empty``
+                       gives them (``snapshot_arena.HUGE_PAGES_MIN`` out of reach), instead of huge pages
 
 **Design.** Everything runs in one process, after an untimed warm-up fit of every set-up. Each
 repetition runs, for every checkpointing set-up in a shuffled order, a *pair*: that set-up and a
@@ -76,6 +78,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +97,15 @@ from timing import machine  # noqa: E402
 from lightning_saver import Saver  # noqa: E402
 from lightning_saver.formats import direct_write, memcopy  # noqa: E402
 from lightning_saver.integration import rng_state  # noqa: E402
-from lightning_saver.saving import snapshot_image, thread_priority  # noqa: E402
+from lightning_saver.saving import async_writer, snapshot_arena, snapshot_image, thread_priority  # noqa: E402
 
 SETUPS = ("none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle",
-          "Saver async buffered", "copy+CRC floor", "CRC floor", "state dump floor", "Saver async two copies")
+          "Saver async buffered", "copy+CRC floor", "CRC floor", "state dump floor", "write floor",
+          "Saver async two copies",
+          "Saver async small pages")
 DEFAULT_SETUPS = ("ModelCheckpoint", "Saver async")
 DIRECT_DEFAULT = direct_write.ENABLED
+HUGE_PAGES_MIN = snapshot_arena.HUGE_PAGES_MIN
 Run = dict[str, Any]
 
 
@@ -135,15 +141,17 @@ class Floor(pl.Callback):
     docs), and nothing else: ``"copy+CRC"`` copies the weights and the optimizer state into one
     reused buffer with their CRC-32C (one pass); ``"CRC"`` reads them for their CRC-32C, in place;
     ``"state dump"`` gathers the trainer's state the way the Saver does (Lightning's
-    ``dump_checkpoint``, the RNG states), touching no tensor's bytes. ``blocked_seconds`` adds up
-    the time in the hook, like the Saver's."""
+    ``dump_checkpoint``, the RNG states), touching no tensor's bytes; ``"write"`` has a background
+    writer write as many bytes to a new file in ``directory`` and fsync it. ``blocked_seconds``
+    adds up the time in the hook, like the Saver's."""
 
     _buffer = torch.empty(0, dtype=torch.uint8)  # shared by every fit: its pages are faulted once
 
-    def __init__(self, every: int, work: str) -> None:
-        self.every, self.work = every, work
+    def __init__(self, every: int, work: str, directory: str) -> None:
+        self.every, self.work, self.directory = every, work, directory
         self.blocked_seconds = 0.0
         self.crc = 0
+        self._writer: async_writer.AsyncWriter | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -154,14 +162,20 @@ class Floor(pl.Callback):
         if self.work == "state dump":  # the two calls of SaverHooks.save_trainer that ask Lightning
             self.state = (trainer._checkpoint_connector.dump_checkpoint(weights_only=False),
                           rng_state.capture_all_ranks())
+        elif self.work == "write":
+            nbytes = sum(t.numel() * t.element_size() for t in _sources(pl_module, trainer))
+            self._writer = self._writer or async_writer.AsyncWriter()  # the Saver's, at its priority
+            self._writer.submit(partial(self._write, nbytes, os.path.join(self.directory, f"{step}.bin")))
         else:
             self.crc = self._checksum(pl_module, trainer)
         self.blocked_seconds += time.perf_counter() - start
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
     def _checksum(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> int:
-        sources = [*pl_module.state_dict().values(),
-                   *(v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
-                     if isinstance(v, torch.Tensor))]
+        sources = _sources(pl_module, trainer)
         total = sum(t.numel() * t.element_size() for t in sources)
         if self.work == "copy+CRC" and Floor._buffer.numel() < total:
             Floor._buffer = torch.zeros(total, dtype=torch.uint8)  # zeros: faulted here, once
@@ -176,6 +190,30 @@ class Floor(pl.Callback):
             crc = memcopy.copy_crc32c(dst, t.data_ptr(), n, crc=crc, nontemporal=True)
             dst += n
         return crc
+
+    @staticmethod
+    def _write(nbytes: int, path: str) -> None:
+        """``nbytes`` from a page-aligned buffer in huge pages (the Saver's image arena; faulted once)
+        to a new file, with ``O_DIRECT``, then fsync: no header, no checksum, no state file."""
+        if Floor._image.numel() < nbytes + direct_write.ALIGN:
+            raw = snapshot_arena.Arena(nbytes + 2 * direct_write.ALIGN, False).tensor.fill_(1)
+            Floor._image = raw[-raw.data_ptr() % direct_write.ALIGN:]  # a small arena: 64-aligned only
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            direct_write.write_image(fd, Floor._image.data_ptr(), nbytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    _image = torch.empty(0, dtype=torch.uint8)
+
+
+def _sources(pl_module: pl.LightningModule, trainer: pl.Trainer) -> list[torch.Tensor]:
+    """The tensors a save holds the bytes of: the weights and the optimizer state."""
+    return [*pl_module.state_dict().values(),
+            *(v for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
+              if isinstance(v, torch.Tensor))]
 
 
 class StepClock(pl.Callback):
@@ -193,12 +231,14 @@ def callbacks_for(setup: str, directory: str, every: int) -> tuple[list[pl.Callb
     thread_priority.USE_IDLE = setup == "Saver async idle"  # read by the writer thread at each job
     direct_write.ENABLED = setup != "Saver async buffered"  # read by each write
     snapshot_image.ENABLED = setup != "Saver async two copies"  # read by each save
+    # read when a writer makes its arena (once per fit): huge pages for large ones, or never
+    snapshot_arena.HUGE_PAGES_MIN = 1 << 62 if setup == "Saver async small pages" else HUGE_PAGES_MIN
     if setup == "none":
         return [], False
     if setup == "ModelCheckpoint":
         return [TimedModelCheckpoint(dirpath=directory, every_n_train_steps=every, save_top_k=-1)], True
     if setup.endswith(" floor"):
-        return [Floor(every, setup.removesuffix(" floor"))], False
+        return [Floor(every, setup.removesuffix(" floor"), directory)], False
     saver = Saver(dirpath=directory, every_n_train_steps=every, save_on_train_end=False,
                   async_save=setup.startswith("Saver async"), overlap_copy=not setup.endswith("blocking"))
     _time_fence(saver)
@@ -243,7 +283,7 @@ def fit_once(setup: str, args: argparse.Namespace, root: str, data: TensorDatase
         gc.enable()
         thread_priority.USE_IDLE = False  # the defaults again (the writer is done after teardown)
         direct_write.ENABLED = DIRECT_DEFAULT
-        snapshot_image.ENABLED = True
+        snapshot_image.ENABLED, snapshot_arena.HUGE_PAGES_MIN = True, HUGE_PAGES_MIN
     shutil.rmtree(directory, ignore_errors=True)
     in_saves = sum(getattr(cb, "blocked_seconds", 0.0) for cb in callbacks)
     in_fence = sum(getattr(cb, "fence_seconds", 0.0) for cb in callbacks)
