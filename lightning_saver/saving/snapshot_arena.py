@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import mmap
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -163,23 +162,8 @@ def _wants_pinned(blocks: list[_Block]) -> bool:
     return on_gpu and torch.cuda.is_available()
 
 
-# Arenas this large are mapped on their own with huge pages asked for (MADV_HUGEPAGE; Linux, where
-# transparent huge pages are "madvise" or "always"): the O_DIRECT write of a 38.7 MB file image then
-# pins 19 pages instead of 9,450, 0.6-0.7 ms of the writer's CPU instead of 1.7-1.8 (2 vCPUs,
-# 2026-12-06). An arena is faulted once, at its first save, and reused: the compaction a huge page
-# may cost (which made fresh read buffers slower, formats/tf_shard.py) is paid once.
-HUGE_PAGES_MIN = 4 << 20
-
-
 def _alloc(nbytes: int, pinned: bool) -> torch.Tensor:
-    if pinned or nbytes < HUGE_PAGES_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel without transparent huge pages: small pages, as torch.empty's
-        pass
-    return torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
 
 
 def _in_order(tensors: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

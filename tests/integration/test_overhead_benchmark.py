@@ -14,8 +14,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPT = BENCH / "lightning_overhead.py"
 SETUPS = {"none", "ModelCheckpoint", "Saver sync", "Saver async", "Saver async blocking", "Saver async idle",
           "Saver async buffered", "copy+CRC floor", "CRC floor", "state dump floor", "write floor",
-          "Saver async two copies",
-          "Saver async small pages"}
+          "Saver async two copies"}
 FLOORS = ("copy+CRC floor", "CRC floor", "state dump floor", "write floor")
 TARGETS = {"async_stall_le_5pct_of_model_checkpoint", "async_stall_lt_0.2pct_of_run"}
 
@@ -32,9 +31,9 @@ def test_quick_benchmark_prints_table_and_json(capsys, tmp_path):
     assert module.main(["--quick", "--dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[0] == "set-up"
-    rows = [line.split()[0] for line in lines[1:14]]
+    rows = [line.split()[0] for line in lines[1:13]]
     floors = ["copy+CRC", "CRC", "state", "write"]
-    assert rows == ["none", "ModelCheckpoint"] + ["Saver"] * 5 + floors + ["Saver", "Saver"]
+    assert rows == ["none", "ModelCheckpoint"] + ["Saver"] * 5 + floors + ["Saver"]
     summary = json.loads(lines[-1])
     assert summary["benchmark"] == "lightning_overhead" and summary["quick"]
     assert set(summary["seconds"]) == SETUPS and set(summary["stall_seconds"]) == SETUPS

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 
 import pytest
 import torch
@@ -269,46 +268,3 @@ def test_cuda_tensors_are_copied_into_a_pinned_image(tmp_path, defer):
     path, result = write_image(tmp_path, image)
     assert path.read_bytes() == buffered_bytes(tmp_path, cpu)
     check_against_peer(path, cpu, result)
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds ``address`` (Linux's /proc/self/smaps)."""
-    mapping = None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                mapping = start <= address < end
-            elif mapping and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def _thp_mode() -> str:
-    try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return "none"
-    return text.split("[")[1].split("]")[0]
-
-
-def test_a_large_image_asks_for_huge_pages_is_reused_and_writes_the_tensors(tmp_path):
-    # one tensor past HUGE_PAGES_MIN: its arena is a mapping of its own, advised MADV_HUGEPAGE
-    tensors = {"big": torch.randn((snapshot_arena.HUGE_PAGES_MIN >> 2) + 1001), "small": torch.arange(7)}
-    writer = AsyncWriter()
-    plan = ImagePlan(Layout(tensors), header_len(tensors))
-    addresses, results = [], []
-    for step in (1, 2):
-        image = writer.snapshot_image(tensors, plan, defer=True)
-        addresses.append(image.address)
-        writer.submit(lambda image=image, step=step: results.append(
-            write_image(tmp_path, image, name=f"big_{step}.safetensors")))
-        del image
-        writer.wait()
-        path, result = results[-1]
-        check_against_peer(path, tensors, result)
-    assert addresses[0] == addresses[1] and len(writer._arenas) == 1  # reused, no second mapping
-    if sys.platform == "linux" and _thp_mode() in ("always", "madvise"):
-        assert "hg" in _vm_flags(addresses[0])
-    writer.close()
