@@ -5,6 +5,7 @@ import os
 import platform
 import shutil
 import sysconfig
+import types
 
 import google_crc32c
 import pytest
@@ -158,3 +159,10 @@ def test_copy_crc32c_without_the_extension_gives_the_same_answer(monkeypatch):
     crc = memcopy.copy_crc32c(out.data_ptr(), data.data_ptr(), data.numel(), crc=7)
     assert torch.equal(out, data) and crc == google_crc32c.extend(7, data.numpy().tobytes())
     assert memcopy.crc32c(data.data_ptr(), data.numel(), crc=7) == crc
+
+
+def test_crc32c_with_an_extension_built_before_it_uses_google_crc32c(monkeypatch):
+    # an in-place build older than crc32c (a checkout that has not rebuilt it) must still checksum
+    data = torch.randint(0, 256, (5_001,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(memcopy, "_copy_crc", types.SimpleNamespace(AVAILABLE=True))
+    assert memcopy.crc32c(data.data_ptr(), data.numel(), crc=3) == google_crc32c.extend(3, data.numpy().tobytes())
