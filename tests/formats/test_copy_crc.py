@@ -165,4 +165,5 @@ def test_crc32c_with_an_extension_built_before_it_uses_google_crc32c(monkeypatch
     # an in-place build older than crc32c (a checkout that has not rebuilt it) must still checksum
     data = torch.randint(0, 256, (5_001,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(memcopy, "_copy_crc", types.SimpleNamespace(AVAILABLE=True))
-    assert memcopy.crc32c(data.data_ptr(), data.numel(), crc=3) == google_crc32c.extend(3, data.numpy().tobytes())
+    expected = google_crc32c.extend(3, data.numpy().tobytes())
+    assert memcopy.crc32c(data.data_ptr(), data.numel(), crc=3) == expected
