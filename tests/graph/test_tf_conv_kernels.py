@@ -4,8 +4,8 @@ One small NHWC network holds each case the kernels handle differently: a symmetr
 VALID convolution, an asymmetric one (Keras' ``ZeroPadding2D`` before a strided depthwise
 convolution), TF's asymmetric ``SAME`` at stride 2, and a residual sum. Every call is compared
 with TensorFlow, including the first calls, which time both kernels; the prepared (pre-packed)
-filters must follow an optimizer step and ``load_state_dict``. (The 1x1 ``gemm`` kernel has its
-own tests in test_tf_conv_gemm.py.)
+filters must follow an optimizer step and ``load_state_dict``. (The 1x1 ``gemm`` and ``linear`` kernels have
+their own tests in test_tf_conv_gemm.py.)
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_absorbed_pads_and_both_kernels_match_tf_on_every_call(tmp_path):
     prepared = [p for f in fused for p in f.prepared.values()]
     tried = [sorted(name for name, times in p.trials.items() if times) for p in prepared]
     assert ["native", "onednn"] in tried  # groups-of-1 convolutions ran (and matched TF) both ways
-    assert ["gemm", "native", "onednn"] in tried  # the 1x1 one (residual, no bias) all three ways
+    assert ["gemm", "linear", "native", "onednn"] in tried  # the 1x1 one (residual, no bias) all four ways
     assert all(p.kernel is not None for p in prepared)
     assert_same(graph.run("y:0", {"x:0": x[1:2]}), made.expected[0][1:2], **TOL)  # a new shape
 

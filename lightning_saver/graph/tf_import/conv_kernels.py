@@ -1,6 +1,6 @@
 """How a folded convolution runs when autograd is off, prepared once per input shape.
 
-Three kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolution:
+Four kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolution:
 
 * ``onednn``: oneDNN's convolution with the bias, the residual sum and the activation inside the
   kernel (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits for CPU
@@ -14,7 +14,11 @@ Three kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolut
   ``addmm`` with the bias, the sum and activation in place after it (groups of 1, small ones only).
   MobileNetV2's 1x1 convolutions at batch 1, one thread, inside the network: 7x7 160 -> 960 in
   133 us against conv2d's 190 and oneDNN's 189, 7x7 320 -> 1280 in 372 against 463 and 433, 14x14
-  384 -> 64 in 93 against 96 and 115 (but 112x112 16 -> 96 in 872 against oneDNN's 443).
+  384 -> 64 in 93 against 96 and 115 (but 112x112 16 -> 96 in 872 against oneDNN's 443);
+* ``linear``: the same product through oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
+  filter packed once), the bias and activation inside it. It wins MobileNetV2's large expansions
+  with ReLU6 at batch 1 (on a loaded machine: 112x112 16 -> 96 in 623 us against oneDNN's
+  convolution's 688, 56x56 24 -> 144 in 320 against 345), where ``gemm`` loses.
 
 Which one is faster depends on the shapes, the thread count and the CPU, so a prepared shape
 times each on its first calls (which still return their results) and keeps the fastest.
@@ -40,11 +44,15 @@ from lightning_saver.graph.tf_import.layout import Pads, pad_spatial, symmetric
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
+_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_REORDER_LINEAR = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 if not torch.backends.mkldnn.is_available() or _REORDER is None:
     _MKLDNN = None
+if not torch.backends.mkldnn.is_available() or _REORDER_LINEAR is None:
+    _LINEAR = None
 _UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 TRIALS = 3  # timed calls per kernel (after one untimed) before the fastest is kept
-KERNELS = ("onednn", "native", "gemm")  # every kernel a shape may time, in the order they are tried
+KERNELS = ("onednn", "native", "gemm", "linear")  # every kernel a shape may time, in the order they are tried
 # torch's conv2d is only tried on small convolutions, where oneDNN's fixed cost per call (about
 # 30 us) can dominate: the small CNN's (0.4M and 1.2M multiply-adds), MobileNetV2's 1x1 ones at
 # 7x7 and 14x14 (7.5M: 161 against 186 us); ResNet50's start at 51M, and timing both on a loaded
@@ -115,6 +123,8 @@ class Prepared:
         if nhwc and groups == 1 and macs <= NATIVE_MAX_MACS and self.prepad is None and not any(padding) \
                 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride):
             kernels["gemm"] = self._gemm(weight)
+            if _LINEAR is not None:
+                kernels["linear"] = self._linear(weight)
         self.kernels = kernels
         self.chosen: str | None = next(iter(kernels)) if len(kernels) == 1 else None
         self.kernel: Kernel | None = kernels[self.chosen] if self.chosen else None
@@ -168,6 +178,24 @@ class Prepared:
             return _finish(y, None if other is None else other.view(rows, cout), act).view(size).detach()
 
         return gemm
+
+    def _linear(self, weight: torch.Tensor) -> Kernel:
+        """The same product as ``gemm`` through oneDNN's matmul, the bias and activation inside it."""
+        bias, act, size = self.bias, self.act, self.out_size
+        cout, cin = weight.shape[:2]
+        rows = size.numel() // cout
+        packed = _REORDER_LINEAR(weight.reshape(cout, cin).contiguous(), rows)
+        unary, scalars = _UNARY[act]
+
+        def linear(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            x2 = x.view(rows, cin)
+            if other is None:
+                y = _LINEAR(x2, packed, bias, unary, scalars, "")
+            else:  # the sum inside, the activation after it
+                y = _finish(_LINEAR.binary(x2, other.view(rows, cout), packed, bias, "add"), None, act)
+            return y.view(size).detach()
+
+        return linear
 
     def __call__(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor | None:
         if self.prepad is not None:
