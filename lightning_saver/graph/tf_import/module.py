@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from lightning_saver.errors import GraphImportError
+from lightning_saver.graph.tf_import.attr_access import direct_attributes
 from lightning_saver.graph.tf_import.cond import SWITCH_OPS, conditional_regions, execute_with_deadness
 from lightning_saver.graph.tf_import.conditionals import Conditional
 from lightning_saver.graph.tf_import.functions import (
@@ -189,6 +190,7 @@ class _Builder:
         outs = [self.value(r) for r in fetches]
         self.graph.output(outs[0] if single else tuple(outs))
         module = fx.GraphModule(self.root, self.graph, class_name="ImportedTFGraph")
+        direct_attributes(module)
         module.tf_inputs = [ref_name(r) for r in inputs]
         module.tf_outputs = [ref_name(r) for r in self.plan.fetches]
         return module
