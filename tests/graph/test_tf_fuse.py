@@ -6,6 +6,8 @@ not the identity, so folding errors would show (STYLE rule 15).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from tf_graphs import assert_same, build_tf_graph, tf_module
@@ -174,6 +176,52 @@ def test_a_vector_that_is_not_per_channel_runs_the_original_ops(tmp_path):
     with torch.no_grad():
         assert_same(module(torch.from_numpy(x)).numpy(), made.expected[0], **TOL)
     assert _unfused_calls(graph, "y") == 1  # the step ran the original ops
+
+
+def build_residuals(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 6, 6, 4], name="x")
+
+    def conv(h, name):
+        return tf.nn.conv2d(h, _var(tf, f"{name}/kernel", [3, 3, 4, 4]), 1, "SAME")
+
+    a = tf.nn.relu(conv(x, "c1"))
+    b = tf.nn.relu(conv(a, "c2"))
+    c = tf.nn.relu(conv(b, "c3") + a)     # a dies here: the sum goes into a's buffer
+    d = tf.nn.relu(conv(c, "c4") + x)     # the fed input: never written
+    e = tf.nn.relu(conv(d, "c5") + c)     # c dies here
+    f = tf.nn.relu(conv(e, "c6") + d)     # d is read again below: not written
+    tf.identity(f * 2.0 + d, name="y")
+    tf.identity(d, name="d")
+
+
+def _overwrites(graph):
+    steps = graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps
+    return sum(getattr(s.func, "overwrites", 0) for s in steps if "+" in s.op)
+
+
+def test_a_dying_residual_takes_the_sum_in_place_and_nothing_else_is_written(tmp_path):
+    x = _images(2, 6, 6, 4)
+    made = build_tf_graph(tmp_path, build_residuals, ["y:0", "d:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    fed = x.copy()
+    for calls in (1, 2, 3):  # the first calls prepare the kernels, the later ones run the prepared ones
+        assert_same(graph.run("y:0", {"x:0": fed}), made.expected[0], **TOL)
+        np.testing.assert_array_equal(fed, x)
+        assert _overwrites(graph) == 2 * calls
+    y, d = graph.run(["y:0", "d:0"], {"x:0": fed})  # d fetched: the step that reads it last keeps it
+    assert_same(y, made.expected[0], **TOL)
+    assert_same(d, made.expected[1], **TOL)
+    module = graph.to_module(inputs="x:0", outputs="y:0")
+    assert len(re.findall(r"_folded_into(_\d+)?\(", module.code)) == 2, module.code  # where a and c die
+    given = torch.from_numpy(x.copy())
+    with torch.no_grad():
+        for _ in range(3):
+            assert_same(module(given).numpy(), made.expected[0], **TOL)
+    np.testing.assert_array_equal(given.numpy(), x)
+    # with autograd recording nothing is written in place
+    assert_same(module(given).detach().numpy(), made.expected[0], **TOL)
 
 
 def _keep_memory_in_child(env_value):

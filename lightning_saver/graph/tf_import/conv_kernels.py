@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from lightning_saver.graph.tf_import.layout import Pads, pad_spatial, symmetric
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+_MKLDNN_INTO = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)  # the sum written into `other`
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _REORDER_LINEAR = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
@@ -93,6 +94,8 @@ class Prepared:
     Each kernel takes and returns the caller's layout, so a ``gemm`` on NHWC data permutes nothing
     (a permute costs about 1 us in Python, and the NCHW kernels need four per call).
     The result is a plain tensor (no view), so a following activation can run in place on it.
+    With ``overwrite`` (the caller found the residual private and dying) and oneDNN's kernel kept,
+    the result is written into the residual's buffer (oneDNN's sum post-op).
     """
 
     def __init__(self, x_shape: Sequence[int], weight: torch.Tensor, groups: int, bias: torch.Tensor | None,
@@ -114,9 +117,12 @@ class Prepared:
         self.args = (list(padding), list(stride), list(dilation), groups)
         self.bias, self.act = bias, act
         kernels: dict[str, Kernel] = {}
+        self.into: Kernel | None = None  # onednn summing into the residual's buffer
         if _MKLDNN is not None:
             packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(x_shape))
             kernels["onednn"] = self._in_layout(self._onednn(packed, residual))
+            if residual and _MKLDNN_INTO is not None:
+                self.into = self._in_layout(self._onednn_into(packed))
         macs = prod(self.out) * prod(weight.shape[1:])
         if (groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
             kernels["native"] = self._in_layout(self._native(weight))
@@ -154,6 +160,17 @@ class Prepared:
                                   binary_unary, scalars, None)
 
         return onednn
+
+    def _onednn_into(self, packed: torch.Tensor) -> Kernel:
+        padding, stride, dilation, groups = self.args
+        unary, scalars = _UNARY[self.act]
+        bias, binary_unary = self.bias, (unary if self.act else None)
+
+        def onednn_into(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            return _MKLDNN_INTO.binary(other, x, packed, bias, padding, stride, dilation, groups, "add", 1.0,
+                                       binary_unary, scalars, None)
+
+        return onednn_into
 
     def _native(self, weight: torch.Tensor) -> Kernel:
         padding, stride, dilation, groups = self.args
@@ -197,7 +214,8 @@ class Prepared:
 
         return linear
 
-    def __call__(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, other: torch.Tensor | None,
+                 overwrite: bool = False) -> torch.Tensor | None:
         if self.prepad is not None:
             if self.nhwc:
                 x = pad_spatial(x.permute(0, 3, 1, 2), self.prepad).permute(0, 2, 3, 1)
@@ -211,6 +229,8 @@ class Prepared:
             if not other.is_contiguous():
                 other = other.contiguous()
         kernel = self.kernel
+        if overwrite and self.chosen == "onednn" and self.into is not None:
+            kernel = self.into  # a contiguous copy made above is private too
         return kernel(x, other) if kernel is not None else self._trial(x, other)
 
     def _trial(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:

@@ -8,10 +8,17 @@ autograd, float32 runs oneDNN's convolution with the bias, the residual sum and 
 inside the kernel (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits for
 CPU convolutions), so no extra pass over the activations; with autograd recording, the fold runs
 inside the step with differentiable torch ops, so gradients reach the original variables.
+
+A residual that dies at its step (the plan and ``to_module`` know: its last reader) takes the
+result in place, oneDNN's sum post-op (``_convolution_pointwise_``) instead of a binary add into a
+fresh buffer, once a run-time check finds that nothing else holds it (a fed or fetched tensor, a
+view, a second name: as for the runner's in-place activations). Keras ResNet50, 1 thread, paired in
+one process: batch 1 2.2%, batch 8 2.9% faster; the result is bit-identical.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 from lightning_saver.graph.tf_import.conv_kernels import Prepared
 from lightning_saver.graph.tf_import.layout import Pads, spatial_attr, spatial_pads, to_nchw
 from lightning_saver.graph.tf_import.ops_nn import conv_layout, conv_weight
+from lightning_saver.graph.tf_import.runner import is_private, refs_when_private
 
 _FLOATS = (torch.float32, torch.float64)
 _SMALL = 1 << 16  # vectors up to this size are compared by value when their tensor changes
@@ -187,7 +195,7 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
             y = y[0] if link.mode == "bn" else y
         return y
 
-    def fast(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor | None:
+    def fast(x: torch.Tensor, other: torch.Tensor | None, own: bool) -> torch.Tensor | None:
         """Without autograd, with the fold cached: the prepared kernel for ``x``'s shape."""
         key = (x.shape, x.dtype, torch.get_num_threads())
         run = prepared.get(key)
@@ -198,7 +206,7 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
                 prepared.pop(next(iter(prepared)))
             run = prepared[key] = _prepare(conv, x, cache.value, pre or no_pad, act, other is not None)
         hot[:] = [x.shape, x.dtype, key[2], cache.params, cache.versions, run]
-        return run(x, other)
+        return run(x, other, own)
 
     def is_hot(x: torch.Tensor, filter: torch.Tensor, operands: tuple[torch.Tensor, ...]) -> bool:
         """The last fast call's shape, threads and unchanged parameters (the common case, checked first)."""
@@ -213,11 +221,25 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
         return torch.get_num_threads() == threads
 
     def fused(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        return step(x, filter, operands, 0)
+
+    def overwriting(x: torch.Tensor, filter: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+        """``fused`` where the plan knows the residual dies at this step: written in place if private."""
+        other = operands[sums[0]]
+        refs = _refs(other)  # the statements _count_residual mirrors
+        return step(x, filter, operands, refs)
+
+    def step(x: torch.Tensor, filter: torch.Tensor, operands: tuple[torch.Tensor, ...],
+             refs: int) -> torch.Tensor:
         other = operands[sums[0]] if sums else None
         plain = PLAIN_OPS.get()
-        if hot and not plain and not torch.is_grad_enabled() and is_hot(x, filter, operands):
-            y = hot[-1](x, other)
+        no_grad = not plain and not torch.is_grad_enabled()
+        # a residual nobody else holds (it dies here) takes the result in place: oneDNN's sum
+        own = refs > 0 and no_grad and is_private(other, refs, RESIDUAL_REFS)
+        if hot and no_grad and is_hot(x, filter, operands):
+            y = hot[-1](x, other, own)
             if y is not None:
+                fused.overwrites += own  # type: ignore[attr-defined]
                 return y
         params = (filter, *[operands[i] for i in vector_at])
         if x.dtype not in _FLOATS or any(p.dtype != x.dtype for p in params):
@@ -231,8 +253,9 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
                     cache.store(params, extra, _fold(conv, links, x, filter, operands))
                     prepared.clear()
                     hot.clear()
-                y = fast(x, other)
+                y = fast(x, other, own)
                 if y is not None:
+                    fused.overwrites += own  # type: ignore[attr-defined]
                     return y
             if pre is not None:
                 x = _pad_input(x, pre, channels_first)
@@ -242,10 +265,15 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
             return unfused(x, filter, *operands)
 
     fused.unfused_calls = 0  # type: ignore[attr-defined]
+    fused.overwrites = 0  # type: ignore[attr-defined]  # calls that summed into a dying residual
+    # the step input that may take the result in place, and the step function that may do so
+    fused.residual_at = 2 + sums[0] if sums else None  # type: ignore[attr-defined]
+    fused.overwriting = overwriting  # type: ignore[attr-defined]
     fused.prepared = prepared  # type: ignore[attr-defined]  # tests read which kernels ran
     fused.__name__ = fused.__qualname__ = "_".join(
         (["pad"] if pre is not None else []) + [_snake(conv.op)] + [_snake(link.step.op) for link in links]
     ) + "_folded"
+    overwriting.__name__ = overwriting.__qualname__ = fused.__name__ + "_into"
     return fused
 
 
@@ -254,3 +282,18 @@ def _snake(op: str) -> str:
     for i, c in enumerate(op):
         out.append("_" + c.lower() if c.isupper() and i and op[i - 1].islower() else c.lower())
     return "".join(out)  # BiasAdd -> bias_add, Conv2D -> conv2d, AddV2 -> add_v2
+
+
+def _refs(other: torch.Tensor) -> int:
+    return sys.getrefcount(other)
+
+
+def _count_residual(x: torch.Tensor, *operands: torch.Tensor) -> torch.Tensor:
+    """A fused step's frame as ``overwriting`` sees its residual: in ``operands``, bound to a local."""
+    other = operands[0]
+    refs = _refs(other)  # the same statements as in overwriting
+    return torch.tensor(refs)
+
+
+# the references a residual that dies at its fused step has there, from the generated code
+RESIDUAL_REFS = refs_when_private(_count_residual, position=1)

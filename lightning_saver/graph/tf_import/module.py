@@ -189,11 +189,27 @@ class _Builder:
             self.step(step)
         outs = [self.value(r) for r in fetches]
         self.graph.output(outs[0] if single else tuple(outs))
+        _sum_into_dying_residuals(self.graph)
         module = fx.GraphModule(self.root, self.graph, class_name="ImportedTFGraph")
         direct_attributes(module)
         module.tf_inputs = [ref_name(r) for r in inputs]
         module.tf_outputs = [ref_name(r) for r in self.plan.fetches]
         return module
+
+
+def _sum_into_dying_residuals(graph: fx.Graph) -> None:
+    """A fused convolution whose residual (a step's result) has no later reader calls the function
+    that may sum into it (in place when nothing else holds it, without autograd; see fused_conv)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        at = getattr(node.target, "residual_at", None) if node.op == "call_function" else None
+        if at is None:
+            continue
+        residual = node.args[at]
+        if (isinstance(residual, fx.Node) and residual.op == "call_function"
+                and node.args.count(residual) == 1
+                and max(order[user] for user in residual.users) == order[node]):
+            node.target = node.target.overwriting  # type: ignore[union-attr]
 
 
 def build_module(plan: Plan, index: GraphIndex, store: VariableStore, inputs: list[Ref],

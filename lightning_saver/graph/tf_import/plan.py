@@ -104,7 +104,8 @@ class Plan:
             if s.op in IN_PLACE and len(s.inputs) == 1 and s.inputs[0][0] in produced \
                     and last_use.get(s.inputs[0]) == i:
                 in_place.add(len(fast))
-            fast.append((s.name, s.op, s.func, s.inputs, s.kwargs, tuple(drop)))
+            func = _overwriting(s, i, last_use, produced)
+            fast.append((s.name, s.op, func, s.inputs, s.kwargs, tuple(drop)))
             self._fast_steps.append(s)
         self._runner: Runner | None = None
         if not self.conditional:  # run-time tf.cond runs the steps with dead-tensor rules instead
@@ -128,6 +129,18 @@ class Plan:
                 step = self._fast_steps[i]
                 err.add_note(f"while running TensorFlow node {step.name!r} ({step.op})")
             raise
+
+
+def _overwriting(step: Step, i: int, last_use: dict[Ref, int], produced: set[str]) -> Callable[..., Any]:
+    """A fused convolution's function that may sum into its residual when that dies at step ``i``
+    (the step function checks at run time that nothing else holds it), else the step's own."""
+    at = getattr(step.func, "residual_at", None)
+    if at is None or step.kind != "call":
+        return step.func
+    ref = step.inputs[at]
+    if ref[0] in produced and last_use.get(ref) == i and step.inputs.count(ref) == 1:
+        return step.func.overwriting  # type: ignore[attr-defined, no-any-return]
+    return step.func
 
 
 def _no_converter(*args: Any) -> Any:

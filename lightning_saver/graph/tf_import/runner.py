@@ -41,7 +41,7 @@ _storage_users = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _storage_baseline() -> int:
-    probe = torch.empty(1)  # alive while counted, exactly as an intermediate is in _private
+    probe = torch.empty(1)  # alive while counted, exactly as an intermediate is in is_private
     return _storage_users(probe.untyped_storage()._cdata) if _storage_users else -1
 
 
@@ -155,7 +155,7 @@ class Runner:
         return None if line is None else self.line_steps.get(line)
 
 
-def _private(x: Any, refs: int, private_refs: int) -> bool:
+def is_private(x: Any, refs: int, private_refs: int) -> bool:
     """``x`` (seen ``refs`` times from the consumer's frame) is an intermediate nobody else can see."""
     return (refs <= private_refs and type(x) is torch.Tensor and x.is_floating_point()
             and not x._is_view() and _storage_users is not None
@@ -167,7 +167,7 @@ def _in_place(op: str, fallback: Callable[..., Any], private_refs: int) -> Calla
 
     def run(x: torch.Tensor, **kwargs: Any) -> Any:
         refs = sys.getrefcount(x)  # the same frame shape and statement as _count_refs
-        if _private(x, refs, private_refs):
+        if is_private(x, refs, private_refs):
             return mutate(x)
         return fallback(x, **kwargs)
 
@@ -179,22 +179,26 @@ def _count_refs(x: torch.Tensor, **kwargs: Any) -> Any:
     return torch.tensor(refs)
 
 
-def _calibrate() -> int:
+def refs_when_private(count: Callable[..., Any], position: int = 0) -> int:
     """References to an intermediate while its consumer runs in generated code (its local, the
-    parameter, ...): measured through the same code, because what ``getrefcount`` sees differs
-    between Python versions; -1 (never in place) when a second holder is not visible."""
+    parameter, ...), as ``count`` (a step function returning ``torch.tensor(refs)``) sees the
+    intermediate passed as its input ``position``: measured through the same code, because what
+    ``getrefcount`` sees differs between Python versions; -1 (never in place) when a second holder
+    is not visible."""
     def make() -> torch.Tensor:
         return torch.empty(1)
 
     def same(x: torch.Tensor) -> torch.Tensor:
         return x
 
-    private = Runner([("a", "P", make, (), {}, ()), ("b", "C", _count_refs, (("a", 0),), {}, (("a", 0),))],
-                     (), {}, frozenset(), [("b", 0)], lambda name: None).run({}, {})[0]
-    shared = Runner([("a", "P", make, (), {}, ()), ("s", "I", same, (("a", 0),), {}, ()),
-                     ("b", "C", _count_refs, (("a", 0),), {}, (("a", 0),))],
-                    (), {}, frozenset(), [("b", 0), ("s", 0)], lambda name: None).run({}, {})[0]
+    inputs = (("z", 0),) * position + (("a", 0),)
+    made = [("z", "P", make, (), {}, ()), ("a", "P", make, (), {}, ())]
+    counted = ("b", "C", count, inputs, {}, (("a", 0),))
+    private = Runner([*made, counted], (), {}, frozenset(), [("b", 0), ("z", 0)],
+                     lambda name: None).run({}, {})[0]
+    shared = Runner([*made, ("s", "I", same, (("a", 0),), {}, ()), counted], (), {}, frozenset(),
+                    [("b", 0), ("s", 0), ("z", 0)], lambda name: None).run({}, {})[0]
     return int(private) if int(shared) > int(private) else -1
 
 
-PRIVATE_REFS = _calibrate()
+PRIVATE_REFS = refs_when_private(_count_refs)
