@@ -265,7 +265,8 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
             return unfused(x, filter, *operands)
 
     fused.unfused_calls = 0  # type: ignore[attr-defined]
-    fused.overwrites = 0  # type: ignore[attr-defined]  # calls that summed into a dying residual
+    # calls that found their dying residual private (summed into it where oneDNN's kernel runs)
+    fused.overwrites = 0  # type: ignore[attr-defined]
     # the step input that may take the result in place, and the step function that may do so
     fused.residual_at = 2 + sums[0] if sums else None  # type: ignore[attr-defined]
     fused.overwriting = overwriting  # type: ignore[attr-defined]
