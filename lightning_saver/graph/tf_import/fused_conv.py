@@ -126,7 +126,9 @@ def _fold(conv: Any, links: Sequence[Link], x: torch.Tensor, filter: torch.Tenso
     if scale is not None:
         weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
     layout = torch.contiguous_format if channels_first else torch.channels_last
-    return weight.contiguous(memory_format=layout), groups, shift
+    # a scalar or [1] operand is an expanded vector (stride 0): oneDNN and sgemm read a bias as
+    # contiguous memory, so `conv + 1.0` added 1.0 to the first channel only and garbage after it
+    return weight.contiguous(memory_format=layout), groups, None if shift is None else shift.contiguous()
 
 
 def _tail(y: torch.Tensor, other: torch.Tensor | None, act: str | None, grad: bool) -> torch.Tensor:
