@@ -151,3 +151,56 @@ def test_module_runs_a_1x1_kernel_and_matches_tf(tmp_path, keep):
 def test_fastest_ignores_each_kernels_first_call():
     assert fastest({"onednn": [9.0, 3.0, 3.5], "native": [1.0, 2.5, 2.6], "gemm": [7.0, 2.0, 2.4]}) == "gemm"
     assert fastest({"onednn": [0.1, 3.0], "gemm": [5.0, 2.9]}) == "gemm"  # 0.1: a warm-up, not counted
+
+
+def build_dying_residual(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 5, 6, 8], name="x")
+    a = tf.nn.relu(tf.nn.conv2d(x, _var(tf, "a/kernel", [1, 1, 8, 8]), 1, "VALID"))
+    b = tf.nn.relu6(tf.nn.conv2d(a, _var(tf, "b/kernel", [1, 1, 8, 16]), 1, "VALID") + 1.0)
+    c = tf.nn.conv2d(b, _var(tf, "c/kernel", [1, 1, 16, 8]), 1, "VALID")
+    d = tf.nn.relu(tf.nn.bias_add(c, _var(tf, "c/bias", [8])) + a)  # a dies here: the sum may go into a
+    tf.identity(d + x, name="y")                                    # x is fed: never written
+
+
+def test_a_dying_residual_takes_the_gemm_result_in_place(tmp_path):
+    x = _images(4)
+    made = build_tf_graph(tmp_path, build_dying_residual, ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    fed = x.copy()
+    assert_same(graph.run("y:0", {"x:0": fed}), made.expected[0], **TOL)  # prepares the kernels
+    steps = graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps
+    step = next(s for s in steps if s.op == "Conv2D+BiasAdd+AddV2+Relu")
+    prepared = next(iter(step.func.prepared.values()))
+    assert "gemm" in prepared.into
+    _handicap([prepared], "gemm")
+    for _ in range(CALLS):
+        assert_same(graph.run("y:0", {"x:0": fed}), made.expected[0], **TOL)
+        np.testing.assert_array_equal(fed, x)
+    assert prepared.chosen == "gemm"
+    before = step.func.overwrites
+    for _ in range(3):
+        assert_same(graph.run("y:0", {"x:0": fed}), made.expected[0], **TOL)
+    assert step.func.overwrites == before + 3  # each call summed into a's buffer
+    np.testing.assert_array_equal(fed, x)
+
+
+def build_scalar_shifts(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 5, 6, 8], name="x")
+    h = tf.nn.relu6(tf.nn.conv2d(x, _var(tf, "k3/kernel", [3, 3, 8, 8]), 1, "SAME") + 1.0)  # a scalar
+    h = tf.nn.conv2d(h, _var(tf, "k1/kernel", [1, 1, 8, 8]), 1, "VALID") * 2.0 + tf.constant([0.5])  # [1]
+    tf.identity(h, name="y")
+
+
+def test_scalar_shifts_fold_into_every_kernel(tmp_path):
+    """A scalar (or [1]) shift folds into the bias as a whole vector: the kernels read it as memory."""
+    x = _images(4)
+    made = build_tf_graph(tmp_path, build_scalar_shifts, ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    for _ in range(CALLS):  # every kernel's trial calls, then the kept one's
+        assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
+    steps = graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps
+    assert [s.op for s in steps if "+" in s.op] == ["Conv2D+AddV2+Relu6", "Conv2D+Mul+AddV2"]

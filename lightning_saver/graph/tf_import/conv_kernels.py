@@ -94,8 +94,9 @@ class Prepared:
     Each kernel takes and returns the caller's layout, so a ``gemm`` on NHWC data permutes nothing
     (a permute costs about 1 us in Python, and the NCHW kernels need four per call).
     The result is a plain tensor (no view), so a following activation can run in place on it.
-    With ``overwrite`` (the caller found the residual private and dying) and oneDNN's kernel kept,
-    the result is written into the residual's buffer (oneDNN's sum post-op).
+    With ``overwrite`` (the caller found the residual private and dying) and oneDNN's kernel or
+    ``gemm`` kept, the result is written into the residual's buffer (oneDNN's sum post-op; sgemm
+    accumulating into it, then the bias).
     """
 
     def __init__(self, x_shape: Sequence[int], weight: torch.Tensor, groups: int, bias: torch.Tensor | None,
@@ -117,18 +118,22 @@ class Prepared:
         self.args = (list(padding), list(stride), list(dilation), groups)
         self.bias, self.act = bias, act
         kernels: dict[str, Kernel] = {}
-        self.into: Kernel | None = None  # onednn summing into the residual's buffer
+        self.into: dict[str, Kernel] = {}  # kernels summing into the residual's buffer, by name
         if _MKLDNN is not None:
             packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(x_shape))
             kernels["onednn"] = self._in_layout(self._onednn(packed, residual))
             if residual and _MKLDNN_INTO is not None:
-                self.into = self._in_layout(self._onednn_into(packed))
+                self.into["onednn"] = self._in_layout(self._onednn_into(packed))
         macs = prod(self.out) * prod(weight.shape[1:])
         if (groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
             kernels["native"] = self._in_layout(self._native(weight))
         if nhwc and groups == 1 and macs <= NATIVE_MAX_MACS and self.prepad is None and not any(padding) \
                 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride):
-            kernels["gemm"] = self._gemm(weight)
+            # [Cin, Cout] contiguous: sgemm was slower on the transposed view (7x7 960 -> 160: 126 us, 99)
+            matrix = weight.reshape(weight.shape[0], -1).t().contiguous()
+            kernels["gemm"] = self._gemm(matrix)
+            if residual:
+                self.into["gemm"] = self._gemm_into(matrix)
             if _LINEAR is not None:
                 kernels["linear"] = self._linear(weight)
         self.kernels = kernels
@@ -181,13 +186,11 @@ class Prepared:
 
         return native
 
-    def _gemm(self, weight: torch.Tensor) -> Kernel:
-        """NHWC data viewed as ``[N*H*W, Cin]`` times the filter as ``[Cin, Cout]``."""
+    def _gemm(self, w: torch.Tensor) -> Kernel:
+        """NHWC data viewed as ``[N*H*W, Cin]`` times the filter as ``w``, ``[Cin, Cout]``."""
         bias, act, size = self.bias, self.act, self.out_size
-        cout, cin = weight.shape[:2]
+        cin, cout = w.shape
         rows = size.numel() // cout
-        # [Cin, Cout] contiguous: MKL's sgemm was slower on the transposed view (7x7 960 -> 160: 126 us, 99)
-        w = weight.reshape(cout, cin).t().contiguous()
 
         def gemm(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
             x2 = x.view(rows, cin)
@@ -195,6 +198,20 @@ class Prepared:
             return _finish(y, None if other is None else other.view(rows, cout), act).view(size).detach()
 
         return gemm
+
+    def _gemm_into(self, w: torch.Tensor) -> Kernel:
+        """``gemm`` accumulating into the residual's buffer (sgemm with beta 1), then the bias."""
+        bias, act, size = self.bias, self.act, self.out_size
+        cin, cout = w.shape
+        rows = size.numel() // cout
+
+        def gemm_into(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            assert other is not None  # only called with a residual
+            y = other.view(rows, cout).addmm_(x.view(rows, cin), w)
+            _finish(y, bias, act)
+            return other
+
+        return gemm_into
 
     def _linear(self, weight: torch.Tensor) -> Kernel:
         """The same product as ``gemm`` through oneDNN's matmul, the bias and activation inside it."""
@@ -229,8 +246,8 @@ class Prepared:
             if not other.is_contiguous():
                 other = other.contiguous()
         kernel = self.kernel
-        if overwrite and self.chosen == "onednn" and self.into is not None:
-            kernel = self.into  # a contiguous copy made above is private too
+        if overwrite and self.chosen is not None:
+            kernel = self.into.get(self.chosen, kernel)  # a contiguous copy made above is private too
         return kernel(x, other) if kernel is not None else self._trial(x, other)
 
     def _trial(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
