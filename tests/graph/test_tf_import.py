@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tf_graphs import assert_same, build_tf_graph, tf_module
+from tf_graphs import assert_same, build_tf_graph, tf_module, unremapped_config
 
 from lightning_saver import import_meta_graph
 from lightning_saver.errors import (
@@ -605,7 +605,9 @@ def test_random_graphs_match_tensorflow(tmp_path_factory, data):
     if fed is not None:
         feed[f"n{fed}:0"] = np.full((2, 3), 0.5, np.float32)
     fetches = [f"n{i}:0" for i in fetched]
-    made = build_tf_graph(tmp_path_factory.mktemp("random"), build, fetches, feed, save=False)
+    # TF's remapper turns maximum(x, x * c) into a wrong LeakyRelu for c > 1 (see unremapped_config)
+    made = build_tf_graph(tmp_path_factory.mktemp("random"), build, fetches, feed, save=False,
+                          config=unremapped_config(tf_module()))
     graph = import_meta_graph(made.meta)
     # tolerance: chained tanh/sigmoid differ by a few ulp between Eigen and torch; a wrongly mutated
     # tensor is off by far more
@@ -616,3 +618,22 @@ def test_random_graphs_match_tensorflow(tmp_path_factory, data):
     outputs = module(*[torch.from_numpy(v) for v in feed.values()])
     for ours, theirs in zip(outputs, made.expected, strict=True):
         assert_same(ours.numpy(), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_maximum_of_x_and_scaled_x_is_not_a_leaky_relu(tmp_path):
+    """maximum(x, 2x) is x where x < 0 and 2x elsewhere; a LeakyRelu rewrite would give 2x and x."""
+
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [4], name="x")
+        tf.identity(tf.maximum(x, x * 2.0), name="y")
+        tf.identity(tf.maximum(x, x * 0.5), name="z")
+
+    feed = {"x:0": np.array([0.5, -1.0, 2.0, -3.0], np.float32)}
+    made = build_tf_graph(tmp_path, build, ["y:0", "z:0"], feed, save=False,
+                          config=unremapped_config(tf_module()))
+    graph = import_meta_graph(made.meta)
+    for ours, theirs in zip(graph.run(["y:0", "z:0"], feed), made.expected, strict=True):
+        assert_same(ours, theirs, rtol=0, atol=0)
+    module = graph.to_module(inputs=["x:0"], outputs=["y:0", "z:0"])
+    for ours, theirs in zip(module(torch.from_numpy(feed["x:0"])), made.expected, strict=True):
+        assert_same(ours.numpy(), theirs, rtol=0, atol=0)

@@ -40,6 +40,21 @@ class TFGraph:
     variables: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def unremapped_config(tf: Any) -> Any:
+    """A session config with grappler's remapper off, for references of arbitrary op patterns.
+
+    TF 2.21's remapper rewrites ``Maximum(x, Mul(x, alpha))`` into a LeakyRelu for any scalar
+    ``alpha``, which is only right for ``alpha <= 1``: with ``alpha = 2`` and ``x = -1`` session.run
+    returns -2 where the graph means -1 (found by the random-graph test below). Every other test keeps
+    TF's defaults, which is what users run.
+    """
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.remapping = rewriter_config_pb2.RewriterConfig.OFF
+    return config
+
+
 def build_tf_graph(
     directory: Any,
     build: Callable[[Any], Any],
@@ -51,10 +66,12 @@ def build_tf_graph(
     name: str = "model",
     save: bool = True,
     sharded: bool = False,
+    config: Any | None = None,
 ) -> TFGraph:
     """Build a graph with ``build(tf)`` in a fresh ``tf.Graph``, initialise its variables, optionally
     ``train(tf, session)``, save a TF checkpoint with ``tf.compat.v1.train.Saver`` (its var_list from
-    ``saver_var_list(tf)`` when given), export the MetaGraph, and record ``session.run(fetches, feed)``.
+    ``saver_var_list(tf)`` when given), export the MetaGraph, and record ``session.run(fetches, feed)``
+    (in a session made with ``config``, a ``ConfigProto``, when given).
     """
     tf = tf_module()
     v1 = tf.compat.v1
@@ -67,7 +84,7 @@ def build_tf_graph(
         saver = None
         if save and variables:
             saver = v1.train.Saver(var_list=saver_var_list(tf) if saver_var_list else None, sharded=sharded)
-        with v1.Session(graph=graph) as sess:
+        with v1.Session(graph=graph, config=config) as sess:
             sess.run(init)
             if train is not None:
                 train(tf, sess)
