@@ -28,6 +28,10 @@ that issue #17's goal compares, ``--all`` for every one):
                        and scheduler states, callbacks'; and ``rng_state.capture_all_ranks``), with no
                        tensor's bytes read, encoded or copied. A whole-state checkpoint pays it as well
                        as one of the two above
+  write floor          not a checkpoint either: at each save point the async writer thread (the Saver's,
+                       at its priority) writes as many bytes as the CRC floor reads, from one buffer in
+                       huge pages, with ``O_DIRECT`` to a new file, and fsyncs it: no copy, no CRC, no
+                       header, no state file
   Saver async two copies ``Saver async`` snapshotting into the dense arena, which the writer copies again
                        into its ``O_DIRECT`` buffer (``snapshot_image.ENABLED = False``), instead of
                        into the file's image that it writes as it is
@@ -399,7 +403,7 @@ def targets(loop: dict[str, Any], win: dict[str, Any], base_loop: float) -> dict
 def print_table(summary: dict[str, Any], args: argparse.Namespace, params: int) -> None:
     saves = args.steps // args.every
     print(f"{'set-up':<21} {'fit s':>7} {'x none':>7} {'loop s':>7} {'stall s':>8} {'stall CI':>17} "
-          f"{'% of run':>9} {'x MC':>7} {'window s':>9} {'window CI':>17} {'in hooks s':>10} "
+          f"{'% of run':>9} {'x MC':>7} {'window s':>9} {'window CI':>17} {'in hooks s':>10} {'fence s':>8} "
           f"{'writer CPU s':>12}   "
           f"({args.steps} steps, a save every {args.every}: {saves} saves of a {params * 4 * 3 / 1e6:.1f} MB "
           f"state, {args.reps} pairs each, {args.threads} torch threads; medians, CIs of paired differences)")

@@ -31,6 +31,8 @@ def test_quick_benchmark_prints_table_and_json(capsys, tmp_path):
     assert module.main(["--quick", "--dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[0] == "set-up"
+    # the last three columns, in the order the rows print them
+    assert "window CI in hooks s fence s writer CPU s" in " ".join(lines[0].split())
     rows = [line.split()[0] for line in lines[1:13]]
     floors = ["copy+CRC", "CRC", "state", "write"]
     assert rows == ["none", "ModelCheckpoint"] + ["Saver"] * 5 + floors + ["Saver"]
