@@ -47,6 +47,7 @@ def copy_crc32c(dst: int, src: int, nbytes: int, *, crc: int = 0, nontemporal: b
     """
     if _copy_crc is not None and _copy_crc.AVAILABLE:
         return int(_copy_crc.copy_crc32c(dst, src, nbytes, crc, nontemporal))
+    _check_length("copy_crc32c", nbytes)  # memmove would take -1 as SIZE_MAX
     if nbytes:
         ctypes.memmove(dst, src, nbytes)
     return checksum.extend_address(crc, dst, nbytes)
@@ -60,7 +61,13 @@ def crc32c(src: int, nbytes: int, *, crc: int = 0) -> int:
     native = getattr(_copy_crc, "crc32c", None) if _copy_crc is not None and _copy_crc.AVAILABLE else None
     if native is not None:
         return int(native(src, nbytes, crc))
+    _check_length("crc32c", nbytes)  # as the C pass does, not a silent crc for a bad length
     return checksum.extend_address(crc, src, nbytes)
+
+
+def _check_length(name: str, nbytes: int) -> None:
+    if nbytes < 0:
+        raise ValueError(f"{name}: nbytes must be >= 0, found {nbytes}")
 
 
 def split_regions(regions: Sequence[tuple[int, int, int]], size: int) -> list[tuple[int, int, int]]:

@@ -167,3 +167,12 @@ def test_crc32c_with_an_extension_built_before_it_uses_google_crc32c(monkeypatch
     monkeypatch.setattr(memcopy, "_copy_crc", types.SimpleNamespace(AVAILABLE=True))
     expected = google_crc32c.extend(3, data.numpy().tobytes())
     assert memcopy.crc32c(data.data_ptr(), data.numel(), crc=3) == expected
+
+
+def test_without_the_extension_a_negative_length_is_refused_as_in_c(monkeypatch):
+    # the fallback must not memmove SIZE_MAX bytes nor return a crc for a length it never read
+    monkeypatch.setattr(memcopy, "_copy_crc", None)
+    with pytest.raises(ValueError, match="crc32c: nbytes must be >= 0, found -2"):
+        memcopy.crc32c(0, -2, crc=5)
+    with pytest.raises(ValueError, match="copy_crc32c: nbytes must be >= 0, found -1"):
+        memcopy.copy_crc32c(0, 0, -1)
