@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 import torch
 from tf_graphs import assert_same, build_tf_graph, tf_module
 
@@ -224,6 +225,39 @@ def test_a_dying_residual_takes_the_sum_in_place_and_nothing_else_is_written(tmp
     np.testing.assert_array_equal(given.numpy(), x)
     # with autograd recording nothing is written in place
     assert_same(module(given).detach().numpy(), made.expected[0], **TOL)
+
+
+def _build_aliased_residual(alias):
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 4], name="x")
+        residual = tf.stop_gradient(x) if alias == "stop_gradient" else tf.reshape(x, [-1, 6, 6, 4])
+        y = tf.nn.conv2d(x, _var(tf, "c/kernel", [3, 3, 4, 4]), 1, "SAME") + residual
+        tf.identity(tf.nn.relu(y), name="y")
+
+    return build
+
+
+@pytest.mark.parametrize("alias", ["stop_gradient", "reshape"])
+def test_a_dying_residual_that_aliases_the_fed_input_is_not_written(tmp_path, monkeypatch, alias):
+    # the residual is a step's result that dies at the sum, so the step may sum into it, but it is
+    # the fed array's memory (a detached tensor or a view of it): only the run-time check refuses
+    monkeypatch.setattr(conv_kernels, "NATIVE_MAX_MACS", 0)  # oneDNN's kernel only, from the first call
+    x = _images(2, 6, 6, 4)
+    made = build_tf_graph(tmp_path, _build_aliased_residual(alias), ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    fed = x.copy()
+    for _ in range(3):
+        assert_same(graph.run("y:0", {"x:0": fed}), made.expected[0], **TOL)
+        np.testing.assert_array_equal(fed, x)
+    module = graph.to_module(inputs="x:0", outputs="y:0")
+    assert "_folded_into(" in module.code, module.code  # the step that may write in place runs
+    given = x.copy()
+    with torch.no_grad():
+        for _ in range(3):
+            assert_same(module(torch.from_numpy(given)).numpy(), made.expected[0], **TOL)
+            np.testing.assert_array_equal(given, x)
+    assert _overwrites(graph) == 0
 
 
 def _keep_memory_in_child(env_value):
