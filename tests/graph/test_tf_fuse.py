@@ -260,6 +260,32 @@ def test_a_dying_residual_that_aliases_the_fed_input_is_not_written(tmp_path, mo
     assert _overwrites(graph) == 0
 
 
+def build_relu6_residuals(tf):
+    x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 4], name="x")
+
+    def conv(h, name):
+        return tf.nn.conv2d(h, _var(tf, f"{name}/kernel", [3, 3, 4, 4]), 1, "SAME")
+
+    a = tf.nn.relu(conv(x, "c1"))
+    b = tf.nn.relu6(conv(a, "c2") + a)  # a is read below: oneDNN's sum into a fresh buffer
+    c = tf.nn.relu6(conv(b, "c3") + a)  # a dies here: the sum into a's buffer
+    tf.identity(c, name="y")
+
+
+def test_relu6_after_a_residual_sum_runs_in_onednns_kernel(tmp_path, monkeypatch):
+    # oneDNN's binary post-op takes only a ReLU after the sum; ReLU6 raised "Unary Fusion behavior undefined."
+    monkeypatch.setattr(conv_kernels, "NATIVE_MAX_MACS", 0)  # oneDNN's kernel only, from the first call
+    x = _images(2, 6, 6, 4)
+    made = build_tf_graph(tmp_path, build_relu6_residuals, ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    for calls in (1, 2, 3):
+        assert_same(graph.run("y:0", {"x:0": x}), made.expected[0], **TOL)
+        assert _overwrites(graph) == calls
+    steps = graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps
+    assert sum(s.op.endswith("AddV2+Relu6") for s in steps) == 2
+
+
 def _keep_memory_in_child(env_value):
     """Page faults of allocating, touching and freeing 24 blocks of 8-10 MiB twice, in a fresh process,
     and the bytes glibc then holds in fastbins (``mallinfo2().fsmblks``) after freeing 200 small blocks."""

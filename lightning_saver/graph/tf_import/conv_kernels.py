@@ -156,24 +156,25 @@ class Prepared:
     def _onednn(self, packed: torch.Tensor, residual: bool) -> Kernel:
         padding, stride, dilation, groups = self.args
         unary, scalars = _UNARY[self.act]
-        bias, binary_unary = self.bias, (unary if self.act else None)
+        bias, act, binary_unary, after = self.bias, self.act, *_after_sum(self.act)
 
         def onednn(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
             if other is None:
                 return _MKLDNN(x, packed, bias, padding, stride, dilation, groups, unary, scalars, "")
-            return _MKLDNN.binary(x, other, packed, bias, padding, stride, dilation, groups, "add", None,
-                                  binary_unary, scalars, None)
+            y = _MKLDNN.binary(x, other, packed, bias, padding, stride, dilation, groups, "add", None,
+                               binary_unary, [], None)
+            return _finish(y, None, act) if after else y
 
         return onednn
 
     def _onednn_into(self, packed: torch.Tensor) -> Kernel:
         padding, stride, dilation, groups = self.args
-        unary, scalars = _UNARY[self.act]
-        bias, binary_unary = self.bias, (unary if self.act else None)
+        bias, act, binary_unary, after = self.bias, self.act, *_after_sum(self.act)
 
         def onednn_into(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
-            return _MKLDNN_INTO.binary(other, x, packed, bias, padding, stride, dilation, groups, "add", 1.0,
-                                       binary_unary, scalars, None)
+            y = _MKLDNN_INTO.binary(other, x, packed, bias, padding, stride, dilation, groups, "add", 1.0,
+                                    binary_unary, [], None)
+            return _finish(y, None, act) if after else y
 
         return onednn_into
 
@@ -264,6 +265,12 @@ class Prepared:
 def fastest(trials: dict[str, list[float]]) -> str:
     """The kernel with the shortest timed call; each one's first call (a warm-up) does not count."""
     return min(trials, key=lambda name: min(trials[name][1:]))
+
+
+def _after_sum(act: str | None) -> tuple[str | None, bool]:
+    """The activation oneDNN runs after its residual sum, and whether ours must run after the kernel:
+    its binary post-op takes only a ReLU after the sum ("Unary Fusion behavior undefined." for ReLU6)."""
+    return ("relu", False) if act == "relu" else (None, act is not None)
 
 
 def _finish(y: torch.Tensor, other: torch.Tensor | None, act: str | None) -> torch.Tensor:
