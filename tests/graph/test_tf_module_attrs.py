@@ -49,7 +49,7 @@ def test_every_read_is_a_property_of_this_module_only(tmp_path):
     made, module = _module(tmp_path)
     names = _targets(module)
     assert "w" in names and any(name.startswith("const:") for name in names)
-    assert all(isinstance(type(module).__dict__.get(name), property) for name in names)
+    assert all(type(type(module).__dict__.get(name)).__name__ == "_Reader" for name in names)
     assert_same(module(torch.from_numpy(X)).detach().numpy(), made.expected[0], **TOL)
     _, other = _module(tmp_path / "other")
     assert type(other) is not type(module)
@@ -73,3 +73,13 @@ def test_other_names_behave_as_in_nn_module(tmp_path):
         module.missing  # noqa: B018
     with pytest.raises(KeyError, match="already exists"):
         module.register_buffer("w", torch.zeros(1))
+
+
+def test_a_parameter_replaced_by_a_plain_tensor_is_read_as_in_nn_module(tmp_path):
+    # what torch.nn.utils.prune and the old weight_norm do: drop the parameter, set a plain attribute
+    _, module = _module(tmp_path)
+    stepped, _ = _module(tmp_path / "stepped", seed=2)
+    del module.w
+    module.w = torch.from_numpy(stepped.variables["w"])
+    assert "w" not in module._parameters
+    assert_same(module(torch.from_numpy(X)).detach().numpy(), stepped.expected[0], **TOL)
