@@ -31,7 +31,7 @@ from lightning_saver.graph.tf_import.functions import (
     truth,
 )
 from lightning_saver.graph.tf_import.importer import GraphIndex, Ref, ref_name
-from lightning_saver.graph.tf_import.plan import Plan, Step
+from lightning_saver.graph.tf_import.plan import Plan, Step, sum_into_dying
 from lightning_saver.graph.tf_import.variables import VariableStore, param_name
 
 
@@ -198,18 +198,15 @@ class _Builder:
 
 
 def _sum_into_dying_residuals(graph: fx.Graph) -> None:
-    """A fused convolution whose residual (a step's result) has no later reader calls the function
-    that may sum into it (in place when nothing else holds it, without autograd; see fused_conv)."""
+    """Each fused convolution whose residual (a step's result) has no later reader calls the function
+    that may sum into it (``plan.sum_into_dying``)."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
-        at = getattr(node.target, "residual_at", None) if node.op == "call_function" else None
-        if at is None:
-            continue
-        residual = node.args[at]
-        if (isinstance(residual, fx.Node) and residual.op == "call_function"
-                and node.args.count(residual) == 1
-                and max(order[user] for user in residual.users) == order[node]):
-            node.target = node.target.overwriting  # type: ignore[union-attr]
+        if node.op == "call_function":
+            here = order[node]
+            node.target = sum_into_dying(
+                node.target, node.args, lambda r: isinstance(r, fx.Node) and r.op == "call_function",
+                lambda r, here=here: max(order[user] for user in r.users) == here)
 
 
 def build_module(plan: Plan, index: GraphIndex, store: VariableStore, inputs: list[Ref],

@@ -8,7 +8,7 @@ placed after an Assign (through a control dependency) sees the assigned value, a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -132,15 +132,26 @@ class Plan:
 
 
 def _overwriting(step: Step, i: int, last_use: dict[Ref, int], produced: set[str]) -> Callable[..., Any]:
-    """A fused convolution's function that may sum into its residual when that dies at step ``i``
-    (the step function checks at run time that nothing else holds it), else the step's own."""
-    at = getattr(step.func, "residual_at", None)
-    if at is None or step.kind != "call":
+    """The step's function, or the one that may sum into its residual when that dies at step ``i``."""
+    if step.kind != "call":
         return step.func
-    ref = step.inputs[at]
-    if ref[0] in produced and last_use.get(ref) == i and step.inputs.count(ref) == 1:
-        return step.func.overwriting  # type: ignore[attr-defined, no-any-return]
-    return step.func
+    return sum_into_dying(step.func, step.inputs, lambda ref: ref[0] in produced,
+                          lambda ref: last_use.get(ref) == i)
+
+
+def sum_into_dying(func: Callable[..., Any], args: Sequence[Any], produced: Callable[[Any], bool],
+                   dies_here: Callable[[Any], bool]) -> Callable[..., Any]:
+    """A fused convolution's ``overwriting`` function when its residual ``args[func.residual_at]`` is
+    a step's result (``produced``), passed once, with no reader after this one (``dies_here``); else
+    ``func``. The step function still checks at run time that nothing else holds the residual. Shared
+    by ``graph.run``'s plan and ``to_module``'s graph, each with its own notion of a reader."""
+    at = getattr(func, "residual_at", None)
+    if at is None:
+        return func
+    residual = args[at]
+    if produced(residual) and args.count(residual) == 1 and dies_here(residual):
+        return func.overwriting  # type: ignore[attr-defined, no-any-return]
+    return func
 
 
 def _no_converter(*args: Any) -> Any:
