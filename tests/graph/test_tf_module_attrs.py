@@ -45,7 +45,7 @@ def _targets(module):
     return [n.target for n in module.graph.nodes if n.op == "get_attr"]
 
 
-def test_every_read_is_a_property_of_this_module_only(tmp_path):
+def test_every_read_is_a_reader_on_this_modules_class_only(tmp_path):
     made, module = _module(tmp_path)
     names = _targets(module)
     assert "w" in names and any(name.startswith("const:") for name in names)
