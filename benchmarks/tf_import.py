@@ -11,7 +11,9 @@ module under ``torch.no_grad``; with ``--compiled`` also that module through ``c
 (inductor with freezing and the C++ wrapper; its first call per batch size traces and compiles,
 reported as ``compile s``). The workers wait idle while another one is timed; for each case
 they are timed in rounds, in a random order each round, and the ratio ours / TF is taken within a
-round (paired) and reported as the median over rounds. Below 1 is faster than TensorFlow.
+round (paired) and reported as the median over rounds. Below 1 is faster than TensorFlow. A first,
+uncounted round warms each side up; each counted round then times at least ``--reps`` calls per
+side, more where that would last under ``--min-round-ms`` (so the 0.2 ms models time ~250).
 Outputs are checked against TensorFlow's first.
 
     python benchmarks/tf_import.py                    # 1 and 2 threads, batch 1 and 8
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -42,10 +45,14 @@ from timing import machine
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SIDES = ("tf", "run", "module")
 COMPILED = "compiled"  # the extra side of --compiled
-# the first round warms every side up past our convolutions' timed first calls (conv_kernels.py:
-# 4 kernels x 4 calls per shape, some of them slow), which otherwise fell into the first two of
-# five timed rounds
+# the uncounted first round warms every side up past our convolutions' timed first calls
+# (conv_kernels.py: 4 kernels x 4 calls per shape, some of them slow)
 FIRST_WARMUP = 16
+# counted rounds of the small models used to be 9 calls of 0.2-0.5 ms: a few ms per side, so one
+# stall of this shared VM moved a round's ratio by 50%, and whole runs of the same code gave the
+# small CNN's module 0.97, 1.44 and 1.52 of TensorFlow's time (7 rounds each); 31 rounds of 50 calls
+# gave 0.90 and 0.74
+MIN_ROUND_MS = 50.0
 
 
 # ---- building the models (in the parent process, with TensorFlow) ----
@@ -247,12 +254,16 @@ def bench_case(workers: dict[str, Worker], name: str, model: dict[str, Any], bat
         raise AssertionError(f"{name} batch {batch}: ours differs from TensorFlow by {err}")
     heavy = name == "resnet50" and batch > 1 and not args.quick
     reps = max(2, args.reps // 3) if heavy else args.reps
+    # an uncounted first round warms every side up and says how long a call takes; the counted
+    # rounds then time enough calls to last --min-round-ms on the slowest side
+    first = {side: workers[side].ask(op="time", model=model, batch=batch, warmup=FIRST_WARMUP,
+                                     reps=reps)["ms"] for side in sides}
+    reps = max(reps, math.ceil(args.min_round_ms / max(first.values())))
     rounds = []
-    for i in range(args.rounds):
+    for _ in range(args.rounds):
         order = list(sides)
         random.shuffle(order)
-        warmup = FIRST_WARMUP if i == 0 else 1
-        times = {side: workers[side].ask(op="time", model=model, batch=batch, warmup=warmup, reps=reps)["ms"]
+        times = {side: workers[side].ask(op="time", model=model, batch=batch, warmup=1, reps=reps)["ms"]
                  for side in order}
         rounds.append(times)
     med = {side: statistics.median(r[side] for r in rounds) for side in sides}
@@ -276,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--models", default=None, help="comma-separated: mlp,cnn,mobilenetv2,resnet50")
     parser.add_argument("--rounds", type=int, default=None, help="alternated rounds per case")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per side per round")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per side per round, at least")
+    parser.add_argument("--min-round-ms", type=float, default=None,
+                        help="more calls per round where a round would be shorter than this on the slowest "
+                        f"side (default {MIN_ROUND_MS:g}; 0 with --quick)")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest output difference from TF allowed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random side order")
     parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None,
@@ -292,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     names = (args.models or ("mlp,cnn" if args.quick else "mlp,cnn,mobilenetv2,resnet50")).split(",")
     batches = [int(b) for b in (args.batches or ("1,4" if args.quick else "1,8")).split(",")]
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (2 if args.quick else 9)
     args.reps = args.reps or (2 if args.quick else 9)
+    if args.min_round_ms is None:
+        args.min_round_ms = 0.0 if args.quick else MIN_ROUND_MS
     load_before = os.getloadavg()
     sides = (*SIDES, COMPILED) if args.compiled else SIDES
     print(_HEADER + (_COMPILED_HEADER if args.compiled else ""), flush=True)
@@ -332,6 +348,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, load_before: t
 
     summary = {
         "benchmark": "tf_import", "quick": args.quick, "rounds": args.rounds, "reps": args.reps,
+        "min_round_ms": args.min_round_ms,
         "machine": machine(), "torch": torch.__version__, "omp_wait_policy": args.omp_wait_policy,
         "loadavg_before": [round(v, 2) for v in load_before],
         "rows": [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
