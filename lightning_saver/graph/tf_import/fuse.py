@@ -26,6 +26,7 @@ import torch
 
 from lightning_saver.graph.tf_import.fused_conv import Link, fused_conv
 from lightning_saver.graph.tf_import.fused_pool import fused_pad_max_pool
+from lightning_saver.graph.tf_import.ops_reduce import mean_over_constant_axes
 
 CONVS = frozenset({"Conv2D", "DepthwiseConv2dNative"})
 BATCH_NORMS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
@@ -111,9 +112,23 @@ def _spatial_pad(step: Any, consts: Any, data_format: str) -> tuple[tuple[int, i
 
 def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
                       make_step: Callable[..., Any]) -> list[Any]:
-    """``steps`` with each Conv2D/DepthwiseConv2dNative and the ops after it as one step, and each
-    zero ``Pad`` feeding only a ``MaxPool`` joined to it."""
-    return _fuse_pad_pools(_fuse_convs(steps, fetches, consts, make_step), fetches, consts, make_step)
+    """``steps`` with each Conv2D/DepthwiseConv2dNative and the ops after it as one step, each
+    zero ``Pad`` feeding only a ``MaxPool`` joined to it, and each ``Mean`` over constant axes
+    reading them once."""
+    steps = _fuse_pad_pools(_fuse_convs(steps, fetches, consts, make_step), fetches, consts, make_step)
+    return _constant_axis_means(steps, consts, make_step)
+
+
+def _constant_axis_means(steps: list[Any], consts: Any, make_step: Callable[..., Any]) -> list[Any]:
+    """Each ``Mean`` whose axis is a constant runs :func:`ops_reduce.mean_over_constant_axes`
+    (same inputs and attrs, so the module's graph and its constants are unchanged)."""
+    out = []
+    for step in steps:
+        if step.op == "Mean" and step.kind == "call" and not step.controls and len(step.inputs) == 2 \
+                and step.inputs[1] in consts:
+            step = make_step(step.name, step.op, "call", mean_over_constant_axes(), step.inputs, step.kwargs)
+        out.append(step)
+    return out
 
 
 def _fuse_pad_pools(steps: list[Any], fetches: list[Any], consts: Any,
@@ -134,7 +149,9 @@ def _fuse_pad_pools(steps: list[Any], fetches: list[Any], consts: Any,
         if pre is None or len(pre) != 2:
             continue
         absorbed.add(pad.name)
-        func = fused_pad_max_pool(pad, pool, pre)
+        source = producers.get(pad.inputs[0][0]) if pad.inputs[0][1] == 0 else None
+        nonnegative = source is not None and source.op.split("+")[-1] in _ACTIVATIONS
+        func = fused_pad_max_pool(pad, pool, pre, nonnegative)
         replaced[pool.name] = make_step(pool.name, f"{pad.op}+MaxPool", "call", func, tuple(pad.inputs), {})
     if not replaced:
         return steps
