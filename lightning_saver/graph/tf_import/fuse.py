@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lightning_saver.graph.tf_import.fused_conv import Link, fused_conv
+from lightning_saver.graph.tf_import.fused_dense import fused_mat_mul_bias
 from lightning_saver.graph.tf_import.fused_pool import fused_pad_max_pool
 from lightning_saver.graph.tf_import.ops_reduce import mean_over_constant_axes
 
@@ -116,7 +117,36 @@ def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
     zero ``Pad`` feeding only a ``MaxPool`` joined to it, and each ``Mean`` over constant axes
     reading them once."""
     steps = _fuse_pad_pools(_fuse_convs(steps, fetches, consts, make_step), fetches, consts, make_step)
+    steps = _fuse_mat_mul_biases(steps, fetches, consts, make_step)
     return _constant_axis_means(steps, consts, make_step)
+
+
+def _fuse_mat_mul_biases(steps: list[Any], fetches: list[Any], consts: Any,
+                         make_step: Callable[..., Any]) -> list[Any]:
+    """Each ``MatMul`` whose only reader is a ``BiasAdd`` of a static vector joins it
+    (:mod:`fused_dense`); the step keeps the ``BiasAdd``'s name and the bias as its third input."""
+    uses = Counter(ref for step in steps for ref in step.inputs)
+    uses.update(fetches)
+    readers = {ref: step for step in steps for ref in step.inputs}
+    static = _static_refs(steps, consts)
+    replaced: dict[str, Any] = {}  # BiasAdd name -> the fused step
+    absorbed: set[str] = set()  # the MatMuls joined to them
+    for mm in steps:
+        if mm.op != "MatMul" or mm.kind != "call" or mm.controls or len(mm.inputs) != 2:
+            continue
+        y = (mm.name, 0)
+        add = readers.get(y)
+        if (uses[y] != 1 or add is None or add.op not in ("BiasAdd", "BiasAddV1") or add.kind != "call"
+                or add.controls or len(add.inputs) != 2 or add.inputs[0] != y or add.inputs[1] not in static):
+            continue
+        func = fused_mat_mul_bias(bool(mm.kwargs.get("transpose_a")), bool(mm.kwargs.get("transpose_b")))
+        absorbed.add(mm.name)
+        inputs = (*mm.inputs, add.inputs[1])
+        replaced[add.name] = make_step(add.name, f"MatMul+{add.op}", "call", func, inputs, {})
+    if not replaced:
+        return steps
+    return [replaced.get(step.name, step) for step in steps
+            if not (step.kind == "call" and step.name in absorbed)]
 
 
 def _constant_axis_means(steps: list[Any], consts: Any, make_step: Callable[..., Any]) -> list[Any]:
