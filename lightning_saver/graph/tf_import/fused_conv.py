@@ -120,7 +120,9 @@ def _fold(conv: Any, links: Sequence[Link], x: torch.Tensor, filter: torch.Tenso
             scale = v if scale is None else scale * v
             shift = None if shift is None else shift * v
         elif link.mode in ("add", "sub"):
-            v = _vector(values[0], out, channels_first, dtype)
+            # BiasAdd's bias is 1-D whatever the data format (it adds along the format's channels)
+            bias_add = link.step.op.startswith("BiasAdd")
+            v = _vector(values[0], out, channels_first and not bias_add, dtype)
             v = -v if link.mode == "sub" else v
             shift = v if shift is None else shift + v
     if scale is not None:
