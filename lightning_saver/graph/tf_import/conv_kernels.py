@@ -1,6 +1,7 @@
 """How a folded convolution runs when autograd is off, prepared once per input shape.
 
-Four kernels compute ``act(conv(x, W) + b + other)`` for a float32 4-D convolution:
+Four kernels (and two more for asymmetric padding, below) compute ``act(conv(x, W) + b + other)``
+for a float32 4-D convolution:
 
 * ``onednn``: oneDNN's convolution with the bias, the residual sum and the activation inside the
   kernel (``torch.ops.mkldnn._convolution_pointwise``, what ``torch.compile`` emits for CPU
@@ -28,19 +29,26 @@ strided convolution, absorbed by ``fuse.py``), torch symmetrically. Copying the 
 tensor cost MobileNetV2 a fifth of its time; instead the padding is made symmetric (the larger
 side on both) and the filter is widened by zeros on the short side, which shifts every window back
 onto TF's: with pads (0, 1) and a 3x3 filter, a 4x4 filter ``[0, w]`` at padding 1 reads the same
-pixels with the same weights.
+pixels with the same weights. That costs multiply-adds (16/9 of them there; 64/49 for ResNet50's
+7x7 at pads (2, 3)), so the ``onednn_pad`` and ``native_pad`` kernels are timed too: the original
+filter on a copy of the input padded by the asymmetric remainder (``padded_input.py``), the
+symmetric rest as the convolution's own padding. With 3 input channels the copy is cheap and the
+extra taps are not (ResNet50's first convolution: 1,499 us against 1,887 widened); a strided
+depthwise convolution on a large image is the other way round. A dilated filter is not widened
+(its zero taps would land between the pixels): only the ``*_pad`` kernels run it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from math import prod
 
 import torch
 import torch.nn.functional as F
 
-from lightning_saver.graph.tf_import.layout import Pads, pad_spatial, symmetric
+from lightning_saver.graph.tf_import.layout import Pads, symmetric
+from lightning_saver.graph.tf_import.padded_input import Kernel, PaddedInput
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 _MKLDNN_INTO = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)  # the sum written into `other`
@@ -53,14 +61,15 @@ if not torch.backends.mkldnn.is_available() or _REORDER_LINEAR is None:
     _LINEAR = None
 _UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 TRIALS = 3  # timed calls per kernel (after one untimed) before the fastest is kept
-KERNELS = ("onednn", "native", "gemm", "linear")  # every kernel a shape may time, in the order they are tried
+# every kernel a shape may time, in the order they are tried; *_pad only with asymmetric padding
+KERNELS = ("onednn", "native", "gemm", "linear", "onednn_pad", "native_pad")
 # torch's conv2d is only tried on small convolutions, where oneDNN's fixed cost per call (about
 # 30 us) can dominate: the small CNN's (0.4M and 1.2M multiply-adds), MobileNetV2's 1x1 ones at
 # 7x7 and 14x14 (7.5M: 161 against 186 us); ResNet50's start at 51M, and timing both on a loaded
 # machine there sometimes kept the slower one
 NATIVE_MAX_MACS = 1 << 25
 
-Kernel = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+_Args = tuple[list[int], list[int], list[int], int]  # padding, stride, dilation, groups
 
 
 def widen(weight: torch.Tensor, pads: Pads,
@@ -94,52 +103,73 @@ class Prepared:
     Each kernel takes and returns the caller's layout, so a ``gemm`` on NHWC data permutes nothing
     (a permute costs about 1 us in Python, and the NCHW kernels need four per call).
     The result is a plain tensor (no view), so a following activation can run in place on it.
-    With ``overwrite`` (the caller found the residual private and dying) and oneDNN's kernel or
-    ``gemm`` kept, the result is written into the residual's buffer (oneDNN's sum post-op; sgemm
-    accumulating into it, then the bias).
+    With ``overwrite`` (the caller found the residual private and dying) and oneDNN's kernel
+    (``onednn`` or ``onednn_pad``) or ``gemm`` kept, the result is written into the residual's
+    buffer (oneDNN's sum post-op; sgemm accumulating into it, then the bias).
     """
 
     def __init__(self, x_shape: Sequence[int], weight: torch.Tensor, groups: int, bias: torch.Tensor | None,
                  stride: Sequence[int], dilation: Sequence[int], pads: Pads, act: str | None,
                  nhwc: bool, residual: bool) -> None:
         layout = torch.channels_last if nhwc else torch.contiguous_format
-        self.nhwc, self.prepad = nhwc, None
-        padding = symmetric(pads)
-        if padding is None:
-            widened = widen(weight, pads, dilation)
-            if widened is None:
-                self.prepad, padding = pads, tuple(0 for _ in pads)
-                x_shape = [*x_shape[:2], *[s + a + b for s, (a, b) in zip(x_shape[2:], pads, strict=True)]]
-            else:
-                weight, padding = widened
-        weight = weight.contiguous(memory_format=layout)
-        self.out = out_shape(x_shape, weight.shape, padding, stride, dilation)
+        self.nhwc, self.bias, self.act = nhwc, bias, act
+        self.stride, self.dilation, self.groups = list(stride), list(dilation), groups
+        full = [*x_shape[:2], *[s + a + b for s, (a, b) in zip(x_shape[2:], pads, strict=True)]]
+        self.out = out_shape(full, weight.shape, [0 for _ in pads], stride, dilation)
         self.out_size = torch.Size([self.out[0], *self.out[2:], self.out[1]] if nhwc else self.out)
-        self.args = (list(padding), list(stride), list(dilation), groups)
-        self.bias, self.act = bias, act
         kernels: dict[str, Kernel] = {}
         self.into: dict[str, Kernel] = {}  # kernels summing into the residual's buffer, by name
-        if _MKLDNN is not None:
-            packed = _REORDER(weight, list(padding), list(stride), list(dilation), groups, list(x_shape))
-            kernels["onednn"] = self._in_layout(self._onednn(packed, residual))
-            if residual and _MKLDNN_INTO is not None:
-                self.into["onednn"] = self._in_layout(self._onednn_into(packed))
-        macs = prod(self.out) * prod(weight.shape[1:])
-        if (groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
-            kernels["native"] = self._in_layout(self._native(weight))
-        if nhwc and groups == 1 and macs <= NATIVE_MAX_MACS and self.prepad is None and not any(padding) \
-                and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride):
-            # [Cin, Cout] contiguous: sgemm was slower on the transposed view (7x7 960 -> 160: 126 us, 99)
-            matrix = weight.reshape(weight.shape[0], -1).t().contiguous()
-            kernels["gemm"] = self._gemm(matrix)
-            if residual:
-                self.into["gemm"] = self._gemm_into(matrix)
-            if _LINEAR is not None:
-                kernels["linear"] = self._linear(weight)
+        self.padded: PaddedInput | None = None
+        narrow: dict[str, Kernel] = {}  # the original filter's kernels, on a padded copy of the input
+        narrow_into: dict[str, Kernel] = {}
+        padding = symmetric(pads)
+        if padding is None:  # the original filter on a padded copy (*_pad), and a widened one
+            inside = tuple(min(before, after) for before, after in pads)
+            rest = tuple((before - p, after - p) for (before, after), p in zip(pads, inside, strict=True))
+            self.padded = PaddedInput(x_shape, rest, nhwc)
+            copied = [*x_shape[:2], *[s + a + b for s, (a, b) in zip(x_shape[2:], rest, strict=True)]]
+            narrow, narrow_into = self._spatial(weight.contiguous(memory_format=layout), inside, copied,
+                                                residual)
+            widened = widen(weight, pads, dilation)
+            if widened is not None:
+                weight, padding = widened
+        if padding is not None:
+            weight = weight.contiguous(memory_format=layout)
+            kernels, self.into = self._spatial(weight, padding, x_shape, residual)
+            macs = prod(self.out) * prod(weight.shape[1:])
+            if nhwc and groups == 1 and macs <= NATIVE_MAX_MACS and not any(padding) \
+                    and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride):
+                # [Cin, Cout] contiguous: sgemm was slower on the transposed view (7x7 960 -> 160: 126 us, 99)
+                matrix = weight.reshape(weight.shape[0], -1).t().contiguous()
+                kernels["gemm"] = self._gemm(matrix)
+                if residual:
+                    self.into["gemm"] = self._gemm_into(matrix)
+                if _LINEAR is not None:
+                    kernels["linear"] = self._linear(weight)
+        if self.padded is not None:  # timed after the others
+            kernels.update({name + "_pad": self.padded.wrap(k) for name, k in narrow.items()})
+            self.into.update({name + "_pad": self.padded.wrap(k) for name, k in narrow_into.items()})
         self.kernels = kernels
         self.chosen: str | None = next(iter(kernels)) if len(kernels) == 1 else None
         self.kernel: Kernel | None = kernels[self.chosen] if self.chosen else None
         self.trials: dict[str, list[float]] = {name: [] for name in kernels}
+
+    def _spatial(self, weight: torch.Tensor, padding: Sequence[int], x_shape: Sequence[int],
+                 residual: bool) -> tuple[dict[str, Kernel], dict[str, Kernel]]:
+        """The ``onednn`` and ``native`` kernels of ``weight`` (in the caller's memory format) at
+        symmetric ``padding`` on inputs of ``x_shape`` (NCHW), and those summing into the residual."""
+        args = (list(padding), self.stride, self.dilation, self.groups)
+        kernels: dict[str, Kernel] = {}
+        into: dict[str, Kernel] = {}
+        if _MKLDNN is not None:
+            packed = _REORDER(weight, *args, list(x_shape))
+            kernels["onednn"] = self._in_layout(self._onednn(packed, args))
+            if residual and _MKLDNN_INTO is not None:
+                into["onednn"] = self._in_layout(self._onednn_into(packed, args))
+        macs = prod(self.out) * prod(weight.shape[1:])
+        if (self.groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
+            kernels["native"] = self._in_layout(self._native(weight, args))
+        return kernels, into
 
     def _in_layout(self, kernel: Kernel) -> Kernel:
         """A kernel of channels-first tensors, called with the caller's layout."""
@@ -153,8 +183,8 @@ class Prepared:
         nhwc.__name__ = kernel.__name__
         return nhwc
 
-    def _onednn(self, packed: torch.Tensor, residual: bool) -> Kernel:
-        padding, stride, dilation, groups = self.args
+    def _onednn(self, packed: torch.Tensor, args: _Args) -> Kernel:
+        padding, stride, dilation, groups = args
         unary, scalars = _UNARY[self.act]
         bias, act, binary_unary, after = self.bias, self.act, *_after_sum(self.act)
 
@@ -167,8 +197,8 @@ class Prepared:
 
         return onednn
 
-    def _onednn_into(self, packed: torch.Tensor) -> Kernel:
-        padding, stride, dilation, groups = self.args
+    def _onednn_into(self, packed: torch.Tensor, args: _Args) -> Kernel:
+        padding, stride, dilation, groups = args
         bias, act, binary_unary, after = self.bias, self.act, *_after_sum(self.act)
 
         def onednn_into(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
@@ -178,8 +208,8 @@ class Prepared:
 
         return onednn_into
 
-    def _native(self, weight: torch.Tensor) -> Kernel:
-        padding, stride, dilation, groups = self.args
+    def _native(self, weight: torch.Tensor, args: _Args) -> Kernel:
+        padding, stride, dilation, groups = args
         bias, act = self.bias, self.act
 
         def native(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
@@ -234,11 +264,6 @@ class Prepared:
 
     def __call__(self, x: torch.Tensor, other: torch.Tensor | None,
                  overwrite: bool = False) -> torch.Tensor | None:
-        if self.prepad is not None:
-            if self.nhwc:
-                x = pad_spatial(x.permute(0, 3, 1, 2), self.prepad).permute(0, 2, 3, 1)
-            else:
-                x = pad_spatial(x, self.prepad)
         if not x.is_contiguous():  # NHWC (a channels-last view) or NCHW, as the kernels want
             x = x.contiguous()
         if other is not None:
@@ -259,6 +284,8 @@ class Prepared:
         if all(len(t) > TRIALS for t in self.trials.values()):
             self.chosen = fastest(self.trials)
             self.kernel = self.kernels[self.chosen]
+            if self.padded is not None and not self.chosen.endswith("_pad"):
+                self.padded.release()
         return y
 
 

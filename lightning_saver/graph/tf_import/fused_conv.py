@@ -275,6 +275,7 @@ def fused_conv(conv: Any, links: Sequence[Link], pre: Pads | None = None) -> Cal
     fused.residual_at = 2 + sums[0] if sums else None  # type: ignore[attr-defined]
     fused.overwriting = overwriting  # type: ignore[attr-defined]
     fused.prepared = prepared  # type: ignore[attr-defined]  # tests read which kernels ran
+    overwriting.prepared = prepared  # type: ignore[attr-defined]  # the same (a module calls either)
     fused.__name__ = fused.__qualname__ = "_".join(
         (["pad"] if pre is not None else []) + [_snake(conv.op)] + [_snake(link.step.op) for link in links]
     ) + "_folded"
