@@ -6,8 +6,10 @@ even sizes with 3 input channels (3x3: pads (0, 1), MobileNetV2's first convolut
 (2, 3), ResNet50's), Keras' ``ZeroPadding2D`` before a strided depthwise convolution, a strided
 ``SAME`` convolution whose dying residual may take the result in place, and a ``Pad`` before a
 dilated convolution (never widened: only the ``*_pad`` kernels run it). Each ``*_pad`` kernel is
-forced (the others slowed down) and every call compared with TensorFlow at 1e-5, in ``graph.run``
-and in the ``to_module`` module; the module's gradients still match ``tf.gradients``.
+forced (the others slowed down, and the kernels offered on every asymmetric convolution) and every
+call compared with TensorFlow at 1e-5, in ``graph.run`` and in the ``to_module`` module; the
+module's gradients still match ``tf.gradients``. With the default threshold only the 7x7 one (and
+the dilated one) time them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from tf_graphs import assert_same, build_tf_graph, tf_module
 
 from lightning_saver import import_meta_graph
-from lightning_saver.graph.tf_import import padded_input
+from lightning_saver.graph.tf_import import conv_kernels, padded_input
 from lightning_saver.graph.tf_import.conv_kernels import KERNELS, TRIALS, Prepared
 
 tf_module()
@@ -56,13 +58,14 @@ def build_net(data_format):
         v1 = tf.compat.v1
         x = v1.placeholder(tf.float32, [None, 3, 12, 12] if nchw else [None, 12, 12, 3], name="x")
         conv = lambda h, k, s, p, **kw: tf.nn.conv2d(h, k, spatial(s, s), p, data_format=data_format, **kw)  # noqa: E731
-        bias = lambda h, name: tf.nn.bias_add(h, _var(tf, name, [8]), data_format=data_format)  # noqa: E731
+        bias = lambda h, name, n=8: tf.nn.bias_add(h, _var(tf, name, [n]), data_format=data_format)  # noqa: E731
         a = tf.nn.relu(bias(conv(x, _var(tf, "k3/kernel", [3, 3, 3, 8]), 2, "SAME"), "k3/bias"))  # (0, 1)
-        b = tf.nn.relu(bias(conv(x, _var(tf, "k7/kernel", [7, 7, 3, 8]), 2, "SAME"), "k7/bias"))  # (2, 3)
+        b = conv(x, _var(tf, "k7/kernel", [7, 7, 3, 64]), 2, "SAME")                            # (2, 3)
+        b = tf.nn.relu(bias(b, "k7/bias", 64))
         d = tf.nn.depthwise_conv2d(tf.pad(a, pads(1)), _var(tf, "dw/kernel", [3, 3, 8, 1]), spatial(2, 2),
                                    "VALID", data_format=data_format)                     # ZeroPadding2D
         d = tf.nn.relu6(bias(d, "dw/bias"))
-        r = tf.nn.relu(conv(b, _var(tf, "mix/kernel", [3, 3, 8, 8]), 2, "SAME") + d)  # d dies here
+        r = tf.nn.relu(conv(b, _var(tf, "mix/kernel", [3, 3, 64, 8]), 2, "SAME") + d)  # d dies here
         q = conv(tf.pad(x, pads(1)), _var(tf, "dil/kernel", [3, 3, 3, 8]), 1, "VALID",
                  dilations=spatial(2, 2))
         tf.identity(r, name="r")
@@ -127,8 +130,14 @@ def _check(got, made, batch=None):
         assert_same(g, e if batch is None else e[:batch], **TOL)
 
 
+@pytest.fixture
+def everywhere(monkeypatch):
+    """The *_pad kernels tried on every asymmetric convolution, however few taps widening adds."""
+    monkeypatch.setattr(conv_kernels, "PAD_MIN_MACS_PER_COPIED", 0)
+
+
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_pad_kernels_are_timed_for_every_asymmetric_convolution(tmp_path, data_format):
+def test_pad_kernels_are_timed_for_every_asymmetric_convolution(tmp_path, data_format, everywhere):
     x = _images(2, data_format)
     made, graph = _made(tmp_path, data_format, x)
     for _ in range(CALLS):
@@ -153,18 +162,40 @@ def test_pad_kernels_are_timed_for_every_asymmetric_convolution(tmp_path, data_f
     assert all(not set(PAD_KERNELS) & set(p.kernels) for p in symmetric)
 
 
-def test_the_first_convolutions_of_resnet50_and_mobilenetv2_get_pad_kernels():
-    for shape, k, cout, pads in (((1, 3, 224, 224), 7, 64, ((2, 3), (2, 3))),
-                                 ((1, 3, 224, 224), 3, 32, ((0, 1), (0, 1)))):
-        weight = torch.randn(cout, 3, k, k)
-        p = Prepared(shape, weight, 1, torch.zeros(cout), (2, 2), (1, 1), pads, "relu", True, False)
-        assert {"onednn", "onednn_pad"} <= set(p.kernels)
-        assert p.out_size == torch.Size([1, 112, 112, cout])
+def test_by_default_pad_kernels_are_tried_where_widening_adds_many_taps(tmp_path):
+    x = _images(2, "NHWC")
+    made, graph = _made(tmp_path, "NHWC", x)
+    for _ in range(CALLS):
+        _check(graph.run(["r:0", "q:0"], {"x:0": x}), made)
+    tried: dict[str, list[list[str]]] = {}
+    for op, f in _steps(graph):
+        tried.setdefault(op, []).extend(sorted(p.trials) for p in f.prepared.values())
+    # the 7x7 to 64 channels: 15 extra taps x 3 channels x 64 outputs per 4 input pixels; the 3x3
+    # ones to 8 channels and the depthwise one add too few; the dilated one cannot be widened
+    assert sorted(tried["Conv2D+BiasAdd+Relu"]) == [["native", "native_pad", "onednn", "onednn_pad"],
+                                                    ["native", "onednn"]]
+    assert tried["Pad+DepthwiseConv2dNative+BiasAdd+Relu6"] == [["onednn"]]
+    assert tried["Conv2D+AddV2+Relu"] == [["native", "onednn"]]
+    assert tried["Pad+Conv2D"] == [sorted(PAD_KERNELS)]
+
+
+def test_a_resnet_stem_gets_pad_kernels_and_mobilenetv2s_strided_convolutions_do_not():
+    for shape, k, cout, groups, expected in (
+            ((1, 3, 224, 224), 7, 64, 1, True),      # 7x7 SAME stride 2: pads (2, 3)
+            ((8, 3, 224, 224), 7, 64, 1, True),
+            ((1, 3, 224, 224), 3, 32, 1, False),     # MobileNetV2's first: pads (0, 1)
+            ((1, 96, 112, 112), 3, 96, 96, False)):  # its strided depthwise ones
+        pads = ((2, 3), (2, 3)) if k == 7 else ((0, 1), (0, 1))
+        weight = torch.randn(cout, shape[1] // groups, k, k)
+        p = Prepared(shape, weight, groups, torch.zeros(cout), (2, 2), (1, 1), pads, "relu", True, False)
+        assert ("onednn_pad" in p.kernels) is expected, (shape, k, list(p.kernels))
+        assert "onednn" in p.kernels  # the widened filter, always
+        assert p.out_size == torch.Size([shape[0], shape[2] // 2, shape[3] // 2, cout])  # NHWC
 
 
 @pytest.mark.parametrize("keep", PAD_KERNELS)
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
-def test_a_forced_pad_kernel_matches_tf_on_every_call(tmp_path, data_format, keep):
+def test_a_forced_pad_kernel_matches_tf_on_every_call(tmp_path, data_format, keep, everywhere):
     x = _images(2, data_format)
     made, graph = _made(tmp_path, data_format, x)
     _check(graph.run(["r:0", "q:0"], {"x:0": x}), made)  # prepares the kernels
@@ -186,7 +217,8 @@ def test_a_forced_pad_kernel_matches_tf_on_every_call(tmp_path, data_format, kee
     assert all(f.unfused_calls == 0 for _, f in funcs)
 
 
-def test_a_pad_kernel_pads_a_fresh_copy_while_another_call_holds_the_kept_one(tmp_path, monkeypatch):
+def test_a_pad_kernel_pads_a_fresh_copy_while_another_call_holds_the_kept_one(tmp_path, monkeypatch,
+                                                                             everywhere):
     x = _images(2, "NHWC")
     made, graph = _made(tmp_path, "NHWC", x)
     _check(graph.run(["r:0", "q:0"], {"x:0": x}), made)
@@ -212,7 +244,7 @@ def test_a_pad_kernel_pads_a_fresh_copy_while_another_call_holds_the_kept_one(tm
     assert all(p.padded.buffer is None for p in forced)
 
 
-def test_threads_sharing_a_pad_kernel_each_get_their_own_result(tmp_path):
+def test_threads_sharing_a_pad_kernel_each_get_their_own_result(tmp_path, everywhere):
     x = _images(2, "NHWC")
     made, graph = _made(tmp_path, "NHWC", x)
     _check(graph.run(["r:0", "q:0"], {"x:0": x}), made)
@@ -239,7 +271,7 @@ def test_threads_sharing_a_pad_kernel_each_get_their_own_result(tmp_path):
     assert all(p.chosen == "onednn_pad" for p in forced)
 
 
-def test_module_runs_pad_kernels_and_its_gradients_match_tf(tmp_path):
+def test_module_runs_pad_kernels_and_its_gradients_match_tf(tmp_path, everywhere):
     x = _images(2, "NHWC")
     made, graph = _made(tmp_path, "NHWC", x)
     module = graph.to_module(inputs="x:0", outputs=["r:0", "q:0", "loss:0"]).eval()

@@ -29,13 +29,14 @@ strided convolution, absorbed by ``fuse.py``), torch symmetrically. Copying the 
 tensor cost MobileNetV2 a fifth of its time; instead the padding is made symmetric (the larger
 side on both) and the filter is widened by zeros on the short side, which shifts every window back
 onto TF's: with pads (0, 1) and a 3x3 filter, a 4x4 filter ``[0, w]`` at padding 1 reads the same
-pixels with the same weights. That costs multiply-adds (16/9 of them there; 64/49 for ResNet50's
-7x7 at pads (2, 3)), so the ``onednn_pad`` and ``native_pad`` kernels are timed too: the original
-filter on a copy of the input padded by the asymmetric remainder (``padded_input.py``), the
-symmetric rest as the convolution's own padding. With 3 input channels the copy is cheap and the
-extra taps are not (ResNet50's first convolution: 1,499 us against 1,887 widened); a strided
-depthwise convolution on a large image is the other way round. A dilated filter is not widened
-(its zero taps would land between the pixels): only the ``*_pad`` kernels run it.
+pixels with the same weights. That costs multiply-adds (16/9 of them there; 64/49 for a 7x7 at
+pads (2, 3), a TF-style ResNet stem: ``SAME`` at stride 2 on 224x224x3; Keras' ResNet50 pads its
+stem symmetrically), so where they are many per input element (``PAD_MIN_MACS_PER_COPIED``) the
+``onednn_pad`` and ``native_pad`` kernels are timed too: the original filter on a copy of the
+input padded by the asymmetric remainder (``padded_input.py``), the symmetric rest as the
+convolution's own padding. The stem ran in 1,799 us in a network against 2,199 widened. A
+dilated filter is not widened (its zero taps would land between the pixels): only the ``*_pad``
+kernels run it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ KERNELS = ("onednn", "native", "gemm", "linear", "onednn_pad", "native_pad")
 # 7x7 and 14x14 (7.5M: 161 against 186 us); ResNet50's start at 51M, and timing both on a loaded
 # machine there sometimes kept the slower one
 NATIVE_MAX_MACS = 1 << 25
+# the *_pad kernels are only tried where the widened filter's extra multiply-adds per copied input
+# element reach this: in the network, a 7x7 stride-2 stem on 224x224x3 (240 per element) ran in
+# 0.82x the widened time on the copy, but MobileNetV2's 3x3 stride-2 first convolution (56)
+# ran 5-11% slower (0.84x alone: in the network its input is no longer in cache), and timing a
+# few calls on a loaded machine sometimes kept it; strided depthwise convolutions (1.7) lose 1.3-6x
+PAD_MIN_MACS_PER_COPIED = 100
 
 _Args = tuple[list[int], list[int], list[int], int]  # padding, stride, dilation, groups
 
@@ -126,11 +133,13 @@ class Prepared:
         if padding is None:  # the original filter on a padded copy (*_pad), and a widened one
             inside = tuple(min(before, after) for before, after in pads)
             rest = tuple((before - p, after - p) for (before, after), p in zip(pads, inside, strict=True))
-            self.padded = PaddedInput(x_shape, rest, nhwc)
             copied = [*x_shape[:2], *[s + a + b for s, (a, b) in zip(x_shape[2:], rest, strict=True)]]
-            narrow, narrow_into = self._spatial(weight.contiguous(memory_format=layout), inside, copied,
-                                                residual)
             widened = widen(weight, pads, dilation)
+            extra = 0 if widened is None else prod(self.out) * (widened[0][0].numel() - weight[0].numel())
+            if widened is None or extra >= PAD_MIN_MACS_PER_COPIED * prod(copied):
+                self.padded = PaddedInput(x_shape, rest, nhwc)
+                narrow, narrow_into = self._spatial(weight.contiguous(memory_format=layout), inside, copied,
+                                                    residual)
             if widened is not None:
                 weight, padding = widened
         if padding is not None:

@@ -3,10 +3,10 @@
 TF pads asymmetrically and torch's convolutions symmetrically. ``conv_kernels.py`` either widens
 the filter with zero taps (no copy, more multiply-adds) or, with the ``*_pad`` kernels, copies the
 input into a tensor padded by the asymmetric remainder and runs the original filter with the
-symmetric rest as its padding: ResNet50's first convolution (7x7, stride 2, pads (2, 3) on
-224x224x3) reads a 225x225 copy at padding 2 instead of an 8x8 filter at padding 3, 1,499 us
-against 1,887 (one thread, batch 1). A strided depthwise convolution on a large image loses the
-other way (112x112x96: the copy alone 346 us, the widened convolution 320), so both are timed.
+symmetric rest as its padding: a 7x7 stride-2 ``SAME`` stem on 224x224x3 (pads (2, 3)) reads a
+225x225 copy at padding 2 instead of an 8x8 filter at padding 3, 1,499 us against 1,887 alone (one
+thread, batch 1). A strided depthwise convolution on a large image loses the other way
+(112x112x96: the copy alone 346 us, the widened convolution 320).
 
 The padded tensor is kept between calls, its border zeroed once: only the interior is copied
 (38 us for 224x224x3, against 52 for ``F.pad``, which fills the whole tensor first). One call at a
