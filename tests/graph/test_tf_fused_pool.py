@@ -122,3 +122,48 @@ def test_a_pad_after_relu_pools_without_border_clamps_matching_tf(tmp_path):
         assert_same(got.numpy(), expected, **TOL)
     # batch 1: another geometry, cached by the same steps
     assert_same(graph.run(NONNEG[0], {"x:0": x[:1]}), made.expected[0][:1], **TOL)
+
+
+PLAIN = ["tiles:0", "same:0", "strided:0", "pool_loss:0", "grad/px:0"]
+
+
+def build_plain_pools(tf):
+    v1 = tf.compat.v1
+    x = v1.placeholder(tf.float32, [None, 32, 32, 16], name="px")
+    outs = [
+        tf.nn.max_pool2d(x, 2, 2, "VALID"),  # the small CNN's pools: strided views from 32768 elements
+        tf.nn.max_pool2d(x[:, :31, :29], 3, 2, "SAME"),  # odd sizes: TF's extra pixel after, -inf
+        tf.nn.max_pool2d(x, [3, 2], [1, 2], "VALID"),  # overlapping rows: torch's pooling
+    ]
+    for name, out in zip(PLAIN, outs, strict=False):
+        tf.identity(out, name=name.split(":")[0])
+    loss = tf.add_n([tf.reduce_sum(o * o) for o in outs], name="pool_loss")
+    tf.identity(tf.gradients(loss, [x])[0], name="grad/px")
+
+
+def test_plain_max_pools_decide_once_per_shape_matching_tf(tmp_path):
+    x = (RNG.normal(size=(8, 32, 32, 16)) - 1.0).astype(np.float32)
+    made = build_tf_graph(tmp_path, build_plain_pools, PLAIN, {"px:0": x}, save=False)
+    one = build_tf_graph(tmp_path / "one", build_plain_pools, PLAIN[:3], {"px:0": x[:1]}, save=False)
+    assert (made.expected[1] < 0).any()  # negative maxima: a zero padding would show
+    graph = import_meta_graph(made.meta)
+    plan = graph.plan([(n.split(":")[0], 0) for n in PLAIN[:3]], frozenset({("px", 0)}))
+    pools = [s.func for s in plan.fused_steps if s.op == "MaxPool"]
+    assert [f.__name__ for f in pools] == ["max_pool_prepared"] * 3
+    # batch 8 takes the strided views for the 2x2 pool, batch 1 (16384 elements) torch's pooling
+    for batch, expected in ((x, made.expected), (x[:1], one.expected)):
+        for got, want in zip(graph.run(PLAIN[:3], {"px:0": batch}), expected, strict=False):
+            assert_same(got, want, **TOL)
+    assert {shape: how[0] for shape, how in pools[0].decided.items()} == {
+        (8, 32, 32, 16): "tiles", (1, 32, 32, 16): "torch"}
+    assert {how[0] for f in pools[1:] for how in f.decided.values()} == {"torch"}
+    module = graph.to_module(inputs="px:0", outputs=PLAIN[:4])
+    assert "max_pool_prepared" in module.code
+    with torch.no_grad():
+        for got, want in zip(module(torch.from_numpy(x)), made.expected, strict=False):
+            assert_same(got.numpy(), want, **TOL)
+    xt = torch.from_numpy(x).requires_grad_()
+    outs = module(xt)
+    assert_same(outs[3].detach().numpy(), made.expected[3], rtol=1e-5, atol=1e-3)
+    outs[3].backward()
+    assert_same(xt.grad.numpy(), made.expected[4], **TOL)

@@ -185,7 +185,7 @@ def test_pool(op, image, ksize, stride, padding, data_format):
     ((1, 64, 64, 16), (1, 4), "VALID"),
 ])
 def test_max_pool_over_exact_tiles_matches_tf(image, ksize, padding):
-    # big enough for the tiled path (ops_nn._max_pool_tiles); negative data, as in test_pool
+    # big enough for the tiled path (ops_nn.tiled_max_pool); negative data, as in test_pool
     attrs = {"ksize": [1, *ksize, 1], "strides": [1, *ksize, 1], "padding": padding}
     x = rand(*image) - 3.0
     expected = tf.raw_ops.MaxPool(input=x, **attrs).numpy()

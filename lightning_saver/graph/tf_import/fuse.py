@@ -26,7 +26,7 @@ import torch
 
 from lightning_saver.graph.tf_import.fused_conv import Link, fused_conv
 from lightning_saver.graph.tf_import.fused_dense import fused_mat_mul_bias
-from lightning_saver.graph.tf_import.fused_pool import fused_pad_max_pool
+from lightning_saver.graph.tf_import.fused_pool import fused_pad_max_pool, prepared_max_pool
 from lightning_saver.graph.tf_import.ops_reduce import mean_over_constant_axes
 
 CONVS = frozenset({"Conv2D", "DepthwiseConv2dNative"})
@@ -118,7 +118,7 @@ def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
     reading them once."""
     steps = _fuse_pad_pools(_fuse_convs(steps, fetches, consts, make_step), fetches, consts, make_step)
     steps = _fuse_mat_mul_biases(steps, fetches, consts, make_step)
-    return _constant_axis_means(steps, consts, make_step)
+    return _prepared_steps(steps, consts, make_step)
 
 
 def _fuse_mat_mul_biases(steps: list[Any], fetches: list[Any], consts: Any,
@@ -149,14 +149,20 @@ def _fuse_mat_mul_biases(steps: list[Any], fetches: list[Any], consts: Any,
             if not (step.kind == "call" and step.name in absorbed)]
 
 
-def _constant_axis_means(steps: list[Any], consts: Any, make_step: Callable[..., Any]) -> list[Any]:
-    """Each ``Mean`` whose axis is a constant runs :func:`ops_reduce.mean_over_constant_axes`
-    (same inputs and attrs, so the module's graph and its constants are unchanged)."""
+def _prepared_steps(steps: list[Any], consts: Any, make_step: Callable[..., Any]) -> list[Any]:
+    """Each ``Mean`` whose axis is a constant runs :func:`ops_reduce.mean_over_constant_axes`, each
+    plain ``MaxPool`` :func:`fused_pool.prepared_max_pool` (same inputs and attrs, so the module's
+    graph and its constants are unchanged)."""
     out = []
     for step in steps:
-        if step.op == "Mean" and step.kind == "call" and not step.controls and len(step.inputs) == 2 \
-                and step.inputs[1] in consts:
-            step = make_step(step.name, step.op, "call", mean_over_constant_axes(), step.inputs, step.kwargs)
+        if step.kind == "call" and not step.controls:
+            func = None
+            if step.op == "Mean" and len(step.inputs) == 2 and step.inputs[1] in consts:
+                func = mean_over_constant_axes()
+            elif step.op == "MaxPool" and len(step.inputs) == 1:
+                func = prepared_max_pool(step)
+            if func is not None:
+                step = make_step(step.name, step.op, "call", func, step.inputs, step.kwargs)
         out.append(step)
     return out
 

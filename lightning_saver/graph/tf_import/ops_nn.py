@@ -256,7 +256,7 @@ def max_pool(
 ) -> torch.Tensor:
     if (data_format == "NHWC" and list(ksize) == list(strides) and padding in ("VALID", "SAME")
             and len(ksize) == 4 and ksize[0] == ksize[3] == 1):
-        tiled = _max_pool_tiles(input, int(ksize[1]), int(ksize[2]))
+        tiled = tiled_max_pool(input, int(ksize[1]), int(ksize[2]))
         if tiled is not None:
             return tiled
     return _pool("MaxPool", _max_pool, input, ksize, strides, padding, explicit_paddings, data_format)
@@ -265,7 +265,7 @@ def max_pool(
 _TILED_MIN_SIZE = 1 << 15  # below this torch's pooling was as fast (1x32x32x16: 15 us either way)
 
 
-def _max_pool_tiles(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor | None:
+def tiled_max_pool(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor | None:
     """Max over non-overlapping ``kh x kw`` tiles of an NHWC image that they cover exactly, as
     element-wise maxima of strided views; None where that does not apply.
 
@@ -279,6 +279,13 @@ def _max_pool_tiles(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor | None:
     n, h, w, c = x.shape
     if h % kh or w % kw or kh * kw == 1:
         return None
+    return tiled_max_pool_views(x, kh, kw)
+
+
+def tiled_max_pool_views(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The maxima of :func:`tiled_max_pool`, its checks already passed (a contiguous NHWC float
+    image that the tiles cover exactly, no autograd)."""
+    n, h, w, c = x.shape
     tiles = x.view(n, h // kh, kh, w // kw, kw * c)
     rows = tiles[:, :, 0]
     for i in range(1, kh):
