@@ -124,7 +124,7 @@ def test_a_pad_after_relu_pools_without_border_clamps_matching_tf(tmp_path):
     assert_same(graph.run(NONNEG[0], {"x:0": x[:1]}), made.expected[0][:1], **TOL)
 
 
-PLAIN = ["tiles:0", "same:0", "strided:0", "pool_loss:0", "grad/px:0"]
+PLAIN = ["tiles:0", "same:0", "strided:0", "wide:0", "pool_loss:0", "grad/px:0"]
 
 
 def build_plain_pools(tf):
@@ -134,6 +134,7 @@ def build_plain_pools(tf):
         tf.nn.max_pool2d(x, 2, 2, "VALID"),  # the small CNN's pools: strided views from 32768 elements
         tf.nn.max_pool2d(x[:, :31, :29], 3, 2, "SAME"),  # odd sizes: TF's extra pixel after, -inf
         tf.nn.max_pool2d(x, [3, 2], [1, 2], "VALID"),  # overlapping rows: torch's pooling
+        tf.nn.max_pool2d(x, [2, 4], [2, 4], "VALID"),  # non-square tiles: rows and columns differ
     ]
     for name, out in zip(PLAIN, outs, strict=False):
         tf.identity(out, name=name.split(":")[0])
@@ -144,26 +145,27 @@ def build_plain_pools(tf):
 def test_plain_max_pools_decide_once_per_shape_matching_tf(tmp_path):
     x = (RNG.normal(size=(8, 32, 32, 16)) - 1.0).astype(np.float32)
     made = build_tf_graph(tmp_path, build_plain_pools, PLAIN, {"px:0": x}, save=False)
-    one = build_tf_graph(tmp_path / "one", build_plain_pools, PLAIN[:3], {"px:0": x[:1]}, save=False)
+    one = build_tf_graph(tmp_path / "one", build_plain_pools, PLAIN[:4], {"px:0": x[:1]}, save=False)
     assert (made.expected[1] < 0).any()  # negative maxima: a zero padding would show
     graph = import_meta_graph(made.meta)
-    plan = graph.plan([(n.split(":")[0], 0) for n in PLAIN[:3]], frozenset({("px", 0)}))
+    plan = graph.plan([(n.split(":")[0], 0) for n in PLAIN[:4]], frozenset({("px", 0)}))
     pools = [s.func for s in plan.fused_steps if s.op == "MaxPool"]
-    assert [f.__name__ for f in pools] == ["max_pool_prepared"] * 3
-    # batch 8 takes the strided views for the 2x2 pool, batch 1 (16384 elements) torch's pooling
+    assert [f.__name__ for f in pools] == ["max_pool_prepared"] * 4
+    # batch 8 takes the strided views for the 2x2 and 2x4 pools, batch 1 (16384 elements) torch's pooling
     for batch, expected in ((x, made.expected), (x[:1], one.expected)):
-        for got, want in zip(graph.run(PLAIN[:3], {"px:0": batch}), expected, strict=False):
+        for got, want in zip(graph.run(PLAIN[:4], {"px:0": batch}), expected, strict=False):
             assert_same(got, want, **TOL)
-    assert {shape: how[0] for shape, how in pools[0].decided.items()} == {
-        (8, 32, 32, 16): "tiles", (1, 32, 32, 16): "torch"}
-    assert {how[0] for f in pools[1:] for how in f.decided.values()} == {"torch"}
-    module = graph.to_module(inputs="px:0", outputs=PLAIN[:4])
+    for tiled in (pools[0], pools[3]):
+        assert {shape: how[0] for shape, how in tiled.decided.items()} == {
+            (8, 32, 32, 16): "tiles", (1, 32, 32, 16): "torch"}
+    assert {how[0] for f in pools[1:3] for how in f.decided.values()} == {"torch"}
+    module = graph.to_module(inputs="px:0", outputs=PLAIN[:5])
     assert "max_pool_prepared" in module.code
     with torch.no_grad():
         for got, want in zip(module(torch.from_numpy(x)), made.expected, strict=False):
             assert_same(got.numpy(), want, **TOL)
     xt = torch.from_numpy(x).requires_grad_()
     outs = module(xt)
-    assert_same(outs[3].detach().numpy(), made.expected[3], rtol=1e-5, atol=1e-3)
-    outs[3].backward()
-    assert_same(xt.grad.numpy(), made.expected[4], **TOL)
+    assert_same(outs[4].detach().numpy(), made.expected[4], rtol=1e-5, atol=1e-3)
+    outs[4].backward()
+    assert_same(xt.grad.numpy(), made.expected[5], **TOL)
