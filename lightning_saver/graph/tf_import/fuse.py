@@ -11,6 +11,11 @@ ResNet and MobileNet blocks. Before it, a zero ``Pad`` of the spatial dimensions
 ``ZeroPadding2D``) that feeds only the convolution becomes the convolution's own padding; one that
 feeds only a VALID ``MaxPool`` joins the pooling (:mod:`fused_pool`).
 
+A ``MatMul`` read only by a ``BiasAdd`` of such a vector becomes one ``addmm`` step
+(:mod:`fused_dense`); a ``Mean`` over constant axes and a plain ``MaxPool`` keep their inputs but
+run functions that decide once per input shape (``ops_reduce.mean_over_constant_axes``,
+``fused_pool.prepared_max_pool``).
+
 Only ops whose intermediate output feeds nothing else are absorbed, and only vectors computed from
 constants and variables (not from the fed inputs). The step keeps the original variables as its
 inputs, so a module's parameters are still the variables, under their own names.
@@ -114,8 +119,8 @@ def _spatial_pad(step: Any, consts: Any, data_format: str) -> tuple[tuple[int, i
 def fuse_convolutions(steps: list[Any], fetches: list[Any], consts: Any,
                       make_step: Callable[..., Any]) -> list[Any]:
     """``steps`` with each Conv2D/DepthwiseConv2dNative and the ops after it as one step, each
-    zero ``Pad`` feeding only a ``MaxPool`` joined to it, and each ``Mean`` over constant axes
-    reading them once."""
+    zero ``Pad`` feeding only a ``MaxPool`` joined to it, each ``MatMul`` read only by a static
+    ``BiasAdd`` joined to it, and each ``Mean`` over constant axes and plain ``MaxPool`` prepared."""
     steps = _fuse_pad_pools(_fuse_convs(steps, fetches, consts, make_step), fetches, consts, make_step)
     steps = _fuse_mat_mul_biases(steps, fetches, consts, make_step)
     return _prepared_steps(steps, consts, make_step)
