@@ -81,7 +81,7 @@ def test_pad_then_max_pool_is_one_step_matching_tf(tmp_path):
     assert_same(graph.run("a:0", {"x:0": x[:1]}), after[0][:1], **TOL)
 
 
-NONNEG = ["relu_pool:0", "relu6_pool:0", "raw_pool:0", "five_pool:0", "same_pool:0"]
+NONNEG = ["relu_pool:0", "relu6_pool:0", "raw_pool:0", "five_pool:0", "same_pool:0", "leaky_pool:0"]
 
 
 def build_after_activations(tf):
@@ -97,6 +97,8 @@ def build_after_activations(tf):
         # a non-zero pad value is not a zero pad: the 5 wins, and no fusion
         tf.nn.max_pool2d(tf.pad(tf.nn.relu(h), pads, constant_values=5.0), 3, 2, "VALID"),
         tf.nn.max_pool2d(h, 3, 2, "SAME"),  # TF's own padding never wins, even over negatives
+        # a LeakyRelu (a "Relu" in its name) keeps negatives: the zero padding still wins
+        tf.nn.max_pool2d(tf.pad(tf.nn.leaky_relu(h, 0.2), pads), 3, 2, "VALID"),
     ]
     for name, out in zip(NONNEG, outs, strict=True):
         tf.identity(out, name=name.split(":")[0])
@@ -106,12 +108,12 @@ def test_a_pad_after_relu_pools_without_border_clamps_matching_tf(tmp_path):
     x = (RNG.normal(size=(2, 10, 9, 3)) - 1.0).astype(np.float32)
     made = build_tf_graph(tmp_path, build_after_activations, NONNEG, {"x:0": x}, save=False)
     assert (made.expected[2] == 0).any() and (made.expected[4] < 0).any()  # both padding values show
-    assert (made.expected[3] == 5).any()
+    assert (made.expected[3] == 5).any() and (made.expected[5] == 0).any()
     graph = import_meta_graph(made.meta)
     plan = graph.plan([(n.split(":")[0], 0) for n in NONNEG], frozenset({("x", 0)}))
     pools = {s.name: s.func for s in plan.fused_steps if s.op.endswith("+MaxPool")}
     # the Relu/Relu6 one (a plain step or the end of a fused convolution) skips max(value, 0)
-    assert sorted(f.nonnegative for f in pools.values()) == [False, True, True]
+    assert sorted(f.nonnegative for f in pools.values()) == [False, False, True, True]
     assert sum(s.op == "MaxPool" for s in plan.fused_steps) == 2  # the 5-padded and the SAME pools
     for got, expected in zip(graph.run(NONNEG, {"x:0": x}), made.expected, strict=True):
         assert_same(got, expected, **TOL)
