@@ -11,11 +11,10 @@ the ``to_module`` module; with the other kernels slowed down, the timed choice k
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
+from kernel_timing import handicap
 from tf_graphs import assert_same, build_tf_graph, tf_module
 
 from lightning_saver import import_meta_graph
@@ -25,9 +24,6 @@ tf_module()
 RNG = np.random.default_rng(1616)
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 CALLS = len(KERNELS) * (TRIALS + 1) + 1  # every kernel's trial calls, then the kept one's
-# a kernel slowed by this much loses to one that is not, even when a loaded machine (tests run at
-# nice 19) stalls some calls by several milliseconds: the fastest of three calls counts
-HANDICAP = 0.05
 CHAINS = ["Conv2D+FusedBatchNormV3+Relu6", "Conv2D+Mul+AddV2+AddV2", "Conv2D+BiasAdd+AddV2+Relu"]
 
 
@@ -71,24 +67,6 @@ def _prepared(steps):
     return {s.op: list(s.func.prepared.values()) for s in steps if hasattr(s.func, "prepared")}
 
 
-def _slowed(kernel):
-    def slow(x, other):
-        time.sleep(HANDICAP)
-        return kernel(x, other)
-
-    return slow
-
-
-def _handicap(prepared, keep):
-    """Slow every kernel but ``keep`` down and restart the timing."""
-    for p in prepared:
-        for name in list(p.kernels):
-            if name != keep:
-                p.kernels[name] = _slowed(p.kernels[name])
-        p.trials = {name: [] for name in p.kernels}
-        p.kernel = p.chosen = None
-
-
 def test_gemm_matches_tf_on_every_call_at_batch_4_and_1(tmp_path):
     x = _images(4)
     made, graph = _imported(tmp_path, x)
@@ -118,7 +96,7 @@ def test_timed_choice_keeps_a_1x1_kernel_when_it_is_fastest(tmp_path, keep):
     assert_same(graph.run(["q:0", "s:0"], {"x:0": x})[0], made.expected[0], **TOL)  # prepares the kernels
     steps = graph.plan([("q", 0), ("s", 0)], frozenset({("x", 0)})).fused_steps
     gemms = [p for op, ps in _prepared(steps).items() if op in CHAINS for p in ps]
-    _handicap(gemms, keep)
+    handicap(gemms, keep)
     for _ in range(CALLS):
         got = graph.run(["q:0", "s:0"], {"x:0": x})
         assert_same(got[0], made.expected[0], **TOL)
@@ -139,7 +117,7 @@ def test_module_runs_a_1x1_kernel_and_matches_tf(tmp_path, keep):
         for batch in (4, 1):
             for i in range(CALLS):
                 if i == 1 and batch == 4:  # after the first call prepared the kernels
-                    _handicap(pointwise(), keep)
+                    handicap(pointwise(), keep)
                 got = module(torch.from_numpy(x[:batch]))
                 assert_same(got[0].numpy(), made.expected[0][:batch], **TOL)
                 assert_same(got[1].numpy(), made.expected[1][:batch], **TOL)
@@ -174,7 +152,7 @@ def test_a_dying_residual_takes_the_gemm_result_in_place(tmp_path):
     step = next(s for s in steps if s.op == "Conv2D+BiasAdd+AddV2+Relu")
     prepared = next(iter(step.func.prepared.values()))
     assert "gemm" in prepared.into
-    _handicap([prepared], "gemm")
+    handicap([prepared], "gemm")
     for _ in range(CALLS):
         assert_same(graph.run("y:0", {"x:0": fed}), made.expected[0], **TOL)
         np.testing.assert_array_equal(fed, x)

@@ -45,6 +45,7 @@ class PaddedInput:
         self.lock = threading.Lock()
         self.buffer: torch.Tensor | None = None
         self.inner: torch.Tensor | None = None
+        self.keep = True  # False once released: a trial call still in flight then pads a fresh copy
 
     def wrap(self, kernel: Kernel) -> Kernel:
         """``kernel`` (of a padded input, the caller's layout) called with the unpadded input."""
@@ -64,15 +65,19 @@ class PaddedInput:
         """``x`` padded, in the kept tensor (made on first use); the caller holds the lock."""
         buffer, inner = self.buffer, self.inner
         if buffer is None or inner is None or buffer.dtype != x.dtype or buffer.device != x.device:
-            if prod(self.shape) * x.element_size() > KEEP_MAX_BYTES:
+            if not self.keep or prod(self.shape) * x.element_size() > KEEP_MAX_BYTES:
                 return F.pad(x, self.flat)
-            buffer = x.new_zeros(self.shape)
-            inner = buffer[self.index]
+            # a normal tensor even under inference_mode: an inference tensor refuses in-place copies
+            # outside it, so a later call under no_grad would fail
+            with torch.inference_mode(False):
+                buffer = torch.zeros(self.shape, dtype=x.dtype, device=x.device)
+                inner = buffer[self.index]
             self.buffer, self.inner = buffer, inner
         inner.copy_(x)
         return buffer
 
     def release(self) -> None:
-        """Drop the kept tensor (its convolution kept a kernel that reads the input as it is)."""
+        """Drop the kept tensor for good (its convolution kept a kernel that reads the input as it is)."""
         with self.lock:
+            self.keep = False
             self.buffer = self.inner = None
