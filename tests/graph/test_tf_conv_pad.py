@@ -311,3 +311,34 @@ def test_module_runs_pad_kernels_and_its_gradients_match_tf(tmp_path, everywhere
     params = dict(module.named_parameters())
     for name, expected in zip(VARIABLES, made.expected[3:], strict=True):
         assert_same(params[name].grad.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", PAD_KERNELS)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_a_pad_kernel_places_the_input_after_a_larger_leading_pad(tmp_path, data_format, keep, everywhere):
+    # rows padded (2, 0), columns (1, 3): the copy's remainders are (2, 0) and (0, 2), so the input
+    # sits 2 rows down in it (the network above only pads after)
+    nchw = data_format == "NCHW"
+    rows = [[0, 0], [2, 0], [1, 3], [0, 0]]
+
+    def build(tf):
+        x = tf.compat.v1.placeholder(tf.float32, [None, 3, 9, 10] if nchw else [None, 9, 10, 3], name="x")
+        padded = tf.pad(x, [rows[0], rows[3], *rows[1:3]] if nchw else rows)
+        kernel = _var(tf, "k/kernel", [3, 3, 3, 4])
+        y = tf.nn.conv2d(padded, kernel, [1, 1, 1, 1], "VALID", data_format=data_format)
+        tf.identity(y, name="y")
+
+    x = RNG.uniform(-1.5, 1.5, size=(2, 3, 9, 10) if nchw else (2, 9, 10, 3)).astype(np.float32)
+    made = build_tf_graph(tmp_path, build, ["y:0"], {"x:0": x})
+    graph = import_meta_graph(made.meta)
+    graph.restore(made.ckpt, strict=True)
+    assert_same(graph.run(["y:0"], {"x:0": x})[0], made.expected[0], **TOL)
+    steps = graph.plan([("y", 0)], frozenset({("x", 0)})).fused_steps
+    (prepared,) = [p for s in steps if hasattr(s.func, "prepared") for p in s.func.prepared.values()]
+    assert prepared.padded is not None and keep in prepared.kernels, list(prepared.kernels)
+    handicap([prepared], keep)
+    for _ in range(CALLS):
+        assert_same(graph.run(["y:0"], {"x:0": x})[0], made.expected[0], **TOL)
+    assert prepared.chosen == keep and prepared.padded.buffer is not None
+    with prepared.padded.lock:  # the fresh copy (F.pad) another thread's call would make
+        assert_same(graph.run(["y:0"], {"x:0": x})[0], made.expected[0], **TOL)
