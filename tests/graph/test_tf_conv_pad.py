@@ -291,9 +291,10 @@ def test_a_module_run_under_inference_mode_then_no_grad_matches_tf(tmp_path, eve
             _check([g.numpy() for g in module(torch.from_numpy(x))], made)
 
 
-def test_module_runs_pad_kernels_and_its_gradients_match_tf(tmp_path, everywhere):
-    x = _images(2, "NHWC")
-    made, graph = _made(tmp_path, "NHWC", x)
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_module_runs_pad_kernels_and_its_gradients_match_tf(tmp_path, data_format, everywhere):
+    x = _images(2, data_format)
+    made, graph = _made(tmp_path, data_format, x)
     module = graph.to_module(inputs="x:0", outputs=["r:0", "q:0", "loss:0"]).eval()
     fused = [(n.target.__name__, n.target) for n in module.graph.nodes
              if n.op == "call_function" and hasattr(n.target, "prepared")]
@@ -311,6 +312,8 @@ def test_module_runs_pad_kernels_and_its_gradients_match_tf(tmp_path, everywhere
     params = dict(module.named_parameters())
     for name, expected in zip(VARIABLES, made.expected[3:], strict=True):
         assert_same(params[name].grad.numpy(), expected, rtol=1e-4, atol=1e-5)
+    counted = [f for _, f in fused if hasattr(f, "unfused_calls")]  # not an `overwriting` twin
+    assert len(counted) >= 4 and all(f.unfused_calls == 0 for f in counted)  # NCHW's BiasAdd folds too
 
 
 @pytest.mark.parametrize("keep", PAD_KERNELS)
