@@ -11,16 +11,25 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test lint bench clean
 
+EXTENSIONS := lightning_saver/formats/_copy_crc.c lightning_saver/formats/_write_regions.c \
+	lightning_saver/graph/tf_import/_dnnl_conv.cpp
+# oneDNN's headers and library for the optional _dnnl_conv extension (setup.py builds it only where
+# /usr/include/dnnl.hpp exists): installed where apt-get exists and we are root, never failing the build
+DNNL_INSTALL := if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && [ ! -e /usr/include/dnnl.hpp ]; then \
+	export DEBIAN_FRONTEND=noninteractive; apt-get install -y libdnnl-dev || (apt-get update && apt-get install -y libdnnl-dev) || true; fi
+
 $(VENV)/.stamp-base:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	touch $@
 
-$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c lightning_saver/formats/_write_regions.c $(CONSTRAINTS)
+$(VENV)/.stamp-demo: $(VENV)/.stamp-base pyproject.toml setup.py $(EXTENSIONS) $(CONSTRAINTS)
+	$(DNNL_INSTALL)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[demo]'
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml setup.py lightning_saver/formats/_copy_crc.c lightning_saver/formats/_write_regions.c $(CONSTRAINTS)
+$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml setup.py $(EXTENSIONS) $(CONSTRAINTS)
+	$(DNNL_INSTALL)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[test,demo]'
 	touch $@ $(VENV)/.stamp-demo
 
@@ -48,4 +57,4 @@ bench: $(VENV)/.stamp-test
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs build lightning_saver/formats/*.so
+	rm -rf $(VENV) runs build lightning_saver/formats/*.so lightning_saver/graph/tf_import/*.so

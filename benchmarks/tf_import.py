@@ -46,8 +46,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SIDES = ("tf", "run", "module")
 COMPILED = "compiled"  # the extra side of --compiled
 # the uncounted first round warms every side up past our convolutions' timed first calls
-# (conv_kernels.py: 4 kernels x 4 calls per shape, some of them slow)
-FIRST_WARMUP = 16
+# (conv_kernels.py: up to 5 kernels x 4 calls per shape with the optional dnnl one, some of them slow)
+FIRST_WARMUP = 21
 # counted rounds of the small models used to be 9 calls of 0.2-0.5 ms: a few ms per side, so one
 # stall of this shared VM moved a round's ratio by 50%, and whole runs of the same code gave the
 # small CNN's module 0.97, 1.44 and 1.52 of TensorFlow's time (7 rounds each); 31 rounds of 50 calls

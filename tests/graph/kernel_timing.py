@@ -1,6 +1,6 @@
 """Force which prepared convolution kernel (conv_kernels.py) the timed choice keeps, for the tests.
 
-Shared by test_tf_conv_gemm.py and test_tf_conv_pad.py (tests/graph is on sys.path)::
+Shared by test_tf_conv_gemm.py, test_tf_conv_pad.py and test_tf_conv_dnnl.py (tests/graph is on sys.path)::
 
     from kernel_timing import handicap
 

@@ -1,6 +1,6 @@
 """How a folded convolution runs when autograd is off, prepared once per input shape.
 
-Four kernels (and two more for asymmetric padding, below) compute ``act(conv(x, W) + b + other)``
+Five kernels (and two more for asymmetric padding, below) compute ``act(conv(x, W) + b + other)``
 for a float32 4-D convolution:
 
 * ``onednn``: oneDNN's convolution with the bias, the residual sum and the activation inside the
@@ -20,6 +20,14 @@ for a float32 4-D convolution:
   filter packed once), the bias and activation inside it. It wins MobileNetV2's large expansions
   with ReLU6 at batch 1 (on a loaded machine: 112x112 16 -> 96 in 623 us against oneDNN's
   convolution's 688, 56x56 24 -> 144 in 320 against 345), where ``gemm`` loses.
+
+* ``dnnl``: oneDNN's convolution through its own C++ API (the optional extension ``_dnnl_conv.cpp``,
+  built where Debian's ``libdnnl-dev`` is installed), the primitive and the reordered filter made
+  once per shape, so a call only wraps two addresses and executes: torch's oneDNN op rebuilds its
+  primitive descriptor on every call (20-40 us hot, 60-160 us inside a network). It takes the
+  original filter and TF's asymmetric pads (native to oneDNN: nothing widened, nothing copied), the
+  bias, the residual sum (written into a dying residual's buffer, or into a copy of a live one) and
+  the activation inside the kernel.
 
 Which one is faster depends on the shapes, the thread count and the CPU, so a prepared shape
 times each on its first calls (which still return their results) and keeps the fastest.
@@ -51,6 +59,11 @@ import torch.nn.functional as F
 from lightning_saver.graph.tf_import.layout import Pads, symmetric
 from lightning_saver.graph.tf_import.padded_input import Kernel, PaddedInput
 
+try:
+    from lightning_saver.graph.tf_import import _dnnl_conv
+except ImportError:  # built only where oneDNN's headers are installed (setup.py)
+    _dnnl_conv = None  # type: ignore[assignment]
+
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 _MKLDNN_INTO = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)  # the sum written into `other`
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_convolution_weight", None)
@@ -63,7 +76,7 @@ if not torch.backends.mkldnn.is_available() or _REORDER_LINEAR is None:
 _UNARY = {None: ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
 TRIALS = 3  # timed calls per kernel (after one untimed) before the fastest is kept
 # every kernel a shape may time, in the order they are tried; *_pad only with asymmetric padding
-KERNELS = ("onednn", "native", "gemm", "linear", "onednn_pad", "native_pad")
+KERNELS = ("onednn", "native", "gemm", "linear", "onednn_pad", "native_pad", "dnnl")
 # torch's conv2d is only tried on small convolutions, where oneDNN's fixed cost per call (about
 # 30 us) can dominate: the small CNN's (0.4M and 1.2M multiply-adds), MobileNetV2's 1x1 ones at
 # 7x7 and 14x14 (7.5M: 161 against 186 us); ResNet50's start at 51M, and timing both on a loaded
@@ -111,7 +124,7 @@ class Prepared:
     (a permute costs about 1 us in Python, and the NCHW kernels need four per call).
     The result is a plain tensor (no view), so a following activation can run in place on it.
     With ``overwrite`` (the caller found the residual private and dying) and oneDNN's kernel
-    (``onednn`` or ``onednn_pad``) or ``gemm`` kept, the result is written into the residual's
+    (``onednn``, ``onednn_pad`` or ``dnnl``) or ``gemm`` kept, the result is written into the residual's
     buffer (oneDNN's sum post-op; sgemm accumulating into it, then the bias).
     """
 
@@ -119,6 +132,7 @@ class Prepared:
                  stride: Sequence[int], dilation: Sequence[int], pads: Pads, act: str | None,
                  nhwc: bool, residual: bool) -> None:
         layout = torch.channels_last if nhwc else torch.contiguous_format
+        original = weight  # dnnl's: oneDNN pads asymmetrically itself
         self.nhwc, self.bias, self.act = nhwc, bias, act
         self.stride, self.dilation, self.groups = list(stride), list(dilation), groups
         full = [*x_shape[:2], *[s + a + b for s, (a, b) in zip(x_shape[2:], pads, strict=True)]]
@@ -158,6 +172,8 @@ class Prepared:
         if self.padded is not None:  # timed after the others
             kernels.update({name + "_pad": self.padded.wrap(k) for name, k in narrow.items()})
             self.into.update({name + "_pad": self.padded.wrap(k) for name, k in narrow_into.items()})
+        if _dnnl_conv is not None and weight.dtype == torch.float32 and len(x_shape) == 4:
+            self._add_dnnl(kernels, original, x_shape, pads, residual)
         self.kernels = kernels
         self.chosen: str | None = next(iter(kernels)) if len(kernels) == 1 else None
         self.kernel: Kernel | None = kernels[self.chosen] if self.chosen else None
@@ -179,6 +195,38 @@ class Prepared:
         if (self.groups == 1 and macs <= NATIVE_MAX_MACS) or _MKLDNN is None:
             kernels["native"] = self._in_layout(self._native(weight, args))
         return kernels, into
+
+    def _add_dnnl(self, kernels: dict[str, Kernel], weight: torch.Tensor, x_shape: Sequence[int], pads: Pads,
+                  residual: bool) -> None:
+        """The ``dnnl`` kernel (and its ``into`` variant) of the original ``weight`` at TF's ``pads``."""
+        bias = None if self.bias is None else self.bias.detach().contiguous().numpy()
+        filter_ = weight.detach().contiguous().numpy()  # OIHW
+        before, after = [b for b, _ in pads], [a for _, a in pads]
+        try:
+            conv = _dnnl_conv.Conv(tuple(x_shape), self.nhwc, filter_, self.groups, bias, self.stride,
+                                   self.dilation, before, after, self.act or "none", residual)
+        except RuntimeError:  # a convolution this oneDNN cannot make: torch's kernels run it
+            return
+        if list(conv.out_shape) != self.out:
+            return
+        run, size = conv.run, self.out_size
+
+        def dnnl(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            if (other is not None) != residual:
+                raise ValueError(f"conv_kernels: dnnl kernel made {'with' if residual else 'without'} a "
+                                 f"residual sum, called {'without' if other is None else 'with'} one")
+            y = torch.empty(size) if other is None else torch.empty(size).copy_(other)  # summed into y
+            run(x.data_ptr(), y.data_ptr())  # x and y stay referenced until it returns
+            return y
+
+        def dnnl_into(x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+            assert other is not None  # only called with a residual
+            run(x.data_ptr(), other.data_ptr())
+            return other
+
+        kernels["dnnl"] = dnnl
+        if residual:
+            self.into["dnnl"] = dnnl_into
 
     def _in_layout(self, kernel: Kernel) -> Kernel:
         """A kernel of channels-first tensors, called with the caller's layout."""
