@@ -194,3 +194,24 @@ def test_the_extension_names_a_wrong_filter():
     with pytest.raises(ValueError, match="act must be 'none', 'relu' or 'relu6', found 'gelu'"):
         conv((1, 3, 8, 8), True, np.zeros((8, 3, 3, 3), np.float32), 1, None, (1, 1), (1, 1), (1, 1), (1, 1),
              "gelu", False)
+
+
+def test_data_on_another_device_never_reaches_dnnl(tmp_path):
+    """dnnl reads raw addresses: data on another device (here the meta device, which has none) after
+    a CPU call, with the kernel kept, must go to torch's ops (or their device error), never to oneDNN."""
+    x = _images(3, "NHWC")
+    made, graph = _made(tmp_path, "NHWC", x)
+    module = graph.to_module(inputs="x:0", outputs=OUTPUTS[0]).eval()
+    funcs = [n.target for n in module.graph.nodes
+             if n.op == "call_function" and hasattr(n.target, "prepared")]
+    calls: dict[str, int] = {}
+    with torch.no_grad():
+        for i in range(CALLS + 1):
+            if i == 1:
+                _force_dnnl(_prepared(funcs), calls)
+            module(torch.from_numpy(x))
+        before = dict(calls)
+        assert before.get("dnnl", 0) > 0
+        out = module(torch.from_numpy(x).to("meta"))  # torch's ops: shapes only, on the meta device
+    assert calls == before
+    assert out.device.type == "meta" and tuple(out.shape) == made.expected[0].shape

@@ -321,6 +321,11 @@ class Prepared:
 
     def __call__(self, x: torch.Tensor, other: torch.Tensor | None,
                  overwrite: bool = False) -> torch.Tensor | None:
+        if x.device.type != "cpu" or (other is not None and other.device.type != "cpu"):
+            # the kernels are CPU-only; dnnl reads raw addresses, so another device's data must never
+            # reach it (a module moved to another device after a CPU call, or mixed devices): the
+            # caller's plain ops run it, or raise torch's device error
+            return None
         if not x.is_contiguous():  # NHWC (a channels-last view) or NCHW, as the kernels want
             x = x.contiguous()
         if other is not None:
