@@ -12,11 +12,13 @@ other kernels slowed down) and every call compared with TensorFlow at 1e-5, at b
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from kernel_timing import handicap
-from tf_graphs import assert_same, build_tf_graph, tf_module
+from tf_graphs import assert_same, build_tf_graph, session_values, tf_module
 
 from lightning_saver import import_meta_graph
 from lightning_saver.graph.tf_import import conv_kernels
@@ -215,3 +217,38 @@ def test_data_on_another_device_never_reaches_dnnl(tmp_path):
         out = module(torch.from_numpy(x).to("meta"))  # torch's ops: shapes only, on the meta device
     assert calls == before
     assert out.device.type == "meta" and tuple(out.shape) == made.expected[0].shape
+
+
+def test_threads_sharing_dnnl_kernels_each_get_their_own_result(tmp_path):
+    """Primitives made on this thread, run by four others at once on different inputs: each call
+    brings its own scratchpad (oneDNN's library-managed one is shared and bound to the thread that
+    made the primitive), so every result matches TF's for its own input."""
+    inputs = [_images(2, "NHWC") for _ in range(5)]
+    meta, ckpt, expected, _ = session_values(tmp_path, "threads", build_net("NHWC"),
+                                             [{"x:0": xi} for xi in inputs], OUTPUTS)
+    graph = import_meta_graph(meta)
+    graph.restore(ckpt, strict=True)
+    graph.run(OUTPUTS, {"x:0": inputs[-1]})
+    calls: dict[str, int] = {}
+    _force_dnnl(_prepared(_graph_funcs(graph)), calls)
+    for _ in range(CALLS):
+        graph.run(OUTPUTS, {"x:0": inputs[-1]})
+    failures: list[str] = []
+
+    def worker(i):
+        for _ in range(15):
+            got = graph.run(OUTPUTS, {"x:0": inputs[i]})
+            try:
+                for g, e in zip(got, expected[i], strict=True):
+                    assert_same(g, e, **TOL)
+            except AssertionError as error:
+                failures.append(f"thread {i}: {error}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:2]
+    prepared = [p for p in _prepared(_graph_funcs(graph)) if p.out[0] == 2]
+    assert prepared and all(p.chosen == "dnnl" for p in prepared)

@@ -23,7 +23,9 @@
 
 #include <dnnl.hpp>
 
+#include <cstdint>
 #include <cstring>
+#include <memory>
 #include <exception>
 #include <new>
 #include <string>
@@ -50,7 +52,24 @@ struct State {
     memory weights;  // in the primitive's layout; read only once made, so shared by every call
     memory bias;     // empty without a bias
     bool has_bias = false;
+    memory::desc scratchpad;  // the user-mode scratchpad each call passes (see thread_scratchpad)
 };
+
+// The calling thread's scratchpad, grown to `bytes`, 64-byte aligned. oneDNN's library-managed
+// scratchpad is shared by all primitives of a default build and binds each primitive to the thread
+// that made it ("cannot migrate between threads"); a graph made on one thread and run on others, or
+// on two at once, would share it. In user mode each call brings its own: one buffer per thread,
+// which runs one convolution at a time (run never calls back into Python while executing).
+void *thread_scratchpad(size_t bytes) {
+    thread_local std::unique_ptr<char[]> buffer;
+    thread_local size_t size = 0;
+    if (bytes + 64 > size) {
+        buffer.reset(new char[bytes + 64]);
+        size = bytes + 64;
+    }
+    auto address = reinterpret_cast<std::uintptr_t>(buffer.get());
+    return reinterpret_cast<void *>((address + 63) & ~static_cast<std::uintptr_t>(63));
+}
 
 struct Conv {
     PyObject_HEAD
@@ -193,9 +212,10 @@ PyObject *Conv_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
         if (activation == "relu6") ops.append_eltwise(1.f, dnnl::algorithm::eltwise_clip, 0.f, 6.f);
         dnnl::primitive_attr attr;
         attr.set_post_ops(ops);
+        attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
         dnnl::convolution_forward::primitive_desc pd(desc, attr, engine);
         auto state = new State{src, dst, dnnl::convolution_forward(pd), memory(pd.weights_desc(), engine),
-                               memory(), has_bias};
+                               memory(), has_bias, pd.scratchpad_desc()};
         self->state = state;
         memory user(memory::desc(w_dims, dt::f32, groups == 1 ? tag::oihw : tag::goihw), engine, weights.buf);
         dnnl::stream stream(engine);
@@ -260,12 +280,14 @@ PyObject *Conv_run(Conv *self, PyObject *const *args, Py_ssize_t nargs) {
         auto &engine = cpu();
         auto &stream = thread_stream();
         memory src_m(state->src, engine, src), dst_m(state->dst, engine, dst);  // this call's own handles
+        memory scratch_m(state->scratchpad, engine, thread_scratchpad(state->scratchpad.get_size()));
         if (state->has_bias)
             state->primitive.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, state->weights},
-                                              {DNNL_ARG_BIAS, state->bias}, {DNNL_ARG_DST, dst_m}});
+                                              {DNNL_ARG_BIAS, state->bias}, {DNNL_ARG_DST, dst_m},
+                                              {DNNL_ARG_SCRATCHPAD, scratch_m}});
         else
             state->primitive.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_WEIGHTS, state->weights},
-                                              {DNNL_ARG_DST, dst_m}});
+                                              {DNNL_ARG_DST, dst_m}, {DNNL_ARG_SCRATCHPAD, scratch_m}});
         stream.wait();
     } catch (const std::exception &e) {
         failure = e.what();
